@@ -1,0 +1,238 @@
+"""`bench <command> [hydra overrides]`.
+
+Bad input ends with one line on stderr naming the key and the valid choices, and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+USAGE = """usage: bench <command> [key=value ...]
+
+commands:
+  train [overrides]                 train (no overrides: a small BigGAN on the built-in shapes data)
+  train -m [sweep overrides]        Hydra multirun sweep (hydra/launcher=submitit_local|submitit_slurm)
+  data make-shards source=shapes|folder out=DIR [folder=DIR] [data.resolution=32] [data.num_samples=N]
+  inspect [overrides]               parameter counts and GFLOP per image of a D step and a G step (JSON)
+
+examples:
+  bench train
+  bench train model=sagan train.steps=20 train.batch_size=8 run.dir=/tmp/r1
+  bench inspect model=biggan_128
+  bench data make-shards source=shapes out=/tmp/s data.resolution=32
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _user_errors() -> tuple[type, ...]:
+    from bench.config import ConfigError
+    from bench.data import DataError
+    from models import ModelConfigError
+
+    return (ConfigError, DataError, ModelConfigError, UsageError)
+
+
+def _check_group_choices(overrides: list[str]) -> None:
+    """`model=foo` with no configs/model/foo.yaml -> one line listing the valid choices."""
+    from bench.config import CONFIG_DIR, ConfigError
+
+    for o in overrides:
+        if "=" not in o:
+            raise UsageError(f"argument {o!r} is not a key=value override; see `bench --help`")
+        key, value = o.split("=", 1)
+        key = key.lstrip("+~")
+        group_dir = CONFIG_DIR / key
+        if "." in key or not group_dir.is_dir() or "," in value:
+            continue
+        if not (group_dir / f"{value}.yaml").exists():
+            choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
+            raise ConfigError(f"{key}={value!r} is not available; choose one of: {', '.join(choices)}")
+
+
+def compose(overrides: list[str]):
+    """Compose configs/ with the overrides, check it against the schema and validate it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bench.config import CONFIG_DIR, ConfigError, check_schema
+
+    _check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+        raise ConfigError(" ".join(lines[:3])) from None
+    return check_schema(cfg)
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cmd_train(args: list[str]) -> int:
+    if "-m" in args or "--multirun" in args:
+        return _multirun(args)
+    from bench.config import run_dir_for, validate
+
+    cfg = compose(args)
+    cfg = validate(cfg, world_size=_world_size())
+    run_dir = run_dir_for(cfg, args)
+    return run_training(cfg, run_dir)
+
+
+def run_training(cfg, run_dir: Path) -> int:
+    from omegaconf import OmegaConf
+
+    from bench.loop import Trainer, print_summary
+
+    if cfg.run.dry_run:
+        print(OmegaConf.to_yaml(cfg))
+        print(f"run directory: {run_dir}")
+        return 0
+    trainer = Trainer(cfg, run_dir)
+    summary = trainer.run()
+    if trainer.is_main:
+        print_summary(summary, run_dir)
+    return 0 if summary.get("status") in ("completed", None) else 3
+
+
+def _multirun(args: list[str]) -> int:
+    """Hand the sweep to Hydra (launchers, job arrays); each job composes and trains like `bench train`."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from bench.config import CONFIG_DIR, check_schema, run_dir_for, validate
+
+    _check_group_choices([a for a in args if a not in ("-m", "--multirun")])
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    def job(cfg):
+        hc = HydraConfig.get()
+        overrides = list(hc.overrides.task)
+        cfg = validate(check_schema(cfg), world_size=_world_size())
+        if not cfg.run.dir:
+            cfg.run.root = str(Path(hc.sweep.dir))
+        run_training(cfg, run_dir_for(cfg, overrides))
+
+    sys.argv = ["bench"] + args
+    job()
+    return 0
+
+
+def cmd_inspect(args: list[str]) -> int:
+    import torch
+    from omegaconf import OmegaConf
+
+    import models
+    from bench.config import validate
+    from bench.telemetry import step_flops
+
+    cfg = validate(compose(args))
+    n_classes = cfg.model.n_classes or _dataset_classes(cfg)
+    G, D = models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution, n_classes)
+    flops = step_flops(G, D, batch=2, n_classes=n_classes, device=torch.device("cpu"))
+    out = {
+        "model": cfg.model.family,
+        "resolution": cfg.data.resolution,
+        "n_classes": n_classes,
+        "G_params": models.param_count(G),
+        "D_params": models.param_count(D),
+        "GFLOP_per_image": {"D_step": flops["D_step"] / 1e9, "G_step": flops["G_step"] / 1e9,
+                            "total": (flops["D_step"] * cfg.train.d_steps + flops["G_step"]) / 1e9},
+        "d_steps": cfg.train.d_steps,
+        "flop_convention": "torch.utils.flop_counter, multiply-add = 2; D step = G forward (no_grad) + D "
+                           "forward/backward on real and fake; G step = G and D forward, backward into G with "
+                           "D frozen (no D weight gradients); regularisers excluded",
+        "arch": OmegaConf.to_container(cfg.model, resolve=True),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _dataset_classes(cfg) -> int:
+    from bench import data as bdata
+
+    if cfg.data.shards:
+        _, manifest = bdata.resolve_shards(cfg.data.shards)
+        if manifest:
+            return len(manifest["class_names"])
+        raise UsageError(f"data.shards={cfg.data.shards!r} has no manifest.json; set model.n_classes")
+    return len(bdata.SHAPES_CLASSES)
+
+
+def _parse_kv(args: list[str], allowed: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for a in args:
+        if "=" not in a:
+            raise UsageError(f"argument {a!r} is not key=value; valid keys: {', '.join(sorted(allowed))}")
+        k, v = a.split("=", 1)
+        k = allowed.get(k)
+        if k is None:
+            raise UsageError(f"unknown key {a.split('=')[0]!r}; valid keys: {', '.join(sorted(allowed))}")
+        out[k] = v
+    return out
+
+
+def cmd_data(args: list[str]) -> int:
+    from bench import data as bdata
+
+    if not args or args[0] != "make-shards":
+        raise UsageError("usage: bench data make-shards source=shapes|folder out=DIR [folder=DIR] "
+                         "[data.resolution=32] [data.num_samples=10000] [data.samples_per_shard=500] [seed=0]")
+    keys = {"source": "source", "out": "out", "folder": "folder", "seed": "seed", "overwrite": "overwrite",
+            "data.resolution": "resolution", "resolution": "resolution", "data.num_samples": "num_samples",
+            "num_samples": "num_samples", "data.samples_per_shard": "samples_per_shard",
+            "samples_per_shard": "samples_per_shard"}
+    kv = _parse_kv(args[1:], keys)
+    if "out" not in kv:
+        raise UsageError("bench data make-shards needs out=DIR (where the shards and manifest.json go)")
+    source = kv.get("source", "shapes")
+    if source not in ("shapes", "folder"):
+        raise UsageError(f"source={source!r} is not valid; choose one of: shapes, folder")
+    if source == "folder" and not kv.get("folder"):
+        raise UsageError("source=folder needs folder=DIR (an ImageFolder tree: one subfolder per class)")
+    try:
+        ints = {k: int(kv[k]) for k in ("resolution", "num_samples", "samples_per_shard", "seed") if k in kv}
+    except ValueError as exc:
+        raise UsageError(f"bad number: {exc}") from None
+    kwargs = dict(out=kv["out"], source=source, folder=kv.get("folder"), **ints)
+    if "overwrite" in kv:
+        kwargs["overwrite"] = kv["overwrite"].lower() in ("1", "true", "yes")
+    manifest = bdata.make_shards(**kwargs)
+    print(json.dumps({k: manifest[k] for k in ("num_samples", "resolution", "class_names")} |
+                     {"shards": len(manifest["shards"]), "out": str(kv["out"])}, indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, args = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"error: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

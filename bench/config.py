@@ -1,0 +1,257 @@
+"""Structured config: the schema every composed config is checked against, and validation whose
+errors name the key to change. The YAML under configs/ holds the values; this file holds the types.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+MODEL_FAMILIES = ("biggan", "sagan", "dcgan")
+LOSSES = ("hinge", "ns", "minimax", "wgan", "wgan_gp")
+DATASETS = ("shapes", "folder")
+PRECISIONS = ("bf16", "fp32", "fp16")
+OPTIMIZERS = ("adam", "rmsprop")
+
+
+class ConfigError(ValueError):
+    """A bad config value. The message is one line that names the key and the valid choices."""
+
+
+@dataclass
+class ModelCfg:
+    family: str = "biggan"
+    ch: int = 32
+    d_ch: int = 32
+    z_dim: int = 128
+    shared_dim: int = 128
+    hier: bool = True
+    attn: list[int] = field(default_factory=lambda: [16])
+    g_sn: bool = True
+    d_sn: bool = True
+    sn_iters: int = 1
+    sn_eps: float = 1e-6
+    init: str = "ortho"
+    bn_eps: float = 1e-5
+    n_classes: Optional[int] = None
+
+
+@dataclass
+class DataCfg:
+    name: str = "shapes"
+    shards: str = ""
+    resolution: int = 32
+    num_samples: int = 10000
+    samples_per_shard: int = 500
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class LossCfg:
+    name: str = "hinge"
+    clip: float = 0.01
+    gp_lambda: float = 10.0
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 300
+    batch_size: int = 32
+    global_batch: Optional[int] = None
+    accumulate: int = 1
+    d_steps: int = 1
+    precision: str = "bf16"
+    channels_last: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    optimizer: str = "adam"
+    g_lr: float = 2e-4
+    d_lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    eps: float = 1e-6
+    tick_every: int = 10
+    ckpt_every: int = 100
+    ckpt_keep: int = 2
+    sample_every: int = 100
+    sample_cols: int = 8
+    compile: bool = False
+
+
+@dataclass
+class RegCfg:
+    r1_gamma: float = 0.0
+    r1_every: int = 1
+    ortho_beta: float = 0.0
+    sigma_clamp: Optional[str] = None
+
+
+@dataclass
+class EmaCfg:
+    decay: float = 0.999
+    start: int = 50
+
+
+@dataclass
+class EvalCfg:
+    every: int = 0
+    num_samples: int = 5000
+    extractor: str = "domain"
+    weights_path: Optional[str] = None
+
+
+@dataclass
+class TelemetryCfg:
+    sigma_every: int = 50
+
+
+@dataclass
+class RunCfg:
+    dir: str = ""
+    root: str = "runs"
+    name: str = ""
+    dry_run: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    reg: RegCfg = field(default_factory=RegCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    telemetry: TelemetryCfg = field(default_factory=TelemetryCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def check_schema(cfg: DictConfig) -> DictConfig:
+    """Merge a composed config onto the schema: unknown keys and wrong types become ConfigError."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    if isinstance(plain.get("reg", {}).get("sigma_clamp"), (int, float)):
+        plain["reg"]["sigma_clamp"] = str(plain["reg"]["sigma_clamp"])
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    return merged
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def parse_sigma_clamp(value: Optional[str]) -> Optional[tuple[str, float]]:
+    """null -> None; "2.0" -> ("fixed", 2.0); "ratio:1.5" -> ("ratio", 1.5)."""
+    if value is None or str(value).lower() in ("", "null", "none", "off"):
+        return None
+    s = str(value)
+    m = re.fullmatch(r"ratio:([0-9.eE+-]+)", s)
+    try:
+        if m:
+            r = float(m.group(1))
+            if r <= 0:
+                raise ValueError
+            return ("ratio", r)
+        v = float(s)
+        if v <= 0:
+            raise ValueError
+        return ("fixed", v)
+    except ValueError:
+        raise ConfigError(
+            f"reg.sigma_clamp={value!r} is not valid; use null (off), a positive number, or ratio:R with R > 0"
+        ) from None
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Check values a schema cannot express. Resolves train.global_batch into train.batch_size."""
+    _choice("model", cfg.model.family, MODEL_FAMILIES)
+    _choice("loss", cfg.loss.name, LOSSES)
+    _choice("data", cfg.data.name, DATASETS)
+    _choice("train.precision", cfg.train.precision, PRECISIONS)
+    _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
+    _choice("train.channels_last", str(cfg.train.channels_last).lower(), ("auto", "true", "false"))
+    if not 16 <= cfg.data.resolution <= 256:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is out of range; use 16..256")
+    for key in ("train.steps", "train.batch_size", "train.accumulate", "train.d_steps", "train.tick_every",
+                "train.sample_cols", "reg.r1_every", "train.ckpt_keep"):
+        _positive(key, OmegaConf.select(cfg, key))
+    for key in ("train.ckpt_every", "train.sample_every", "reg.r1_gamma", "reg.ortho_beta", "eval.every",
+                "telemetry.sigma_every", "data.num_workers", "ema.start", "data.shuffle_buffer"):
+        _positive(key, OmegaConf.select(cfg, key), allow_zero=True)
+    _positive("train.g_lr", cfg.train.g_lr)
+    _positive("train.d_lr", cfg.train.d_lr)
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay={cfg.ema.decay} must be in [0, 1)")
+    if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas={list(cfg.train.betas)} must be two numbers in [0, 1)")
+    if cfg.train.precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.train.global_batch is not None:
+        per_step = world_size * cfg.train.accumulate
+        if cfg.train.global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch={cfg.train.global_batch} does not divide into {world_size} processes x "
+                f"train.accumulate={cfg.train.accumulate}; use a multiple of {per_step}"
+            )
+        cfg.train.batch_size = cfg.train.global_batch // per_step
+    parse_sigma_clamp(cfg.reg.sigma_clamp)
+    if cfg.model.n_classes is not None:
+        _positive("model.n_classes", cfg.model.n_classes)
+    check_architecture(cfg)
+    return cfg
+
+
+def check_architecture(cfg: DictConfig) -> None:
+    """Build G and D on the meta device (no memory, well under a second): a resolution or attention
+    setting with no architecture fails here, before any data is written."""
+    import torch
+
+    import models
+
+    with torch.device("meta"):
+        models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution,
+                     cfg.model.n_classes or 10)
+
+
+def override_hash(overrides: list[str]) -> str:
+    """Identity of a run: a short hash of its sorted override delta (run.* keys excluded)."""
+    delta = sorted(o for o in overrides if not o.lstrip("+~").startswith(("run.", "hydra")))
+    return hashlib.sha1(json.dumps(delta).encode()).hexdigest()[:8]
+
+
+def readable_name(cfg: DictConfig) -> str:
+    if cfg.run.name:
+        return cfg.run.name
+    return f"{cfg.model.family}-{cfg.data.name}{cfg.data.resolution}-{cfg.loss.name}-b{cfg.train.batch_size}"
+
+
+def run_dir_for(cfg: DictConfig, overrides: list[str]) -> Path:
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    return Path(cfg.run.root) / f"{readable_name(cfg)}-{override_hash(overrides)}"

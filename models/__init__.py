@@ -1,0 +1,49 @@
+"""gan-bench model families: architectures only (no training logic).
+
+    REGISTRY                 {family: (Generator class, Discriminator class)}
+    build(cfg, resolution, n_classes) -> (G, D)
+    ModelConfigError         a setting that cannot be built; the message names the key
+    param_count(module)      trainable parameters (buffers such as SN u / v / sigma excluded)
+
+Every Generator: G(z (B, z_dim), y (B,) long, class_vec=None) -> (B, 3, R, R) in [-1, 1], with
+G.z_dim, G.n_classes, G.resolution, G.class_embedding(y) -> (B, E), G.shared (the learned class
+embedding, or None), G.arch. Every Discriminator: D(x, y, return_features=False) -> logits (B,)
+float32, or (logits, features (B, D.feature_dim)); D.embed is its projection embedding.
+Spectral-norm helpers (spectral_modules, weight_matrix, ...) live in models.spectral.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from . import biggan, dcgan, sagan
+from .layers import ModelConfigError
+from .spectral import spectral_modules, weight_matrix, weight_modules
+
+__all__ = ["REGISTRY", "build", "ModelConfigError", "param_count", "spectral_modules",
+           "weight_matrix", "weight_modules"]
+
+REGISTRY: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "biggan": (biggan.Generator, biggan.Discriminator),
+    "dcgan": (dcgan.Generator, dcgan.Discriminator),
+    "sagan": (sagan.Generator, sagan.Discriminator),
+}
+
+
+def build(cfg: Mapping, resolution: int, n_classes: int) -> tuple[nn.Module, nn.Module]:
+    """(G, D) for the model config `cfg` (the model.* mapping; keys a family does not use are
+    ignored) at `resolution` pixels with `n_classes` classes. Raises ModelConfigError."""
+    family = cfg.get("family")
+    if family not in REGISTRY:
+        raise ModelConfigError(f"model.family={family!r} is not a model family; "
+                               f"choose one of: {', '.join(sorted(REGISTRY))}")
+    G_cls, D_cls = REGISTRY[family]
+    config = G_cls.Config.from_mapping(cfg)
+    return G_cls(config, resolution, n_classes), D_cls(config, resolution, n_classes)
+
+
+def param_count(m: nn.Module) -> int:
+    """Trainable parameters of `m` (buffers excluded)."""
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)

@@ -1,0 +1,175 @@
+"""Class-conditional DCGAN (Radford et al. 2016).
+
+Generator: [z, class vector] as a (B, z_dim + E, 1, 1) map -> transposed conv 4x4 (valid) to a
+4x4 map -> (transposed conv 4x4 stride 2 -> BN -> ReLU) doubling the side and halving the width
+until R/2 -> transposed conv to 3 channels at R -> tanh. Width at 4x4: ch * 2^(n_up - 1) with
+n_up = log2(R / 4) (64x64, ch 64: 512 -> 256 -> 128 -> 64 -> 3).
+
+Discriminator: (conv 4x4 stride 2 -> [BN] -> LeakyReLU(0.2)) halving the side and doubling the
+width from d_ch down to 4x4 (no BN after the first conv); features = the flattened 4x4 map
+(B, 16 * width at 4x4), which is what DCGAN's final 4x4 conv reads; logit = linear(features)
++ <embed(y), features> (projection).
+
+g_sn / d_sn add spectral norm to every weight layer (off in the DCGAN config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import (INITS, ModelConfigError, SNConv2d, SNConvTranspose2d, SNEmbedding,
+                     SNLinear, check_positive, choices_str, config_from_mapping, init_weights)
+
+RESOLUTIONS = (16, 32, 64, 128)
+BOTTOM_SIDE = 4  # G's first and D's last feature map side
+
+
+@dataclasses.dataclass(frozen=True)
+class DCGANConfig:
+    """The model.* keys DCGAN reads. model.hier and model.attn do not apply and are ignored."""
+
+    ch: int = 64              # G width at R/2 (doubles towards 4x4)
+    d_ch: int = 64            # D width after the first conv (doubles towards 4x4)
+    z_dim: int = 100          # latent size
+    shared_dim: int = 0       # class-embedding size concatenated to z; 0 = one-hot labels
+    g_sn: bool = False        # spectral norm in G
+    d_sn: bool = False        # spectral norm in D
+    sn_iters: int = 1         # power iterations per training forward
+    sn_eps: float = 1e-6      # epsilon of the power-iteration normalisation
+    init: str = "N02"         # N02 (DCGAN; BN gains N(1, 0.02)) | ortho | xavier
+    bn_eps: float = 1e-5      # BatchNorm epsilon
+
+    def __post_init__(self):
+        for key in ("ch", "d_ch", "z_dim", "sn_iters"):
+            check_positive(key, getattr(self, key))
+        check_positive("shared_dim", self.shared_dim, minimum=0)
+        if self.init not in INITS:
+            raise ModelConfigError(f"model.init={self.init!r} is not an init scheme; "
+                                   f"choose one of: {choices_str(INITS)}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping) -> "DCGANConfig":
+        return config_from_mapping(cls, cfg)
+
+
+def _n_stages(resolution: int) -> int:
+    if resolution not in RESOLUTIONS:
+        raise ModelConfigError(f"data.resolution={resolution} has no dcgan architecture; "
+                               f"choose one of: {choices_str(RESOLUTIONS)}")
+    return resolution.bit_length() - 3  # log2(R / 4)
+
+
+def _init(net: nn.Module, scheme: str) -> None:
+    init_weights(net, scheme)
+    if scheme == "N02":  # DCGAN: BatchNorm gains ~ N(1, 0.02), biases 0
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.affine and not m.weight.is_meta:
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """G(z (B, z_dim), y (B,) long, class_vec (B, E) | None) -> (B, 3, R, R) in [-1, 1].
+    `shared` is the class embedding concatenated to z (nn.Embedding, no SN), or None when
+    shared_dim = 0 (one-hot class vectors, E = n_classes)."""
+
+    family = "dcgan"
+    resolutions = RESOLUTIONS
+    Config = DCGANConfig
+
+    def __init__(self, cfg: DCGANConfig = DCGANConfig(), resolution: int = 64,
+                 n_classes: int = 10):
+        super().__init__()
+        n_up = _n_stages(resolution)
+        check_positive("n_classes", n_classes)
+        self.cfg = cfg
+        self.resolution = resolution
+        self.n_classes = n_classes
+        self.z_dim = cfg.z_dim
+        self.shared = nn.Embedding(n_classes, cfg.shared_dim) if cfg.shared_dim > 0 else None
+        self.class_dim = cfg.shared_dim if cfg.shared_dim > 0 else n_classes
+        snkw = dict(sn=cfg.g_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
+        self.widths = [cfg.ch * 2 ** (n_up - 1 - i) for i in range(n_up)]  # at 4, 8, ..., R/2
+        layers: list[nn.Module] = []
+        in_ch = cfg.z_dim + self.class_dim
+        for i, w in enumerate(self.widths):
+            layers += [SNConvTranspose2d(in_ch, w, 4, 1 if i == 0 else 2, 0 if i == 0 else 1,
+                                         bias=False, **snkw),
+                       nn.BatchNorm2d(w, eps=cfg.bn_eps), nn.ReLU()]
+            in_ch = w
+        # Bias only where no BatchNorm follows.
+        layers += [SNConvTranspose2d(in_ch, 3, 4, 2, 1, bias=True, **snkw), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        _init(self, cfg.init)
+
+    @property
+    def arch(self) -> dict:
+        return {"family": self.family, "resolution": self.resolution, "z_dim": self.z_dim,
+                "class_dim": self.class_dim,
+                "widths": {BOTTOM_SIDE * 2 ** i: w for i, w in enumerate(self.widths)}}
+
+    def class_embedding(self, y: torch.Tensor) -> torch.Tensor:
+        """(B,) long -> (B, E): the class vector concatenated to z."""
+        if self.shared is not None:
+            return self.shared(y)
+        return F.one_hot(y, self.n_classes).to(self.net[0].weight.dtype)
+
+    def forward(self, z: torch.Tensor, y: Optional[torch.Tensor] = None,
+                class_vec: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if class_vec is None:
+            class_vec = self.class_embedding(y)
+        h = torch.cat([z, class_vec], dim=1)[:, :, None, None]  # (B, z_dim + E, 1, 1)
+        return self.net(h)                                       # (B, 3, R, R)
+
+
+class Discriminator(nn.Module):
+    """D(x (B, 3, R, R), y (B,)) -> logits (B,) float32 [, features (B, feature_dim)];
+    feature_dim = 16 * d_ch * 2^(n_down - 1). `embed` is the projection class embedding."""
+
+    family = "dcgan"
+    resolutions = RESOLUTIONS
+    Config = DCGANConfig
+
+    def __init__(self, cfg: DCGANConfig = DCGANConfig(), resolution: int = 64,
+                 n_classes: int = 10):
+        super().__init__()
+        n_down = _n_stages(resolution)
+        check_positive("n_classes", n_classes)
+        self.cfg = cfg
+        self.resolution = resolution
+        self.n_classes = n_classes
+        snkw = dict(sn=cfg.d_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
+        self.widths = [cfg.d_ch * 2 ** i for i in range(n_down)]  # at R/2, R/4, ..., 4
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for i, w in enumerate(self.widths):
+            layers.append(SNConv2d(in_ch, w, 4, 2, 1, bias=i == 0, **snkw))
+            if i > 0:
+                layers.append(nn.BatchNorm2d(w, eps=cfg.bn_eps))
+            layers.append(nn.LeakyReLU(0.2))
+            in_ch = w
+        self.net = nn.Sequential(*layers)
+        self.feature_dim = in_ch * BOTTOM_SIDE ** 2
+        self.linear = SNLinear(self.feature_dim, 1, **snkw)
+        self.embed = SNEmbedding(n_classes, self.feature_dim, **snkw)
+        _init(self, cfg.init)
+
+    @property
+    def arch(self) -> dict:
+        return {"family": self.family, "resolution": self.resolution,
+                "feature_dim": self.feature_dim,
+                "widths": {self.resolution // 2 ** (i + 1): w for i, w in enumerate(self.widths)}}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, return_features: bool = False):
+        features = self.net(x).flatten(1)                              # (B, 16 * C)
+        logits = self.linear(features).squeeze(1) + (self.embed(y) * features).sum(1)  # (B,)
+        logits = logits.float()
+        if return_features:
+            return logits, features.float()
+        return logits

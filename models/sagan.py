@@ -1,0 +1,78 @@
+"""SAGAN (Zhang et al. 2019): the residual SN-GAN with self-attention.
+
+Same residual blocks, arch tables and projection discriminator as BigGAN (models/biggan.py; BigGAN
+is SAGAN scaled up plus a shared embedding and a hierarchical latent), but:
+  - the whole z feeds G's first linear layer (no hierarchical latent);
+  - conditional BatchNorm uses per-class gains and biases: the class vector is one-hot
+    (E = n_classes) and each CBN's gain / bias projection is a plain per-class embedding;
+  - resolutions 32, 64 and 128 (the paper's ImageNet model: ch 64, attention at 32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar
+
+from . import biggan
+from .layers import INITS, ModelConfigError, check_positive, choices_str, config_from_mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class SAGANConfig:
+    """The model.* keys SAGAN reads (defaults: the paper's 128x128 ImageNet model).
+    model.shared_dim and model.hier do not apply to SAGAN and are ignored."""
+
+    ch: int = 64              # G base width (biggan.G_ARCH multipliers)
+    d_ch: int = 64            # D base width (biggan.D_ARCH multipliers)
+    z_dim: int = 128          # latent size, all of it into the first linear layer
+    attn: tuple[int, ...] = (32,)  # resolutions with self-attention in G and D; () = none
+    g_sn: bool = True         # spectral norm in G
+    d_sn: bool = True         # spectral norm in D
+    sn_iters: int = 1         # power iterations per training forward
+    sn_eps: float = 1e-6      # epsilon of the power-iteration normalisation
+    init: str = "ortho"       # ortho | N02 | xavier
+    bn_eps: float = 1e-5      # BatchNorm epsilon
+
+    # Fixed by the architecture (read by the shared BigGAN-layout modules).
+    shared_dim: ClassVar[int] = 0   # no shared embedding: one-hot class vectors
+    hier: ClassVar[bool] = False    # no hierarchical latent
+
+    def __post_init__(self):
+        for key in ("ch", "d_ch", "z_dim", "sn_iters"):
+            check_positive(key, getattr(self, key))
+        if self.init not in INITS:
+            raise ModelConfigError(f"model.init={self.init!r} is not an init scheme; "
+                                   f"choose one of: {choices_str(INITS)}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping) -> "SAGANConfig":
+        return config_from_mapping(cls, cfg)
+
+
+RESOLUTIONS = (32, 64, 128)
+
+
+class Generator(biggan.Generator):
+    """G(z (B, z_dim), y (B,) long, class_vec (B, n_classes) | None) -> (B, 3, R, R) in [-1, 1].
+    class_embedding(y) is one-hot; `shared` is None."""
+
+    family = "sagan"
+    resolutions = RESOLUTIONS
+    Config = SAGANConfig
+
+    def __init__(self, cfg: SAGANConfig = SAGANConfig(), resolution: int = 128,
+                 n_classes: int = 1000):
+        super().__init__(cfg, resolution, n_classes)
+
+
+class Discriminator(biggan.Discriminator):
+    """D(x (B, 3, R, R), y (B,)) -> logits (B,) [, features (B, feature_dim)]; projection D."""
+
+    family = "sagan"
+    resolutions = RESOLUTIONS
+    Config = SAGANConfig
+
+    def __init__(self, cfg: SAGANConfig = SAGANConfig(), resolution: int = 128,
+                 n_classes: int = 1000):
+        super().__init__(cfg, resolution, n_classes)

@@ -1,0 +1,84 @@
+"""Loss values on known logits, R1 against an analytic value, the EMA update."""
+import math
+
+import pytest
+import torch
+
+from bench import objectives as O
+from bench.loop import ema_update
+
+REAL = torch.tensor([2.0, 0.5, -1.0])
+FAKE = torch.tensor([-2.0, 0.0, 1.5])
+
+
+def sp(x):  # softplus, written out
+    return math.log1p(math.exp(x))
+
+
+def test_hinge():
+    # D: mean(relu(1 - r)) + mean(relu(1 + f)); relu(1-r) = [0, .5, 2]; relu(1+f) = [0, 1, 2.5]
+    assert O.d_hinge(REAL, FAKE).item() == pytest.approx(2.5 / 3 + 3.5 / 3)
+    assert O.g_hinge(FAKE).item() == pytest.approx(-(-2.0 + 0.0 + 1.5) / 3)
+
+
+def test_logistic_losses():
+    expected_d = sum(sp(-r) for r in REAL.tolist()) / 3 + sum(sp(f) for f in FAKE.tolist()) / 3
+    assert O.d_logistic(REAL, FAKE).item() == pytest.approx(expected_d, rel=1e-6)
+    # non-saturating G: -log sigmoid(f); minimax G: log(1 - sigmoid(f))
+    ns = sum(-math.log(1 / (1 + math.exp(-f))) for f in FAKE.tolist()) / 3
+    mm = sum(math.log(1 - 1 / (1 + math.exp(-f))) for f in FAKE.tolist()) / 3
+    assert O.g_nonsaturating(FAKE).item() == pytest.approx(ns, rel=1e-6)
+    assert O.g_minimax(FAKE).item() == pytest.approx(mm, rel=1e-6)
+
+
+def test_wasserstein():
+    assert O.d_wasserstein(REAL, FAKE).item() == pytest.approx(FAKE.mean().item() - REAL.mean().item())
+    assert set(O.LOSSES) == {"hinge", "ns", "minimax", "wgan", "wgan_gp"}
+
+
+class LinearD(torch.nn.Module):
+    """D(x) = <w, x> + b: grad_x D = w everywhere, so R1 = gamma/2 * ||w||^2."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(shape))
+        self.b = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y):
+        return (x * self.w).flatten(1).sum(1) + self.b
+
+
+def test_r1_matches_analytic_value_for_linear_D():
+    torch.manual_seed(0)
+    D = LinearD((3, 4, 4))
+    x = torch.randn(5, 3, 4, 4)
+    gamma = 10.0
+    r1 = O.r1_penalty(D, x, torch.zeros(5, dtype=torch.long), gamma)
+    assert r1.item() == pytest.approx(gamma / 2 * D.w.square().sum().item(), rel=1e-5)
+    # and it is differentiable w.r.t. D's parameters: d/dw (gamma/2 ||w||^2) = gamma * w
+    r1.backward()
+    torch.testing.assert_close(D.w.grad, gamma * D.w.detach())
+
+
+def test_gradient_penalty_linear_D():
+    torch.manual_seed(0)
+    D = LinearD((2, 3, 3))
+    real, fake = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    gp = O.gradient_penalty(D, real, fake, torch.zeros(4, dtype=torch.long), lam=10.0)
+    norm = D.w.detach().norm().item()
+    assert gp.item() == pytest.approx(10.0 * (norm - 1) ** 2, rel=1e-4)
+
+
+def test_ema_update():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    before = [p.detach().clone() for p in ema.parameters()]
+    net[1].running_mean.fill_(0.7)
+    ema_update(ema, net, decay=0.9)
+    for b, e, n in zip(before, ema.parameters(), net.parameters()):
+        torch.testing.assert_close(e.detach(), 0.9 * b + 0.1 * n.detach())
+    torch.testing.assert_close(ema[1].running_mean, torch.full((3,), 0.7))
+    ema_update(ema, net, decay=0.0)  # decay 0: a copy
+    for e, n in zip(ema.parameters(), net.parameters()):
+        torch.testing.assert_close(e, n)

@@ -1,0 +1,165 @@
+"""End-to-end runs through the `bench train` command on tiny configs, resume, and bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from bench.cli import main
+from conftest import TINY
+
+REQUIRED_KEYS = {"step", "kimg", "time/wall_s", "throughput/img_per_s", "time/step_ms", "time/data_ms", "time/D_ms",
+                 "time/G_ms", "loss/D", "loss/G", "D/real_logit_mean", "D/fake_logit_mean", "mem/peak_gb",
+                 "batch/effective", "dist/world_size"}
+
+
+def train(tmp_path, tiny_shards, *extra, name="run"):
+    run_dir = tmp_path / name
+    rc = main(["train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, *extra])
+    return rc, run_dir
+
+
+def metrics(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["biggan", "sagan", "dcgan"])
+def test_each_family_trains_and_writes_the_run_directory(tmp_path, tiny_shards, family):
+    rc, run_dir = train(tmp_path, tiny_shards, f"model={family}", "model.ch=8", "model.d_ch=8",
+                        "train.steps=3", "train.batch_size=4")
+    assert rc == 0
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert REQUIRED_KEYS <= set(r), REQUIRED_KEYS - set(r)
+        assert r["batch/effective"] == 4 and r["dist/world_size"] == 1
+        assert all(v == v for v in r.values() if isinstance(v, float))  # no NaN
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3 and summary["images_seen"] == 12
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "completed" and run["world_size"] == 1 and run["versions"]["torch"]
+    assert (run_dir / "config.yaml").read_text().count(f"family: {family}") == 1
+    assert list((run_dir / "checkpoints").glob("ckpt-*.pt"))
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    grid = Image.open(run_dir / "samples" / "latest.png")
+    # one row per class (10 shapes classes), 32 px tiles shown at 2x with 2 px padding
+    assert grid.height == 10 * (64 + 2) + 2
+
+
+@pytest.mark.parametrize("loss", ["hinge", "ns", "minimax", "wgan", "wgan_gp"])
+def test_each_loss_trains(tmp_path, tiny_shards, loss):
+    rc, run_dir = train(tmp_path, tiny_shards, f"loss={loss}", "train.steps=2", "train.batch_size=4",
+                        "train.d_steps=2")
+    assert rc == 0
+    rows = metrics(run_dir)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/D"])) for r in rows)
+    if loss == "wgan_gp":
+        assert "loss/GP" in rows[-1]
+    if loss == "wgan":  # weights clipped to [-0.01, 0.01] after every D step
+        state = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+        assert max(v.abs().max().item() for k, v in state["D"].items() if k.endswith("weight")) <= 0.01 + 1e-7
+
+
+def test_accumulation_d_steps_and_r1(tmp_path, tiny_shards):
+    rc, run_dir = train(tmp_path, tiny_shards, "train.steps=2", "train.batch_size=4", "train.accumulate=2",
+                        "train.d_steps=2", "reg.r1_gamma=1", "reg.r1_every=2")
+    assert rc == 0
+    rows = metrics(run_dir)
+    assert rows[-1]["batch/effective"] == 8 and rows[-1]["kimg"] == pytest.approx(0.016)
+    assert rows[-1]["loss/R1"] > 0
+
+
+def _tensors(path):
+    s = torch.load(path, weights_only=False)
+    return {f"{net}.{k}": v for net in ("G", "D", "G_ema") for k, v in s[net].items()}
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_shards):
+    common = ["train.batch_size=4", "train.ckpt_every=2", "train.deterministic=true", "train.precision=fp32",
+              "train.d_steps=2", "reg.r1_gamma=1"]
+    rc, straight = train(tmp_path, tiny_shards, "train.steps=4", *common, name="straight")
+    assert rc == 0
+    rc, resumed = train(tmp_path, tiny_shards, "train.steps=2", *common, name="resumed")
+    assert rc == 0
+    rc, resumed = train(tmp_path, tiny_shards, "train.steps=4", *common, name="resumed")
+    assert rc == 0
+    a = _tensors(straight / "checkpoints" / "ckpt-0000004.pt")
+    b = _tensors(resumed / "checkpoints" / "ckpt-0000004.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]  # appended, not duplicated
+    run = json.loads((resumed / "run.json").read_text())
+    assert run["resumes"][0]["step"] == 2
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_shards):
+    from bench.config import validate
+    from bench.cli import compose
+    from bench.loop import Trainer
+
+    cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=1", "train.batch_size=4"]))
+    t1 = Trainer(cfg, tmp_path / "rt", quiet=True)
+    t1.run()
+    ckpt = sorted((tmp_path / "rt" / "checkpoints").glob("*.pt"))[-1]
+    t2 = Trainer(cfg, tmp_path / "other", quiet=True)
+    t2.load_state_dict(torch.load(ckpt, weights_only=False))
+    for a, b in ((t1.G, t2.G), (t1.D, t2.D), (t1.G_ema, t2.G_ema)):
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb
+            torch.testing.assert_close(va, vb, rtol=0, atol=0)
+    sa, sb = t1.opt["D"].state_dict()["state"], t2.opt["D"].state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+    assert t2.step == 1 and t2.zgen.get_state().equal(t1.zgen.get_state())
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_shards):
+    args = ["train.batch_size=4", "train.ckpt_every=1", "train.ckpt_keep=3"]
+    rc, run_dir = train(tmp_path, tiny_shards, "train.steps=2", *args)
+    assert rc == 0
+    newest = run_dir / "checkpoints" / "ckpt-0000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    rc, run_dir = train(tmp_path, tiny_shards, "train.steps=3", *args)
+    assert rc == 0
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model=foo", "model='foo' is not available; choose one of: biggan"),
+    ("loss=bar", "loss='bar' is not available; choose one of:"),
+    ("data=baz", "data='baz' is not available; choose one of: folder, shapes"),
+    ("data.resolution=48", "data.resolution=48"),
+    ("model.attn=[48]", "model.attn"),
+    ("train.global_batch=10", "train.global_batch=10"),
+    ("data.shards=/nonexistent/shards", "/nonexistent/shards"),
+    ("train.precision=fp8", "train.precision='fp8' is not valid; choose one of: bf16, fp32, fp16"),
+    ("train.batch_size=abc", "train.batch_size"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, override, needle):
+    rc = main(["train", override, "train.accumulate=3", f"run.dir={tmp_path / 'bad'}", "train.steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert needle in err, err
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_default_shards_are_created_on_first_use(tmp_path, capfd, _isolated_cache):
+    rc = main(["train", f"run.dir={tmp_path / 'd'}", *TINY, "data.num_samples=120", "train.steps=1",
+               "train.batch_size=4"])
+    assert rc == 0
+    out = capfd.readouterr()
+    assert str(_isolated_cache) in out.err + out.out
+    assert list(_isolated_cache.glob("shapes-*/manifest.json"))
+
+
+def test_console_script_runs(tmp_path, tiny_shards):
+    exe = shutil.which("bench") or [sys.executable, "-m", "bench.cli"]
+    cmd = ([exe] if isinstance(exe, str) else exe) + ["train", f"data.shards={tiny_shards}", f"run.dir={tmp_path / 'c'}",
+                                                      *TINY, "train.steps=2", "train.batch_size=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step      2/2" in proc.stdout and "run directory" in proc.stdout
