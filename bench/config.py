@@ -96,8 +96,8 @@ class RegCfg:
 
 @dataclass
 class EmaCfg:
-    decay: float = 0.999
-    start: int = 50
+    decay: float = 0.99
+    start: int = 100
 
 
 @dataclass

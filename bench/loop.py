@@ -309,6 +309,8 @@ class Trainer:
         """(Re)start the data stream, seeded by (seed, step): an uninterrupted run and a resumed one
         see the same batches after every checkpoint."""
         self.data_iter = None
+        if self.loader is not None:
+            self.loader.close()  # stop the old decode workers now, not at garbage collection
         self.loader = bdata.ShardLoader(
             self.shards, self.cfg.train.batch_size, self.cfg.data.resolution, rank=self.rank,
             world_size=self.world, num_workers=self.cfg.data.num_workers,
@@ -473,6 +475,8 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self.data_iter = None
+            if self.loader is not None:
+                self.loader.close()
             self.loader = None
             summary = self._finish(status)
         return summary
