@@ -80,9 +80,16 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _launcher(args: list[str]) -> str | None:
+    for a in args:
+        if a.startswith("hydra/launcher="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def cmd_train(args: list[str]) -> int:
-    if "-m" in args or "--multirun" in args:
-        return _multirun(args)
+    if "-m" in args or "--multirun" in args or _launcher(args):
+        return _multirun([a for a in args if a not in ("-m", "--multirun")])
     from bench.config import run_dir_for, validate
 
     cfg = compose(args)
@@ -104,30 +111,85 @@ def run_training(cfg, run_dir: Path) -> int:
     summary = trainer.run()
     if trainer.is_main:
         print_summary(summary, run_dir)
-    return 0 if summary.get("status") in ("completed", None) else 3
+    if summary.get("error"):
+        print(f"error: {summary['error']}", file=sys.stderr)
+    return 0 if summary.get("status") in ("completed", "collapsed", "interrupted", None) else 3
+
+
+def _is_sweep_value(value: str) -> bool:
+    depth = 0
+    for ch in value:
+        depth += ch in "[({"
+        depth -= ch in "])}"
+        if ch == "," and depth == 0:
+            return True
+    return value.startswith(("range(", "choice(", "glob(", "interval("))
 
 
 def _multirun(args: list[str]) -> int:
-    """Hand the sweep to Hydra (launchers, job arrays); each job composes and trains like `bench train`."""
+    """Sweeps and cluster runs go through Hydra's multirun: `hydra/launcher=submitit_slurm` submits one
+    Slurm job array (one job per override combination), `submitit_local` runs them on this machine.
+    Each job trains like `bench train`, records itself in <sweep dir>/index/, and never raises, so one
+    failed job does not hide the others."""
+    import time as _time
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from bench import launch
     from bench.config import CONFIG_DIR, check_schema, run_dir_for, validate
 
-    _check_group_choices([a for a in args if a not in ("-m", "--multirun")])
+    _check_group_choices([a for a in args if not _is_sweep_value(a.split("=", 1)[-1])])
+    fixed = [a for a in args if not a.startswith("hydra") and not _is_sweep_value(a.split("=", 1)[-1])]
+    base = compose(fixed)  # fails fast, on this machine, on anything but the swept values
+    sweep_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")), None)
+    sweep_dir = str(Path(sweep_dir or Path(base.run.root) / f"sweep-{_time.strftime('%Y%m%d-%H%M%S')}").resolve())
+    args = [a for a in args if not a.startswith("hydra.sweep.dir=")]
+    extra = [f"hydra.sweep.dir={sweep_dir}"]
+    launcher = _launcher(args)
+    if launcher:
+        extra += launch.launcher_overrides(base.cluster, launcher, sweep_dir)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def job(cfg):
+        import traceback
+
         hc = HydraConfig.get()
         overrides = list(hc.overrides.task)
-        cfg = validate(check_schema(cfg), world_size=_world_size())
-        if not cfg.run.dir:
-            cfg.run.root = str(Path(hc.sweep.dir))
-        run_training(cfg, run_dir_for(cfg, overrides))
+        rank, world = launch.setup_distributed()
+        entry = {"overrides": overrides, "slurm_job_id": launch.slurm_job_id(), "state": "running",
+                 "run_dir": None, "world_size": world}
+        try:
+            cfg = validate(check_schema(cfg), world_size=world)
+            if not cfg.run.dir:
+                cfg.run.root = sweep_dir
+            run_dir = run_dir_for(cfg, overrides).resolve()
+            entry["run_dir"] = str(run_dir)
+            if rank == 0:
+                launch.write_index_entry(Path(sweep_dir), hc.job.num, entry)
+            rc = run_training(cfg, run_dir)
+            summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() \
+                else {}
+            entry["state"] = summary.get("status", "completed" if rc == 0 else "failed")
+            if summary.get("error"):
+                entry["error"] = summary["error"]
+        except Exception as exc:  # recorded, not raised: the other jobs of the sweep still finish
+            entry["state"] = "failed"
+            entry["error"] = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            traceback.print_exc()
+        if rank == 0:
+            launch.write_index_entry(Path(sweep_dir), hc.job.num, entry)
+        if entry["state"] == "interrupted" and launch.slurm_job_id():
+            # Checkpointed after a signal: leave without a result, so submitit keeps waiting for the
+            # requeued job (Slurm requeues on preemption / scontrol requeue; SIGUSR2 requeued itself).
+            raise SystemExit(0)
+        return entry["state"]
 
-    sys.argv = ["bench"] + args
+    sys.argv = ["bench", "-m"] + args + extra
     job()
-    return 0
+    rows = launch.collect_index(Path(sweep_dir))
+    launch.print_sweep(rows, Path(sweep_dir))
+    return 0 if rows and all(r.get("state") in ("completed", "collapsed") for r in rows) else 1
 
 
 def cmd_inspect(args: list[str]) -> int:

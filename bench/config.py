@@ -42,6 +42,11 @@ class ModelCfg:
     init: str = "ortho"
     bn_eps: float = 1e-5
     n_classes: Optional[int] = None
+    mbdisc: int = 0
+    mbdisc_dim: int = 16
+    mbstd: int = 0
+    vbn: bool = False
+    cross_replica_bn: bool = False
 
 
 @dataclass
@@ -60,6 +65,9 @@ class LossCfg:
     name: str = "hinge"
     clip: float = 0.01
     gp_lambda: float = 10.0
+    real_target: float = 1.0
+    label_noise: float = 0.0
+    feature_matching: float = 0.0
 
 
 @dataclass
@@ -84,14 +92,24 @@ class TrainCfg:
     sample_every: int = 100
     sample_cols: int = 8
     compile: bool = False
+    nonfinite_rollback: int = 3
+    max_rollbacks: int = 3
 
 
 @dataclass
 class RegCfg:
     r1_gamma: float = 0.0
     r1_every: int = 1
+    r2_gamma: float = 0.0
     ortho_beta: float = 0.0
+    ortho_full: bool = False
+    ortho_nets: list[str] = field(default_factory=lambda: ["G"])
     sigma_clamp: Optional[str] = None
+    sigma_clamp_nets: list[str] = field(default_factory=lambda: ["G", "D"])
+    sigma_penalty: float = 0.0
+    sigma_target: Optional[str] = None
+    sigma_penalty_nets: list[str] = field(default_factory=lambda: ["D"])
+    hist_avg: float = 0.0
 
 
 @dataclass
@@ -111,6 +129,29 @@ class EvalCfg:
 @dataclass
 class TelemetryCfg:
     sigma_every: int = 50
+    sigma_k: int = 3
+    collapse_sigma_factor: float = 3.0
+    collapse_window: int = 100
+    collapse_loss_gap: float = 10.0
+    collapse_fid_factor: float = 1.5
+    stop_on_collapse: bool = False
+
+
+@dataclass
+class ClusterCfg:
+    partition: str = "debug"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    mem: str = "2G"
+    time: str = "60"
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    setup: list[str] = field(default_factory=list)
+    max_requeue: int = 3
+    signal_delay_s: int = 30
+    array_parallelism: int = 4
 
 
 @dataclass
@@ -131,6 +172,7 @@ class Config:
     ema: EmaCfg = field(default_factory=EmaCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     telemetry: TelemetryCfg = field(default_factory=TelemetryCfg)
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
 
@@ -144,6 +186,11 @@ def check_schema(cfg: DictConfig) -> DictConfig:
     """Merge a composed config onto the schema: unknown keys and wrong types become ConfigError."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
+    if "cluster" in plain and isinstance(plain["cluster"].get("time"), int):
+        plain["cluster"]["time"] = str(plain["cluster"]["time"])
+    for key in ("sigma_clamp", "sigma_target"):
+        if isinstance(plain.get("reg", {}).get(key), (int, float)):
+            plain["reg"][key] = str(plain["reg"][key])
     if isinstance(plain.get("reg", {}).get("sigma_clamp"), (int, float)):
         plain["reg"]["sigma_clamp"] = str(plain["reg"]["sigma_clamp"])
     try:
@@ -221,6 +268,25 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
             )
         cfg.train.batch_size = cfg.train.global_batch // per_step
     parse_sigma_clamp(cfg.reg.sigma_clamp)
+    if cfg.reg.sigma_penalty > 0:
+        if parse_sigma_clamp(cfg.reg.sigma_target) is None:
+            raise ConfigError("reg.sigma_penalty > 0 needs reg.sigma_target: a number or ratio:R")
+    for key in ("reg.ortho_nets", "reg.sigma_clamp_nets", "reg.sigma_penalty_nets"):
+        for net in OmegaConf.select(cfg, key):
+            _choice(key, net, ("G", "D"))
+    if not 0.0 < cfg.loss.real_target <= 1.0:
+        raise ConfigError(f"loss.real_target={cfg.loss.real_target} must be in (0, 1]; 0.9 = one-sided smoothing")
+    if not 0.0 <= cfg.loss.label_noise < 0.5:
+        raise ConfigError(f"loss.label_noise={cfg.loss.label_noise} must be in [0, 0.5)")
+    if (cfg.loss.real_target < 1.0 or cfg.loss.label_noise > 0) and cfg.loss.name not in ("ns", "minimax"):
+        raise ConfigError(f"loss.real_target / loss.label_noise apply to the logistic losses; use loss=ns or "
+                          f"loss=minimax (got loss={cfg.loss.name})")
+    for key in ("reg.r2_gamma", "reg.sigma_penalty", "reg.hist_avg", "loss.feature_matching",
+                "train.nonfinite_rollback", "train.max_rollbacks", "model.mbdisc", "model.mbstd"):
+        _positive(key, OmegaConf.select(cfg, key), allow_zero=True)
+    if cfg.model.mbstd and cfg.train.batch_size % min(cfg.model.mbstd, cfg.train.batch_size):
+        raise ConfigError(f"model.mbstd={cfg.model.mbstd} (group size) must divide train.batch_size="
+                          f"{cfg.train.batch_size}")
     if cfg.model.n_classes is not None:
         _positive("model.n_classes", cfg.model.n_classes)
     check_architecture(cfg)

@@ -1,13 +1,76 @@
-"""Sampling from a trained G: class-conditional sample sheets (more evaluation lives here later)."""
+"""Evaluation of a trained G: torch-fidelity metrics, feature extractors, truncation, sample sheets.
+
+Metrics (rank 0 only): `evaluate_generator` wraps torch_fidelity.calculate_metrics. The fake side is
+G (the EMA G in training) sampled as uint8 with class labels drawn uniformly inside the wrapper
+(torch-fidelity 0.4.0 crashes for num_classes > 0: the wrapper says num_classes = 0). The real side
+is N images read from the shards; its features are cached under a hash of (shard manifest, N,
+resolution, extractor and its weights) in `cache_dir` (torch-fidelity's atomic cache files plus a
+JSON sidecar written with temp file + os.replace), so later evaluations only sample G.
+
+Feature extractors (every record names the one it used):
+    domain     the small CNN of bench.classifier, trained on the dataset's own shards (offline;
+               trained on first use, saved beside the shards). Also gives eval/class_acc: how often
+               it labels G's samples with their conditioning class.
+    inception  torch-fidelity's inception-v3-compat with the user's copy of the standard FID weights
+               (eval.weights_path); never downloaded: a missing file is an EvalError.
+
+Flat metric names: eval/IS, eval/IS_std, eval/FID, eval/KID, eval/KID_std, eval/precision,
+eval/recall, eval/f_score, eval/class_acc; records add extractor, num_samples, num_real, seconds.
+
+Also here: truncated normal latents (resample / clip / scale), standing statistics for G's
+BatchNorms, `eval_run` (the `bench eval` command), `truncation_sweep` (`bench truncation`), class
+grids and interpolation sheets (lerp / slerp in z or in the class-embedding space).
+"""
 from __future__ import annotations
 
+import contextlib
+import copy
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
 import os
+import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+__all__ = [
+    "EvalError", "EXTRACTORS", "METRIC_NAMES", "LOWER_IS_BETTER", "INCEPTION_FILE",
+    "to_uint8", "grid_classes", "class_grid", "save_grid",
+    "truncated_normal", "truncnorm_variance", "standing_stats", "ImageDataset", "compute_metrics",
+    "evaluate_generator", "real_cache_key", "append_eval", "load_run", "eval_run", "format_table",
+    "truncation_sweep", "interpolation_sheet", "ensure_classifier",
+]
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as configured. The message is one line naming the key to fix."""
+
+
+EXTRACTORS = ("domain", "inception")
+TRUNC_MODES = ("resample", "clip", "scale")
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_LAYERS = {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}
+# torch-fidelity result key -> gan-bench record key
+METRIC_NAMES = {
+    "inception_score_mean": "eval/IS", "inception_score_std": "eval/IS_std",
+    "frechet_inception_distance": "eval/FID",
+    "kernel_inception_distance_mean": "eval/KID", "kernel_inception_distance_std": "eval/KID_std",
+    "precision": "eval/precision", "recall": "eval/recall", "f_score": "eval/f_score",
+}
+LOWER_IS_BETTER = frozenset({"eval/FID", "eval/KID"})
+MAX_RESAMPLE_ROUNDS = 64  # truncated_normal: resampling rounds before the exact inverse-CDF fallback
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -59,3 +122,514 @@ def save_grid(images: np.ndarray, path: str | Path, row_labels: Sequence[str] | 
     sheet.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation and standing statistics
+# ---------------------------------------------------------------------------------------------
+
+def truncnorm_variance(psi: float) -> float:
+    """Variance of N(0, 1) truncated to [-psi, psi]: 1 - 2 psi phi(psi) / (2 Phi(psi) - 1)."""
+    phi = math.exp(-0.5 * psi * psi) / math.sqrt(2.0 * math.pi)
+    mass = math.erf(psi / math.sqrt(2.0))  # 2 Phi(psi) - 1
+    return 1.0 - 2.0 * psi * phi / mass
+
+
+def _check_psi(psi) -> float | None:
+    if psi is None:
+        return None
+    if isinstance(psi, str) and psi.strip().lower() in ("", "none", "null", "off"):
+        return None
+    try:
+        value = float(psi)
+    except (TypeError, ValueError):
+        raise EvalError(f"eval.truncation={psi!r}: use a positive number, or null for no truncation") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise EvalError(f"eval.truncation={psi!r}: use a positive number, or null for no truncation")
+    return value
+
+
+def truncated_normal(shape, psi: float | None = None, mode: str = "resample",
+                     generator: torch.Generator | None = None, device=None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Latents drawn from N(0, 1) with BigGAN's truncation trick at threshold `psi` (None = off).
+
+    mode  resample  (default, BigGAN) values with |z| > psi are drawn again until none is left:
+                    N(0, 1) truncated to [-psi, psi], variance `truncnorm_variance(psi)`
+          clip      values are clamped to [-psi, psi] (the tails pile up at +-psi)
+          scale     every value is multiplied by psi (N(0, psi^2), unbounded)
+    """
+    if mode not in TRUNC_MODES:
+        raise EvalError(f"eval.trunc_mode={mode!r}: choose one of {', '.join(TRUNC_MODES)}")
+    psi = _check_psi(psi)
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if psi is None:
+        return z
+    if mode == "clip":
+        return z.clamp_(-psi, psi)
+    if mode == "scale":
+        return z.mul_(psi)
+    flat = z.view(-1)
+    for _ in range(MAX_RESAMPLE_ROUNDS):
+        bad = (flat.abs() > psi).nonzero().squeeze(1)  # host sync, once per round
+        if bad.numel() == 0:
+            return z
+        flat[bad] = torch.randn(bad.numel(), generator=generator, device=device, dtype=dtype)
+    # Tiny psi: acceptance 2 Phi(psi) - 1 is low; draw the few leftovers exactly by inverse CDF.
+    bad = (flat.abs() > psi).nonzero().squeeze(1)
+    if bad.numel():
+        lo = float(torch.special.ndtr(torch.tensor(-psi, dtype=torch.float64)))
+        u = torch.rand(bad.numel(), generator=generator, device=device, dtype=torch.float64)
+        flat[bad] = torch.special.ndtri(lo + u * (1.0 - 2.0 * lo)).clamp_(-psi, psi).to(dtype)
+    return z
+
+
+def _batchnorms(G: nn.Module) -> list[nn.Module]:
+    return [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def standing_stats(G: nn.Module, n_classes: int, passes: int, *, batch_size: int = 64,
+                   truncation: float | None = None, trunc_mode: str = "resample",
+                   generator: torch.Generator | None = None, autocast=None) -> int:
+    """Recompute G's BatchNorm running statistics in place from `passes` forward passes of
+    `batch_size` latents at the given truncation (BigGAN-PyTorch's "standing statistics").
+
+    Every BatchNorm's running stats are reset and accumulated as a cumulative average
+    (momentum=None). Only the BatchNorm modules are in train mode during the passes, so nothing
+    else changes: parameters, spectral-norm u / v / sigma and all other buffers stay as they were.
+    Module modes and momenta are restored afterwards. Returns the number of BatchNorms updated.
+    """
+    bns = _batchnorms(G)
+    if passes <= 0 or not bns:
+        return 0
+    device = next(G.parameters()).device
+    modes = [(m, m.training) for m in G.modules()]
+    momenta = [(m, m.momentum) for m in bns]
+    try:
+        G.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the passes
+            m.train()
+        for _ in range(int(passes)):
+            z = truncated_normal((batch_size, G.z_dim), truncation, trunc_mode, generator, device)
+            y = torch.randint(0, n_classes, (batch_size,), device=device, generator=generator)
+            with (autocast or contextlib.nullcontext)():
+                G(z, y)
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return len(bns)
+
+
+_standing_stats = standing_stats  # evaluate_generator's argument of the same name shadows it
+
+
+# ---------------------------------------------------------------------------------------------
+# torch-fidelity inputs
+# ---------------------------------------------------------------------------------------------
+
+class ImageDataset(torch.utils.data.Dataset):
+    """uint8 images (N, 3, H, W) as a torch-fidelity input. `images` is a tensor, or a callable that
+    returns one: it is called on first access only, so a real side served from the cache never
+    reads the shards. `loads` counts those calls."""
+
+    def __init__(self, images):
+        self._images = images if torch.is_tensor(images) else None
+        self._load = None if torch.is_tensor(images) else images
+        self.loads = 0
+        if self._images is not None:
+            self._check(self._images)
+
+    @staticmethod
+    def _check(x: torch.Tensor) -> None:
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise EvalError(f"evaluation images must be uint8 (N, 3, H, W); got {x.dtype} {tuple(x.shape)}")
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            self._images = self._load()
+            self.loads += 1
+            self._check(self._images)
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class _Sampler(nn.Module):
+    """G as a torch-fidelity generative model (registered as a virtual GenerativeModelBase).
+
+    torch-fidelity 0.4.0 breaks on num_classes > 0, so num_classes is 0 and each batch draws its own
+    labels uniformly from [0, n_classes) and its own latents (truncated if asked) from `generator`;
+    torch-fidelity's noise only sets the batch size. Returns uint8 (B, 3, R, R). With a classifier,
+    counts how often it labels a sample with its conditioning class (class_acc).
+    """
+
+    z_type = "normal"
+    num_classes = 0
+
+    def __init__(self, G, n_classes: int, *, truncation, trunc_mode, generator, autocast, classifier=None):
+        super().__init__()
+        # Plain attributes, not submodules: torch-fidelity calls .cuda() on its input, which must not
+        # move the caller's G (it already lives on the evaluation device).
+        self.__dict__["G"] = G
+        self.__dict__["classifier"] = classifier
+        self.z_size = G.z_dim
+        self.n_classes, self.truncation, self.trunc_mode = n_classes, truncation, trunc_mode
+        self.generator, self.autocast = generator, autocast
+        self.device = next(G.parameters()).device
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.count = 0
+
+    @torch.no_grad()
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        n = noise.shape[0]
+        z = truncated_normal((n, self.z_size), self.truncation, self.trunc_mode, self.generator, self.device)
+        y = torch.randint(0, self.n_classes, (n,), device=self.device, generator=self.generator)
+        with self.autocast():
+            x = self.G(z, y)
+        images = ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)  # (B, 3, R, R)
+        if self.classifier is not None:
+            _, logits = self.classifier(images)
+            self.correct += (logits.argmax(1) == y).sum()
+            self.count += n
+        return images
+
+
+def _register_sampler() -> None:
+    from torch_fidelity.generative_model_base import GenerativeModelBase
+
+    if not issubclass(_Sampler, GenerativeModelBase):
+        GenerativeModelBase.register(_Sampler)
+
+
+def _autocast_for(precision: str, device: torch.device):
+    if precision not in ("auto", "bf16", "fp32"):
+        raise EvalError(f"eval.precision={precision!r}: choose auto, bf16 or fp32")
+    use = precision == "bf16"
+    if precision == "auto":
+        from bench.classifier import fast_bf16
+
+        use = device.type == "cuda" or (device.type == "cpu" and fast_bf16())
+    if not use:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _inception_weights(weights_path) -> Path:
+    """The user's Inception weights file, or an EvalError saying what is needed and where it goes."""
+    need = (f"eval.extractor=inception needs the torch-fidelity FID Inception weights {INCEPTION_FILE} "
+            f"({INCEPTION_URL}, about 91 MB; nothing is downloaded here)")
+    if weights_path in (None, ""):
+        raise EvalError(f"{need}: copy it to this machine and set eval.weights_path=/path/to/{INCEPTION_FILE}, "
+                        f"or use eval.extractor=domain")
+    p = Path(os.path.expanduser(str(weights_path)))
+    if not p.is_file():
+        raise EvalError(f"{need}: eval.weights_path={str(weights_path)!r} does not exist; copy the file there "
+                        f"or set eval.weights_path=/path/to/{INCEPTION_FILE}, or use eval.extractor=domain")
+    return p
+
+
+def _extractor_settings(extractor: str, weights_path) -> tuple[str, dict, str, str]:
+    """(torch-fidelity extractor name, feature layer per metric, weights file, identity for cache keys)."""
+    if extractor == "inception":
+        p = _inception_weights(weights_path)
+        return "inception-v3-compat", INCEPTION_LAYERS, str(p), f"inception:{p.name}:{p.stat().st_size}"
+    if extractor == "domain":
+        from bench import classifier as C
+
+        if not weights_path:
+            raise EvalError("extractor=domain needs the classifier file (see ensure_classifier)")
+        sha = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]
+        return C.DOMAIN_EXTRACTOR, C.DOMAIN_LAYERS, str(weights_path), f"domain:{sha}"
+    raise EvalError(f"eval.extractor={extractor!r}: choose one of {', '.join(EXTRACTORS)}")
+
+
+def compute_metrics(input1, input2, *, extractor: str = "domain", weights_path=None,
+                    metrics: Sequence[str] = ("isc", "fid", "kid", "prc"), num_samples: int | None = None,
+                    num_real: int | None = None, batch_size: int = 64, device="cpu", cache_dir=None,
+                    input2_cache_name: str | None = None, progress: bool = False, seed: int = 0) -> dict:
+    """torch_fidelity.calculate_metrics with gan-bench's settings; returns eval/* keys.
+
+    input1       the evaluated side (precision = fraction of input1 inside input2's manifold):
+                 an ImageDataset of uint8 images, or a generative model (then num_samples is needed)
+    input2       the reference side (real images), an ImageDataset
+    extractor    "domain" (weights_path = the classifier file) or "inception" (weights_path = the
+                 FID Inception weights; a missing file raises EvalError, nothing is downloaded)
+    num_real     len(input2) when known (so a cached input2 is not loaded just to count it)
+    cache_dir    torch-fidelity's feature cache (None = no caching); input2 is cached only when
+                 input2_cache_name is given
+    """
+    import torch_fidelity
+
+    _register_sampler()
+    fe_name, layers, fe_weights, _ = _extractor_settings(extractor, weights_path)
+    device = torch.device(device)
+    n1 = len(input1) if isinstance(input1, torch.utils.data.Dataset) else int(num_samples)
+    n2 = int(num_real) if num_real is not None else len(input2)
+    kw = dict(
+        input1=input1, input2=input2,
+        isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics, prc="prc" in metrics,
+        feature_extractor=fe_name, feature_extractor_weights_path=fe_weights,
+        **{f"feature_layer_{m}": layers[m] for m in ("isc", "fid", "kid", "prc")},
+        batch_size=int(batch_size), cuda=device.type == "cuda", verbose=bool(progress),
+        save_cpu_ram=True,  # no DataLoader worker processes; PRC in blocks
+        rng_seed=int(seed), isc_splits=max(1, min(10, n1 // 2)), kid_subset_size=min(1000, n1, n2),
+        cache=cache_dir is not None, cache_root=str(cache_dir) if cache_dir is not None else None,
+    )
+    if not isinstance(input1, torch.utils.data.Dataset):
+        kw["input1_model_num_samples"] = n1
+    if input2_cache_name:
+        kw["input2_cache_name"] = input2_cache_name
+    ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        raw = torch_fidelity.calculate_metrics(**kw)
+    return {METRIC_NAMES[k]: float(v) for k, v in raw.items() if k in METRIC_NAMES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a generator
+# ---------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """$GAN_BENCH_CACHE/eval, else ~/.cache/gan-bench/eval (beside the built-in shards' cache)."""
+    root = os.environ.get("GAN_BENCH_CACHE") or "~/.cache/gan-bench"
+    return Path(os.path.expanduser(root)).absolute() / "eval"
+
+
+def ensure_classifier(shards_spec, resolution: int, path=None, *, train_if_missing: bool = True,
+                      progress: bool = True) -> Path:
+    """The domain classifier file for these shards at this resolution: `path`, else the default
+    <shard dir>/classifier-r{res}.pt. Trained (about 1.5 min for 10k 32x32 images on 2 CPU cores)
+    when missing, or when the default file was trained on other shards or at another resolution."""
+    from bench import classifier as C
+
+    p = Path(os.path.expanduser(str(path))) if path else C.classifier_path(shards_spec, resolution)
+    reason = "is missing"
+    if p.is_file():
+        _, meta = C.load_classifier(p)
+        same_data = meta.get("manifest_hash") == C.manifest_hash(shards_spec)
+        if int(meta["resolution"]) == int(resolution) and (same_data or path):
+            if not same_data:
+                print(f"warning: domain classifier {p} was trained on other shards ({meta.get('shards')})",
+                      file=sys.stderr, flush=True)
+            return p
+        reason = "was trained on other shards" if not same_data else f"is for resolution {meta['resolution']}"
+    if not train_if_missing:
+        raise EvalError(f"eval.extractor=domain: the domain classifier {p} {reason}; train it with "
+                        f"`bench eval train-classifier data.shards={shards_spec}`")
+    if progress:
+        print(f"gan-bench eval: the domain classifier {p} {reason}; training it now (once per shard set)",
+              file=sys.stderr, flush=True)
+    C.train_classifier(shards_spec, out=p, resolution=int(resolution), progress=progress)
+    return p
+
+
+def real_cache_key(shards_spec, num_real: int, resolution: int, extractor_id: str) -> str:
+    """Cache key of the real side's features: a hash of the shard manifest, N, the resolution and
+    the extractor's identity (its name and weights)."""
+    from bench.classifier import manifest_hash
+
+    ident = {"manifest": manifest_hash(shards_spec), "num_real": int(num_real), "resolution": int(resolution),
+             "extractor": extractor_id, "order": "seed0", "version": 1}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _is_rank0() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def evaluate_generator(G: nn.Module, *, shards_spec, n_classes: int | None = None, num_samples: int = 5000,
+                       extractor: str = "domain", weights_path=None, truncation: float | None = None,
+                       trunc_mode: str = "resample", standing_stats: int = 0, batch_size: int = 64,
+                       device=None, cache_dir=None, progress: bool = True, seed: int = 0,
+                       num_real: int | None = None, precision: str = "auto", classifier_path=None,
+                       train_classifier: bool = True) -> dict:
+    """IS / FID / KID / precision-recall (and class_acc) of generator G against the shards. Rank 0
+    only: other ranks return {} at once. G is not modified (standing stats run on a copy).
+
+    G               a gan-bench generator (G.z_dim, G.resolution, G(z, y)); its device is used
+    shards_spec     the real data (shard directory / pattern)
+    n_classes       labels are drawn uniformly from [0, n_classes); None = the dataset's classes
+    num_samples     generated images; num_real = real images (None = num_samples, capped at the
+                    dataset size)
+    extractor       "domain" | "inception" (weights_path = the FID Inception weights file)
+    truncation      psi for truncated latents (None = off); trunc_mode resample | clip | scale
+    standing_stats  M > 0: recompute G's BatchNorm statistics from M batches first (on a copy)
+    precision       auto (bf16 autocast where fast: CUDA, or CPUs with AVX512-BF16 / AMX) | bf16 | fp32
+    cache_dir       real-side feature cache (None = default_cache_dir())
+    classifier_path domain classifier file (None = beside the shards; trained if missing when
+                    train_classifier)
+
+    Returns flat keys: eval/IS, eval/IS_std, eval/FID, eval/KID, eval/KID_std, eval/precision,
+    eval/recall, eval/f_score, eval/class_acc (when a domain classifier is available), extractor,
+    num_samples, num_real, truncation, trunc_mode, standing_stats, seconds.
+    """
+    if not _is_rank0():
+        return {}
+    t0 = time.time()
+    from bench import classifier as C
+
+    if extractor not in EXTRACTORS:
+        raise EvalError(f"eval.extractor={extractor!r}: choose one of {', '.join(EXTRACTORS)}")
+    if int(num_samples) < 4:
+        raise EvalError(f"eval.num_samples={num_samples}: use at least 4 (KID / precision-recall need neighbours)")
+    truncation = _check_psi(truncation)
+    if trunc_mode not in TRUNC_MODES:
+        raise EvalError(f"eval.trunc_mode={trunc_mode!r}: choose one of {', '.join(TRUNC_MODES)}")
+    if extractor == "inception":
+        _inception_weights(weights_path)  # fail before any work
+    device = torch.device(device) if device is not None else next(G.parameters()).device
+    resolution = int(getattr(G, "resolution"))
+    class_names, n_available, _ = C.dataset_info(shards_spec)
+    n_classes = int(n_classes or (len(class_names) if class_names else G.n_classes))
+
+    # Domain classifier: the extractor for extractor=domain, and the judge of class_acc.
+    clf_file = None
+    if extractor == "domain":
+        clf_file = ensure_classifier(shards_spec, resolution, classifier_path, train_if_missing=train_classifier,
+                                     progress=progress)
+        weights_path = clf_file
+    else:
+        candidate = Path(classifier_path) if classifier_path else C.classifier_path(shards_spec, resolution)
+        if candidate.is_file():
+            clf_file = candidate
+    fe_name, _, _, fe_id = _extractor_settings(extractor, weights_path)
+    clf = C.load_classifier(clf_file, device)[0] if clf_file is not None else None
+
+    n_real = int(num_real or num_samples)
+    real = ImageDataset(lambda: C.load_images(shards_spec, resolution, limit=n_real, seed=0, progress=progress)[0])
+    if n_available:
+        n_real = min(n_real, int(n_available))
+    else:  # no manifest: count by reading (the cache key needs the true count)
+        n_real = len(real)
+    key = real_cache_key(shards_spec, n_real, resolution, fe_id)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    if progress:
+        psi = f", truncation {truncation} ({trunc_mode})" if truncation is not None else ""
+        print(f"gan-bench eval: {extractor} features ({fe_name}), {num_samples} generated vs {n_real} real "
+              f"images{psi}", file=sys.stderr, flush=True)
+    autocast = _autocast_for(precision, device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    was_training = G.training
+    Gs = copy.deepcopy(G) if standing_stats and int(standing_stats) > 0 else G
+    try:
+        Gs.eval()
+        if Gs is not G:
+            _standing_stats(Gs, n_classes, int(standing_stats), batch_size=int(batch_size), truncation=truncation,
+                            trunc_mode=trunc_mode, generator=gen, autocast=autocast)
+        sampler = _Sampler(Gs, n_classes, truncation=truncation, trunc_mode=trunc_mode, generator=gen,
+                           autocast=autocast, classifier=clf)
+        out = compute_metrics(sampler, real, extractor=extractor, weights_path=weights_path,
+                              num_samples=int(num_samples), num_real=n_real, batch_size=batch_size, device=device,
+                              cache_dir=cache_dir, input2_cache_name=f"real-{key}", progress=progress, seed=seed)
+    finally:
+        G.train(was_training)
+    if sampler.count:
+        out["eval/class_acc"] = int(sampler.correct) / sampler.count
+    sidecar = cache_dir / f"real-{key}.json"
+    if not sidecar.exists():
+        _atomic_write_bytes(sidecar, json.dumps({
+            "key": key, "shards": str(shards_spec), "manifest_hash": C.manifest_hash(shards_spec),
+            "num_real": n_real, "resolution": resolution, "extractor": extractor, "extractor_id": fe_id,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, indent=2).encode())
+    out.update(extractor=extractor, num_samples=int(num_samples), num_real=n_real, truncation=truncation,
+               trunc_mode=trunc_mode if truncation is not None else None, standing_stats=int(standing_stats or 0),
+               seconds=round(time.time() - t0, 3))
+    return out
+
+
+def eval_settings(cfg) -> dict:
+    """evaluate_generator keyword arguments from a config's eval.* keys (missing keys: defaults)."""
+    from omegaconf import OmegaConf
+
+    def get(key, default):
+        value = OmegaConf.select(cfg, f"eval.{key}", default=default)
+        return default if value is None and default is not None else value
+
+    return {
+        "num_samples": int(get("num_samples", 5000)),
+        "extractor": str(get("extractor", "domain")),
+        "weights_path": get("weights_path", None),
+        "batch_size": int(get("batch_size", 64)),
+        "standing_stats": int(get("standing_stats", 0)),
+        "truncation": get("truncation", None),
+        "trunc_mode": str(get("trunc_mode", "resample")),
+        "precision": str(get("precision", "auto")),
+        "num_real": get("num_real", None),
+        "cache_dir": get("cache_dir", None),
+        "classifier_path": get("classifier_path", None),
+        "seed": int(get("seed", 0)),
+    }
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # strict JSON: NaN / inf become null
+    if isinstance(v, (np.floating, np.integer)):
+        return _json_value(v.item())
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def append_eval(run_dir, step: int, metrics: Mapping, **extra) -> dict:
+    """Append one record to run_dir/evals.jsonl: step, the metric values, extractor, num_samples,
+    seconds (from `metrics`), then `extra` (e.g. source="bench eval", checkpoint=...) and the time.
+    Returns the record. Empty `metrics` (a rank other than 0) writes nothing."""
+    if not metrics:
+        return {}
+    rec = {"step": int(step)}
+    rec.update({k: _json_value(v) for k, v in metrics.items()})
+    rec.update({k: _json_value(v) for k, v in extra.items()})
+    rec["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    path = Path(run_dir) / "evals.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return rec
+
+
+def format_table(rec: Mapping, title: str | None = None) -> str:
+    """A plain-text table of an evaluation record."""
+    fmt = {"eval/FID": "{:.3f}", "eval/KID": "{:.5f}", "eval/KID_std": "{:.5f}"}
+    rows = []
+    for key in ("eval/IS", "eval/IS_std", "eval/FID", "eval/KID", "eval/KID_std", "eval/precision", "eval/recall",
+                "eval/f_score", "eval/class_acc"):
+        if rec.get(key) is not None:
+            rows.append((key, fmt.get(key, "{:.4f}").format(rec[key])))
+    for key in ("extractor", "num_samples", "num_real", "truncation", "trunc_mode", "standing_stats", "step",
+                "checkpoint", "seconds"):
+        if rec.get(key) not in (None, ""):
+            rows.append((key, str(rec[key])))
+    w = max(len(k) for k, _ in rows) if rows else 10
+    lines = [title] if title else []
+    lines.append("-" * (w + 16))
+    lines += [f"{k:<{w}}  {v}" for k, v in rows]
+    lines.append("-" * (w + 16))
+    return "\n".join(lines)

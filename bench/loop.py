@@ -28,13 +28,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import models
+from models import spectral
 from bench import data as bdata
 from bench import telemetry
-from bench.config import ConfigError
+from bench.config import ConfigError, parse_sigma_clamp
 from bench.evaluate import class_grid, grid_classes, save_grid
-from bench.objectives import GANObjective
+from bench.objectives import GANObjective, HistoricalAverage
 
 CKPT_PREFIX = "ckpt-"
+
+
+class Diverged(RuntimeError):
+    """Non-finite steps persisted through every allowed rollback."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,22 @@ class Trainer:
         self.loader = None
         self.data_iter = None
 
+        # Stability: weight-only regularisers, the sigma0 clamp, and collapse detection.
+        shared = getattr(self.G, "shared", None)
+        self.reg_mods = {"G": [m for _, m in spectral.weight_modules(self.G, exclude=[shared] if shared is not None
+                                                                    else [])],
+                         "D": [m for _, m in spectral.weight_modules(self.D)]}
+        self.sigma_clamp = parse_sigma_clamp(cfg.reg.sigma_clamp)
+        self.hist_avg = ({k: HistoricalAverage(n.parameters(), cfg.reg.hist_avg) for k, n in self.nets.items()}
+                         if cfg.reg.hist_avg > 0 else None)
+        tc = cfg.telemetry
+        self.collapse = telemetry.CollapseDetector(tc.collapse_sigma_factor, tc.collapse_window,
+                                                   tc.collapse_loss_gap, tc.collapse_fid_factor)
+        self.consecutive_nonfinite = 0
+        self.step_had_nonfinite = False
+        self.nonfinite_total = 0
+        self.rollbacks = 0
+
     # -- helpers --
     def _backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.cfg.train.accumulate
@@ -341,6 +362,9 @@ class Trainer:
                     "zgen": self.zgen.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "collapse": self.collapse.state_dict(),
+            "hist_avg": {k: h.state_dict() for k, h in self.hist_avg.items()} if self.hist_avg else None,
+            "nonfinite_total": self.nonfinite_total, "rollbacks": self.rollbacks,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -363,9 +387,22 @@ class Trainer:
         self.images_seen = int(s["images_seen"])
         self.train_seconds = float(s["train_seconds"])
         self.data_skipped = int(s.get("data_skipped", 0))
+        if s.get("collapse"):
+            self.collapse.load_state_dict(s["collapse"])
+        if self.hist_avg and s.get("hist_avg"):
+            for k, h in self.hist_avg.items():
+                h.load_state_dict(s["hist_avg"][k])
+        self.nonfinite_total = int(s.get("nonfinite_total", 0))
+        self.rollbacks = int(s.get("rollbacks", 0))
 
     def save_checkpoint(self) -> Path | None:
         path = None
+        finite = all(bool(torch.isfinite(p).all()) for p in self.G.parameters()) and \
+            all(bool(torch.isfinite(p).all()) for p in self.D.parameters())
+        if not finite:
+            print(f"warning: weights are non-finite at step {self.step}; checkpoint not written (the last good "
+                  "one is kept for rollback)", file=sys.stderr, flush=True)
+            return None
         if self.is_main:
             ckpt_dir = self.run_dir / "checkpoints"
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -403,11 +440,11 @@ class Trainer:
         import webdataset
 
         info = self.records.read_json("run.json")
-        hosts = [socket.gethostname()]
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's node name where there is one
+        hosts = [host]
         if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, socket.gethostname())
-            hosts = gathered
+            hosts = [None] * self.world
+            torch.distributed.all_gather_object(hosts, host)
         t = self.cfg.train
         info.update({
             "status": status,
@@ -433,11 +470,15 @@ class Trainer:
 
     # -- the loop --
     def _install_signal_handlers(self):
+        """SIGTERM (preemption, scancel, scontrol requeue), SIGUSR1, and SIGUSR2 (Slurm's warning before
+        the time limit) make the run checkpoint at the end of the current step and stop. After SIGUSR2
+        the job also requeues itself (see run())."""
         def request_stop(signum, frame):
             self.stop_requested = True
+            self.stop_signal = signum
 
         old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             try:
                 old[sig] = signal.signal(sig, request_stop)
             except ValueError:  # not the main thread
@@ -467,7 +508,14 @@ class Trainer:
         status = "failed"
         try:
             self._loop(start_step)
-            status = "interrupted" if self.stop_requested else "completed"
+            status = "completed"
+            if getattr(self, "stopped_on_collapse", False):
+                status = "collapsed"
+            elif self.stop_requested:
+                status = "interrupted"
+        except Diverged as exc:
+            status = "diverged"
+            self.diverged_message = str(exc)
         except KeyboardInterrupt:
             status = "interrupted"
             raise
@@ -479,6 +527,10 @@ class Trainer:
                 self.loader.close()
             self.loader = None
             summary = self._finish(status)
+        if status == "interrupted" and getattr(self, "stop_signal", None) == signal.SIGUSR2 and self.is_main:
+            from bench import launch
+
+            launch.requeue_self(int(self.cfg.cluster.max_requeue))
         return summary
 
     def _loop(self, start_step: int) -> None:
@@ -497,7 +549,6 @@ class Trainer:
         tick_steps = 0
         run_t0 = time.perf_counter() - self.train_seconds
         d_step_counter = self.step * t.d_steps
-        clip = float(cfg.loss.clip) if cfg.loss.name == "wgan" else None
         if self.is_main and not self.quiet:
             print(f"training {cfg.model.family} at {cfg.data.resolution}x{cfg.data.resolution} on "
                   f"{self.shards_spec} | {self.world} process(es) x batch {t.batch_size} x accumulate "
@@ -507,55 +558,35 @@ class Trainer:
         with collector:
             while self.step < t.steps and not self.stop_requested:
                 for phase in plan:
-                    net = self.nets[phase.name]
-                    if phase.name == "G":
-                        self.D.requires_grad_(False)  # freeze D during the G step
-                    self._scaler_key = phase.name
-                    for _ in range(t.accumulate):
-                        if phase.name == "D":
-                            watch.start("data")
-                            real, y_real = self._next_batch()
-                        watch.start(phase.name)
-                        z, y_fake = self._latents(t.batch_size)
-                        with self.acc.accumulate(self.G, self.D):
-                            if phase.name == "D":
-                                self.objective.d_phase(real, y_real, z, y_fake, d_step_counter, gen=self.zgen)
-                            else:
-                                self.objective.g_phase(z, y_fake)
-                    opt = self.opt[phase.name]
-                    if self.scaler is not None:
-                        self.scaler[phase.name].unscale_(opt)
-                    self._sync_grads(net)
-                    if tick_steps == t.tick_every - 1 or self.step == t.steps - 1:
-                        telemetry.report(f"grad/{phase.name}_norm", telemetry.grad_norm(net.parameters()))
-                    if self.scaler is not None:
-                        self.scaler[phase.name].step(opt)
-                        self.scaler[phase.name].update()
-                    else:
-                        opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    if phase.name == "G":
-                        self.D.requires_grad_(True)
-                    else:
+                    self._run_phase(phase, watch, d_step_counter)
+                    if phase.name == "D":
                         d_step_counter += 1
-                        if clip is not None:
-                            watch.start("reg")
-                            with torch.no_grad():
-                                for p in self.D.parameters():
-                                    p.clamp_(-clip, clip)
+                self._end_of_step_nonfinite_check()
                 watch.start("reg")
                 decay = cfg.ema.decay if self.step >= cfg.ema.start else 0.0
                 ema_update(self.G_ema, self.G, decay)
-                watch.stop()
                 self.step += 1
                 tick_steps += 1
                 self.images_seen += eff_batch
+                if cfg.telemetry.sigma_every and self.step % cfg.telemetry.sigma_every == 0:
+                    watch.start("telemetry")
+                    for name, net in self.nets.items():
+                        telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
+                watch.stop()
+                if self.world > 1:  # every rank must stop at the same step: agree on the flag
+                    flag = torch.tensor([float(self.stop_requested)], device=self.device)
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                    self.stop_requested = bool(flag.item())
 
-                last = self.step >= t.steps or self.stop_requested
-                if tick_steps >= t.tick_every or last:
+                interrupted = self.stop_requested
+                last = self.step >= t.steps or interrupted
+                # A tick line is written at tick boundaries and at the final step, not when a signal cuts a
+                # tick short: a resumed run then has exactly the lines of an uninterrupted one.
+                if self.step % t.tick_every == 0 or self.step >= t.steps:  # ticks stay on multiples of tick_every
                     now = time.perf_counter()
                     self._tick(collector, watch.take(), now - tick_t0, tick_steps, eff_batch, now - run_t0)
                     tick_t0, tick_steps = now, 0
+                    last = last or self.stop_requested  # stop_on_collapse
                 ckpt_due = t.ckpt_every and self.step % t.ckpt_every == 0
                 if ckpt_due or last:
                     self.train_seconds = time.perf_counter() - run_t0
@@ -565,6 +596,112 @@ class Trainer:
                 if (t.sample_every and self.step % t.sample_every == 0) or last:
                     self.save_samples()
             self.train_seconds = time.perf_counter() - run_t0
+
+    def _run_phase(self, phase: Phase, watch, d_step: int) -> None:
+        """One optimiser step of one net: micro-batches, gradient all-reduce, weight-only regularisers,
+        the non-finite check, the step, and post-step weight operations (clipping, sigma0 clamp)."""
+        t = self.cfg.train
+        net, opt = self.nets[phase.name], self.opt[phase.name]
+        if phase.name == "G":
+            self.D.requires_grad_(False)  # freeze D during the G step
+        self._scaler_key = phase.name
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(t.accumulate):
+            if phase.name == "D":
+                watch.start("data")
+                real, y_real = self._next_batch()
+            watch.start(phase.name)
+            z, y_fake = self._latents(t.batch_size)
+            with self.acc.accumulate(self.G, self.D):
+                if phase.name == "D":
+                    loss_sum += self.objective.d_phase(real, y_real, z, y_fake, d_step, gen=self.zgen)
+                else:
+                    loss_sum += self.objective.g_phase(z, y_fake)
+        if phase.name == "G":
+            self.D.requires_grad_(True)
+        if self.scaler is not None:
+            self.scaler[phase.name].unscale_(opt)
+        self._sync_grads(net)
+        watch.start("reg")
+        self._weight_regularisers(phase.name)
+        gnorm = telemetry.grad_norm(net.parameters())
+        telemetry.report(f"grad/{phase.name}_norm", gnorm)
+        # Host sync (one per phase): a non-finite loss or gradient skips the step.
+        if not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device))):
+            opt.zero_grad(set_to_none=True)
+            self._nonfinite_step(phase.name)
+            return
+        if self.scaler is not None:
+            self.scaler[phase.name].step(opt)
+            self.scaler[phase.name].update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if phase.name == "D" and self.cfg.loss.name == "wgan":
+                clip = float(self.cfg.loss.clip)
+                torch._foreach_clamp_min_(list(self.D.parameters()), -clip)
+                torch._foreach_clamp_max_(list(self.D.parameters()), clip)
+            if self.sigma_clamp and phase.name in self.cfg.reg.sigma_clamp_nets:
+                kind, value = self.sigma_clamp
+                spectral.sigma0_clamp_(self.reg_mods[phase.name], **({"clamp": value} if kind == "fixed"
+                                                                       else {"ratio": value}))
+
+    def _weight_regularisers(self, name: str) -> None:
+        """Penalties that depend on the weights only: identical on every rank, so they are added after
+        the gradient all-reduce, once per optimiser step."""
+        reg = self.cfg.reg
+        if reg.ortho_beta > 0 and name in reg.ortho_nets:
+            spectral.ortho_grad_(self.reg_mods[name], reg.ortho_beta, full=reg.ortho_full)
+        if reg.sigma_penalty > 0 and name in reg.sigma_penalty_nets:
+            kind, value = parse_sigma_clamp(reg.sigma_target)
+            pen = reg.sigma_penalty * spectral.sigma0_penalty(
+                self.reg_mods[name], **({"target": value} if kind == "fixed" else {"ratio": value}))
+            pen.backward()
+            telemetry.report(f"loss/sigma_{name}", pen.detach())
+        if self.hist_avg is not None:
+            telemetry.report(f"loss/hist_avg_{name}", self.hist_avg[name].add_grad_())
+
+    def _nonfinite_step(self, name: str) -> None:
+        self.nonfinite_total += 1
+        self.step_had_nonfinite = True
+        if self.is_main and not self.quiet:
+            print(f"warning: non-finite loss or gradient in the {name} step at step {self.step + 1}; "
+                  "its update was skipped", file=sys.stderr, flush=True)
+
+    def _end_of_step_nonfinite_check(self) -> None:
+        """N G steps in a row with a skipped update -> roll back to the last good checkpoint."""
+        if not self.step_had_nonfinite:
+            self.consecutive_nonfinite = 0
+            return
+        self.step_had_nonfinite = False
+        self.consecutive_nonfinite += 1
+        n = self.cfg.train.nonfinite_rollback
+        if n and self.consecutive_nonfinite >= n:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        """Reload nets, EMA and optimisers from the newest complete checkpoint, keep counting forward
+        (no record is rewritten), and take a different random path."""
+        self.rollbacks += 1
+        self.consecutive_nonfinite = 0
+        if self.rollbacks > self.cfg.train.max_rollbacks:
+            raise Diverged(f"training diverged: non-finite steps persisted after {self.cfg.train.max_rollbacks} "
+                           "rollbacks (train.max_rollbacks); lower the learning rates or add regularisation")
+        state, path = load_newest_checkpoint(self.run_dir / "checkpoints")
+        if state is None:
+            raise Diverged("training diverged before the first checkpoint (non-finite steps); nothing to roll "
+                           "back to: lower the learning rates or set train.ckpt_every lower")
+        keep = (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.nonfinite_total,
+                self.rollbacks)
+        self.load_state_dict(state)
+        (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.nonfinite_total,
+         self.rollbacks) = keep
+        self.zgen.manual_seed(self.cfg.train.seed * 1000 + self.rank + 1 + 7919 * self.rollbacks)
+        telemetry.report("stability/rollbacks", float(self.rollbacks))
+        if self.is_main and not self.quiet:
+            print(f"warning: rolled back to {path} after {self.cfg.train.nonfinite_rollback} non-finite steps "
+                  f"(rollback {self.rollbacks}/{self.cfg.train.max_rollbacks})", file=sys.stderr, flush=True)
 
     def _tick(self, collector, times: dict, tick_s: float, steps: int, eff_batch: int, wall_s: float) -> None:
         t = self.cfg.train
@@ -576,7 +713,7 @@ class Trainer:
             "throughput/img_per_s": steps * eff_batch / tick_s,
             "time/step_ms": 1000.0 * tick_s / steps,
         }
-        for name in ("data", "D", "G", "reg"):
+        for name in ("data", "D", "G", "reg", "telemetry"):
             row[f"time/{name}_ms"] = 1000.0 * times.get(name, 0.0) / steps
         row["mem/peak_gb"] = telemetry.peak_memory_gb(self.device)
         row["batch/effective"] = eff_batch
@@ -584,6 +721,14 @@ class Trainer:
         row["dist/world_size"] = self.world
         row["data/skipped_total"] = self.data_skipped
         row.update(stats)
+        row["stability/nonfinite_total"] = self.nonfinite_total
+        reason = self.collapse.update(row)
+        row["stability/collapse"] = 1.0 if reason else 0.0
+        if reason and self.is_main and not self.quiet:
+            print(f"collapse detected at step {self.step}: {reason}", flush=True)
+        if self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse:
+            self.stop_requested = True
+            self.stopped_on_collapse = True
         self.last_row = row
         self.records.metrics(row)
         if self.is_main and not self.quiet:
@@ -593,8 +738,22 @@ class Trainer:
             print(f"step {self.step:>6d}/{t.steps} | {row['throughput/img_per_s']:7.1f} img/s | "
                   f"{row['time/step_ms']:7.1f} ms/step | {losses} | ETA {telemetry.format_eta(eta)}", flush=True)
 
+    def param_checksum(self) -> str:
+        """A digest of every G and D parameter's bytes: equal on every rank when training is in sync."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for net in (self.G, self.D):
+            for p in net.parameters():
+                h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def _finish(self, status: str) -> dict:
         t = self.cfg.train
+        checksums = [self.param_checksum()]
+        if self.world > 1:
+            checksums = [None] * self.world
+            torch.distributed.all_gather_object(checksums, self.param_checksum())
         row = getattr(self, "last_row", {})
         summary = {
             "status": status,
@@ -608,10 +767,16 @@ class Trainer:
             "world_size": self.world,
             "final": {k: v for k, v in row.items() if k.startswith(("loss/", "D/"))},
             "best": {},
-            "collapse_step": None,
+            "collapse_step": self.collapse.collapse_step,
+            "collapse_reason": self.collapse.reason,
+            "nonfinite_skipped": self.nonfinite_total,
+            "rollbacks": self.rollbacks,
             "data_skipped": self.data_skipped,
+            "param_checksums": checksums,
             "run_dir": str(self.run_dir),
         }
+        if getattr(self, "diverged_message", None):
+            summary["error"] = self.diverged_message
         if self.is_main:
             self.records.write_json("summary.json", summary)
             self.records.write_json("run.json", self._run_info(status, {"end_time": datetime.now(timezone.utc)

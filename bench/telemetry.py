@@ -142,3 +142,86 @@ def step_flops(G, D, batch: int, n_classes: int, device: torch.device) -> dict[s
     G.train(was_training[0])
     D.train(was_training[1])
     return {"D_step": fc_d.get_total_flops() / batch, "G_step": fc_g.get_total_flops() / batch}
+
+
+def report_sigmas(net_name: str, net, k: int = 3) -> None:
+    """sigma/<net>/<layer>/{s0,s1,s2,s0_over_s1,fro} for every weight layer (raw weights, before any
+    spectral normalisation), found by module type. 0-d tensors: no host sync here."""
+    from models.spectral import sigma_stats
+
+    for layer, stats in sigma_stats(net, k=k).items():
+        for stat, value in stats.items():
+            report(f"sigma/{net_name}/{layer}/{stat}", value)
+
+
+class CollapseDetector:
+    """Flags training collapse from the per-tick records.
+
+    Signals (any one fires):
+      sigma:      D's largest sigma0 over layers exceeds `sigma_factor` x its minimum over the last
+                  `window` steps (BigGAN: collapse comes with an explosion of D's top singular values);
+      divergence: loss/G - loss/D exceeds its minimum over the window by `loss_gap` (D wins outright);
+      nonfinite:  any loss or logit mean is NaN or inf;
+      fid:        an evaluation's FID exceeds `fid_factor` x the best FID so far.
+    """
+
+    def __init__(self, sigma_factor: float = 3.0, window: int = 100, loss_gap: float = 10.0,
+                 fid_factor: float = 1.5):
+        self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
+        self.sigma_hist: list[tuple[int, float]] = []
+        self.gap_hist: list[tuple[int, float]] = []
+        self.best_fid = float("inf")
+        self.collapse_step: Optional[int] = None
+        self.reason: Optional[str] = None
+
+    def _trim(self, hist, step):
+        while hist and hist[0][0] < step - self.window:
+            hist.pop(0)
+
+    def _flag(self, step: int, reason: str) -> str:
+        if self.collapse_step is None:
+            self.collapse_step, self.reason = step, reason
+        return reason
+
+    def update(self, row: dict) -> Optional[str]:
+        """Feed one metrics row; returns the reason if a collapse signal fires at this tick."""
+        import math
+
+        step = int(row["step"])
+        watched = [v for k, v in row.items() if k.startswith(("loss/", "D/")) and isinstance(v, float)]
+        if any(not math.isfinite(v) for v in watched):
+            return self._flag(step, "nonfinite")
+        s0 = [v for k, v in row.items() if k.startswith("sigma/D/") and k.endswith("/s0")]
+        fired = None
+        if s0:
+            top = max(s0)
+            self.sigma_hist.append((step, top))
+            self._trim(self.sigma_hist, step)
+            lo = min(v for _, v in self.sigma_hist)
+            if lo > 0 and top > self.sigma_factor * lo:
+                fired = self._flag(step, f"sigma: D sigma0 {top:.3g} > {self.sigma_factor} x {lo:.3g}")
+        if "loss/G" in row and "loss/D" in row:
+            gap = row["loss/G"] - row["loss/D"]
+            self.gap_hist.append((step, gap))
+            self._trim(self.gap_hist, step)
+            lo = min(v for _, v in self.gap_hist)
+            if gap - lo > self.loss_gap:
+                fired = fired or self._flag(step, f"divergence: loss/G - loss/D rose by {gap - lo:.3g}")
+        return fired
+
+    def update_fid(self, step: int, fid: float) -> Optional[str]:
+        import math
+
+        if not math.isfinite(fid):
+            return self._flag(step, "nonfinite FID")
+        if fid > self.fid_factor * self.best_fid:
+            return self._flag(step, f"fid: {fid:.3g} > {self.fid_factor} x best {self.best_fid:.3g}")
+        self.best_fid = min(self.best_fid, fid)
+        return None
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("sigma_hist", "gap_hist", "best_fid", "collapse_step", "reason")}
+
+    def load_state_dict(self, s: dict) -> None:
+        for k, v in s.items():
+            setattr(self, k, v)

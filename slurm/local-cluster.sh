@@ -42,12 +42,25 @@ need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root (daemons, /etc/slurm
 slurmd_pid_file() { echo "$RUN_DIR/slurmd-$1.pid"; }
 slurmd_log_file() { echo "$LOG_DIR/slurmd-$1.log"; }
 
+# true if pid is a live process (zombies do not count: PID 1 here may never reap them)
+pid_alive() {
+    local st
+    kill -0 "$1" 2>/dev/null || return 1
+    st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)
+    [[ -n $st && $st != Z && $st != X ]]
+}
+
 # pid from a pid file if that process is alive, else empty
 live_pid() {
     local f=$1 pid
     [[ -s $f ]] || return 0
     pid=$(tr -dc '0-9' <"$f")
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then echo "$pid"; fi
+    if [[ -n $pid ]] && pid_alive "$pid"; then echo "$pid"; fi
+}
+
+# live (non-zombie) processes whose command name is exactly $1
+live_pids_named() {
+    ps -eo pid=,stat=,comm= | awk -v n="$1" '$3 == n && $2 !~ /^[ZX]/ {print $1}'
 }
 
 packages_installed() {
@@ -97,7 +110,7 @@ StateSaveLocation=$STATE_DIR
 SlurmctldDebug=info
 SlurmdDebug=info
 
-# No accounting daemon (so sacct does not work; submitit falls back to squeue/files).
+# No accounting daemon: sacct does not work (submitit warns, then goes by its result files).
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -202,7 +215,8 @@ show_log_tail() {
 }
 
 start_munge() {
-    if [[ -n $(live_pid "$MUNGE_PID") ]] && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    # any answering munged will do (also one started by someone else)
+    if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
         log "munged already running"
         return
     fi
@@ -220,7 +234,7 @@ start_munge() {
 }
 
 start_slurmctld() {
-    if [[ -n $(live_pid "$CTLD_PID") ]]; then
+    if [[ -n $(live_pid "$CTLD_PID") ]] || scontrol ping 2>/dev/null | grep -q 'is UP'; then
         log "slurmctld already running"
         return
     fi
@@ -319,12 +333,12 @@ stop_pid_files() {
     done
     for i in $(seq 75); do
         alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        for pid in "${pids[@]}"; do pid_alive "$pid" && alive=1; done
         ((alive)) || break
         sleep 0.2
     done
     for j in "${!pids[@]}"; do
-        if kill -0 "${pids[$j]}" 2>/dev/null; then
+        if pid_alive "${pids[$j]}"; then
             log "${names[$j]} (pid ${pids[$j]}) ignored SIGTERM; sending SIGKILL"
             kill -9 "${pids[$j]}" 2>/dev/null || true
         fi
@@ -336,13 +350,13 @@ stop_pid_files() {
 # Daemons that lost their pid file: match the exact program name only.
 stop_strays() {
     local prog=$1 pids
-    pids=$(pgrep -x "$prog" || true)
+    pids=$(live_pids_named "$prog")
     [[ -z $pids ]] && return 0
     log "stopping stray $prog: $pids"
     # shellcheck disable=SC2086
     kill $pids 2>/dev/null || true
     sleep 1
-    pids=$(pgrep -x "$prog" || true)
+    pids=$(live_pids_named "$prog")
     # shellcheck disable=SC2086
     [[ -n $pids ]] && kill -9 $pids 2>/dev/null || true
 }

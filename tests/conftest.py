@@ -1,4 +1,7 @@
+import dataclasses
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +37,53 @@ def tiny_shards(tmp_path_factory):
     make_shards(out, source="shapes", resolution=32, num_samples=240, samples_per_shard=60, seed=0,
                 progress=False)
     return out
+
+
+# ---- the local Slurm cluster (slurm/local-cluster.sh) -------------------------------------------------
+PARTITION = "debug"
+NODES = ("n1", "n2")
+UP_STATES = {"idle", "mix", "alloc", "comp"}
+REQUIRE_ENV = "GAN_BENCH_REQUIRE_SLURM"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmCluster:
+    partition: str
+    nodes: tuple[str, ...]
+
+
+def _cluster_problem() -> str | None:
+    """None when the local cluster is up, else a sentence saying what is wrong."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not found (Slurm client not installed)"
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N %t"],
+            capture_output=True, text=True, timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out (slurmctld not answering)"
+    if out.returncode != 0:
+        return f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}"
+    states = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
+    bad = {n: states.get(n, "missing") for n in NODES if states.get(n) not in UP_STATES}
+    if bad:
+        return f"nodes not up in partition {PARTITION!r}: {bad}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> SlurmCluster:
+    """The local Slurm cluster; skips when it is not up, fails instead if GAN_BENCH_REQUIRE_SLURM=1."""
+    problem = _cluster_problem()
+    if problem is not None:
+        msg = (
+            f"local Slurm cluster not available: {problem}. "
+            "Start it with: slurm/local-cluster.sh install && slurm/local-cluster.sh start"
+        )
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but {msg}", pytrace=False)
+        pytest.skip(msg)
+    return SlurmCluster(partition=PARTITION, nodes=NODES)
+
+

@@ -1,0 +1,171 @@
+"""Local / submitit / Slurm launching: cluster profiles, the distributed environment, requeue, sweep index.
+
+A cluster profile (configs/cluster/<name>.yaml) is translated into hydra-submitit-launcher settings in
+ONE function, `launcher_overrides`. Inside a job, every Slurm task is one torch.distributed rank:
+`setup_distributed` exports submitit's TorchDistributedEnvironment before the Accelerator is built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.config import ConfigError
+
+LAUNCHERS = ("submitit_local", "submitit_slurm")
+
+
+def parse_mem_gb(mem) -> int:
+    """'500M' / '4G' / '1T' / 4 -> whole GB (at least 1)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([MGT]?)B?\s*", str(mem), re.I)
+    if not m:
+        raise ConfigError(f"cluster.mem={mem!r} is not a memory size; use e.g. 500M, 4G, 1T")
+    value, unit = float(m.group(1)), m.group(2).upper() or "G"
+    return max(1, int(round(value * {"M": 1 / 1024, "G": 1, "T": 1024}[unit])))
+
+
+def parse_time_min(t) -> int:
+    """60 / '90' / '1:30:00' / '2-00:00:00' -> minutes."""
+    s = str(t).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", s)
+    if s.isdigit():
+        return int(s)
+    if not m:
+        raise ConfigError(f"cluster.time={t!r} is not a time limit; use minutes (60) or HH:MM:SS or D-HH:MM:SS")
+    days, hours, minutes, seconds = (int(x) if x else 0 for x in m.groups())
+    if m.group(2) is None:  # MM:SS
+        hours, minutes, seconds = 0, int(m.group(3)), int(m.group(4))
+    return max(1, days * 1440 + hours * 60 + minutes + (1 if seconds else 0))
+
+
+def launcher_overrides(cluster, launcher: str, sweep_dir: str) -> list[str]:
+    """The cluster profile as hydra.launcher.* overrides for hydra-submitit-launcher."""
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"hydra/launcher={launcher!r} is not supported; choose one of: {', '.join(LAUNCHERS)}")
+    tasks = cluster.tasks_per_node
+    if cluster.gpus_per_node and tasks != cluster.gpus_per_node:
+        raise ConfigError(f"cluster.tasks_per_node={tasks} must equal cluster.gpus_per_node="
+                          f"{cluster.gpus_per_node}: one rank per GPU")
+    if launcher == "submitit_local" and cluster.nodes != 1:
+        raise ConfigError(f"cluster.nodes={cluster.nodes}: hydra/launcher=submitit_local runs on one machine; "
+                          "use hydra/launcher=submitit_slurm for several nodes")
+    o = {
+        "submitit_folder": f"{sweep_dir}/.submitit/%j",
+        "nodes": cluster.nodes,
+        "tasks_per_node": tasks,
+        "cpus_per_task": cluster.cpus_per_task,
+        "gpus_per_node": cluster.gpus_per_node,
+        "mem_gb": parse_mem_gb(cluster.mem),
+        "timeout_min": parse_time_min(cluster.time),
+        "name": "gan-bench",
+    }
+    if launcher == "submitit_slurm":
+        o.update({
+            "partition": cluster.partition,
+            "signal_delay_s": cluster.signal_delay_s,
+            "max_num_timeout": cluster.max_requeue,
+            "array_parallelism": cluster.array_parallelism,
+        })
+        if cluster.account:
+            o["account"] = cluster.account
+        if cluster.qos:
+            o["qos"] = cluster.qos
+    out = [f"hydra.launcher.{k}={_hydra_value(v)}" for k, v in o.items()]
+    if launcher == "submitit_slurm" and cluster.setup:
+        out.append("hydra.launcher.setup=[" + ",".join(_hydra_value(str(s)) for s in cluster.setup) + "]")
+    return out
+
+
+def _hydra_value(v) -> str:
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(v)
+
+
+def in_submitit_job() -> bool:
+    return "SUBMITIT_FOLDER" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Inside a submitit job with several tasks: export RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LOCAL_RANK for the env:// init that the Accelerator does. Returns (rank, world size)."""
+    if not in_submitit_job():
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks > 1:
+        import torch
+
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True)
+    return env.global_rank, env.num_tasks
+
+
+def slurm_job_id() -> str | None:
+    """'<array job>_<task>' for array jobs, else the job id."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_self(max_requeue: int) -> bool:
+    """Put this Slurm job back in the queue (after a checkpoint), at most `max_requeue` times."""
+    job = slurm_job_id()
+    if not job:
+        return False
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeue:
+        print(f"not requeueing job {job}: it has been requeued {restarts} times (cluster.max_requeue="
+              f"{max_requeue})", file=sys.stderr, flush=True)
+        return False
+    import signal
+
+    # The requeue SIGTERMs this job's processes; scontrol must not die before it gets its reply.
+    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    if out.returncode != 0:
+        print(f"scontrol requeue {job} failed: {out.stderr.strip()}", file=sys.stderr, flush=True)
+        return False
+    print(f"requeued Slurm job {job} (restart {restarts + 1}/{max_requeue})", flush=True)
+    return True
+
+
+# ---- sweep index --------------------------------------------------------------------------------------
+def write_index_entry(sweep_dir: Path, job_num: int, entry: dict) -> None:
+    d = Path(sweep_dir) / "index"
+    d.mkdir(parents=True, exist_ok=True)
+    entry = dict(entry, job_num=job_num, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = d / f".{job_num}.json.tmp"
+    tmp.write_text(json.dumps(entry, indent=2, default=str))
+    os.replace(tmp, d / f"{job_num}.json")
+
+
+def collect_index(sweep_dir: Path) -> list[dict]:
+    """Merge index/<n>.json into sweep.json (one row per job) and return the rows."""
+    d = Path(sweep_dir) / "index"
+    rows = []
+    for p in sorted(d.glob("*.json"), key=lambda p: int(p.stem)) if d.is_dir() else []:
+        try:
+            rows.append(json.loads(p.read_text()))
+        except json.JSONDecodeError:
+            continue
+    tmp = Path(sweep_dir) / ".sweep.json.tmp"
+    tmp.write_text(json.dumps({"sweep_dir": str(sweep_dir), "jobs": rows}, indent=2, default=str))
+    os.replace(tmp, Path(sweep_dir) / "sweep.json")
+    return rows
+
+
+def print_sweep(rows: list[dict], sweep_dir: Path) -> None:
+    print(f"\nsweep {sweep_dir}: {len(rows)} job(s)")
+    for r in rows:
+        line = f"  [{r.get('job_num')}] {r.get('state', '?'):<11} job {r.get('slurm_job_id') or '-':<10} " \
+               f"{' '.join(r.get('overrides', []))}  ->  {r.get('run_dir')}"
+        print(line)
+        if r.get("error"):
+            print(f"      error: {r['error']}")
+    print(f"index: {Path(sweep_dir) / 'sweep.json'}")
