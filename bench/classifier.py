@@ -38,6 +38,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from bench import data as bdata
+from bench.evaluate import EvalError
 
 __all__ = ["DomainClassifier", "FEATURE_DIM", "train_classifier", "load_classifier", "classifier_path",
            "manifest_hash", "load_images", "ClassifierError", "DomainFeatureExtractor", "DOMAIN_EXTRACTOR",
@@ -48,8 +49,8 @@ CLASSIFIER_FILE = "classifier-r{res}.pt"
 IMAGE_BUDGET_BYTES = 2 << 30  # train_classifier keeps at most this much uint8 image data in memory
 
 
-class ClassifierError(ValueError):
-    """A classifier that cannot be trained or loaded; the message says what to do."""
+class ClassifierError(EvalError):
+    """A classifier that cannot be trained or loaded; the message (one line) says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def accuracy(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, batch_si
 
 
 def train_classifier(shards_spec, out: str | os.PathLike | None = None, resolution: int | None = None, *,
-                     epochs: int = 15, max_seconds: float = 170.0, batch_size: int = 128, lr: float = 3e-3,
+                     epochs: int = 10, max_seconds: float = 170.0, batch_size: int = 128, lr: float = 3e-3,
                      weight_decay: float = 5e-4, width: int = 32, holdout: float = 0.1,
                      max_images: int | None = None, precision: str = "auto", augment: bool = True,
                      device: str | torch.device | None = None, seed: int = 0, progress: bool = True) -> dict:
@@ -226,7 +227,7 @@ def train_classifier(shards_spec, out: str | os.PathLike | None = None, resoluti
                  "bf16" or "fp32"
     """
     t_start = time.time()
-    class_names, n_avail, man_res = dataset_info(shards_spec)
+    class_names, _, man_res = dataset_info(shards_spec)
     resolution = int(resolution or man_res or 0)
     if resolution <= 0:
         raise ClassifierError(f"data.shards={str(shards_spec)!r} has no manifest.json giving its resolution; "
@@ -247,8 +248,7 @@ def train_classifier(shards_spec, out: str | os.PathLike | None = None, resoluti
     n_hold = int(round(holdout * len(y))) if holdout > 0 else 0
     hold_idx, train_idx = perm[:n_hold], perm[n_hold:]
     x_tr, y_tr = x[train_idx], y[train_idx]
-    if len(y_tr) < batch_size:
-        batch_size = max(2, len(y_tr))
+    batch_size = max(2, min(batch_size, len(y_tr), max(16, len(y_tr) // 20)))  # small sets: >= ~20 steps/epoch
 
     use_bf16 = precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or fast_bf16()))
     fmt = torch.channels_last if use_bf16 else torch.contiguous_format

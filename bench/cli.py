@@ -15,6 +15,7 @@ commands:
   train -m [sweep overrides]        Hydra multirun sweep (hydra/launcher=submitit_local|submitit_slurm)
   data make-shards source=shapes|folder out=DIR [folder=DIR] [data.resolution=32] [data.num_samples=N]
   inspect [overrides]               parameter counts and GFLOP per image of a D step and a G step (JSON)
+  throughput [overrides]            img/s, step-time split, TFLOP/s, MFU, memory (JSON); -m sweeps
 
 examples:
   bench train
@@ -192,6 +193,53 @@ def _multirun(args: list[str]) -> int:
     return 0 if rows and all(r.get("state") in ("completed", "collapsed") for r in rows) else 1
 
 
+def cmd_throughput(args: list[str]) -> int:
+    """Burn-in, then timed steps of the real training step; img/s, time split, TFLOP/s, MFU, memory.
+    `-m key=a,b,c` runs one measurement per combination."""
+    import itertools
+    import tempfile
+
+    args = [a for a in args if a not in ("-m", "--multirun")]
+    swept = [(a.split("=", 1)[0], a.split("=", 1)[1].split(",")) for a in args if _is_sweep_value(a.split("=", 1)[-1])]
+    fixed = [a for a in args if not _is_sweep_value(a.split("=", 1)[-1])]
+    results = []
+    for combo in itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in swept]) if swept else [()]:
+        # The trainer writes nothing here: benchmark() keeps no records and no checkpoints.
+        results.append(_throughput_one(fixed + list(combo), str(Path(tempfile.gettempdir()) / "gan-bench-throughput")))
+    print(json.dumps(results if swept else results[0], indent=2))
+    return 0
+
+
+def _throughput_one(overrides: list[str], scratch: str) -> dict:
+    import copy
+
+    from bench import telemetry
+    from bench.config import validate
+    from bench.loop import Trainer
+
+    cfg = validate(compose(overrides), world_size=_world_size())
+    trainer = Trainer(cfg, Path(scratch), quiet=True)
+    t = cfg.train
+    flops = telemetry.step_flops(copy.deepcopy(trainer.G), copy.deepcopy(trainer.D), batch=min(t.batch_size, 4),
+                                 n_classes=trainer.n_data_classes, device=trainer.device)
+    flop_per_step = (flops["D_step"] * t.d_steps + flops["G_step"]) * t.batch_size * t.accumulate
+    r = trainer.benchmark(cfg.throughput.warmup, cfg.throughput.steps, fake_data=cfg.throughput.data == "fake")
+    peak, source = telemetry.peak_tflops(trainer.device, t.precision)
+    tflops = flop_per_step * r["steps"] / r["seconds"] / 1e12  # per process
+    out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,
+           "batch_size": t.batch_size, "accumulate": t.accumulate, "d_steps": t.d_steps, "precision": t.precision,
+           "channels_last": trainer.channels_last, "device": str(trainer.device), "data": cfg.throughput.data,
+           **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
+           "GFLOP_per_step": flop_per_step / 1e9, "tflops": tflops, "peak_tflops": peak, "peak_source": source,
+           "mfu": tflops / peak if peak == peak else None}
+    split = " ".join(f"{k[:-3]} {out[k]:.0f}" for k in ("data_ms", "D_ms", "G_ms", "reg_ms", "telemetry_ms"))
+    print(f"{cfg.model.family} {cfg.data.resolution}px batch {t.batch_size} {t.precision}"
+          f"{' channels_last' if trainer.channels_last else ''}: {out['img_per_s']:.1f} img/s | "
+          f"{out['step_ms']:.0f} ms/step ({split}) | {tflops:.3f} TFLOP/s = {100 * (out['mfu'] or 0):.1f}% of "
+          f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB", file=sys.stderr, flush=True)
+    return out
+
+
 def cmd_inspect(args: list[str]) -> int:
     import torch
     from omegaconf import OmegaConf
@@ -277,7 +325,7 @@ def cmd_data(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "data": cmd_data, "throughput": cmd_throughput}
 
 
 def main(argv: list[str] | None = None) -> int:

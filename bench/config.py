@@ -46,6 +46,7 @@ class ModelCfg:
     mbdisc_dim: int = 16
     mbstd: int = 0
     vbn: bool = False
+    vbn_ref: int = 32
     cross_replica_bn: bool = False
 
 
@@ -130,11 +131,19 @@ class EvalCfg:
 class TelemetryCfg:
     sigma_every: int = 50
     sigma_k: int = 3
-    collapse_sigma_factor: float = 3.0
-    collapse_window: int = 100
-    collapse_loss_gap: float = 10.0
+    collapse_sigma_factor: float = 2.0
+    collapse_window: int = 50
+    collapse_loss_gap: float = 50.0
+    collapse_warmup: int = 20
     collapse_fid_factor: float = 1.5
     stop_on_collapse: bool = False
+
+
+@dataclass
+class ThroughputCfg:
+    warmup: int = 3
+    steps: int = 10
+    data: str = "fake"
 
 
 @dataclass
@@ -173,6 +182,7 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
     telemetry: TelemetryCfg = field(default_factory=TelemetryCfg)
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
+    throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
 
@@ -268,6 +278,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
             )
         cfg.train.batch_size = cfg.train.global_batch // per_step
     parse_sigma_clamp(cfg.reg.sigma_clamp)
+    _choice("throughput.data", cfg.throughput.data, ("fake", "shards"))
+    _positive("throughput.steps", cfg.throughput.steps)
+    _positive("throughput.warmup", cfg.throughput.warmup, allow_zero=True)
     if cfg.reg.sigma_penalty > 0:
         if parse_sigma_clamp(cfg.reg.sigma_target) is None:
             raise ConfigError("reg.sigma_penalty > 0 needs reg.sigma_target: a number or ratio:R")

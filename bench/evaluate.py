@@ -469,7 +469,8 @@ def evaluate_generator(G: nn.Module, *, shards_spec, n_classes: int | None = Non
     """IS / FID / KID / precision-recall (and class_acc) of generator G against the shards. Rank 0
     only: other ranks return {} at once. G is not modified (standing stats run on a copy).
 
-    G               a gan-bench generator (G.z_dim, G.resolution, G(z, y)); its device is used
+    G               a gan-bench generator (G.z_dim, G.resolution, G(z, y))
+    device          where sampling and features run (None = G's device; another one: a copy of G)
     shards_spec     the real data (shard directory / pattern)
     n_classes       labels are drawn uniformly from [0, n_classes); None = the dataset's classes
     num_samples     generated images; num_real = real images (None = num_samples, capped at the
@@ -500,29 +501,32 @@ def evaluate_generator(G: nn.Module, *, shards_spec, n_classes: int | None = Non
         raise EvalError(f"eval.trunc_mode={trunc_mode!r}: choose one of {', '.join(TRUNC_MODES)}")
     if extractor == "inception":
         _inception_weights(weights_path)  # fail before any work
-    device = torch.device(device) if device is not None else next(G.parameters()).device
+    g_device = next(G.parameters()).device
+    device = torch.device(device) if device is not None else g_device
     resolution = int(getattr(G, "resolution"))
     class_names, n_available, _ = C.dataset_info(shards_spec)
     n_classes = int(n_classes or (len(class_names) if class_names else G.n_classes))
 
     # Domain classifier: the extractor for extractor=domain, and the judge of class_acc.
-    clf_file = None
     if extractor == "domain":
         clf_file = ensure_classifier(shards_spec, resolution, classifier_path, train_if_missing=train_classifier,
                                      progress=progress)
         weights_path = clf_file
     else:
-        candidate = Path(classifier_path) if classifier_path else C.classifier_path(shards_spec, resolution)
-        if candidate.is_file():
-            clf_file = candidate
+        try:  # class_acc only where a domain classifier for these shards already exists
+            clf_file = ensure_classifier(shards_spec, resolution, classifier_path, train_if_missing=False,
+                                         progress=False)
+        except EvalError:
+            clf_file = None
     fe_name, _, _, fe_id = _extractor_settings(extractor, weights_path)
     clf = C.load_classifier(clf_file, device)[0] if clf_file is not None else None
 
     n_real = int(num_real or num_samples)
-    real = ImageDataset(lambda: C.load_images(shards_spec, resolution, limit=n_real, seed=0, progress=progress)[0])
     if n_available:
         n_real = min(n_real, int(n_available))
-    else:  # no manifest: count by reading (the cache key needs the true count)
+    limit = n_real
+    real = ImageDataset(lambda: C.load_images(shards_spec, resolution, limit=limit, seed=0, progress=progress)[0])
+    if not n_available:  # no manifest: count by reading (the cache key needs the true count)
         n_real = len(real)
     key = real_cache_key(shards_spec, n_real, resolution, fe_id)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -535,7 +539,9 @@ def evaluate_generator(G: nn.Module, *, shards_spec, n_classes: int | None = Non
     autocast = _autocast_for(precision, device)
     gen = torch.Generator(device=device).manual_seed(int(seed))
     was_training = G.training
-    Gs = copy.deepcopy(G) if standing_stats and int(standing_stats) > 0 else G
+    # A copy where G would change: standing stats rewrite BatchNorm buffers; another device moves it.
+    copy_G = (standing_stats and int(standing_stats) > 0) or device != g_device
+    Gs = copy.deepcopy(G).to(device) if copy_G else G
     try:
         Gs.eval()
         if Gs is not G:
@@ -633,3 +639,341 @@ def format_table(rec: Mapping, title: str | None = None) -> str:
     lines += [f"{k:<{w}}  {v}" for k, v in rows]
     lines.append("-" * (w + 16))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: `bench eval run=DIR` and `bench truncation run=DIR psi=[...]`
+# ---------------------------------------------------------------------------------------------
+
+def _merge_overrides(cfg, overrides):
+    from omegaconf import DictConfig, OmegaConf
+
+    if overrides is None:
+        return cfg
+    if isinstance(overrides, DictConfig):
+        extra = overrides
+    elif isinstance(overrides, Mapping):
+        extra = OmegaConf.create(dict(overrides))
+    else:  # a list of dotted overrides: ["eval.extractor=domain", ...]
+        extra = OmegaConf.from_dotlist([str(o) for o in overrides])
+    return OmegaConf.merge(cfg, extra)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pick_checkpoint(run_dir: Path, which, best_metric: str) -> tuple[Path, str]:
+    """(checkpoint file, how it was chosen). which: best | last | a step number | a file path."""
+    from bench.loop import CKPT_PREFIX, list_checkpoints  # lazy: bench.loop imports this module
+
+    ckpt_dir = run_dir / "checkpoints"
+    ckpts = list_checkpoints(ckpt_dir)
+    by_step = dict(ckpts)
+    if which not in ("best", "last"):
+        if str(which).isdigit():
+            if int(which) in by_step:
+                return by_step[int(which)], f"step {int(which)}"
+            raise EvalError(f"checkpoint step {which} is not in {ckpt_dir} (have: {sorted(by_step)[-5:]})")
+        p = Path(str(which))
+        if p.is_file():
+            return p, p.name
+        raise EvalError(f"which={which!r}: use best, last, a checkpoint step or a checkpoint file")
+    if which == "best":
+        if (ckpt_dir / "best.pt").is_file():
+            return ckpt_dir / "best.pt", "best (checkpoints/best.pt)"
+        best = _read_json(run_dir / "summary.json").get("best") or {}
+        step = best.get("step") if isinstance(best, Mapping) else None
+        if isinstance(step, int) and step in by_step:
+            return by_step[step], f"best (summary.json, step {step})"
+        lower = best_metric in LOWER_IS_BETTER
+        chosen = None
+        evals = run_dir / "evals.jsonl"
+        if evals.is_file():
+            for line in evals.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                v, s = rec.get(best_metric), rec.get("step")
+                if v is None or s not in by_step or rec.get("source") == "bench eval":
+                    continue
+                if chosen is None or (v < chosen[0] if lower else v > chosen[0]):
+                    chosen = (v, s)
+        if chosen is not None:
+            return by_step[chosen[1]], f"best by {best_metric} in evals.jsonl (step {chosen[1]})"
+        if ckpts:
+            print(f"note: {run_dir} records no best checkpoint; evaluating the last one", file=sys.stderr)
+    if not ckpts:
+        raise EvalError(f"run={run_dir}: no checkpoints in {ckpt_dir} ({CKPT_PREFIX}XXXXXXX.pt); "
+                        f"is it a gan-bench run directory, and did it save a checkpoint?")
+    return ckpts[-1][1], f"last (step {ckpts[-1][0]})"
+
+
+def load_run(run_dir, overrides=None, which="best", device=None) -> dict:
+    """A finished run's EMA generator and what evaluating it needs.
+
+    Reads run_dir/config.yaml (+ `overrides`: a mapping or a list of "key=value"), run.json, and the
+    chosen checkpoint; rebuilds G with models.build and loads its G_ema weights. Returns a dict:
+    G (eval mode, on `device`), cfg, shards, n_classes (classes to sample: the dataset's), class_names,
+    step, checkpoint (path), chosen (how), device.
+    """
+    from omegaconf import OmegaConf
+
+    import models
+    from bench import classifier as C
+    from bench import data as bdata
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise EvalError(f"run={str(run_dir)!r}: no config.yaml there; point run= at a run directory "
+                        f"(runs/<name>) written by `bench train`")
+    cfg = _merge_overrides(OmegaConf.load(run_dir / "config.yaml"), overrides)
+    best_metric = str(OmegaConf.select(cfg, "eval.best_metric", default=None) or "eval/FID")
+    path, chosen = _pick_checkpoint(run_dir, which, best_metric)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "G_ema" not in state:
+        raise EvalError(f"checkpoint {path} has no G_ema weights; is it a gan-bench checkpoint?")
+    scfg = state.get("config") or {}
+    model_cfg = dict(scfg.get("model") or OmegaConf.to_container(cfg.model, resolve=True))
+    resolution = int((scfg.get("data") or {}).get("resolution") or cfg.data.resolution)
+    info = _read_json(run_dir / "run.json")
+
+    # Shards: an explicit override, else what the run trained on (run.json), else its config.
+    shards = OmegaConf.select(_merge_overrides(OmegaConf.create(), overrides), "data.shards", default=None)
+    shards = shards or info.get("shards") or OmegaConf.select(cfg, "data.shards", default=None)
+    if not shards:
+        shards = str(bdata.default_shards(resolution, num_samples=int(OmegaConf.select(
+            cfg, "data.num_samples", default=bdata.DEFAULT_NUM_SAMPLES))))
+    class_names, _, _ = C.dataset_info(shards)
+    n_model = int(info.get("n_classes") or model_cfg.get("n_classes") or len(class_names or []) or 0)
+    if n_model <= 0:
+        raise EvalError(f"run={run_dir}: cannot tell the class count (no run.json n_classes, model.n_classes "
+                        f"or manifest); pass model.n_classes=...")
+    n_data = len(class_names) if class_names else n_model
+    class_names = list(class_names or [str(i) for i in range(n_model)])
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    G, _ = models.build(model_cfg, resolution, n_model)
+    G.load_state_dict(state["G_ema"])
+    from bench.classifier import fast_bf16
+
+    fmt = torch.channels_last if device.type == "cuda" or fast_bf16() else torch.contiguous_format
+    G = G.to(device, memory_format=fmt).eval().requires_grad_(False)
+    return {"G": G, "cfg": cfg, "shards": str(shards), "n_classes": n_data, "class_names": class_names,
+            "step": int(state.get("step", 0)), "checkpoint": path, "chosen": chosen, "device": device,
+            "resolution": resolution}
+
+
+def eval_run(run_dir, overrides_cfg=None, which="best", *, device=None, progress: bool = True,
+             sheets: bool = True, show: bool = True) -> dict:
+    """`bench eval run=DIR`: evaluate a run's best (or last) checkpoint's EMA generator with the
+    run's eval.* settings plus `overrides_cfg`; append the record to run_dir/evals.jsonl with
+    "source": "bench eval", write sample sheets to run_dir/samples/ (sheets=True) and print a table.
+    Returns the record."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, overrides_cfg, which, device)
+    settings = eval_settings(run["cfg"])
+    metrics = evaluate_generator(run["G"], shards_spec=run["shards"], n_classes=run["n_classes"],
+                                 device=run["device"], progress=progress, **settings)
+    ckpt = Path(run["checkpoint"])
+    rec = append_eval(run_dir, run["step"], metrics, source="bench eval",
+                      checkpoint=str(ckpt.relative_to(run_dir) if ckpt.is_relative_to(run_dir) else ckpt))
+    if sheets:
+        write_sheets(run, run_dir / "samples", truncation=settings["truncation"], trunc_mode=settings["trunc_mode"])
+    if show:
+        print(format_table(rec, title=f"{run_dir} | {run['chosen']}"), flush=True)
+    return rec
+
+
+def write_sheets(run: dict, out_dir: Path, truncation=None, trunc_mode: str = "resample") -> list[Path]:
+    """Class grid and the four interpolation sheets (lerp / slerp, z / class) of a loaded run."""
+    G, names, step = run["G"], run["class_names"], run["step"]
+    rows = grid_classes(run["n_classes"])
+    z = truncated_normal((8, G.z_dim), truncation, trunc_mode, torch.Generator().manual_seed(12345))
+    paths = [save_grid(class_grid(G, z, rows), out_dir / f"eval-{step:07d}-classes.png",
+                       [names[r] for r in rows])]
+    for space in ("z", "class"):
+        for mode in ("lerp", "slerp"):
+            p = out_dir / f"eval-{step:07d}-interp-{space}-{mode}.png"
+            interpolation_sheet(G, mode=mode, space=space, path=p, n_classes=run["n_classes"], class_names=names,
+                                truncation=truncation, trunc_mode=trunc_mode)
+            paths.append(p)
+    return paths
+
+
+def _psi_label(psi) -> str:
+    return "off" if psi is None else f"{psi:g}"
+
+
+def _save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def truncation_sweep(run_dir, psis: Sequence, extractor: str | None = None, num_samples: int | None = None, *,
+                     overrides_cfg=None, which="best", trunc_mode: str | None = None, device=None,
+                     progress: bool = True, out_dir=None) -> list[dict]:
+    """`bench truncation run=DIR psi=[...]`: metrics of a run's EMA G for each truncation psi
+    (None / "off" = no truncation), written to run_dir/truncation/ (or out_dir):
+
+        truncation.csv           psi, IS, FID, KID, precision, recall, class_acc (+ extractor, num_samples, step)
+        is_vs_fid.png            IS against FID, one labelled point per psi
+        precision_recall.png     precision against recall, one labelled point per psi
+        samples-psi<psi>.png     a sample strip per psi (same latents seed, one image per class)
+        sweep.json               the full records
+
+    Settings come from the run's eval.* (+ overrides_cfg); extractor / num_samples / trunc_mode
+    override them. Returns the rows (dicts with the CSV columns).
+    """
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, overrides_cfg, which, device)
+    settings = eval_settings(run["cfg"])
+    if extractor is not None:
+        settings["extractor"] = extractor
+    if num_samples is not None:
+        settings["num_samples"] = int(num_samples)
+    if trunc_mode is not None:
+        settings["trunc_mode"] = trunc_mode
+    settings.pop("truncation")
+    values = [_check_psi(p) for p in psis]
+    if not values:
+        raise EvalError("psi=[]: give the truncation values to sweep, e.g. psi=[0.25,0.5,1.0,2.0]")
+    out = Path(out_dir) if out_dir is not None else run_dir / "truncation"
+    G, names, n = run["G"], run["class_names"], run["n_classes"]
+    cols = min(n, 10)
+    rows, records = [], []
+    for psi in values:
+        m = evaluate_generator(G, shards_spec=run["shards"], n_classes=n, truncation=psi, device=run["device"],
+                               progress=progress, **settings)
+        records.append({"step": run["step"], **{k: _json_value(v) for k, v in m.items()}})
+        rows.append({"psi": psi, "IS": m.get("eval/IS"), "FID": m.get("eval/FID"), "KID": m.get("eval/KID"),
+                     "precision": m.get("eval/precision"), "recall": m.get("eval/recall"),
+                     "class_acc": m.get("eval/class_acc"), "extractor": m["extractor"],
+                     "num_samples": m["num_samples"], "step": run["step"]})
+        # Sample strip: the same base seed for every psi, classes 0..cols-1.
+        gen = torch.Generator().manual_seed(777)
+        z = truncated_normal((cols, G.z_dim), psi, settings["trunc_mode"], gen)
+        with torch.no_grad():
+            imgs = to_uint8(G(z.to(run["device"]), torch.arange(cols, device=run["device"])))
+        save_grid(imgs[None], out / f"samples-psi{_psi_label(psi)}.png", [f"psi={_psi_label(psi)}"])
+        if progress:
+            print(f"truncation psi={_psi_label(psi)}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in rows[-1].items() if k in ("IS", "FID", "KID", "precision", "recall",
+                                                                      "class_acc") and v is not None),
+                  file=sys.stderr, flush=True)
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("off" if k == "psi" and v is None else ("" if v is None else v)) for k, v in r.items()})
+    _atomic_write_bytes(out / "truncation.csv", buf.getvalue().encode())
+    _atomic_write_bytes(out / "sweep.json", json.dumps(
+        {"run": str(run_dir), "checkpoint": str(run["checkpoint"]), "step": run["step"],
+         "trunc_mode": settings["trunc_mode"], "records": records}, indent=2).encode())
+    _plot_pairs(rows, "FID", "IS", out / "is_vs_fid.png",
+                f"IS vs FID by truncation ({rows[0]['extractor']}, {rows[0]['num_samples']} samples)")
+    _plot_pairs(rows, "recall", "precision", out / "precision_recall.png",
+                f"precision vs recall by truncation ({rows[0]['extractor']})")
+    return rows
+
+
+def _plot_pairs(rows: list[dict], xkey: str, ykey: str, path: Path, title: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    pts = [(r[xkey], r[ykey], r["psi"]) for r in rows if r[xkey] is not None and r[ykey] is not None]
+    fig = Figure(figsize=(5.5, 4.2))
+    ax = fig.subplots()
+    if pts:
+        ordered = sorted(pts, key=lambda p: math.inf if p[2] is None else p[2])
+        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], "-o", color="tab:blue", ms=5)
+        for x, y, psi in ordered:
+            ax.annotate(f"psi={_psi_label(psi)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xkey)
+    ax.set_ylabel(ykey)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation sheets
+# ---------------------------------------------------------------------------------------------
+
+def _lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return a + (b - a) * t
+
+
+def _slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation along the great circle between the directions of a and b (the
+    vectors' own lengths are carried along); lerp where a and b are (anti)parallel."""
+    an = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    bn = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    omega = (an * bn).sum(-1, keepdim=True).clamp(-1.0, 1.0).acos()
+    so = omega.sin()
+    safe = so.abs() > 1e-6
+    so = torch.where(safe, so, torch.ones_like(so))
+    s = torch.sin((1.0 - t) * omega) / so * a + torch.sin(t * omega) / so * b
+    return torch.where(safe, s, _lerp(a, b, t))
+
+
+@torch.no_grad()
+def interpolation_sheet(G: nn.Module, mode: str = "lerp", space: str = "z", steps: int = 8,
+                        rows: int | None = None, path=None, *, n_classes: int | None = None,
+                        class_names: Sequence[str] | None = None, truncation: float | None = None,
+                        trunc_mode: str = "resample", seed: int = 0, batch: int = 64) -> np.ndarray:
+    """Interpolation sheet: `rows` rows of `steps` images. Returns (rows, steps, H, W, 3) uint8 and
+    saves a PNG when `path` is given.
+
+    space "z"      row r keeps class r % n_classes and moves from latent z0 to z1
+    space "class"  row r keeps its latent and moves from class r's embedding to class r+1's
+                   (G.class_embedding(y), fed as class_vec)
+    mode           "lerp" (straight line) or "slerp" (great circle)
+    """
+    if mode not in ("lerp", "slerp"):
+        raise EvalError(f"interpolation mode={mode!r}: choose lerp or slerp")
+    if space not in ("z", "class"):
+        raise EvalError(f"interpolation space={space!r}: choose z or class")
+    interp = _lerp if mode == "lerp" else _slerp
+    device = next(G.parameters()).device
+    n = int(n_classes or G.n_classes)
+    rows = int(rows or min(n, 8))
+    names = list(class_names) if class_names else [str(i) for i in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0.0, 1.0, steps, device=device)[None, :, None]      # (1, steps, 1)
+    a = torch.arange(rows, device=device) % n
+    if space == "z":
+        z0 = truncated_normal((rows, G.z_dim), truncation, trunc_mode, gen).to(device)
+        z1 = truncated_normal((rows, G.z_dim), truncation, trunc_mode, gen).to(device)
+        zz = interp(z0[:, None], z1[:, None], t).flatten(0, 1)            # (rows * steps, z_dim)
+        yy = a.repeat_interleave(steps)
+        labels = [names[int(c)] for c in a]
+
+        def run(i, j):
+            return G(zz[i:j], yy[i:j])
+    else:
+        b = (a + 1) % n
+        z = truncated_normal((rows, G.z_dim), truncation, trunc_mode, gen).to(device)
+        zz = z.repeat_interleave(steps, dim=0)
+        ea, eb = G.class_embedding(a).float(), G.class_embedding(b).float()
+        ee = interp(ea[:, None], eb[:, None], t).flatten(0, 1)            # (rows * steps, E)
+        labels = [f"{names[int(i)]} > {names[int(j)]}" for i, j in zip(a, b)]
+
+        def run(i, j):
+            return G(zz[i:j], None, class_vec=ee[i:j])
+    was_training = G.training
+    G.eval()
+    try:
+        imgs = np.concatenate([to_uint8(run(i, i + batch)) for i in range(0, rows * steps, batch)])
+    finally:
+        G.train(was_training)
+    imgs = imgs.reshape(rows, steps, *imgs.shape[1:])
+    if path is not None:
+        save_grid(imgs, path, labels)
+    return imgs

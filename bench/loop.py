@@ -302,7 +302,7 @@ class Trainer:
                          if cfg.reg.hist_avg > 0 else None)
         tc = cfg.telemetry
         self.collapse = telemetry.CollapseDetector(tc.collapse_sigma_factor, tc.collapse_window,
-                                                   tc.collapse_loss_gap, tc.collapse_fid_factor)
+                                                   tc.collapse_loss_gap, tc.collapse_fid_factor, tc.collapse_warmup)
         self.consecutive_nonfinite = 0
         self.step_had_nonfinite = False
         self.nonfinite_total = 0
@@ -548,7 +548,6 @@ class Trainer:
         tick_t0 = time.perf_counter()
         tick_steps = 0
         run_t0 = time.perf_counter() - self.train_seconds
-        d_step_counter = self.step * t.d_steps
         if self.is_main and not self.quiet:
             print(f"training {cfg.model.family} at {cfg.data.resolution}x{cfg.data.resolution} on "
                   f"{self.shards_spec} | {self.world} process(es) x batch {t.batch_size} x accumulate "
@@ -557,22 +556,8 @@ class Trainer:
 
         with collector:
             while self.step < t.steps and not self.stop_requested:
-                for phase in plan:
-                    self._run_phase(phase, watch, d_step_counter)
-                    if phase.name == "D":
-                        d_step_counter += 1
-                self._end_of_step_nonfinite_check()
-                watch.start("reg")
-                decay = cfg.ema.decay if self.step >= cfg.ema.start else 0.0
-                ema_update(self.G_ema, self.G, decay)
-                self.step += 1
+                self._train_step(plan, watch)
                 tick_steps += 1
-                self.images_seen += eff_batch
-                if cfg.telemetry.sigma_every and self.step % cfg.telemetry.sigma_every == 0:
-                    watch.start("telemetry")
-                    for name, net in self.nets.items():
-                        telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
-                watch.stop()
                 if self.world > 1:  # every rank must stop at the same step: agree on the flag
                     flag = torch.tensor([float(self.stop_requested)], device=self.device)
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -596,6 +581,62 @@ class Trainer:
                 if (t.sample_every and self.step % t.sample_every == 0) or last:
                     self.save_samples()
             self.train_seconds = time.perf_counter() - run_t0
+
+    def _train_step(self, plan: list[Phase], watch) -> None:
+        """One G step: the D phases and the G phase, the EMA update, and the sigma telemetry."""
+        cfg, t = self.cfg, self.cfg.train
+        for phase in plan:
+            self._run_phase(phase, watch, self.step * t.d_steps + phase.index)
+        self._end_of_step_nonfinite_check()
+        watch.start("reg")
+        decay = cfg.ema.decay if self.step >= cfg.ema.start else 0.0
+        ema_update(self.G_ema, self.G, decay)
+        self.step += 1
+        self.images_seen += t.batch_size * self.world * t.accumulate
+        if cfg.telemetry.sigma_every and self.step % cfg.telemetry.sigma_every == 0:
+            watch.start("telemetry")
+            for name, net in self.nets.items():
+                telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
+        watch.stop()
+
+    def benchmark(self, warmup: int, steps: int, fake_data: bool = True) -> dict:
+        """Burn in, then time `steps` G steps of the real training step (no records, no checkpoints)."""
+        t = self.cfg.train
+        plan = phases_for(t.d_steps)
+        watch = telemetry.Stopwatch(self.device)
+        if fake_data:
+            res = self.cfg.data.resolution
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            real = torch.rand(t.batch_size, 3, res, res, device=self.device, generator=gen).mul_(2).sub_(1)
+            real = real.to(memory_format=self.fmt)
+            labels = torch.randint(0, self.n_data_classes, (t.batch_size,), device=self.device, generator=gen)
+            self._next_batch = lambda: (real, labels)
+        else:
+            self._restart_data()
+        collector = telemetry.Collector(self.device)
+        with collector:
+            for _ in range(warmup):
+                self._train_step(plan, watch)
+            collector.tick()
+            watch.take()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self._train_step(plan, watch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            times = watch.take()
+            collector.tick()
+        if self.loader is not None:
+            self.loader.close()
+        eff = t.batch_size * self.world * t.accumulate
+        return {"steps": steps, "seconds": elapsed, "img_per_s": steps * eff / elapsed,
+                "step_ms": 1000 * elapsed / steps,
+                **{f"{k}_ms": 1000 * times.get(k, 0.0) / steps for k in ("data", "D", "G", "reg", "telemetry")},
+                "peak_mem_gb": telemetry.peak_memory_gb(self.device)}
 
     def _run_phase(self, phase: Phase, watch, d_step: int) -> None:
         """One optimiser step of one net: micro-batches, gradient all-reduce, weight-only regularisers,

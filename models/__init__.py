@@ -9,7 +9,11 @@ Every Generator: G(z (B, z_dim), y (B,) long, class_vec=None) -> (B, 3, R, R) in
 G.z_dim, G.n_classes, G.resolution, G.class_embedding(y) -> (B, E), G.shared (the learned class
 embedding, or None), G.arch. Every Discriminator: D(x, y, return_features=False) -> logits (B,)
 float32, or (logits, features (B, D.feature_dim)); D.embed is its projection embedding.
-Spectral-norm helpers (spectral_modules, weight_matrix, ...) live in models.spectral.
+D.out_dim is what D's output layer reads (feature_dim, + mbdisc kernels when model.mbdisc > 0).
+Singular-value maths (spectral norm, sigma telemetry, sigma0 clamp / penalty, orthogonal
+regularisation) lives in models.spectral.
+
+    convert_sync_bn(net)     plain BatchNorm2d -> CrossReplicaBatchNorm2d in place (same params)
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from collections.abc import Mapping
 from torch import nn
 
 from . import biggan, dcgan, sagan
-from .layers import ModelConfigError
-from .spectral import spectral_modules, weight_matrix, weight_modules
+from .layers import ModelConfigError, convert_sync_bn
+from .spectral import reg_modules, sigma_stats, spectral_modules, weight_matrix, weight_modules
 
-__all__ = ["REGISTRY", "build", "ModelConfigError", "param_count", "spectral_modules",
-           "weight_matrix", "weight_modules"]
+__all__ = ["REGISTRY", "build", "ModelConfigError", "convert_sync_bn", "param_count",
+           "reg_modules", "sigma_stats", "spectral_modules", "weight_matrix", "weight_modules"]
 
 REGISTRY: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "biggan": (biggan.Generator, biggan.Discriminator),

@@ -11,6 +11,11 @@ downsampling), self-attention after the first block that reaches each `attn` res
 ReLU -> sum pooling -> features (B, 16*d_ch); logit = linear(features) + <embed(y), features>
 (projection discriminator, Miyato & Koyama 2018).
 
+Stability switches (all off by default; BigGANConfig documents them): mbstd adds a
+minibatch-stddev channel before D's last block, mbdisc adds minibatch-discrimination features
+before D's output layer (linear and projection then read [features, mbdisc]); vbn makes G's
+batch norms virtual (reference batch), cross_replica_bn syncs their statistics across ranks.
+
 At 128x128, ch = d_ch = 96, z 120, shared 128, attn [64], 1000 classes: G 70.4M, D 88.0M params.
 """
 
@@ -24,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (INITS, DBlock, GBlock, ModelConfigError, SelfAttention, SNConv2d,
-                     SNEmbedding, SNLinear, check_attn, check_positive, choices_str,
-                     config_from_mapping, init_weights)
+from .layers import (INITS, DBlock, GBlock, MinibatchDiscrimination, MinibatchStdDev,
+                     ModelConfigError, SelfAttention, SNConv2d, SNEmbedding, SNLinear,
+                     VirtualBatchNormReference, check_arch_switches, check_attn, check_positive,
+                     choices_str, config_from_mapping, g_bn_kind, init_weights, make_bn)
 
 # Architecture tables: channel multipliers of ch (G) / d_ch (D) per block.
 # G starts from a 4x4 map and doubles the resolution in every block.
@@ -63,11 +69,20 @@ class BigGANConfig:
     sn_eps: float = 1e-6      # epsilon of the power-iteration normalisation
     init: str = "ortho"       # ortho | N02 | xavier
     bn_eps: float = 1e-5      # BatchNorm epsilon
+    # Stability switches (Salimans et al. 2016; Karras et al. 2018; Brock et al. 2019), all off:
+    mbdisc: int = 0           # minibatch-discrimination kernels before D's output; 0 = off
+    mbdisc_dim: int = 16      # size of each minibatch-discrimination kernel's projection
+    mbstd: int = 0            # minibatch-stddev group size (channel added before D's last
+                              # block); 0 = off; must divide the batch D sees
+    vbn: bool = False         # virtual batch norm in G (reference batch in G's buffers)
+    vbn_ref: int = 32         # reference-batch size for vbn (extra samples per G forward)
+    cross_replica_bn: bool = False  # G's BatchNorm statistics over all ranks (no-op on 1 rank)
 
     def __post_init__(self):
         for key in ("ch", "d_ch", "z_dim", "sn_iters"):
             check_positive(key, getattr(self, key))
         check_positive("shared_dim", self.shared_dim, minimum=0)
+        check_arch_switches(self)
         if self.init not in INITS:
             raise ModelConfigError(f"model.init={self.init!r} is not an init scheme; "
                                    f"choose one of: {choices_str(INITS)}")
@@ -102,13 +117,14 @@ def attn_choices(resolution: int) -> list[int]:
     return sorted(set(g_resolutions(resolution)) & set(d_resolutions(resolution)))
 
 
-class Generator(nn.Module):
+class Generator(VirtualBatchNormReference, nn.Module):
     """G(z (B, z_dim), y (B,) long, class_vec (B, E) | None) -> images (B, 3, R, R) in [-1, 1].
 
     class_vec, when given, replaces class_embedding(y) (y is then ignored): interpolate class
     vectors from `class_embedding` to move between classes.
     `shared` is the shared class embedding (nn.Embedding, no SN), or None when shared_dim = 0
     (then class vectors are one-hot, E = n_classes). Exclude it from orthogonal regularisation.
+    With vbn, every forward also runs the reference batch (vbn_z, vbn_y; set_vbn_reference).
     """
 
     family = "biggan"
@@ -152,19 +168,22 @@ class Generator(nn.Module):
         # Projections of a learned embedding are SN layers; per-class gains read from one-hot
         # labels are plain per-class embeddings, as in BigGAN-PyTorch / SAGAN.
         cond_sn = cfg.g_sn and cfg.shared_dim > 0
+        self.bn_kind = g_bn_kind(cfg)
 
         self.linear = SNLinear(self.z_chunks[0], in_mult[0] * ch * BOTTOM ** 2, **snkw)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleList()
         for i, (mi, mo) in enumerate(zip(in_mult, out_mult)):
             self.blocks.append(GBlock(mi * ch, mo * ch, cond_dim, upsample=True,
-                                      bn_eps=cfg.bn_eps, cond_sn=cond_sn, **snkw))
+                                      bn_eps=cfg.bn_eps, cond_sn=cond_sn, bn=self.bn_kind,
+                                      **snkw))
             res = BOTTOM * 2 ** (i + 1)
             self.attn.append(SelfAttention(mo * ch, **snkw) if res in self.attn_res
                              else nn.Identity())
-        self.out_bn = nn.BatchNorm2d(out_mult[-1] * ch, eps=cfg.bn_eps)
+        self.out_bn = make_bn(self.bn_kind, out_mult[-1] * ch, eps=cfg.bn_eps)
         self.out_conv = SNConv2d(out_mult[-1] * ch, 3, 3, padding=1, **snkw)
         init_weights(self, cfg.init)
+        self.init_vbn(cfg.vbn, cfg.vbn_ref, cfg.z_dim, n_classes)
 
     @property
     def arch(self) -> dict:
@@ -172,7 +191,7 @@ class Generator(nn.Module):
         in_mult, out_mult = G_ARCH[self.resolution]
         return {
             "family": self.family, "resolution": self.resolution, "z_dim": self.z_dim,
-            "z_chunks": list(self.z_chunks), "class_dim": self.class_dim,
+            "z_chunks": list(self.z_chunks), "class_dim": self.class_dim, "bn": self.bn_kind,
             "blocks": [{"in": a * self.cfg.ch, "out": b * self.cfg.ch, "resolution": r,
                         "attention": r in self.attn_res}
                        for a, b, r in zip(in_mult, out_mult, g_resolutions(self.resolution))],
@@ -188,6 +207,9 @@ class Generator(nn.Module):
                 class_vec: Optional[torch.Tensor] = None) -> torch.Tensor:
         if class_vec is None:
             class_vec = self.class_embedding(y)                         # (B, E)
+        n_ref = 0
+        if self.vbn:  # reference batch first: (R + B, ...) from here on
+            z, class_vec, n_ref = self._vbn_prepend(z, class_vec)
         if self.hier:
             zs = torch.split(z, self.z_chunks, dim=1)
             conds = [torch.cat([class_vec, zi], dim=1) for zi in zs[1:]]  # (B, E + chunk) each
@@ -198,14 +220,17 @@ class Generator(nn.Module):
         for block, attn, c in zip(self.blocks, self.attn, conds):
             h = attn(block(h, c))                                        # (B, C', 2H, 2W)
         h = self.out_conv(F.relu(self.out_bn(h)))                        # (B, 3, R, R)
-        return torch.tanh(h)
+        return torch.tanh(h[n_ref:])
 
 
 class Discriminator(nn.Module):
     """D(x (B, 3, R, R), y (B,) long) -> logits (B,) float32, or (logits, features (B, F)) with
     return_features=True; features are the ReLU + sum-pooled output of the last block,
     F = feature_dim = last block width (16 * d_ch for 64-256, 4 * d_ch for 32).
-    `embed` is the SN class embedding of the projection term."""
+    `embed` is the SN class embedding of the projection term.
+    mbstd: `mbstd` (MinibatchStdDev) adds a channel to the input of the last block.
+    mbdisc: `mbdisc` (MinibatchDiscrimination) maps features to [features, o] (B, out_dim =
+    F + mbdisc); `linear` and `embed` read that, return_features still gives the pooled F."""
 
     family = "biggan"
     resolutions = tuple(D_ARCH)
@@ -223,11 +248,15 @@ class Discriminator(nn.Module):
         snkw = dict(sn=cfg.d_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
         out_mult, downs = D_ARCH[resolution]
         widths = [3] + [m * cfg.d_ch for m in out_mult]
+        n_blocks = len(out_mult)
+        # Minibatch stddev: one more input channel for the last block.
+        self.mbstd = MinibatchStdDev(cfg.mbstd) if cfg.mbstd else None
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleList()
         placed = set()
         for i, (down, res) in enumerate(zip(downs, d_resolutions(resolution))):
-            self.blocks.append(DBlock(widths[i], widths[i + 1], downsample=down,
+            in_ch = widths[i] + (1 if self.mbstd is not None and i == n_blocks - 1 else 0)
+            self.blocks.append(DBlock(in_ch, widths[i + 1], downsample=down,
                                       preactivation=i > 0, wide=True, **snkw))
             if res in self.attn_res and res not in placed:  # once, after the first block at res
                 placed.add(res)
@@ -235,8 +264,11 @@ class Discriminator(nn.Module):
             else:
                 self.attn.append(nn.Identity())
         self.feature_dim = widths[-1]
-        self.linear = SNLinear(self.feature_dim, 1, **snkw)
-        self.embed = SNEmbedding(n_classes, self.feature_dim, **snkw)
+        self.mbdisc = (MinibatchDiscrimination(self.feature_dim, cfg.mbdisc, cfg.mbdisc_dim,
+                                               **snkw) if cfg.mbdisc else None)
+        self.out_dim = self.feature_dim + cfg.mbdisc  # what linear and the projection read
+        self.linear = SNLinear(self.out_dim, 1, **snkw)
+        self.embed = SNEmbedding(n_classes, self.out_dim, **snkw)
         init_weights(self, cfg.init)
 
     @property
@@ -245,7 +277,8 @@ class Discriminator(nn.Module):
         widths = [3] + [m * self.cfg.d_ch for m in out_mult]
         return {
             "family": self.family, "resolution": self.resolution,
-            "feature_dim": self.feature_dim,
+            "feature_dim": self.feature_dim, "out_dim": self.out_dim,
+            "mbstd": self.cfg.mbstd, "mbdisc": self.cfg.mbdisc,
             "blocks": [{"in": widths[i], "out": widths[i + 1], "resolution": r,
                         "downsample": d, "attention": not isinstance(self.attn[i], nn.Identity)}
                        for i, (d, r) in enumerate(zip(downs, d_resolutions(self.resolution)))],
@@ -253,10 +286,14 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, return_features: bool = False):
         h = x
-        for block, attn in zip(self.blocks, self.attn):
+        last = len(self.blocks) - 1
+        for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
+            if i == last and self.mbstd is not None:
+                h = self.mbstd(h)                                 # (B, C' + 1, H', W')
             h = attn(block(h))                                    # (B, C', H', W')
         features = torch.sum(F.relu(h), dim=(2, 3))               # (B, F)
-        logits = self.linear(features).squeeze(1) + (self.embed(y) * features).sum(1)  # (B,)
+        out = self.mbdisc(features) if self.mbdisc is not None else features  # (B, out_dim)
+        logits = self.linear(out).squeeze(1) + (self.embed(y) * out).sum(1)  # (B,)
         logits = logits.float()
         if return_features:
             return logits, features.float()

@@ -11,6 +11,9 @@ width from d_ch down to 4x4 (no BN after the first conv); features = the flatten
 + <embed(y), features> (projection).
 
 g_sn / d_sn add spectral norm to every weight layer (off in the DCGAN config).
+Stability switches (DCGANConfig): mbstd adds a minibatch-stddev channel before D's last conv,
+mbdisc adds minibatch-discrimination features before D's output layer; vbn / cross_replica_bn
+change G's batch norms (D's batch norms stay plain).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (INITS, ModelConfigError, SNConv2d, SNConvTranspose2d, SNEmbedding,
-                     SNLinear, check_positive, choices_str, config_from_mapping, init_weights)
+from .layers import (INITS, MinibatchDiscrimination, MinibatchStdDev, ModelConfigError,
+                     SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear, VirtualBatchNorm2d,
+                     VirtualBatchNormReference, check_arch_switches, check_positive, choices_str,
+                     config_from_mapping, g_bn_kind, init_weights, make_bn)
 
 RESOLUTIONS = (16, 32, 64, 128)
 BOTTOM_SIDE = 4  # G's first and D's last feature map side
@@ -44,11 +49,19 @@ class DCGANConfig:
     sn_eps: float = 1e-6      # epsilon of the power-iteration normalisation
     init: str = "N02"         # N02 (DCGAN; BN gains N(1, 0.02)) | ortho | xavier
     bn_eps: float = 1e-5      # BatchNorm epsilon
+    # Stability switches (as in biggan.BigGANConfig), all off:
+    mbdisc: int = 0           # minibatch-discrimination kernels before D's output; 0 = off
+    mbdisc_dim: int = 16      # size of each minibatch-discrimination kernel's projection
+    mbstd: int = 0            # minibatch-stddev group size (before D's last conv); 0 = off
+    vbn: bool = False         # virtual batch norm in G (reference batch in G's buffers)
+    vbn_ref: int = 32         # reference-batch size for vbn (extra samples per G forward)
+    cross_replica_bn: bool = False  # G's BatchNorm statistics over all ranks (no-op on 1 rank)
 
     def __post_init__(self):
         for key in ("ch", "d_ch", "z_dim", "sn_iters"):
             check_positive(key, getattr(self, key))
         check_positive("shared_dim", self.shared_dim, minimum=0)
+        check_arch_switches(self)
         if self.init not in INITS:
             raise ModelConfigError(f"model.init={self.init!r} is not an init scheme; "
                                    f"choose one of: {choices_str(INITS)}")
@@ -69,15 +82,17 @@ def _init(net: nn.Module, scheme: str) -> None:
     init_weights(net, scheme)
     if scheme == "N02":  # DCGAN: BatchNorm gains ~ N(1, 0.02), biases 0
         for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d) and m.affine and not m.weight.is_meta:
+            if (isinstance(m, (nn.BatchNorm2d, VirtualBatchNorm2d)) and m.affine
+                    and not m.weight.is_meta):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
 
-class Generator(nn.Module):
+class Generator(VirtualBatchNormReference, nn.Module):
     """G(z (B, z_dim), y (B,) long, class_vec (B, E) | None) -> (B, 3, R, R) in [-1, 1].
     `shared` is the class embedding concatenated to z (nn.Embedding, no SN), or None when
-    shared_dim = 0 (one-hot class vectors, E = n_classes)."""
+    shared_dim = 0 (one-hot class vectors, E = n_classes). With vbn, every forward also runs
+    the reference batch (vbn_z, vbn_y; set_vbn_reference)."""
 
     family = "dcgan"
     resolutions = RESOLUTIONS
@@ -95,23 +110,25 @@ class Generator(nn.Module):
         self.shared = nn.Embedding(n_classes, cfg.shared_dim) if cfg.shared_dim > 0 else None
         self.class_dim = cfg.shared_dim if cfg.shared_dim > 0 else n_classes
         snkw = dict(sn=cfg.g_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
+        self.bn_kind = g_bn_kind(cfg)
         self.widths = [cfg.ch * 2 ** (n_up - 1 - i) for i in range(n_up)]  # at 4, 8, ..., R/2
         layers: list[nn.Module] = []
         in_ch = cfg.z_dim + self.class_dim
         for i, w in enumerate(self.widths):
             layers += [SNConvTranspose2d(in_ch, w, 4, 1 if i == 0 else 2, 0 if i == 0 else 1,
                                          bias=False, **snkw),
-                       nn.BatchNorm2d(w, eps=cfg.bn_eps), nn.ReLU()]
+                       make_bn(self.bn_kind, w, eps=cfg.bn_eps), nn.ReLU()]
             in_ch = w
         # Bias only where no BatchNorm follows.
         layers += [SNConvTranspose2d(in_ch, 3, 4, 2, 1, bias=True, **snkw), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         _init(self, cfg.init)
+        self.init_vbn(cfg.vbn, cfg.vbn_ref, cfg.z_dim, n_classes)
 
     @property
     def arch(self) -> dict:
         return {"family": self.family, "resolution": self.resolution, "z_dim": self.z_dim,
-                "class_dim": self.class_dim,
+                "class_dim": self.class_dim, "bn": self.bn_kind,
                 "widths": {BOTTOM_SIDE * 2 ** i: w for i, w in enumerate(self.widths)}}
 
     def class_embedding(self, y: torch.Tensor) -> torch.Tensor:
@@ -124,13 +141,19 @@ class Generator(nn.Module):
                 class_vec: Optional[torch.Tensor] = None) -> torch.Tensor:
         if class_vec is None:
             class_vec = self.class_embedding(y)
+        n_ref = 0
+        if self.vbn:  # reference batch first: (R + B, ...) from here on
+            z, class_vec, n_ref = self._vbn_prepend(z, class_vec)
         h = torch.cat([z, class_vec], dim=1)[:, :, None, None]  # (B, z_dim + E, 1, 1)
-        return self.net(h)                                       # (B, 3, R, R)
+        return self.net(h)[n_ref:]                               # (B, 3, R, R)
 
 
 class Discriminator(nn.Module):
     """D(x (B, 3, R, R), y (B,)) -> logits (B,) float32 [, features (B, feature_dim)];
-    feature_dim = 16 * d_ch * 2^(n_down - 1). `embed` is the projection class embedding."""
+    feature_dim = 16 * d_ch * 2^(n_down - 1). `embed` is the projection class embedding.
+    mbstd: a MinibatchStdDev layer in `net` adds a channel to the input of the last conv.
+    mbdisc: `mbdisc` maps features to (B, out_dim = feature_dim + mbdisc), which `linear` and
+    the projection read; return_features still gives the flattened features."""
 
     family = "dcgan"
     resolutions = RESOLUTIONS
@@ -149,6 +172,9 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = []
         in_ch = 3
         for i, w in enumerate(self.widths):
+            if cfg.mbstd and i == n_down - 1:
+                layers.append(MinibatchStdDev(cfg.mbstd))
+                in_ch += 1
             layers.append(SNConv2d(in_ch, w, 4, 2, 1, bias=i == 0, **snkw))
             if i > 0:
                 layers.append(nn.BatchNorm2d(w, eps=cfg.bn_eps))
@@ -156,19 +182,24 @@ class Discriminator(nn.Module):
             in_ch = w
         self.net = nn.Sequential(*layers)
         self.feature_dim = in_ch * BOTTOM_SIDE ** 2
-        self.linear = SNLinear(self.feature_dim, 1, **snkw)
-        self.embed = SNEmbedding(n_classes, self.feature_dim, **snkw)
+        self.mbdisc = (MinibatchDiscrimination(self.feature_dim, cfg.mbdisc, cfg.mbdisc_dim,
+                                               **snkw) if cfg.mbdisc else None)
+        self.out_dim = self.feature_dim + cfg.mbdisc  # what linear and the projection read
+        self.linear = SNLinear(self.out_dim, 1, **snkw)
+        self.embed = SNEmbedding(n_classes, self.out_dim, **snkw)
         _init(self, cfg.init)
 
     @property
     def arch(self) -> dict:
         return {"family": self.family, "resolution": self.resolution,
-                "feature_dim": self.feature_dim,
+                "feature_dim": self.feature_dim, "out_dim": self.out_dim,
+                "mbstd": self.cfg.mbstd, "mbdisc": self.cfg.mbdisc,
                 "widths": {self.resolution // 2 ** (i + 1): w for i, w in enumerate(self.widths)}}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, return_features: bool = False):
         features = self.net(x).flatten(1)                              # (B, 16 * C)
-        logits = self.linear(features).squeeze(1) + (self.embed(y) * features).sum(1)  # (B,)
+        out = self.mbdisc(features) if self.mbdisc is not None else features  # (B, out_dim)
+        logits = self.linear(out).squeeze(1) + (self.embed(y) * out).sum(1)  # (B,)
         logits = logits.float()
         if return_features:
             return logits, features.float()

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from . import biggan
-from .layers import INITS, ModelConfigError, check_positive, choices_str, config_from_mapping
+from .layers import (INITS, ModelConfigError, check_arch_switches, check_positive, choices_str,
+                     config_from_mapping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,13 @@ class SAGANConfig:
     sn_eps: float = 1e-6      # epsilon of the power-iteration normalisation
     init: str = "ortho"       # ortho | N02 | xavier
     bn_eps: float = 1e-5      # BatchNorm epsilon
+    # Stability switches (as in biggan.BigGANConfig), all off:
+    mbdisc: int = 0           # minibatch-discrimination kernels before D's output; 0 = off
+    mbdisc_dim: int = 16      # size of each minibatch-discrimination kernel's projection
+    mbstd: int = 0            # minibatch-stddev group size (before D's last block); 0 = off
+    vbn: bool = False         # virtual batch norm in G (reference batch in G's buffers)
+    vbn_ref: int = 32         # reference-batch size for vbn (extra samples per G forward)
+    cross_replica_bn: bool = False  # G's BatchNorm statistics over all ranks (no-op on 1 rank)
 
     # Fixed by the architecture (read by the shared BigGAN-layout modules).
     shared_dim: ClassVar[int] = 0   # no shared embedding: one-hot class vectors
@@ -41,6 +49,7 @@ class SAGANConfig:
     def __post_init__(self):
         for key in ("ch", "d_ch", "z_dim", "sn_iters"):
             check_positive(key, getattr(self, key))
+        check_arch_switches(self)
         if self.init not in INITS:
             raise ModelConfigError(f"model.init={self.init!r} is not an init scheme; "
                                    f"choose one of: {choices_str(INITS)}")

@@ -1,4 +1,5 @@
-"""Fast tests of models/: shapes, parameter counts, config errors, spectral norm, bf16."""
+"""Fast tests of models/: shapes, parameter counts, config errors, spectral norm, bf16, and the
+stability switches (minibatch discrimination / stddev, virtual and cross-replica batch norm)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from torch import nn
 
 import models
 from models import ModelConfigError, build, param_count
-from models.layers import SelfAttention, SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear
+from models.layers import (ConditionalBatchNorm2d, CrossReplicaBatchNorm2d,
+                           MinibatchDiscrimination, MinibatchStdDev, SelfAttention, SNConv2d,
+                           SNConvTranspose2d, SNEmbedding, SNLinear, VirtualBatchNorm2d)
 from models.spectral import spectral_modules, weight_matrix, weight_modules
 
 SUPPORTED = [("biggan", r) for r in (32, 64, 128, 256)] + \
@@ -261,3 +264,255 @@ def test_attention_bmm_and_sdpa_agree():
     b = attn(x)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.equal(a, x)
+
+
+# ------------------------------------------------------------------------------------------
+# Stability switches: minibatch discrimination, minibatch stddev, virtual BN, cross-replica BN
+# ------------------------------------------------------------------------------------------
+
+
+def test_switches_off_by_default():
+    for family in ("biggan", "sagan", "dcgan"):
+        G, D = build(dict(family=family, attn=[], ch=8, d_ch=8), 32, 3)
+        kinds = {type(m) for m in [*G.modules(), *D.modules()]}
+        assert not kinds & {MinibatchDiscrimination, MinibatchStdDev, VirtualBatchNorm2d,
+                            CrossReplicaBatchNorm2d}
+        assert not G.vbn and "vbn_z" not in G.state_dict()
+        assert D.out_dim == D.feature_dim
+
+
+@pytest.mark.parametrize("over,key", [(dict(mbstd=1), "model.mbstd=1"),
+                                      (dict(mbdisc=-1), "model.mbdisc"),
+                                      (dict(mbdisc_dim=0), "model.mbdisc_dim"),
+                                      (dict(vbn_ref=0), "model.vbn_ref"),
+                                      (dict(vbn=True, cross_replica_bn=True), "model.vbn")])
+def test_switch_config_errors_name_key(over, key):
+    for family in ("biggan", "sagan", "dcgan"):
+        with pytest.raises(ModelConfigError, match=key.replace(".", r"\.")):
+            build(small_cfg(family, **over), 32, 3)
+
+
+def test_minibatch_discrimination_matches_loop():
+    torch.manual_seed(1)
+    layer = MinibatchDiscrimination(7, n_kernels=4, kernel_dim=3, sn=False)
+    f = torch.randn(5, 7) * 0.3
+    out = layer(f)
+    assert out.shape == (5, 7 + 4)
+    torch.testing.assert_close(out[:, :7], f)
+    T = layer.T.weight.detach().t().reshape(7, 4, 3)            # (A, B, C) as in the paper
+    M = torch.einsum("na,abc->nbc", f, T)
+    expect = torch.zeros(5, 4)
+    for i in range(5):
+        for j in range(5):
+            if j == i:
+                continue  # self term left out (documented)
+            for b in range(4):
+                expect[i, b] += torch.exp(-(M[i, b] - M[j, b]).abs().sum())
+    torch.testing.assert_close(out[:, 7:], expect, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(layer.T.weight.grad).all() and layer.T.weight.grad.abs().sum() > 0
+    assert torch.equal(layer(f[:1])[:, 7:], torch.zeros(1, 4))  # no other sample, no signal
+
+
+def test_minibatch_stddev_matches_manual():
+    layer = MinibatchStdDev(3)
+    x = torch.randn(6, 2, 3, 3)
+    out = layer(x)
+    assert out.shape == (6, 3, 3, 3)
+    torch.testing.assert_close(out[:, :2], x)
+    for n in range(6):
+        group = [m for m in range(6) if m % 2 == n % 2]             # n mod (N / G), N / G = 2
+        g = x[group].double()
+        std = ((g - g.mean(0)).square().mean(0) + 1e-8).sqrt().mean()
+        torch.testing.assert_close(out[n, 2].double(), std.expand(3, 3), rtol=1e-5, atol=1e-6)
+    big = MinibatchStdDev(8)(x)                                      # group > batch: whole batch
+    torch.testing.assert_close(big[0, 2, 0, 0].double(),
+                               ((x.double().var(0, unbiased=False) + 1e-8).sqrt()).mean(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelConfigError, match=r"model\.mbstd=4 does not divide the batch of 6"):
+        MinibatchStdDev(4)(x)
+
+
+@pytest.mark.parametrize("family", ["biggan", "sagan", "dcgan"])
+def test_d_with_mbstd_and_mbdisc(family):
+    G, D = build(small_cfg(family, mbstd=2, mbdisc=5, mbdisc_dim=4), 32, 3)
+    assert D.out_dim == D.feature_dim + 5
+    assert D.linear.in_features == D.embed.embedding_dim == D.out_dim
+    assert any(isinstance(m, MinibatchStdDev) for m in D.modules())
+    assert D.mbdisc.T in [m for _, m in weight_modules(D)]     # T is a weight layer like others
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    logits, feats = D(x, y, return_features=True)
+    assert logits.shape == (4,) and feats.shape == (4, D.feature_dim)
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in D.parameters() if p.grad is not None)
+    with pytest.raises(ModelConfigError, match="model.mbstd=2"):
+        D(x[:3], y[:3])
+    # R1 needs a double backward through both layers.
+    x.requires_grad_(True)
+    (g,) = torch.autograd.grad(D(x, y).sum(), x, create_graph=True)
+    D.zero_grad()
+    g.square().sum().backward()
+    assert D.mbdisc.T.weight.grad is not None
+    assert all(torch.isfinite(p.grad).all() for p in D.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("family", ["biggan", "dcgan"])
+def test_switches_under_bf16_autocast_channels_last(family):
+    G, D = build(small_cfg(family, mbstd=2, mbdisc=3, vbn=True, vbn_ref=4), 32, 5)
+    G = G.to(memory_format=torch.channels_last)
+    D = D.to(memory_format=torch.channels_last)
+    z, y = torch.randn(4, G.z_dim), torch.tensor([0, 1, 2, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = G(z, y)
+        logits = D(x.to(memory_format=torch.channels_last), y)
+    assert x.shape == (4, 3, 32, 32) and torch.isfinite(x).all()
+    assert logits.dtype == torch.float32
+    logits.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in G.parameters() if p.grad is not None)
+
+
+def test_virtual_batch_norm_layer_uses_reference_union_sample():
+    bn = VirtualBatchNorm2d(3, eps=1e-5)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    ref, x = torch.randn(5, 3, 4, 4) * 2 + 1, torch.randn(2, 3, 4, 4)
+    bn.n_ref = 5
+    out = bn(torch.cat([ref, x]))
+
+    def norm(t, stats):
+        mean = stats.mean((0, 2, 3), keepdim=True)
+        var = stats.var((0, 2, 3), unbiased=False, keepdim=True)
+        return (t - mean) / (var + 1e-5).sqrt() * bn.weight[:, None, None] + bn.bias[:, None, None]
+
+    torch.testing.assert_close(out[:5], norm(ref, ref), rtol=1e-4, atol=1e-5)
+    for i in range(2):
+        xi = x[i:i + 1]
+        torch.testing.assert_close(out[5 + i:6 + i], norm(xi, torch.cat([ref, xi])),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["biggan", "sagan", "dcgan"])
+def test_vbn_outputs_do_not_depend_on_the_rest_of_the_batch(family):
+    # g_sn off: spectral norm's power iteration would change G between training forwards.
+    G, _ = build(small_cfg(family, vbn=True, vbn_ref=6, g_sn=False), 32, 5)
+    assert G.vbn and any(isinstance(m, VirtualBatchNorm2d) for m in G.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in G.modules())
+    assert G.state_dict()["vbn_z"].shape == (6, G.z_dim)
+    z, y = torch.randn(4, G.z_dim), torch.tensor([0, 1, 2, 3])
+    G.train()
+    a = G(z, y)
+    b = G(z[:1], y[:1])
+    c = G(torch.cat([z[:1], 5 * torch.randn(3, G.z_dim)]), torch.tensor([0, 4, 4, 4]))
+    assert a.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(a[:1], b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a[:1], c[:1], rtol=1e-4, atol=1e-5)
+    G.eval()  # no running statistics: eval computes the same thing
+    with torch.no_grad():
+        torch.testing.assert_close(G(z, y), a.detach(), rtol=1e-4, atol=1e-5)
+    # Plain BN (default): the same sample changes with its batch.
+    Gb, _ = build(small_cfg(family, g_sn=False), 32, 5)
+    Gb.train()
+    assert not torch.allclose(Gb(z, y)[:1], Gb(torch.cat([z[:1], 5 * z[1:]]), y)[:1], atol=1e-4)
+
+
+def test_vbn_reference_is_state_and_can_be_set():
+    G, _ = build(small_cfg("biggan", vbn=True, vbn_ref=4), 32, 5)
+    z, y = torch.randn(2, G.z_dim), torch.tensor([0, 1])
+    G.eval()
+    with torch.no_grad():
+        before = G(z, y)
+        G.set_vbn_reference(torch.randn(8, G.z_dim), torch.arange(8) % 5)
+        after = G(z, y)
+    assert not torch.allclose(before, after)
+    G2, _ = build(small_cfg("biggan", vbn=True, vbn_ref=4), 32, 5)
+    G2.load_state_dict(G.state_dict())  # strict; adopts the 8-sample reference
+    G2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(G2(z, y), after)
+    with pytest.raises(ValueError, match="z_ref"):
+        G.set_vbn_reference(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+    Gp, _ = build(small_cfg("biggan"), 32, 5)
+    with pytest.raises(ModelConfigError, match="model.vbn=true"):
+        Gp.set_vbn_reference(torch.randn(3, Gp.z_dim), torch.zeros(3, dtype=torch.long))
+
+
+def _bn_modules(net):
+    return [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("family", ["biggan", "dcgan"])
+def test_cross_replica_bn_single_process_is_plain_bn(family):
+    torch.manual_seed(3)
+    Gp, _ = build(small_cfg(family), 32, 5)
+    Gc, Dc = build(small_cfg(family, cross_replica_bn=True), 32, 5)
+    assert all(type(m) is CrossReplicaBatchNorm2d for m in _bn_modules(Gc))
+    assert not any(type(m) is CrossReplicaBatchNorm2d for m in Dc.modules())
+    if family == "biggan":
+        assert type(Gc.blocks[0].bn1.bn) is CrossReplicaBatchNorm2d  # conditional BN too
+    Gc.load_state_dict(Gp.state_dict())  # same keys
+    z, y = torch.randn(4, Gp.z_dim), torch.tensor([0, 1, 2, 3])
+    for G in (Gp, Gc):
+        G.train()
+        G.zero_grad()
+        G(z, y).square().mean().backward()
+    torch.testing.assert_close(Gc(z, y), Gp(z, y), rtol=0, atol=0)
+    for (n, a), b in zip(Gp.named_parameters(), Gc.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
+    for a, b in zip(_bn_modules(Gp), _bn_modules(Gc)):
+        assert torch.equal(a.running_mean, b.running_mean)
+        assert torch.equal(a.running_var, b.running_var)
+    # convert_sync_bn: in place, the same parameter objects.
+    params = list(Gp.parameters())
+    assert models.convert_sync_bn(Gp) is Gp and list(Gp.parameters()) == params
+    assert all(type(m) is CrossReplicaBatchNorm2d for m in _bn_modules(Gp))
+
+
+def _cross_replica_worker(rank, world, init_file, x, c, state, out_dir):
+    import os
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    cbn = ConditionalBatchNorm2d(3, 4, sn=False, bn="cross_replica")
+    cbn.load_state_dict(state)
+    cbn.train()
+    part = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+    xr = x[part].clone().requires_grad_(True)
+    out = cbn(xr, c[part])
+    (out * torch.arange(out.numel()).reshape(out.shape).cos()[None]
+     .expand(world, *out.shape)[rank]).sum().backward()
+    torch.save({"out": out.detach(), "x_grad": xr.grad, "gain_grad": cbn.gain.weight.grad,
+                "running_mean": cbn.bn.running_mean, "running_var": cbn.bn.running_var},
+               f"{out_dir}/{rank}.pt")
+    dist.barrier()  # both ranks done communicating
+    # Leave without running gloo's C++ teardown, which now and then aborts the process
+    # ("terminate called without an active exception") when the peer exits first.
+    os._exit(0)
+
+
+def test_cross_replica_bn_two_ranks_equal_one_big_batch(tmp_path):
+    import torch.multiprocessing as mp
+    torch.manual_seed(4)
+    x, c = torch.randn(6, 3, 4, 4) * 2 + 0.5, torch.randn(6, 4)
+    ref = ConditionalBatchNorm2d(3, 4, sn=False)
+    nn.init.normal_(ref.gain.weight)
+    state = ref.state_dict()
+    mp.spawn(_cross_replica_worker, args=(2, str(tmp_path / "init"), x, c, state, str(tmp_path)),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    # Reference: one process, the whole batch, the same per-rank loss weights.
+    ref.train()
+    xf = x.clone().requires_grad_(True)
+    out = ref(xf, c)
+    w = torch.arange(out[:3].numel()).reshape(out[:3].shape).cos()
+    (out * torch.cat([w, w])).sum().backward()
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), xf.grad,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["gain_grad"] + ranks[1]["gain_grad"],
+                               ref.gain.weight.grad, rtol=1e-4, atol=1e-5)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], ref.bn.running_mean)
+        torch.testing.assert_close(r["running_var"], ref.bn.running_var)
