@@ -16,6 +16,10 @@ commands:
   data make-shards source=shapes|folder out=DIR [folder=DIR] [data.resolution=32] [data.num_samples=N]
   inspect [overrides]               parameter counts and GFLOP per image of a D step and a G step (JSON)
   throughput [overrides]            img/s, step-time split, TFLOP/s, MFU, memory (JSON); -m sweeps
+  eval train-classifier [data.shards=DIR]   train the offline domain feature extractor beside the shards
+  eval run=DIR [which=best|last] [eval.*]   IS / FID / KID / precision-recall of a run's EMA generator
+  truncation run=DIR psi=[...] [eval.*]     truncation trade-off: metrics per psi, CSV + PNG plots
+  report DIR [out=DIR]              Markdown/CSV tables and PNG plots for a run or a sweep directory
 
 examples:
   bench train
@@ -32,9 +36,10 @@ class UsageError(ValueError):
 def _user_errors() -> tuple[type, ...]:
     from bench.config import ConfigError
     from bench.data import DataError
+    from bench.evaluate import EvalError
     from models import ModelConfigError
 
-    return (ConfigError, DataError, ModelConfigError, UsageError)
+    return (ConfigError, DataError, ModelConfigError, UsageError, EvalError)
 
 
 def _check_group_choices(overrides: list[str]) -> None:
@@ -112,6 +117,10 @@ def run_training(cfg, run_dir: Path) -> int:
     summary = trainer.run()
     if trainer.is_main:
         print_summary(summary, run_dir)
+        if cfg.eval.psi_sweep and summary.get("status") in ("completed", "collapsed"):
+            from bench.evaluate import truncation_sweep
+
+            truncation_sweep(run_dir, list(cfg.eval.psi_sweep), which="best" if summary.get("best") else "last")
     if summary.get("error"):
         print(f"error: {summary['error']}", file=sys.stderr)
     return 0 if summary.get("status") in ("completed", "collapsed", "interrupted", None) else 3
@@ -146,17 +155,16 @@ def _multirun(args: list[str]) -> int:
     sweep_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")), None)
     sweep_dir = str(Path(sweep_dir or Path(base.run.root) / f"sweep-{_time.strftime('%Y%m%d-%H%M%S')}").resolve())
     args = [a for a in args if not a.startswith("hydra.sweep.dir=")]
-    extra = [f"hydra.sweep.dir={sweep_dir}"]
     launcher = _launcher(args)
-    if launcher:
-        extra += launch.launcher_overrides(base.cluster, launcher, sweep_dir)
+    groups = _cluster_groups(args, fixed, launcher)
+    _prepare_shared_files(base)  # default shards and the domain classifier, once, before jobs start
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-    def job(cfg):
+    def job_fn(cfg, offset: int):
         import traceback
 
         hc = HydraConfig.get()
         overrides = list(hc.overrides.task)
+        job_num = offset + hc.job.num
         rank, world = launch.setup_distributed()
         entry = {"overrides": overrides, "slurm_job_id": launch.slurm_job_id(), "state": "running",
                  "run_dir": None, "world_size": world}
@@ -167,7 +175,7 @@ def _multirun(args: list[str]) -> int:
             run_dir = run_dir_for(cfg, overrides).resolve()
             entry["run_dir"] = str(run_dir)
             if rank == 0:
-                launch.write_index_entry(Path(sweep_dir), hc.job.num, entry)
+                launch.write_index_entry(Path(sweep_dir), job_num, entry)
             rc = run_training(cfg, run_dir)
             summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() \
                 else {}
@@ -179,18 +187,100 @@ def _multirun(args: list[str]) -> int:
             entry["error"] = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
             traceback.print_exc()
         if rank == 0:
-            launch.write_index_entry(Path(sweep_dir), hc.job.num, entry)
+            launch.write_index_entry(Path(sweep_dir), job_num, entry)
         if entry["state"] == "interrupted" and launch.slurm_job_id():
             # Checkpointed after a signal: leave without a result, so submitit keeps waiting for the
             # requeued job (Slurm requeues on preemption / scontrol requeue; SIGUSR2 requeued itself).
             raise SystemExit(0)
         return entry["state"]
 
-    sys.argv = ["bench", "-m"] + args + extra
-    job()
+    from hydra.core.global_hydra import GlobalHydra
+
+    offset = 0
+    for gi, group in enumerate(groups):
+        # One Hydra multirun (one Slurm job array) per combination of swept cluster.* values: an
+        # array has one resource shape. Later groups number their jobs after the earlier ones.
+        group_args = args + group
+        extra = [f"hydra.sweep.dir={sweep_dir}"]
+        if len(groups) > 1:
+            extra.append(f"hydra.sweep.subdir=g{gi}-${{hydra.job.num}}")
+            print(f"gan-bench sweep: group {gi + 1}/{len(groups)}: {' '.join(group)}", flush=True)
+        if launcher:
+            extra += launch.launcher_overrides(compose(fixed + group).cluster, launcher, sweep_dir)
+
+        def job(cfg, _offset=offset):
+            return job_fn(cfg, _offset)
+
+        GlobalHydra.instance().clear()
+        sys.argv = ["bench", "-m"] + group_args + extra
+        hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(job)()
+        offset = 1 + max((int(p.stem) for p in (Path(sweep_dir) / "index").glob("*.json")), default=offset - 1)
     rows = launch.collect_index(Path(sweep_dir))
     launch.print_sweep(rows, Path(sweep_dir))
     return 0 if rows and all(r.get("state") in ("completed", "collapsed") for r in rows) else 1
+
+
+def _sweeper_params(fixed: list[str]) -> dict:
+    """hydra.sweeper.params of the composed config (an experiment's grid), as {key: "a,b,c"}."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from bench.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[a for a in fixed if not a.startswith("hydra")],
+                            return_hydra_config=True)
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    GlobalHydra.instance().clear()
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def _cluster_groups(args: list[str], fixed: list[str], launcher: str | None) -> list[list[str]]:
+    """Swept cluster.* keys (from the command line or an experiment's hydra.sweeper.params) become
+    one group of fixed overrides per combination; everything else is swept inside each group."""
+    import itertools
+
+    swept: dict[str, list[str]] = {}
+    for k, v in _sweeper_params(fixed).items():
+        if k.startswith("cluster.") and _is_sweep_value(v):
+            swept[k] = v.split(",")
+    given = {a.split("=", 1)[0] for a in args if "=" in a}
+    for k in list(swept):
+        if k in given and not _is_sweep_value(next(a for a in args if a.startswith(k + "=")).split("=", 1)[1]):
+            del swept[k]  # fixed on the command line: the command line wins, as in Hydra
+    for a in args:
+        k, _, v = a.partition("=")
+        if k.startswith("cluster.") and _is_sweep_value(v):
+            swept[k] = v.split(",")
+    if not swept:
+        return [[]]
+    if launcher != "submitit_slurm" and any(k == "cluster.nodes" and any(x.strip() != "1" for x in v)
+                                            for k, v in swept.items()):
+        raise UsageError(f"cluster.nodes={','.join(swept['cluster.nodes'])}: several nodes need "
+                         "hydra/launcher=submitit_slurm; add cluster.nodes=1 to run the rest of the grid here")
+    for a in list(args):
+        if a.split("=", 1)[0] in swept:
+            args.remove(a)
+    keys = list(swept)
+    return [[f"{k}={v.strip()}" for k, v in zip(keys, combo)] for combo in itertools.product(*swept.values())]
+
+
+def _prepare_shared_files(cfg) -> None:
+    """Make what every job of a sweep would otherwise build at once: the built-in dataset's shards and,
+    when jobs evaluate with the domain extractor, its classifier."""
+    from bench import data as bdata
+
+    shards = cfg.data.shards
+    if not shards and cfg.data.name == "shapes":
+        shards = str(bdata.default_shards(cfg.data.resolution, num_samples=cfg.data.num_samples, seed=0))
+    if shards and (cfg.eval.every or cfg.eval.final) and cfg.eval.extractor == "domain" \
+            and not cfg.eval.classifier_path:
+        from bench.evaluate import ensure_classifier
+
+        ensure_classifier(shards, cfg.data.resolution)
 
 
 def cmd_throughput(args: list[str]) -> int:
@@ -238,6 +328,75 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
           f"{out['step_ms']:.0f} ms/step ({split}) | {tflops:.3f} TFLOP/s = {100 * (out['mfu'] or 0):.1f}% of "
           f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB", file=sys.stderr, flush=True)
     return out
+
+
+def _split_run_args(args: list[str], extra_keys: tuple[str, ...]) -> tuple[dict, list[str]]:
+    special, rest = {}, []
+    for a in args:
+        key = a.split("=", 1)[0]
+        if key in extra_keys and "=" in a:
+            special[key] = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return special, rest
+
+
+def _existing_run(special: dict, command: str) -> Path:
+    if "run" not in special:
+        raise UsageError(f"bench {command} needs run=DIR (a run directory written by bench train)")
+    run_dir = Path(special["run"])
+    if not (run_dir / "config.yaml").exists():
+        raise UsageError(f"run={run_dir}: not a gan-bench run directory (no config.yaml)")
+    return run_dir
+
+
+def cmd_eval(args: list[str]) -> int:
+    """`bench eval train-classifier data.shards=...` or `bench eval run=DIR [which=best|last] [eval.*=...]`."""
+    if args and args[0] == "train-classifier":
+        from bench.classifier import train_classifier
+
+        cfg = compose(args[1:])
+        shards = cfg.data.shards
+        if not shards:
+            from bench import data as bdata
+
+            shards = str(bdata.default_shards(cfg.data.resolution, num_samples=cfg.data.num_samples))
+        info = train_classifier(shards, resolution=cfg.data.resolution)
+        print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "class_names"},
+                         indent=2, default=str))
+        return 0
+    from bench.evaluate import eval_run
+
+    special, rest = _split_run_args(args, ("run", "which"))
+    run_dir = _existing_run(special, "eval")
+    _check_overrides_are_eval(rest, "eval")
+    eval_run(run_dir, rest, which=special.get("which", "best"))
+    return 0
+
+
+def _check_overrides_are_eval(rest: list[str], command: str) -> None:
+    from bench.config import EvalCfg
+
+    for o in rest:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not key.startswith("eval.") or key[5:] not in EvalCfg.__dataclass_fields__:
+            raise UsageError(f"bench {command}: {o!r} is not an eval.* override; valid keys: "
+                             + ", ".join(f"eval.{k}" for k in EvalCfg.__dataclass_fields__))
+
+
+def cmd_truncation(args: list[str]) -> int:
+    """`bench truncation run=DIR psi=[0.25,0.5,1.0] [eval.*=...]`: metrics per psi, CSV and plots."""
+    from bench.evaluate import truncation_sweep
+
+    special, rest = _split_run_args(args, ("run", "psi", "which"))
+    run_dir = _existing_run(special, "truncation")
+    _check_overrides_are_eval(rest, "truncation")
+    try:
+        psis = [float(p) for p in special.get("psi", "[0.25,0.5,0.75,1.0,1.5]").strip("[]").split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"psi={special['psi']!r}: give a list of numbers, e.g. 'psi=[0.25,0.5,1.0]'") from None
+    truncation_sweep(run_dir, psis, overrides_cfg=rest, which=special.get("which", "best"))
+    return 0
 
 
 def cmd_inspect(args: list[str]) -> int:
@@ -325,7 +484,14 @@ def cmd_data(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "data": cmd_data, "throughput": cmd_throughput}
+def cmd_report(args: list[str]) -> int:
+    from bench import report  # reads run directories only: no torch import
+
+    return report.main(args)
+
+
+COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "data": cmd_data, "throughput": cmd_throughput,
+            "eval": cmd_eval, "truncation": cmd_truncation, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ class TrainCfg:
     steps: int = 300
     batch_size: int = 32
     global_batch: Optional[int] = None
+    kimg: Optional[float] = None
     accumulate: int = 1
     d_steps: int = 1
     precision: str = "bf16"
@@ -122,14 +124,27 @@ class EmaCfg:
 @dataclass
 class EvalCfg:
     every: int = 0
+    final: bool = False
+    psi_sweep: list = field(default_factory=list)
     num_samples: int = 5000
     extractor: str = "domain"
     weights_path: Optional[str] = None
+    best_metric: str = "eval/FID"
+    batch_size: int = 64
+    standing_stats: int = 0
+    truncation: Optional[float] = None
+    trunc_mode: str = "resample"
+    precision: str = "auto"
+    num_real: Optional[int] = None
+    cache_dir: Optional[str] = None
+    classifier_path: Optional[str] = None
+    seed: int = 0
 
 
 @dataclass
 class TelemetryCfg:
     sigma_every: int = 50
+    mfu: bool = True
     sigma_k: int = 3
     collapse_sigma_factor: float = 2.0
     collapse_window: int = 50
@@ -277,7 +292,19 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
                 f"train.accumulate={cfg.train.accumulate}; use a multiple of {per_step}"
             )
         cfg.train.batch_size = cfg.train.global_batch // per_step
+    if cfg.train.kimg is not None:
+        _positive("train.kimg", cfg.train.kimg)
+        effective = cfg.train.batch_size * world_size * cfg.train.accumulate
+        cfg.train.steps = max(1, math.ceil(cfg.train.kimg * 1000 / effective))
     parse_sigma_clamp(cfg.reg.sigma_clamp)
+    _choice("eval.extractor", cfg.eval.extractor, ("domain", "inception"))
+    _choice("eval.trunc_mode", cfg.eval.trunc_mode, ("resample", "clip", "scale"))
+    _choice("eval.best_metric", cfg.eval.best_metric, ("eval/FID", "eval/KID", "eval/IS", "eval/precision",
+                                                       "eval/recall", "eval/class_acc"))
+    _positive("eval.num_samples", cfg.eval.num_samples)
+    for psi in cfg.eval.psi_sweep:
+        if psi is not None and (not isinstance(psi, (int, float)) or psi <= 0):
+            raise ConfigError(f"eval.psi_sweep={list(cfg.eval.psi_sweep)}: use positive numbers (null = no truncation)")
     _choice("throughput.data", cfg.throughput.data, ("fake", "shards"))
     _positive("throughput.steps", cfg.throughput.steps)
     _positive("throughput.warmup", cfg.throughput.warmup, allow_zero=True)

@@ -97,12 +97,17 @@ def setup_distributed() -> tuple[int, int]:
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     import submitit
 
+    import torch
+
     env = submitit.JobEnvironment()
     if env.num_tasks > 1:
-        import torch
-
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True)
+    if not torch.cuda.is_available():
+        # CPU ranks sharing a node: give each its own cores (oversubscribed OpenMP threads spin and crawl).
+        per_node = max(1, env.num_tasks // max(1, env.num_nodes))
+        cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // per_node)
+        torch.set_num_threads(cores)
     return env.global_rank, env.num_tasks
 
 

@@ -160,7 +160,9 @@ class Records:
             return
         for sub in ("checkpoints", "samples", "tb"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.truncate_after(resume_step)
+        self.truncate_after(self.metrics_path, resume_step)
+        # evaluations made during training after the checkpoint are redone; `bench eval` records stay
+        self.truncate_after(self.dir / "evals.jsonl", resume_step, keep=lambda r: r.get("source") == "bench eval")
         self._metrics = open(self.metrics_path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -169,18 +171,20 @@ class Records:
         except Exception as exc:  # tensorboard missing or broken: the JSONL records are the contract
             print(f"warning: TensorBoard disabled ({exc})", file=sys.stderr)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop metrics lines after the resumed step, so a resumed run never duplicates a tick."""
-        if not self.metrics_path.exists():
+    @staticmethod
+    def truncate_after(path: Path, step: int, keep=lambda rec: False) -> None:
+        """Drop JSONL lines after the resumed step, so a resumed run never duplicates a record."""
+        if not path.exists():
             return
         kept = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in path.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a half-written last line from a killed process
-        atomic_write_text(self.metrics_path, "".join(l + "\n" for l in kept))
+            if rec.get("step", 0) <= step or keep(rec):
+                kept.append(line)
+        atomic_write_text(path, "".join(l + "\n" for l in kept))
 
     def write_json(self, name: str, obj: dict) -> None:
         if self.enabled:
@@ -303,6 +307,7 @@ class Trainer:
         tc = cfg.telemetry
         self.collapse = telemetry.CollapseDetector(tc.collapse_sigma_factor, tc.collapse_window,
                                                    tc.collapse_loss_gap, tc.collapse_fid_factor, tc.collapse_warmup)
+        self.best = None  # {"metric", "value", "step"} of the best evaluation so far
         self.consecutive_nonfinite = 0
         self.step_had_nonfinite = False
         self.nonfinite_total = 0
@@ -364,7 +369,7 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "collapse": self.collapse.state_dict(),
             "hist_avg": {k: h.state_dict() for k, h in self.hist_avg.items()} if self.hist_avg else None,
-            "nonfinite_total": self.nonfinite_total, "rollbacks": self.rollbacks,
+            "nonfinite_total": self.nonfinite_total, "rollbacks": self.rollbacks, "best": self.best,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -393,6 +398,7 @@ class Trainer:
             for k, h in self.hist_avg.items():
                 h.load_state_dict(s["hist_avg"][k])
         self.nonfinite_total = int(s.get("nonfinite_total", 0))
+        self.best = s.get("best")
         self.rollbacks = int(s.get("rollbacks", 0))
 
     def save_checkpoint(self) -> Path | None:
@@ -421,6 +427,40 @@ class Trainer:
         if not self.quiet and self.is_main:
             print(f"resuming from {path} at step {self.step}", flush=True)
         return self.step
+
+    # -- evaluation --
+    def run_eval(self) -> dict | None:
+        """Rank 0 evaluates the EMA G (torch-fidelity), appends to evals.jsonl, keeps checkpoints/best.pt
+        for eval.best_metric, and feeds FID to the collapse detector; the other ranks wait."""
+        from bench.evaluate import LOWER_IS_BETTER, append_eval, eval_settings, evaluate_generator
+
+        rec = None
+        if self.is_main:
+            t0 = time.perf_counter()
+            metrics = evaluate_generator(self.G_ema, shards_spec=self.shards_spec, n_classes=self.n_data_classes,
+                                         device=self.device, progress=not self.quiet, **eval_settings(self.cfg))
+            rec = append_eval(self.run_dir, self.step, metrics)
+            name = self.cfg.eval.best_metric
+            value = metrics.get(name)
+            if value is not None and value == value:
+                better = (self.best is None or (value < self.best["value"] if name in LOWER_IS_BETTER
+                                                else value > self.best["value"]))
+                if better:
+                    self.best = {"metric": name, "value": value, "step": self.step}
+                    ckpt_dir = self.run_dir / "checkpoints"
+                    ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_torch_save(self.state_dict(), ckpt_dir / "best.pt")
+            if "eval/FID" in metrics:
+                reason = self.collapse.update_fid(self.step, metrics["eval/FID"])
+                if reason and not self.quiet:
+                    print(f"collapse detected at step {self.step}: {reason}", flush=True)
+            if not self.quiet:
+                shown = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items()
+                                 if k.startswith("eval/") and isinstance(v, float))
+                print(f"eval at step {self.step} ({metrics.get('extractor')}, {metrics.get('num_samples')} samples, "
+                      f"{time.perf_counter() - t0:.0f} s): {shown}", flush=True)
+        self.acc.wait_for_everyone()
+        return rec
 
     # -- samples --
     def save_samples(self) -> Path | None:
@@ -544,6 +584,8 @@ class Trainer:
                 torch.distributed.all_reduce(x)
                 return x
         collector = telemetry.Collector(self.device, reduce_fn)
+        if self.is_main:
+            self._flop_budget()  # FLOP count and device peak for perf/mfu, outside the timed ticks
         self._restart_data()
         tick_t0 = time.perf_counter()
         tick_steps = 0
@@ -580,6 +622,9 @@ class Trainer:
                         self._restart_data()  # keeps resumed runs on the same data stream
                 if (t.sample_every and self.step % t.sample_every == 0) or last:
                     self.save_samples()
+                if (cfg.eval.every and self.step % cfg.eval.every == 0) or \
+                        (last and not interrupted and (cfg.eval.every or cfg.eval.final)):
+                    self.run_eval()
             self.train_seconds = time.perf_counter() - run_t0
 
     def _train_step(self, plan: list[Phase], watch) -> None:
@@ -734,10 +779,10 @@ class Trainer:
             raise Diverged("training diverged before the first checkpoint (non-finite steps); nothing to roll "
                            "back to: lower the learning rates or set train.ckpt_every lower")
         keep = (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.nonfinite_total,
-                self.rollbacks)
+                self.rollbacks, self.best)
         self.load_state_dict(state)
         (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.nonfinite_total,
-         self.rollbacks) = keep
+         self.rollbacks, self.best) = keep
         self.zgen.manual_seed(self.cfg.train.seed * 1000 + self.rank + 1 + 7919 * self.rollbacks)
         telemetry.report("stability/rollbacks", float(self.rollbacks))
         if self.is_main and not self.quiet:
@@ -757,6 +802,10 @@ class Trainer:
         for name in ("data", "D", "G", "reg", "telemetry"):
             row[f"time/{name}_ms"] = 1000.0 * times.get(name, 0.0) / steps
         row["mem/peak_gb"] = telemetry.peak_memory_gb(self.device)
+        flop_per_step, peak = self._flop_budget() if self.is_main else (None, 0.0)
+        if flop_per_step:
+            row["perf/tflops"] = flop_per_step * steps / tick_s / 1e12  # per process
+            row["perf/mfu"] = row["perf/tflops"] / peak if peak == peak and peak > 0 else float("nan")
         row["batch/effective"] = eff_batch
         row["batch/per_device"] = t.batch_size
         row["dist/world_size"] = self.world
@@ -778,6 +827,26 @@ class Trainer:
                               if k in row)
             print(f"step {self.step:>6d}/{t.steps} | {row['throughput/img_per_s']:7.1f} img/s | "
                   f"{row['time/step_ms']:7.1f} ms/step | {losses} | ETA {telemetry.format_eta(eta)}", flush=True)
+
+    def _flop_budget(self) -> tuple[float | None, float]:
+        """(FLOP per optimiser step of this process, peak TFLOP/s of its device), worked out once:
+        FLOPs counted with torch.utils.flop_counter on copies of G and D, the peak from the GPU table or a
+        cached CPU matmul measurement. telemetry.mfu=false skips it."""
+        if getattr(self, "_flops_cache", None) is None:
+            self._flops_cache = (None, float("nan"))
+            if self.cfg.telemetry.mfu:
+                import copy
+
+                t = self.cfg.train
+                try:
+                    f = telemetry.step_flops(copy.deepcopy(self.G), copy.deepcopy(self.D), batch=2,
+                                             n_classes=self.n_data_classes, device=self.device)
+                    peak, _ = telemetry.peak_tflops(self.device, t.precision)
+                    self._flops_cache = ((f["D_step"] * t.d_steps + f["G_step"]) * t.batch_size * t.accumulate, peak)
+                except Exception as exc:  # MFU is telemetry: a model the counter cannot trace still trains
+                    print(f"warning: FLOP count failed ({exc.__class__.__name__}: {exc}); no perf/mfu",
+                          file=sys.stderr)
+        return self._flops_cache
 
     def param_checksum(self) -> str:
         """A digest of every G and D parameter's bytes: equal on every rank when training is in sync."""
@@ -807,7 +876,7 @@ class Trainer:
             "effective_batch": t.batch_size * self.world * t.accumulate,
             "world_size": self.world,
             "final": {k: v for k, v in row.items() if k.startswith(("loss/", "D/"))},
-            "best": {},
+            "best": self.best or {},
             "collapse_step": self.collapse.collapse_step,
             "collapse_reason": self.collapse.reason,
             "nonfinite_skipped": self.nonfinite_total,

@@ -1,0 +1,337 @@
+"""`bench report`: tables and plots from real run directories (a 2x2 sweep of short tiny runs with
+evaluations, sigma telemetry and collapse flags, plus a truncation curve), unfinished runs, bad input.
+Every number in the tables is re-derived here from the run files. About 30 s on 2 CPUs."""
+import csv
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench import report
+from bench.cli import main
+from conftest import TINY
+
+BENCH = [sys.executable, "-m", "bench.cli"]
+# One math thread per process: on a 2-core machine shared with other work, torch's default of one busy-waiting
+# thread per core made these tiny runs 8x slower (71 s instead of 9 s for the sweep).
+def env():
+    """Read at call time: conftest's session fixture points GAN_BENCH_CACHE at a temp folder first."""
+    assert "GAN_BENCH_CACHE" in os.environ
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SWEEP_PLOTS = ("throughput.png", "losses.png", "sigma.png", "evals.png", "truncation.png", "ablation.png")
+SWEEP_TABLES = ("report.md", "runs.csv", "scaling.csv", "evals.csv", "truncation.csv", "ablation.csv")
+PSI = [0.5, 1.0]
+
+
+def bench(args, timeout=300):
+    proc = subprocess.run(BENCH + args, capture_output=True, text=True, timeout=timeout, env=env())
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_jsonl(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def num(cell):
+    return None if cell == "" else float(cell)
+
+
+def assert_png(path, min_side=300):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= min_side and height >= min_side / 2, (path, width, height)
+    assert len(data) > 10_000, (path, len(data))  # axes, lines and text, not an empty canvas
+    with Image.open(path) as im:
+        im.verify()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real 2x2 sweep through Hydra's basic launcher: batch 4 / 8 x collapse loss gap 0.01 (every tick after
+    the 2-step warm-up is flagged) / 50; 6 steps, sigma every 2 steps, evaluations at steps 3 and 6 with the
+    domain extractor; then a truncation curve of one run."""
+    root = tmp_path_factory.mktemp("report")
+    shards = root / "shapes32"
+    # shards and a small domain classifier beside them (the evaluations' feature extractor)
+    code = ("import sys; from bench.data import make_shards; from bench.classifier import train_classifier; "
+            "make_shards(sys.argv[1], source='shapes', resolution=32, num_samples=240, samples_per_shard=60, seed=0, "
+            "progress=False); "
+            "train_classifier(sys.argv[1], epochs=2, max_seconds=20, width=8, holdout=0.2, progress=False)")
+    proc = subprocess.run([sys.executable, "-c", code, str(shards)], capture_output=True, text=True, timeout=300,
+                          env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dir = root / "sweep"
+    bench(["train", "-m", "train.batch_size=4,8", "telemetry.collapse_loss_gap=0.01,50", f"data.shards={shards}",
+           f"hydra.sweep.dir={sweep_dir}", *TINY, "train.steps=6", "telemetry.collapse_warmup=2",
+           "telemetry.sigma_every=2", "eval.every=3", "eval.num_samples=40", "eval.batch_size=40",
+           "train.sample_every=0", "train.ckpt_every=0"])
+    jobs = json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+    assert len(jobs) == 4 and all(j["state"] == "completed" for j in jobs)
+    trunc_run = Path(jobs[-1]["run_dir"])  # batch 8, gap 50
+    bench(["truncation", f"run={trunc_run}", f"psi=[{','.join(map(str, PSI))}]", "eval.num_samples=40",
+           "eval.batch_size=40"])
+    return sweep_dir
+
+
+def test_import_pulls_in_neither_torch_nor_matplotlib():
+    code = ("import sys, bench.report; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'hydra', 'omegaconf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_sweep_report_writes_every_table_and_plot(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", str(sweep), f"out={out}"]) == 0
+    printed = capsys.readouterr().out
+    for name in SWEEP_TABLES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 100, name
+    for name in SWEEP_PLOTS:
+        assert_png(out / name)
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert str(out) in printed and "report.md" in printed and "batch_size=8 collapse_loss_gap=50" in printed
+    md = (out / "report.md").read_text()
+    for name in SWEEP_PLOTS:
+        assert f"![{name}]({name})" in md
+    assert "Swept (index overrides): `train.batch_size`, `telemetry.collapse_loss_gap`" in md
+    assert "not written" not in md and "Not finished" not in md
+    assert not list(sweep.glob("report"))  # out= was honoured: nothing in the sweep itself
+
+    # the default output folder is DIR/report
+    assert main(["report", str(sweep)]) == 0
+    assert (sweep / "report" / "report.md").is_file()
+
+
+def test_tables_match_the_run_files(sweep, tmp_path):
+    out = tmp_path / "out"
+    assert main(["report", str(sweep), f"out={out}"]) == 0
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    rows = read_csv(out / "runs.csv")
+    assert [r["dir"] for r in rows] == [j["run_dir"] for j in jobs]
+    for job, row in zip(jobs, rows):
+        run = Path(job["run_dir"])
+        summary = json.loads((run / "summary.json").read_text())
+        ticks = read_jsonl(run / "metrics.jsonl")
+        overrides = dict(o.split("=", 1) for o in job["overrides"])
+        assert row["run"] == f"batch_size={overrides['train.batch_size']} " \
+                             f"collapse_loss_gap={overrides['telemetry.collapse_loss_gap']}"
+        assert row["swept:train.batch_size"] == overrides["train.batch_size"]
+        assert row["status"] == summary["status"] == "completed" and row["finished"] == "yes"
+        assert int(row["steps"]) == summary["steps"] == 6 and int(row["target_steps"]) == 6
+        assert int(row["effective_batch"]) == summary["effective_batch"] == int(overrides["train.batch_size"])
+        assert int(row["world_size"]) == summary["world_size"] == 1
+        assert num(row["img_per_s_overall"]) == pytest.approx(summary["img_per_s"], rel=1e-12)
+        steady = [t["throughput/img_per_s"] for t in ticks][1:]  # first tick is warm-up
+        assert num(row["img_per_s"]) == pytest.approx(statistics.median(steady), rel=1e-12)
+        assert num(row["step_ms"]) == pytest.approx(statistics.median([t["time/step_ms"] for t in ticks][1:]))
+        assert num(row["peak_mem_gb"]) == pytest.approx(max(t["mem/peak_gb"] for t in ticks))
+        assert num(row["loss_D"]) == pytest.approx(ticks[-1]["loss/D"], rel=1e-12)
+        assert num(row["loss_G"]) == pytest.approx(ticks[-1]["loss/G"], rel=1e-12)
+        assert row["best_metric"] == summary["best"]["metric"] == "eval/FID"
+        assert num(row["best_value"]) == pytest.approx(summary["best"]["value"], rel=1e-12)
+        assert int(row["best_step"]) == summary["best"]["step"] and row["best_extractor"] == "domain"
+        assert int(row["evals"]) == len(read_jsonl(run / "evals.jsonl")) == 2
+        assert (int(row["collapse_step"]) if row["collapse_step"] else None) == summary["collapse_step"]
+        assert int(row["collapse_ticks"]) == sum(t.get("stability/collapse") == 1 for t in ticks)
+        if overrides["telemetry.collapse_loss_gap"] == "0.01":
+            assert summary["collapse_step"] == 3 and row["collapse_reason"].startswith("divergence")
+
+    # scaling: ideal from the smallest configuration (median img/s of the batch-4 runs), efficiency = actual / ideal
+    scaling = read_csv(out / "scaling.csv")
+    base = statistics.median(num(r["img_per_s"]) for r in rows if r["effective_batch"] == "4")
+    for s in scaling:
+        ideal = base * int(s["effective_batch"]) / 4
+        assert num(s["ideal_img_per_s"]) == pytest.approx(ideal)
+        assert num(s["efficiency"]) == pytest.approx(num(s["img_per_s"]) / ideal)
+    assert sorted(s["run"] for s in scaling) == sorted(r["run"] for r in rows)
+
+    # evals: every record, with its extractor
+    evals = read_csv(out / "evals.csv")
+    want = [e for j in jobs for e in read_jsonl(Path(j["run_dir"]) / "evals.jsonl")]
+    assert len(evals) == len(want) == 8
+    assert {e["extractor"] for e in evals} == {"domain"}
+    assert sorted(num(e["eval/FID"]) for e in evals) == pytest.approx(sorted(e["eval/FID"] for e in want))
+
+    # truncation: the one run's curve, psi as written
+    trunc = read_csv(out / "truncation.csv")
+    src = read_csv(Path(jobs[-1]["run_dir"]) / "truncation" / "truncation.csv")
+    assert [num(t["psi"]) for t in trunc] == PSI == [float(t["psi"]) for t in src]
+    assert [num(t["FID"]) for t in trunc] == pytest.approx([float(t["FID"]) for t in src])
+    assert {t["run"] for t in trunc} == {rows[-1]["run"]}
+
+    # ablation: one row per run; the headline is the best FID; collapse step and img/s as in runs.csv
+    abl = read_csv(out / "ablation.csv")
+    assert [a["run"] for a in abl] == [r["run"] for r in rows]
+    for a, r in zip(abl, rows):
+        assert a["metric"] == "best eval/FID [domain]"
+        assert (a["value"], a["collapse_step"], a["img_per_s"]) == (r["best_value"], r["collapse_step"], r["img_per_s"])
+        assert a["train.batch_size"] == r["swept:train.batch_size"]
+
+
+def test_unfinished_runs_are_marked_and_read(sweep, tmp_path, capsys):
+    """A copy of the sweep as if it were still running: no sweep.json (only index/), one run still going
+    (no summary, a half-written last metrics line), one killed (no summary), one job that failed before it
+    had a run directory."""
+    live = tmp_path / "sweep"
+    shutil.copytree(sweep, live, ignore=shutil.ignore_patterns("*.pt", "tb", "report", ".submitit"))
+    (live / "sweep.json").unlink()
+    index = sorted((live / "index").glob("*.json"), key=lambda p: int(p.stem))
+    entries = [json.loads(p.read_text()) for p in index]
+    running = live / Path(entries[0]["run_dir"]).name
+    killed = live / Path(entries[1]["run_dir"]).name
+    for run in (running, killed):
+        (run / "summary.json").unlink()
+    with open(running / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "kimg": 0.028, "loss/D": 1.')  # the writer is mid-line
+    info = json.loads((running / "run.json").read_text())
+    (running / "run.json").write_text(json.dumps(dict(info, status="running")))
+    (index[0]).write_text(json.dumps(dict(entries[0], state="running")))
+    failed_overrides = [o if not o.startswith("train.batch_size=") else "train.batch_size=3"
+                        for o in entries[0]["overrides"]]
+    (live / "index" / "9.json").write_text(json.dumps({"overrides": failed_overrides, "state": "failed",
+                                                       "run_dir": None, "error": "ConfigError: boom", "job_num": 9}))
+
+    assert main(["report", str(live)]) == 0
+    printed = capsys.readouterr().out
+    out = live / "report"
+    rows = {r["dir"]: r for r in read_csv(out / "runs.csv")}
+    assert len(rows) == 5
+    r_run, r_kill = rows[str(running)], rows[str(killed)]
+    assert (r_run["status"], r_run["finished"]) == ("running", "no")
+    assert (r_kill["status"], r_kill["finished"]) == ("unfinished", "no")
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["error"] == "ConfigError: boom" and failed[0]["steps"] == ""
+    assert failed[0]["run"] == "batch_size=3 collapse_loss_gap=0.01"
+    ticks = read_jsonl((sweep / running.name) / "metrics.jsonl")  # the complete lines
+    assert int(r_run["skipped_lines"]) == 1 and int(r_run["steps"]) == ticks[-1]["step"] == 6
+    assert num(r_run["loss_D"]) == pytest.approx(ticks[-1]["loss/D"])
+    assert r_run["img_per_s_overall"] == ""  # no summary yet
+    assert num(r_run["img_per_s"]) == pytest.approx(statistics.median(t["throughput/img_per_s"] for t in ticks[1:]))
+    # best and collapse come from evals.jsonl / the collapse flags when there is no summary
+    evals = read_jsonl(running / "evals.jsonl")
+    assert num(r_run["best_value"]) == pytest.approx(min(e["eval/FID"] for e in evals))
+    flagged = [t["step"] for t in ticks if t.get("stability/collapse") == 1]
+    assert r_run["collapse_step"] == (str(flagged[0]) if flagged else "")
+    md = (out / "report.md").read_text()
+    assert "**Not finished**" in md and "(running)" in md and "(unfinished)" in md and "(failed)" in md
+    assert "half-written" in md and "ConfigError: boom" in md
+    assert "not finished" in printed
+    for name in SWEEP_PLOTS:
+        assert_png(out / name)
+
+
+def test_single_run_and_a_folder_of_runs(sweep, tmp_path):
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    run = tmp_path / "one"
+    shutil.copytree(jobs[-1]["run_dir"], run, ignore=shutil.ignore_patterns("*.pt", "tb"))
+    assert main(["report", str(run)]) == 0
+    out = run / "report"
+    for name in ("losses.png", "sigma.png", "evals.png", "truncation.png"):
+        assert_png(out / name)
+    for name in ("throughput.png", "ablation.png"):  # one run: nothing to scale, nothing to compare
+        assert not (out / name).exists()
+    md = (out / "report.md").read_text()
+    assert "_throughput.png not written: only one effective batch size (8)" in md
+    assert "`ablation.png`: one run" in md
+    assert read_csv(out / "runs.csv")[0]["run"] == "one"
+
+    # a plain folder of runs, no sweep index: the swept key comes from diffing config.yaml
+    folder = tmp_path / "runs"
+    for j in jobs:
+        if j["overrides"].count("telemetry.collapse_loss_gap=50"):
+            shutil.copytree(j["run_dir"], folder / "nested" / Path(j["run_dir"]).name,
+                            ignore=shutil.ignore_patterns("*.pt", "tb"))
+    (folder / "notes").mkdir()
+    assert main(["report", str(folder)]) == 0
+    rows = read_csv(folder / "report" / "runs.csv")
+    assert sorted(r["run"] for r in rows) == ["batch_size=4", "batch_size=8"]
+    assert "Swept (config.yaml diff): `train.batch_size`" in (folder / "report" / "report.md").read_text()
+    assert_png(folder / "report" / "throughput.png")
+    assert_png(folder / "report" / "ablation.png")
+
+
+def test_a_failing_plot_leaves_no_partial_file(sweep, tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "out"
+    assert main(["report", str(sweep), f"out={out}"]) == 0
+    real_savefig = Figure.savefig
+
+    def half_then_fail(self, fname, *a, **k):
+        if "sigma" in str(fname):
+            Path(fname).write_bytes(PNG_SIGNATURE + b"half")
+            raise OSError(28, "No space left on device")
+        return real_savefig(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    assert main(["report", str(sweep), f"out={out}"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: sigma.png not written" in err
+    assert not (out / "sigma.png").exists()  # neither the half file nor the previous report's plot
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert "`sigma.png`: failed: OSError" in (out / "report.md").read_text()
+    for name in set(SWEEP_PLOTS) - {"sigma.png"}:
+        assert_png(out / name)
+
+
+def test_bad_dir_is_one_error_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "no-such-sweep"
+    empty = tmp_path / "empty"
+    (empty / "sub" / "deeper").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not a run")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for args, words in (([str(missing)], [str(missing), "does not exist", "run directory"]),
+                        ([str(empty)], [str(empty), "no run directories", "run.json"]),
+                        ([str(a_file)], [str(a_file), "not a directory"]),
+                        ([], ["missing DIR"]),
+                        ([str(empty), "colour=red"], ["unknown argument", "colour=red"])):
+        assert main(["report", *args]) == 2, args
+        cap = capsys.readouterr()
+        lines = cap.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
+        assert all(w in lines[0] for w in words), (lines[0], words)
+        assert "Traceback" not in cap.err + cap.out
+    assert not (empty / "report").exists()
+    # the console entry point too (no traceback, exit code 2)
+    proc = subprocess.run(BENCH + ["report", str(missing)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_scaling_table_and_labels_from_synthetic_rows():
+    rows = [{"run": n, "status": "completed", "finished": True, "effective_batch": b, "world_size": w,
+             "batch_size": b // w, "accumulate": 1, "img_per_s": ips, "img_per_s_per_device": ips / w,
+             "step_ms": None, "mfu": None, "peak_mem_gb": None}
+            for n, b, w, ips in (("a", 8, 1, 100.0), ("b", 16, 2, 180.0), ("c", 32, 4, 320.0), ("d", 16, 1, 150.0))]
+    table = report.scaling_table(rows)
+    assert [t["run"] for t in table] == ["a", "d", "b", "c"]
+    assert [t["ideal_img_per_s"] for t in table] == [100.0, 200.0, 200.0, 400.0]
+    assert [t["efficiency"] for t in table] == pytest.approx([1.0, 0.75, 0.9, 0.8])
+
+    # choosing a model group changes many config keys the same way: only the first one labels the runs
+    runs = [report.Run(path=Path(f"/r/{i}"), name=str(i),
+                       config={"model.family": fam, "model.attn": attn, "train.batch_size": b, "run.dir": f"/r/{i}"})
+            for i, (fam, attn, b) in enumerate((("biggan", "[16]", 8), ("sagan", "[8]", 8), ("sagan", "[8]", 16)))]
+    keys, source = report.swept_keys(runs)
+    assert (keys, source) == (["model.family", "train.batch_size"], "config.yaml diff")
+    report.assign_labels(runs, keys)
+    assert [r.label for r in runs] == ["family=biggan batch_size=8", "family=sagan batch_size=8",
+                                       "family=sagan batch_size=16"]
