@@ -314,7 +314,7 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
                                  n_classes=trainer.n_data_classes, device=trainer.device)
     flop_per_step = (flops["D_step"] * t.d_steps + flops["G_step"]) * t.batch_size * t.accumulate
     r = trainer.benchmark(cfg.throughput.warmup, cfg.throughput.steps, fake_data=cfg.throughput.data == "fake")
-    peak, source = telemetry.peak_tflops(trainer.device, t.precision)
+    peak, source = telemetry.peak_tflops(trainer.device, t.precision, remeasure=True)
     tflops = flop_per_step * r["steps"] / r["seconds"] / 1e12  # per process
     out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,
            "batch_size": t.batch_size, "accumulate": t.accumulate, "d_steps": t.d_steps, "precision": t.precision,
