@@ -75,6 +75,11 @@ def launcher_overrides(cluster, launcher: str, sweep_dir: str) -> list[str]:
         if cluster.qos:
             o["qos"] = cluster.qos
     out = [f"hydra.launcher.{k}={_hydra_value(v)}" for k, v in o.items()]
+    if launcher == "submitit_local":
+        # submitit's local executor starts every job at once; hand it as many as the cores hold
+        # (each rank gets cluster.cpus_per_task threads, see setup_distributed).
+        os.environ["GAN_BENCH_CPUS_PER_TASK"] = str(cluster.cpus_per_task)
+        out.append(f"hydra.sweeper.max_batch_size={max(1, (os.cpu_count() or 1) // (tasks * cluster.cpus_per_task))}")
     if launcher == "submitit_slurm" and cluster.setup:
         out.append("hydra.launcher.setup=[" + ",".join(_hydra_value(str(s)) for s in cluster.setup) + "]")
     return out
@@ -106,7 +111,8 @@ def setup_distributed() -> tuple[int, int]:
     if not torch.cuda.is_available():
         # CPU ranks sharing a node: give each its own cores (oversubscribed OpenMP threads spin and crawl).
         per_node = max(1, env.num_tasks // max(1, env.num_nodes))
-        cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // per_node)
+        cores = (int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or int(os.environ.get("GAN_BENCH_CPUS_PER_TASK", 0))
+                 or max(1, (os.cpu_count() or 1) // per_node))
         torch.set_num_threads(cores)
     return env.global_rank, env.num_tasks
 

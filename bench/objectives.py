@@ -126,6 +126,15 @@ class HistoricalAverage:
         self.count = int(s["count"])
 
 
+def _batch_dependent(net: torch.nn.Module) -> bool:
+    """True when some layer of `net` mixes the samples of a batch (BatchNorm in training, minibatch
+    discrimination / stddev): then real and fake batches must not share a forward pass."""
+    from models.layers import MinibatchDiscrimination, MinibatchStdDev, VirtualBatchNorm2d
+
+    kinds = (torch.nn.modules.batchnorm._BatchNorm, MinibatchDiscrimination, MinibatchStdDev, VirtualBatchNorm2d)
+    return any(isinstance(m, kinds) for m in net.modules())
+
+
 class GANObjective:
     """Computes and backpropagates one micro-batch of a phase.
 
@@ -147,13 +156,20 @@ class GANObjective:
         self.backward = backward
         self.autocast = autocast
         self.last_real = None  # (real, y) of the latest D phase, for feature matching
+        # Real and fake go through D as one batch (bigger, faster kernels; one spectral-norm power
+        # iteration per D step, as BigGAN-PyTorch does) unless a D layer looks across the batch.
+        self.joint_d = not _batch_dependent(D)
 
     def d_phase(self, real: Tensor, y_real: Tensor, z: Tensor, y_fake: Tensor, d_step: int, gen=None) -> Tensor:
         with self.autocast():
             with torch.no_grad():
                 fake = self.G(z, y_fake)
-            real_logits = self.D(real, y_real).float()
-            fake_logits = self.D(fake, y_fake).float()
+            if self.joint_d and real.shape[1:] == fake.shape[1:]:
+                logits = self.D(torch.cat([real, fake]), torch.cat([y_real, y_fake])).float()
+                real_logits, fake_logits = logits.split([real.shape[0], fake.shape[0]])
+            else:
+                real_logits = self.D(real, y_real).float()
+                fake_logits = self.D(fake, y_fake).float()
             if self.real_target < 1.0 or self.label_noise > 0.0:
                 flip = None
                 if self.label_noise > 0.0:
