@@ -114,6 +114,9 @@ def setup_distributed() -> tuple[int, int]:
         cores = (int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or int(os.environ.get("GAN_BENCH_CPUS_PER_TASK", 0))
                  or max(1, (os.cpu_count() or 1) // per_node))
         torch.set_num_threads(cores)
+        # accelerate (MULTI_CPU) would otherwise set physical cores / local ranks threads per rank,
+        # counting each Slurm "node" on its own even when nodes share a machine.
+        os.environ.setdefault("OMP_NUM_THREADS", str(cores))
     return env.global_rank, env.num_tasks
 
 

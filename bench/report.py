@@ -15,7 +15,7 @@ files hold so far, and their status says so; a half-written last line of a JSONL
 Outputs (default DIR/report/), each written atomically (temp file, then os.replace):
   report.md       every table below, the plots, and which plots were skipped and why
   runs.csv        one row per run: status, steps, batch, world size, img/s, timing, losses, best metric, collapse
-  scaling.csv     throughput against effective batch, ideal linear scaling and efficiency
+  scaling.csv     throughput against effective batch, ideal linear scaling in devices and efficiency
   evals.csv       every evaluation record, with its feature extractor
   truncation.csv  every run's truncation curve
   ablation.csv    one row per run: its swept values, headline metric, collapse step, img/s
@@ -273,7 +273,7 @@ def _override_pairs(overrides) -> dict:
     for o in overrides or []:
         if "=" in o:
             k, v = o.split("=", 1)
-            out[k.lstrip("+~")] = v
+            out[k.lstrip("+~")] = re.sub(r"\\(.)", r"\1", v)  # Hydra escapes ':' etc. in recorded overrides
     return out
 
 
@@ -625,8 +625,8 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 
 
 def plot_throughput(table: list[dict], w: Writer) -> tuple[str | None, str | None]:
-    """img/s against effective batch (log2 x), one line per world size, ideal linear scaling from the
-    smallest configuration; scaling efficiency = actual / ideal below. `table`: scaling_table()."""
+    """img/s against effective batch (log2 x), one line per world size, dashed: ideal linear scaling in
+    devices (see scaling_table); scaling efficiency = actual / ideal below. `table`: scaling_table()."""
     batches = sorted({t["effective_batch"] for t in table})
     if len(batches) < 2:
         why = ("no img/s recorded" if not table else
@@ -649,10 +649,14 @@ def plot_throughput(table: list[dict], w: Writer) -> tuple[str | None, str | Non
                           if pts and axis is ax else None)
             axis.plot(xs, [statistics.median(t[key] for t in g if t["effective_batch"] == x) for x in xs], "-",
                       color=c, lw=1.5, label="median" if axis is ax and len(xs) < len(g) else None)
-    base = table[0]
-    xs = [batches[0], batches[-1]]
-    ax.plot(xs, [base["ideal_img_per_s"] * x / base["effective_batch"] for x in xs], "k--", lw=1,
-            label=f"ideal linear (from batch {fmt(base['effective_batch'])})")
+    # ideal linear scaling in devices: w / w0 x the same per-device work at the smallest world size
+    for world, c in zip(worlds, colors):
+        g = sorted((t for t in table if (t["world_size"] or 1) == world), key=lambda t: t["effective_batch"])
+        if world != worlds[0] and g:
+            xs = sorted({t["effective_batch"] for t in g})
+            ideal = [statistics.median(t["ideal_img_per_s"] for t in g if t["effective_batch"] == x) for x in xs]
+            ax.plot(xs, ideal, "--", color=c, lw=1,
+                    label=f"ideal for world size {world} ({world / worlds[0]:g}x world {worlds[0]})")
     ax2.axhline(1.0, color="k", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -703,16 +707,24 @@ def _int_steps(ax) -> None:
 
 
 def scaling_table(rows: list[dict]) -> list[dict]:
-    """ideal = img/s of the smallest configuration x (effective batch / its effective batch); the
-    smallest configuration is the smallest effective batch (then the smallest world size), its img/s
-    the median over the runs at that point (a sweep may repeat it with other settings)."""
-    small_b = min(r["effective_batch"] for r in rows)
-    small_w = min((r["world_size"] or 1) for r in rows if r["effective_batch"] == small_b)
-    base = statistics.median(r["img_per_s"] for r in rows
-                             if r["effective_batch"] == small_b and (r["world_size"] or 1) == small_w)
+    """Scaling in devices (weak scaling): the ideal img/s of a run with world size w is w / w0 times the
+    img/s of the same per-device work (batch_size, accumulate) at the smallest world size w0 (median
+    over repeats); with no such reference run, the smallest configuration's img/s per device x w.
+    efficiency = actual / ideal, so 1.0 means adding devices added throughput linearly."""
+    w0 = min((r["world_size"] or 1) for r in rows)
+    at_w0 = [r for r in rows if (r["world_size"] or 1) == w0]
+    small = min(at_w0, key=lambda r: (r["effective_batch"], r["run"]))
+    fallback = statistics.median(r["img_per_s"] for r in at_w0 if r["effective_batch"] == small["effective_batch"]
+                                 and r["batch_size"] == small["batch_size"]) / w0
+
+    def per_device_ref(r):
+        same = [x["img_per_s"] for x in at_w0 if x["batch_size"] == r["batch_size"]
+                and x["accumulate"] == r["accumulate"]]
+        return statistics.median(same) / w0 if same else fallback
+
     out = []
     for r in sorted(rows, key=lambda r: (r["effective_batch"], r["world_size"] or 1, r["run"])):
-        ideal = base * r["effective_batch"] / small_b
+        ideal = per_device_ref(r) * (r["world_size"] or 1)
         out.append({"run": r["run"], "status": r["status"], "finished": r["finished"],
                     "effective_batch": r["effective_batch"], "world_size": r["world_size"],
                     "batch_size": r["batch_size"], "accumulate": r["accumulate"], "img_per_s": r["img_per_s"],
@@ -1132,8 +1144,8 @@ def render_markdown(root, runs, rows, keys, key_source, scaling, records, trunc,
                        [[s["run"], _status_cell(s["status"]), s["effective_batch"], s["world_size"], s["batch_size"],
                          s["accumulate"], s["img_per_s"], s["img_per_s_per_device"], s["ideal_img_per_s"],
                          s["efficiency"], s["step_ms"], s["mfu"], s["peak_mem_gb"]] for s in scaling]), "",
-              "ideal = img/s of the smallest configuration x effective batch / its effective batch; "
-              "efficiency = actual / ideal. `scaling.csv`.", ""]
+              "ideal = world size / smallest world size x img/s of the same per-device batch and accumulation on "
+              "the smallest world size (linear scaling in devices); efficiency = actual / ideal. `scaling.csv`.", ""]
     L += _img(written, "throughput.png", skipped)
     timing = [r for r in rows if r["step_ms"] is not None]
     if timing:
