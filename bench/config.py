@@ -94,7 +94,6 @@ class TrainCfg:
     ckpt_keep: int = 2
     sample_every: int = 100
     sample_cols: int = 8
-    compile: bool = False
     nonfinite_rollback: int = 3
     max_rollbacks: int = 3
 
