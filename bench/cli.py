@@ -313,7 +313,11 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     flops = telemetry.step_flops(copy.deepcopy(trainer.G), copy.deepcopy(trainer.D), batch=min(t.batch_size, 4),
                                  n_classes=trainer.n_data_classes, device=trainer.device)
     flop_per_step = (flops["D_step"] * t.d_steps + flops["G_step"]) * t.batch_size * t.accumulate
-    r = trainer.benchmark(cfg.throughput.warmup, cfg.throughput.steps, fake_data=cfg.throughput.data == "fake")
+    fake = cfg.throughput.data == "fake"
+    windows = [trainer.benchmark(cfg.throughput.warmup if i == 0 else 0, cfg.throughput.steps, fake_data=fake)
+               for i in range(cfg.throughput.repeats)]
+    r = sorted(windows, key=lambda w: w["img_per_s"])[len(windows) // 2]  # the median window
+    r["img_per_s_windows"] = [round(w["img_per_s"], 3) for w in windows]
     peak, source = telemetry.peak_tflops(trainer.device, t.precision, remeasure=True)
     tflops = flop_per_step * r["steps"] / r["seconds"] / 1e12  # per process
     out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,

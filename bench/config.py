@@ -157,6 +157,7 @@ class TelemetryCfg:
 class ThroughputCfg:
     warmup: int = 3
     steps: int = 10
+    repeats: int = 3
     data: str = "fake"
 
 
@@ -306,6 +307,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
             raise ConfigError(f"eval.psi_sweep={list(cfg.eval.psi_sweep)}: use positive numbers (null = no truncation)")
     _choice("throughput.data", cfg.throughput.data, ("fake", "shards"))
     _positive("throughput.steps", cfg.throughput.steps)
+    _positive("throughput.repeats", cfg.throughput.repeats)
     _positive("throughput.warmup", cfg.throughput.warmup, allow_zero=True)
     if cfg.reg.sigma_penalty > 0:
         if parse_sigma_clamp(cfg.reg.sigma_target) is None:

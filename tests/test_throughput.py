@@ -1,0 +1,67 @@
+"""`bench throughput`: the JSON a user reads, checked against independent arithmetic (no timing targets)."""
+import json
+
+import pytest
+
+from bench import telemetry
+from bench.cli import main
+from conftest import TINY
+
+TINY_T = [a for a in TINY if not a.startswith("train.tick_every")]
+
+
+def run_throughput(capsys, *args):
+    assert main(["throughput", *TINY_T, "train.batch_size=4", "throughput.warmup=1", "throughput.steps=2",
+                 *args]) == 0
+    cap = capsys.readouterr()
+    return json.loads(cap.out), cap.err
+
+
+def test_throughput_reports_rates_split_flops_and_mfu(capsys):
+    out, err = run_throughput(capsys, "throughput.repeats=3")
+    assert out["batch_size"] == 4 and out["steps"] == 2 and out["precision"] == "bf16"
+    # img/s and ms/step from the median window's own seconds
+    assert out["img_per_s"] == pytest.approx(out["steps"] * 4 / out["seconds"], rel=1e-3)
+    assert out["step_ms"] == pytest.approx(1000 * out["seconds"] / out["steps"], rel=1e-3)
+    assert len(out["img_per_s_windows"]) == 3
+    assert out["img_per_s"] == pytest.approx(sorted(out["img_per_s_windows"])[1], rel=1e-3)
+    for k in ("data_ms", "D_ms", "G_ms", "reg_ms", "telemetry_ms"):
+        assert out[k] >= 0
+    assert out["D_ms"] + out["G_ms"] <= out["step_ms"] * 1.05
+    # TFLOP/s = FLOP per step x steps / seconds; MFU = TFLOP/s / peak
+    assert out["tflops"] == pytest.approx(out["GFLOP_per_step"] * 1e9 * out["steps"] / out["seconds"] / 1e12, rel=1e-3)
+    assert out["mfu"] == pytest.approx(out["tflops"] / out["peak_tflops"], rel=1e-6)
+    assert out["peak_source"].startswith("measured bf16") and out["peak_tflops"] > 0
+    assert out["peak_mem_gb"] > 0
+    assert "img/s" in err and "TFLOP/s" in err  # the terminal line
+
+
+def test_flop_count_matches_inspect(capsys):
+    """GFLOP per step = (D step x d_steps + G step) x batch x accumulate, with the per-image counts
+    that `bench inspect` prints for the same config."""
+    out, _ = run_throughput(capsys, "throughput.repeats=1", "train.d_steps=2", "train.accumulate=2")
+    assert main(["inspect", *TINY_T, "train.d_steps=2"]) == 0
+    per_img = json.loads(capsys.readouterr().out)["GFLOP_per_image"]
+    assert out["GFLOP_per_step"] == pytest.approx((per_img["D_step"] * 2 + per_img["G_step"]) * 4 * 2, rel=1e-6)
+
+
+def test_sweep_gives_one_result_per_combination(capsys):
+    out, err = run_throughput(capsys, "-m", "train.precision=bf16,fp32", "throughput.repeats=1")
+    assert [r["precision"] for r in out] == ["bf16", "fp32"]
+    assert [r["channels_last"] for r in out] == [True, False]  # auto: channels_last with bf16 on this CPU
+    assert err.count("img/s") == 2
+
+
+def test_cpu_peak_is_cached_and_keeps_the_best(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path))
+    peak, source = telemetry.peak_tflops(torch.device("cpu"), "fp32")
+    cache = json.loads((tmp_path / "cpu_peak.json").read_text())
+    (entry,) = cache.values()
+    assert peak == entry["peak"] == max(entry["matmul"], entry["conv"]) and "fp32" in source
+    # a later, lower measurement never lowers the cached peak
+    entry["peak"] = entry["conv"] = peak * 100
+    (tmp_path / "cpu_peak.json").write_text(json.dumps({next(iter(cache)): entry}))
+    again, _ = telemetry.peak_tflops(torch.device("cpu"), "fp32", remeasure=True)
+    assert again == pytest.approx(peak * 100)
