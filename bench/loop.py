@@ -309,8 +309,11 @@ class Trainer:
         self.hist_avg = ({k: HistoricalAverage(n.parameters(), cfg.reg.hist_avg) for k, n in self.nets.items()}
                          if cfg.reg.hist_avg > 0 else None)
         tc = cfg.telemetry
+        # Wasserstein critic values are unbounded distance estimates: their G-D gap says nothing about
+        # divergence, so that signal is off for loss=wgan / wgan_gp (sigma, non-finite and FID stay on).
+        loss_gap = float("inf") if cfg.loss.name in ("wgan", "wgan_gp") else tc.collapse_loss_gap
         self.collapse = telemetry.CollapseDetector(tc.collapse_sigma_factor, tc.collapse_window,
-                                                   tc.collapse_loss_gap, tc.collapse_fid_factor, tc.collapse_warmup)
+                                                   loss_gap, tc.collapse_fid_factor, tc.collapse_warmup)
         self.best = None  # {"metric", "value", "step"} of the best evaluation so far
         self.consecutive_nonfinite = 0
         self.step_had_nonfinite = False

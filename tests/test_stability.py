@@ -168,3 +168,18 @@ def test_bad_stability_keys_are_one_line_errors(tmp_path, capsys):
         assert main(["train", override, f"run.dir={tmp_path / 'x'}"]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("loss,flagged", [("hinge", True), ("wgan", False)])
+def test_loss_gap_signal_is_off_for_wasserstein_losses(tmp_path, tiny_shards, loss, flagged):
+    """A tiny loss gap flags a hinge run at the first tick after warm-up; WGAN critic values are
+    unbounded distance estimates, so the same setting does not flag a wgan run."""
+    run_dir = tmp_path / loss
+    rc = main(["train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, f"loss={loss}",
+               "train.steps=3", "train.batch_size=4", "train.d_steps=1", "telemetry.collapse_loss_gap=1e-6",
+               "telemetry.collapse_warmup=0", "telemetry.sigma_every=0"])
+    assert rc == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["collapse_step"] is not None) == flagged
+    if flagged:
+        assert summary["collapse_reason"].startswith("divergence")
