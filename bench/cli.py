@@ -293,9 +293,14 @@ def cmd_throughput(args: list[str]) -> int:
     swept = [(a.split("=", 1)[0], a.split("=", 1)[1].split(",")) for a in args if _is_sweep_value(a.split("=", 1)[-1])]
     fixed = [a for a in args if not _is_sweep_value(a.split("=", 1)[-1])]
     results = []
-    for combo in itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in swept]) if swept else [()]:
+    combos = list(itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in swept])) if swept else [()]
+    for i, combo in enumerate(combos):
+        overrides = fixed + list(combo)
+        if swept:  # one profile folder per measurement
+            overrides = [f"{a}/{i}" if a.startswith("throughput.profile=") and a.split("=", 1)[1] not in ("", "null")
+                         else a for a in overrides]
         # The trainer writes nothing here: benchmark() keeps no records and no checkpoints.
-        results.append(_throughput_one(fixed + list(combo), str(Path(tempfile.gettempdir()) / "gan-bench-throughput")))
+        results.append(_throughput_one(overrides, str(Path(tempfile.gettempdir()) / "gan-bench-throughput")))
     print(json.dumps(results if swept else results[0], indent=2))
     return 0
 
@@ -318,6 +323,8 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
                for i in range(cfg.throughput.repeats)]
     r = sorted(windows, key=lambda w: w["img_per_s"])[len(windows) // 2]  # the median window
     r["img_per_s_windows"] = [round(w["img_per_s"], 3) for w in windows]
+    if cfg.throughput.profile:
+        r["profile"] = _profile_window(trainer, cfg, Path(cfg.throughput.profile), fake)
     peak, source = telemetry.peak_tflops(trainer.device, t.precision, remeasure=True)
     tflops = flop_per_step * r["steps"] / r["seconds"] / 1e12  # per process
     out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,
@@ -332,6 +339,35 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
           f"{out['step_ms']:.0f} ms/step ({split}) | {tflops:.3f} TFLOP/s = {100 * (out['mfu'] or 0):.1f}% of "
           f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB", file=sys.stderr, flush=True)
     return out
+
+
+def _profile_window(trainer, cfg, out_dir: Path, fake: bool) -> dict:
+    """One extra window of `throughput.steps` steps under torch.profiler, after the timed windows (the
+    profiler's overhead never reaches the reported img/s). Writes ops.txt (self time by op, then by op and
+    input shape) and trace.json (chrome://tracing, Perfetto) and prints the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        trainer.benchmark(0, cfg.throughput.steps, fake_data=fake)
+    sort = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    by_op = prof.key_averages()
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    tmp = out_dir / "ops.txt.tmp"
+    tmp.write_text(f"# {cfg.throughput.steps} steps, self time by op\n{by_op.table(sort_by=sort, row_limit=40)}\n"
+                   f"# by op and input shapes\n{by_shape.table(sort_by=sort, row_limit=40)}\n")
+    tmp.replace(out_dir / "ops.txt")
+    prof.export_chrome_trace(str(out_dir / "trace.json"))
+    attr = sort
+    total = sum(getattr(e, attr) for e in by_op) or 1.0
+    conv = sum(getattr(e, attr) for e in by_op if "convolution" in e.key)
+    top = sorted(by_op, key=lambda e: getattr(e, attr), reverse=True)[:10]
+    print(f"profile ({cfg.throughput.steps} steps) -> {out_dir}/ops.txt, trace.json; convolutions "
+          f"{100 * conv / total:.0f}% of self time; top ops: "
+          + ", ".join(f"{e.key} {100 * getattr(e, attr) / total:.1f}%" for e in top), file=sys.stderr, flush=True)
+    return {"dir": str(out_dir), "conv_share": conv / total,
+            "top_ops": {e.key: getattr(e, attr) / total for e in top}}
 
 
 def _split_run_args(args: list[str], extra_keys: tuple[str, ...]) -> tuple[dict, list[str]]:

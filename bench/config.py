@@ -159,6 +159,7 @@ class ThroughputCfg:
     steps: int = 10
     repeats: int = 3
     data: str = "fake"
+    profile: Optional[str] = None
 
 
 @dataclass

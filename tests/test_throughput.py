@@ -65,3 +65,33 @@ def test_cpu_peak_is_cached_and_keeps_the_best(tmp_path, monkeypatch):
     (tmp_path / "cpu_peak.json").write_text(json.dumps({next(iter(cache)): entry}))
     again, _ = telemetry.peak_tflops(torch.device("cpu"), "fp32", remeasure=True)
     assert again == pytest.approx(peak * 100)
+
+
+def test_profile_writes_op_table_and_trace_per_sweep_point(capsys, tmp_path):
+    out, err = run_throughput(capsys, "-m", "train.precision=bf16,fp32", "throughput.repeats=1",
+                              f"throughput.profile={tmp_path}/prof")
+    for i, r in enumerate(out):
+        d = tmp_path / "prof" / str(i)
+        assert r["profile"]["dir"] == str(d)
+        table = (d / "ops.txt").read_text()
+        assert "aten::" in table and "Input Shapes" in table  # by op, then by op and shape
+        trace = json.loads((d / "trace.json").read_text())
+        assert any(e.get("name") == "aten::mkldnn_convolution" or "convolution" in e.get("name", "")
+                   for e in trace["traceEvents"])
+        shares = r["profile"]["top_ops"]
+        assert 0 < r["profile"]["conv_share"] <= 1 and all(0 <= v <= 1 for v in shares.values())
+        assert sum(shares.values()) <= 1 + 1e-6
+    assert err.count("profile (2 steps)") == 2
+
+
+def test_freed_memory_is_kept_unless_opted_out(monkeypatch):
+    """glibc only; returns whether mallopt took both settings."""
+    import platform
+
+    from bench.loop import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not a glibc system")
+    assert keep_freed_memory() is True
+    monkeypatch.setenv("GAN_BENCH_MALLOC", "default")
+    assert keep_freed_memory() is False
