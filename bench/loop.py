@@ -585,6 +585,9 @@ class Trainer:
         except Diverged as exc:
             status = "diverged"
             self.diverged_message = str(exc)
+            # A run that diverged has collapsed, whether or not a telemetry signal fired first.
+            self.collapse.flag(getattr(self, "first_nonfinite_step", None) or self.step,
+                               f"non-finite: training diverged ({self.nonfinite_total} skipped updates)")
         except KeyboardInterrupt:
             status = "interrupted"
             raise
@@ -786,6 +789,8 @@ class Trainer:
     def _nonfinite_step(self, name: str) -> None:
         self.nonfinite_total += 1
         self.step_had_nonfinite = True
+        if getattr(self, "first_nonfinite_step", None) is None:
+            self.first_nonfinite_step = self.step + 1
         if self.is_main and not self.quiet:
             print(f"warning: non-finite loss or gradient in the {name} step at step {self.step + 1}; "
                   "its update was skipped", file=sys.stderr, flush=True)
@@ -814,10 +819,11 @@ class Trainer:
             raise Diverged("training diverged before the first checkpoint (non-finite steps); nothing to roll "
                            "back to: lower the learning rates or set train.ckpt_every lower")
         keep = (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.nonfinite_total,
-                self.rollbacks, self.best)
+                self.rollbacks, self.best, self.collapse.collapse_step, self.collapse.reason)
         self.load_state_dict(state)
+        # the counters and a collapse already flagged stay: the rollback recovers, it does not undo history
         (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.nonfinite_total,
-         self.rollbacks, self.best) = keep
+         self.rollbacks, self.best, self.collapse.collapse_step, self.collapse.reason) = keep
         self.zgen.manual_seed(self.cfg.train.seed * 1000 + self.rank + 1 + 7919 * self.rollbacks)
         telemetry.report("stability/rollbacks", float(self.rollbacks))
         if self.is_main and not self.quiet:

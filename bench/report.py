@@ -9,7 +9,7 @@ DIR may be
   - a sweep directory (sweep.json, or index/*.json while the sweep still runs), or
   - any folder with run directories up to MAX_DEPTH levels below it.
 
-Unfinished runs (no summary.json, or a status other than completed) are reported with what their
+Unfinished runs (no summary.json, or a status other than completed, collapsed or diverged) are reported with what their
 files hold so far, and their status says so; a half-written last line of a JSONL file is skipped.
 
 Outputs (default DIR/report/), each written atomically (temp file, then os.replace):
@@ -38,7 +38,7 @@ from pathlib import Path
 MAX_DEPTH = 3               # folder levels searched below DIR for run directories
 RUN_MARKERS = ("run.json", "metrics.jsonl", "config.yaml", "summary.json")
 NOT_RUNS = {"checkpoints", "samples", "tb", "truncation", "index", "report", "__pycache__"}
-FINISHED = {"completed", "collapsed"}      # statuses of a run that ended as planned
+FINISHED = {"completed", "collapsed", "diverged"}  # a run that ended with a result (diverged: non-finite)
 EVAL_METRICS = ("eval/FID", "eval/IS", "eval/KID", "eval/precision", "eval/recall", "eval/class_acc")
 LOWER_IS_BETTER = {"eval/FID", "eval/KID"}
 TRUNC_COLUMNS = ("IS", "FID", "KID", "precision", "recall", "class_acc")

@@ -182,6 +182,12 @@ class CollapseDetector:
         while hist and hist[0][0] < step - self.window:
             hist.pop(0)
 
+    def flag(self, step: int, reason: str) -> str:
+        """Record a collapse found outside the detector (a run that diverged); the earliest one is kept."""
+        if self.collapse_step is not None and step < self.collapse_step:
+            self.collapse_step = None
+        return self._flag(step, reason)
+
     def _flag(self, step: int, reason: str) -> str:
         if self.collapse_step is None:
             self.collapse_step, self.reason = step, reason

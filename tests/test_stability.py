@@ -160,6 +160,33 @@ def test_nonfinite_steps_are_skipped_then_rolled_back(tmp_path, tiny_shards, cap
     assert all(torch.isfinite(v).all() for v in state["D"].values() if v.is_floating_point())
 
 
+def test_a_diverged_run_is_a_collapse_at_its_first_nonfinite_step(tmp_path, tiny_shards):
+    """NaN for good from step 3: updates are skipped, the single rollback does not help, the run ends as
+    'diverged' with the collapse step at the first skipped update, and `bench report` counts it as a
+    finished run (a result of the ablation, not a run still to come)."""
+    from bench import report
+    from bench.cli import compose
+    from bench.config import validate
+    from bench.loop import Trainer
+
+    cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=12", "train.batch_size=4",
+                            "train.ckpt_every=2", "train.nonfinite_rollback=2", "train.max_rollbacks=1",
+                            "telemetry.collapse_warmup=100"]))  # the detector is still warming up
+
+    class NaNData(Trainer):
+        def _next_batch(self):
+            x, y = super()._next_batch()
+            return (x * float("nan") if self.step >= 2 else x), y
+
+    summary = NaNData(cfg, tmp_path / "div").run()
+    assert summary["status"] == "diverged" and summary["steps"] < 12
+    assert summary["collapse_step"] == 3  # step 3 is the first whose D update was skipped
+    assert summary["collapse_reason"].replace("-", "").startswith("nonfinite")
+    result = report.build_report(tmp_path, tmp_path / "report")
+    (run,) = result["runs"]
+    assert run.finished and run.status == "diverged"
+
+
 def test_bad_stability_keys_are_one_line_errors(tmp_path, capsys):
     for override, needle in (("reg.sigma_clamp=ratio:x", "reg.sigma_clamp"),
                              ("loss.real_target=0.9", "loss=ns"),
