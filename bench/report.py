@@ -969,14 +969,22 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
 
     abl = [{**a, **{k: ("(unset)" if a.get(k) in ("", None) else a[k]) for k in keys}} for a in abl]
     if keys:
-        row_keys, col_key = keys[:-1], keys[-1]
-        rlabels = list(dict.fromkeys(" ".join(f"{k}={a[k]}" for k in row_keys) for a in abl))
-        clabels = sorted(dict.fromkeys(a[col_key] for a in abl), key=_natural)
+        row_keys, col_keys = _matrix_axes(abl, keys)
+        col_key = " x ".join(col_keys)
+
+        def clabel(a):
+            return str(a[col_keys[0]]) if len(col_keys) == 1 else " ".join(f"{_short(k)}={a[k]}" for k in col_keys)
+
+        def rlabel(a):
+            return " ".join(f"{k}={a[k]}" for k in row_keys)
+
+        rlabels = list(dict.fromkeys(rlabel(a) for a in abl))
+        clabels = sorted(dict.fromkeys(clabel(a) for a in abl), key=_natural)
         if len(rlabels) > 1:
             rlabels = sorted(rlabels, key=_natural)
         cells = {}
         for a in abl:
-            cells.setdefault((" ".join(f"{k}={a[k]}" for k in row_keys), a[col_key]), []).append(a)
+            cells.setdefault((rlabel(a), clabel(a)), []).append(a)
         if any(len(v) > 1 for v in cells.values()):  # repeated points: fall back to one cell per run
             keys = []
     if not keys:
@@ -1022,6 +1030,35 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
     ax.set_title(f"Ablation: {title}, collapse step, throughput", fontsize=10)
     w.figure("ablation.png", fig)
     return "ablation.png", None
+
+
+def _short(key: str) -> str:
+    """The last part of a dotted key (column labels of a matrix with several column keys)."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _matrix_axes(abl: list[dict], keys: list[str]) -> tuple[list[str], list[str]]:
+    """Which swept keys make the rows and which the columns of the ablation matrix. Up to two keys:
+    rows = the first, columns = the last. More: the split (keys in their order on each axis) whose grid is
+    closest to square in inches (a cell is ~1.5x wider than tall), at most 12 columns; a 3 x 2 x 4 x 2 x 2
+    grid becomes 12 rows x 8 columns instead of 48 x 2."""
+    import itertools
+    import math
+
+    if len(keys) <= 2:
+        return keys[:-1], keys[-1:]
+    size = {k: len({str(a[k]) for a in abl}) for k in keys}
+    best = None
+    for n in range(1, len(keys)):
+        for cols in itertools.combinations(keys, n):
+            nc = math.prod(size[k] for k in cols)
+            nr = math.prod(size[k] for k in keys if k not in cols)
+            if nc > 12:
+                continue
+            score = (abs(math.log(1.5 * nc / nr)), -keys.index(cols[-1]), n)
+            if best is None or score < best[0]:
+                best = (score, [k for k in keys if k not in cols], list(cols))
+    return (best[1], best[2]) if best else (keys[:-1], keys[-1:])
 
 
 def _natural(s):

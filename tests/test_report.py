@@ -336,3 +336,22 @@ def test_scaling_table_and_labels_from_synthetic_rows():
     report.assign_labels(runs, keys)
     assert [r.label for r in runs] == ["family=biggan batch_size=8", "family=sagan batch_size=8",
                                        "family=sagan batch_size=16"]
+
+
+def test_ablation_matrix_axes_are_balanced_for_a_five_key_grid():
+    """The stability_ablation grid (3 x 2 x 4 x 2 x 2 = 96 cells) is laid out as 12 rows x 8 columns,
+    every cell once; two keys keep rows = first key, columns = second."""
+    import itertools
+    import math
+
+    from bench.report import _matrix_axes
+
+    values = {"loss": ["hinge", "ns", "wgan_gp"], "model.d_sn": [True, False], "reg.r1_gamma": [0, 0.1, 1, 10],
+              "reg.ortho_beta": [0, 1e-4], "reg.sigma_clamp": [None, "ratio:1.5"]}
+    keys = list(values)
+    abl = [dict(zip(keys, combo)) for combo in itertools.product(*values.values())]
+    rows, cols = _matrix_axes(abl, keys)
+    assert sorted(rows + cols) == sorted(keys)
+    n_rows, n_cols = (math.prod(len(values[k]) for k in ks) for ks in (rows, cols))
+    assert (n_rows, n_cols) == (12, 8)
+    assert _matrix_axes(abl, ["loss", "model.d_sn"]) == (["loss"], ["model.d_sn"])
