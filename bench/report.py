@@ -972,8 +972,10 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
         row_keys, col_keys = _matrix_axes(abl, keys)
         col_key = " x ".join(col_keys)
 
+        short = _short_keys(col_keys)
+
         def clabel(a):
-            return str(a[col_keys[0]]) if len(col_keys) == 1 else " ".join(f"{_short(k)}={a[k]}" for k in col_keys)
+            return str(a[col_keys[0]]) if len(col_keys) == 1 else " ".join(f"{short[k]}={a[k]}" for k in col_keys)
 
         def rlabel(a):
             return " ".join(f"{k}={a[k]}" for k in row_keys)
@@ -1030,11 +1032,6 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
     ax.set_title(f"Ablation: {title}, collapse step, throughput", fontsize=10)
     w.figure("ablation.png", fig)
     return "ablation.png", None
-
-
-def _short(key: str) -> str:
-    """The last part of a dotted key (column labels of a matrix with several column keys)."""
-    return key.rsplit(".", 1)[-1]
 
 
 def _matrix_axes(abl: list[dict], keys: list[str]) -> tuple[list[str], list[str]]:
