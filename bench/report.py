@@ -9,8 +9,9 @@ DIR may be
   - a sweep directory (sweep.json, or index/*.json while the sweep still runs), or
   - any folder with run directories up to MAX_DEPTH levels below it.
 
-Unfinished runs (no summary.json, or a status other than completed, collapsed or diverged) are reported with what their
-files hold so far, and their status says so; a half-written last line of a JSONL file is skipped.
+Unfinished runs (no summary.json, or a status other than completed, collapsed or diverged) are reported with what
+their files hold so far, and their status says so: "running", or "stalled" when nothing in the run was
+written for max(30 min, 10 ticks); a half-written last line of a JSONL file is skipped.
 
 Outputs (default DIR/report/), each written atomically (temp file, then os.replace):
   report.md       every table below, the plots, and which plots were skipped and why
@@ -249,7 +250,38 @@ def load_run(r: Run) -> Run:
     return r
 
 
+STALLED_AFTER_S = 1800  # a "running" run with no file written for max(this, 10 ticks) is reported "stalled"
+
+
 def _status(r: Run) -> str:
+    status = _recorded_status(r)
+    if status == "running" and _idle_seconds(r) > max(STALLED_AFTER_S, 10 * _longest_tick_s(r)):
+        return "stalled"  # its job died without a signal (killed with its machine) or hangs
+    return status
+
+
+def _idle_seconds(r: Run) -> float:
+    """Seconds since the newest write to the run directory or its checkpoints/samples folders."""
+    newest = 0.0
+    for d in (r.path, r.path / "checkpoints", r.path / "samples", r.path / "evals"):
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    try:
+                        newest = max(newest, e.stat().st_mtime)
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+    return time.time() - newest if newest else 0.0
+
+
+def _longest_tick_s(r: Run) -> float:
+    walls = [m["time/wall_s"] for m in r.metrics if _finite(m.get("time/wall_s"))]
+    return max((b - a for a, b in zip(walls, walls[1:])), default=walls[0] if walls else 0.0)
+
+
+def _recorded_status(r: Run) -> str:
     """summary.json's status; else the sweep index's final state; else run.json's; else 'unfinished'."""
     if r.summary and r.summary.get("status"):
         return str(r.summary["status"])
@@ -1158,6 +1190,10 @@ def render_markdown(root, runs, rows, keys, key_source, scaling, records, trunc,
     if unfinished:
         L += ["**Not finished** (numbers are what their files hold so far): "
               + "; ".join(f"{r.label} ({r.status})" for r in unfinished), ""]
+        if any(r.status == "stalled" for r in unfinished):
+            L += [f"`stalled`: marked running, but nothing written for over {STALLED_AFTER_S // 60} minutes (or "
+                  "10 ticks): its job most likely died without a signal (killed with its node). Running "
+                  "the same command with the same `run.dir` resumes it from its last checkpoint.", ""]
     partial = [r for r in runs if r.skipped_lines]
     if partial:
         L += ["Skipped unreadable JSONL lines (a half-written last line of a running job): "

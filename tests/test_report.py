@@ -9,6 +9,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,18 @@ def test_unfinished_runs_are_marked_and_read(sweep, tmp_path, capsys):
     assert "not finished" in printed
     for name in SWEEP_PLOTS:
         assert_png(out / name)
+    assert "`stalled`" not in md
+
+    # The running job dies with its node: nothing is written for two hours -> "stalled", still unfinished.
+    old = time.time() - 7200
+    for d in (running, running / "checkpoints", running / "samples", running / "evals"):
+        for f in (d.iterdir() if d.is_dir() else []):
+            os.utime(f, (old, old))
+    assert main(["report", str(live)]) == 0
+    rows = {r["dir"]: r for r in read_csv(out / "runs.csv")}
+    assert (rows[str(running)]["status"], rows[str(running)]["finished"]) == ("stalled", "no")
+    md = (out / "report.md").read_text()
+    assert "(stalled)" in md and "`stalled`: marked running" in md
 
 
 def test_single_run_and_a_folder_of_runs(sweep, tmp_path):
