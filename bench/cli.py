@@ -273,9 +273,8 @@ def _prepare_shared_files(cfg) -> None:
     when jobs evaluate with the domain extractor, its classifier."""
     from bench import data as bdata
 
-    shards = cfg.data.shards
-    if not shards and cfg.data.name == "shapes":
-        shards = str(bdata.default_shards(cfg.data.resolution, num_samples=cfg.data.num_samples, seed=0))
+    # a swept data.shards is not in cfg: then each job finds its own
+    shards = bdata.configured_shards(cfg.data) if cfg.data.shards or cfg.data.name == "shapes" else None
     if shards and (cfg.eval.every or cfg.eval.final) and cfg.eval.extractor == "domain" \
             and not cfg.eval.classifier_path:
         from bench.evaluate import ensure_classifier
@@ -306,8 +305,6 @@ def cmd_throughput(args: list[str]) -> int:
 
 
 def _throughput_one(overrides: list[str], scratch: str) -> dict:
-    import copy
-
     from bench import telemetry
     from bench.config import validate
     from bench.loop import Trainer
@@ -315,9 +312,7 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     cfg = validate(compose(overrides), world_size=_world_size())
     trainer = Trainer(cfg, Path(scratch), quiet=True)
     t = cfg.train
-    flops = telemetry.step_flops(copy.deepcopy(trainer.G), copy.deepcopy(trainer.D), batch=min(t.batch_size, 4),
-                                 n_classes=trainer.n_data_classes, device=trainer.device)
-    flop_per_step = (flops["D_step"] * t.d_steps + flops["G_step"]) * t.batch_size * t.accumulate
+    flop_per_step = trainer.flop_per_step()
     fake = cfg.throughput.data == "fake"
     windows = [trainer.benchmark(cfg.throughput.warmup if i == 0 else 0, cfg.throughput.steps, fake_data=fake)
                for i in range(cfg.throughput.repeats)]
@@ -359,15 +354,14 @@ def _profile_window(trainer, cfg, out_dir: Path, fake: bool) -> dict:
                    f"# by op and input shapes\n{by_shape.table(sort_by=sort, row_limit=40)}\n")
     tmp.replace(out_dir / "ops.txt")
     prof.export_chrome_trace(str(out_dir / "trace.json"))
-    attr = sort
-    total = sum(getattr(e, attr) for e in by_op) or 1.0
-    conv = sum(getattr(e, attr) for e in by_op if "convolution" in e.key)
-    top = sorted(by_op, key=lambda e: getattr(e, attr), reverse=True)[:10]
+    share = {e.key: getattr(e, sort) for e in by_op}
+    total = sum(share.values()) or 1.0
+    conv = sum(v for k, v in share.items() if "convolution" in k) / total
+    top = {k: v / total for k, v in sorted(share.items(), key=lambda kv: kv[1], reverse=True)[:10]}
     print(f"profile ({cfg.throughput.steps} steps) -> {out_dir}/ops.txt, trace.json; convolutions "
-          f"{100 * conv / total:.0f}% of self time; top ops: "
-          + ", ".join(f"{e.key} {100 * getattr(e, attr) / total:.1f}%" for e in top), file=sys.stderr, flush=True)
-    return {"dir": str(out_dir), "conv_share": conv / total,
-            "top_ops": {e.key: getattr(e, attr) / total for e in top}}
+          f"{100 * conv:.0f}% of self time; top ops: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in top.items()),
+          file=sys.stderr, flush=True)
+    return {"dir": str(out_dir), "conv_share": conv, "top_ops": top}
 
 
 def _split_run_args(args: list[str], extra_keys: tuple[str, ...]) -> tuple[dict, list[str]]:
@@ -395,13 +389,10 @@ def cmd_eval(args: list[str]) -> int:
     if args and args[0] == "train-classifier":
         from bench.classifier import train_classifier
 
-        cfg = compose(args[1:])
-        shards = cfg.data.shards
-        if not shards:
-            from bench import data as bdata
+        from bench.data import configured_shards
 
-            shards = str(bdata.default_shards(cfg.data.resolution, num_samples=cfg.data.num_samples))
-        info = train_classifier(shards, resolution=cfg.data.resolution)
+        cfg = compose(args[1:])
+        info = train_classifier(configured_shards(cfg.data), resolution=cfg.data.resolution)
         print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "class_names"},
                          indent=2, default=str))
         return 0

@@ -49,6 +49,7 @@ __all__ = [
     "make_shards",
     "load_manifest",
     "resolve_shards",
+    "configured_shards",
     "default_shards",
     "ShardLoader",
 ]
@@ -612,6 +613,16 @@ def make_shards(out: str | os.PathLike, source: str = "shapes", resolution: int 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def configured_shards(data_cfg) -> str:
+    """`data.shards`, or with it empty and data=shapes, the built-in dataset's directory (written on first
+    use, see default_shards). Any other dataset needs its shards."""
+    if data_cfg.shards:
+        return str(data_cfg.shards)
+    if data_cfg.name != "shapes":
+        raise DataError(f"data.shards is empty; data={data_cfg.name} needs a shard directory")
+    return str(default_shards(data_cfg.resolution, num_samples=data_cfg.num_samples))
 
 
 def default_shards(resolution: int, cache_dir: str | os.PathLike | None = None,

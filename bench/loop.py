@@ -162,6 +162,9 @@ class Records:
         for sub in ("checkpoints", "samples", "tb"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.truncate_after(self.metrics_path, resume_step)
+        # a summary from before a resume no longer describes the run (a report would show it finished
+        # while it trains again); the run writes a new one when it ends
+        (self.dir / "summary.json").unlink(missing_ok=True)
         # evaluations made during training after the checkpoint are redone; `bench eval` records stay
         self.truncate_after(self.dir / "evals.jsonl", resume_step, keep=lambda r: r.get("source") == "bench eval")
         self._metrics = open(self.metrics_path, "a")
@@ -264,15 +267,11 @@ class Trainer:
         seed_all(t.seed)  # identical model init on every rank
 
         # Data: the built-in dataset is written on first use (rank 0 writes, the others wait).
-        shards_spec = cfg.data.shards
-        if not shards_spec:
-            if cfg.data.name != "shapes":
-                raise ConfigError(f"data.shards is empty; data={cfg.data.name} needs a shard directory")
+        if not cfg.data.shards:
             if self.is_main:
-                shards_spec = str(bdata.default_shards(cfg.data.resolution, num_samples=cfg.data.num_samples,
-                                                       seed=0))
+                bdata.configured_shards(cfg.data)
             self.acc.wait_for_everyone()
-            shards_spec = str(bdata.default_shards(cfg.data.resolution, num_samples=cfg.data.num_samples, seed=0))
+        shards_spec = bdata.configured_shards(cfg.data)
         self.shards, manifest = bdata.resolve_shards(shards_spec)
         self.shards_spec = shards_spec
         self.class_names = list(manifest["class_names"]) if manifest else None
@@ -340,7 +339,12 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.step_had_nonfinite = False
         self.nonfinite_total = 0
+        self.first_nonfinite_step = None  # the collapse step of a run that ends diverged
         self.rollbacks = 0
+        self._flops = None  # FLOP per optimiser step, counted once (flop_per_step)
+        self._peak = None  # peak TFLOP/s for perf/mfu, looked up once (_flop_budget)
+        self._peak_rechecked = False
+        self._tick_aside = 0.0  # seconds of the current tick spent re-measuring the peak
 
     # -- helpers --
     def _backward(self, loss: torch.Tensor) -> None:
@@ -586,7 +590,7 @@ class Trainer:
             status = "diverged"
             self.diverged_message = str(exc)
             # A run that diverged has collapsed, whether or not a telemetry signal fired first.
-            self.collapse.flag(getattr(self, "first_nonfinite_step", None) or self.step,
+            self.collapse.flag(self.first_nonfinite_step or self.step,
                                f"non-finite: training diverged ({self.nonfinite_total} skipped updates)")
         except KeyboardInterrupt:
             status = "interrupted"
@@ -644,7 +648,7 @@ class Trainer:
                 if self.step % t.tick_every == 0 or self.step >= t.steps:  # ticks stay on multiples of tick_every
                     now = time.perf_counter()
                     self._tick(collector, watch.take(), now - tick_t0, tick_steps, eff_batch, now - run_t0)
-                    tick_t0, tick_steps = now + getattr(self, "_tick_aside", 0.0), 0
+                    tick_t0, tick_steps = now + self._tick_aside, 0
                     self._tick_aside = 0.0
                     last = last or self.stop_requested  # stop_on_collapse
                 ckpt_due = t.ckpt_every and self.step % t.ckpt_every == 0
@@ -789,7 +793,7 @@ class Trainer:
     def _nonfinite_step(self, name: str) -> None:
         self.nonfinite_total += 1
         self.step_had_nonfinite = True
-        if getattr(self, "first_nonfinite_step", None) is None:
+        if self.first_nonfinite_step is None:
             self.first_nonfinite_step = self.step + 1
         if self.is_main and not self.quiet:
             print(f"warning: non-finite loss or gradient in the {name} step at step {self.step + 1}; "
@@ -846,13 +850,13 @@ class Trainer:
         flop_per_step, peak = self._flop_budget() if self.is_main else (None, 0.0)
         if flop_per_step:
             row["perf/tflops"] = flop_per_step * steps / tick_s / 1e12  # per process
-            if row["perf/tflops"] > peak and not getattr(self, "_peak_rechecked", False):
+            if row["perf/tflops"] > peak and not self._peak_rechecked:
                 # above the cached peak: that figure was measured on a busy machine; measure again
                 self._peak_rechecked = True
                 t0 = time.perf_counter()
                 peak, _ = telemetry.peak_tflops(self.device, t.precision, remeasure=True)
                 self._tick_aside = time.perf_counter() - t0  # kept out of the next tick's timing
-                self._flops_cache = (flop_per_step, peak)
+                self._peak = peak
             row["perf/mfu"] = row["perf/tflops"] / peak if peak == peak and peak > 0 else float("nan")
         row["batch/effective"] = eff_batch
         row["batch/per_device"] = t.batch_size
@@ -876,25 +880,29 @@ class Trainer:
             print(f"step {self.step:>6d}/{t.steps} | {row['throughput/img_per_s']:7.1f} img/s | "
                   f"{row['time/step_ms']:7.1f} ms/step | {losses} | ETA {telemetry.format_eta(eta)}", flush=True)
 
-    def _flop_budget(self) -> tuple[float | None, float]:
-        """(FLOP per optimiser step of this process, peak TFLOP/s of its device), worked out once:
-        FLOPs counted with torch.utils.flop_counter on copies of G and D, the peak from the GPU table or a
-        cached CPU matmul measurement. telemetry.mfu=false skips it."""
-        if getattr(self, "_flops_cache", None) is None:
-            self._flops_cache = (None, float("nan"))
-            if self.cfg.telemetry.mfu:
-                import copy
+    def flop_per_step(self) -> float:
+        """FLOP of one optimiser step of this process ((D step x d_steps + G step) x batch x accumulate),
+        counted once with torch.utils.flop_counter on copies of G and D (`bench throughput` uses it too)."""
+        if self._flops is None:
+            t = self.cfg.train
+            f = telemetry.step_flops(copy.deepcopy(self.G), copy.deepcopy(self.D), batch=2,
+                                     n_classes=self.n_data_classes, device=self.device)
+            self._flops = (f["D_step"] * t.d_steps + f["G_step"]) * t.batch_size * t.accumulate
+        return self._flops
 
-                t = self.cfg.train
+    def _flop_budget(self) -> tuple[float | None, float]:
+        """(flop_per_step, peak TFLOP/s of the device: the GPU table or the cached CPU measurement) for
+        perf/mfu, worked out once; (None, nan) with telemetry.mfu=false or a model the counter cannot trace."""
+        if self._peak is None:
+            self._peak = float("nan")
+            if self.cfg.telemetry.mfu:
                 try:
-                    f = telemetry.step_flops(copy.deepcopy(self.G), copy.deepcopy(self.D), batch=2,
-                                             n_classes=self.n_data_classes, device=self.device)
-                    peak, _ = telemetry.peak_tflops(self.device, t.precision)
-                    self._flops_cache = ((f["D_step"] * t.d_steps + f["G_step"]) * t.batch_size * t.accumulate, peak)
+                    self.flop_per_step()
+                    self._peak, _ = telemetry.peak_tflops(self.device, self.cfg.train.precision)
                 except Exception as exc:  # MFU is telemetry: a model the counter cannot trace still trains
                     print(f"warning: FLOP count failed ({exc.__class__.__name__}: {exc}); no perf/mfu",
                           file=sys.stderr)
-        return self._flops_cache
+        return (self._flops if self._peak == self._peak else None), self._peak
 
     def param_checksum(self) -> str:
         """A digest of every G and D parameter's bytes: equal on every rank when training is in sync."""

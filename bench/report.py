@@ -33,6 +33,7 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,19 +262,23 @@ def _status(r: Run) -> str:
 
 
 def _idle_seconds(r: Run) -> float:
-    """Seconds since the newest write to the run directory or its checkpoints/samples folders."""
+    """Seconds since the training process last wrote one of its records (not a report written into the
+    run directory: that is not the run's activity)."""
     newest = 0.0
-    for d in (r.path, r.path / "checkpoints", r.path / "samples", r.path / "evals"):
+    for p in (r.path / "metrics.jsonl", r.path / "evals.jsonl", r.path / "run.json",
+              *[e for d in ("checkpoints", "samples") for e in _entries(r.path / d)]):
         try:
-            with os.scandir(d) as it:
-                for e in it:
-                    try:
-                        newest = max(newest, e.stat().st_mtime)
-                    except OSError:
-                        pass
+            newest = max(newest, p.stat().st_mtime)
         except OSError:
             pass
     return time.time() - newest if newest else 0.0
+
+
+def _entries(d: Path) -> list[Path]:
+    try:
+        return list(d.iterdir())
+    except OSError:
+        return []
 
 
 def _longest_tick_s(r: Run) -> float:
@@ -358,12 +363,14 @@ def assign_labels(runs: list[Run], keys: list[str]) -> None:
             r.label = " ".join(f"{short[k]}={r.swept[k]}" for k in keys if r.swept[k] != "")
         else:
             r.label = r.name
-    seen: dict[str, int] = {}
-    for r in runs:  # repeated labels (the same point run twice): add the folder name
-        seen[r.label] = seen.get(r.label, 0) + 1
-    for r in runs:
-        if seen[r.label] > 1 and r.label != r.name:
-            r.label = f"{r.label} ({r.name})"
+    # Repeated labels (the same point run twice): add the folder name, then, for sweeps that reuse the
+    # same folder names (run names hash the overrides), the sweep folder too. Plots look runs up by label.
+    for tag in (lambda r: r.name, lambda r: f"{r.path.parent.name}/{r.name}"):
+        counts = Counter(r.label for r in runs)
+        for r in runs:
+            if counts[r.label] > 1:
+                base = r.label.split(" (", 1)[0] if r.label != r.name else ""
+                r.label = f"{base} ({tag(r)})" if base else tag(r)
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
@@ -416,7 +423,7 @@ def primary_extractor(r: Run) -> str | None:
     cfg = r.config.get("eval.extractor")
     if cfg in exts or (cfg and not exts):
         return cfg
-    return max(set(exts), key=exts.count) if exts else cfg
+    return Counter(exts).most_common(1)[0][0] if exts else cfg  # ties: the first seen
 
 
 def best_eval(r: Run) -> dict:
@@ -510,8 +517,8 @@ class Writer:
     def text(self, name: str, text: str) -> Path:
         return self._commit(name, lambda p: p.write_text(text))
 
-    def csv(self, name: str, rows: list[dict], columns: list[str] | None = None) -> Path:
-        columns = columns or _columns(rows)
+    def csv(self, name: str, rows: list[dict]) -> Path:
+        columns = _columns(rows)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
@@ -617,11 +624,15 @@ def _auto_yscale(ax, values, positive_only: bool = False) -> None:
         ax.yaxis.set_minor_formatter(lambda v, _: "")
 
 
+def _legend_kw(outside: bool) -> dict:
+    """Legend settings: small, and to the right of the axes when there are many entries."""
+    if outside:
+        return dict(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return dict(fontsize=7)
+
+
 def _legend(ax, n: int, **kw) -> None:
-    if n > MAX_LEGEND:
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **kw)
-    else:
-        ax.legend(fontsize=7, **kw)
+    ax.legend(**_legend_kw(n > MAX_LEGEND), **kw)
 
 
 def _collapse_marks(ax, r: Run, color, offset: int = 0) -> bool:
@@ -787,8 +798,7 @@ def plot_losses(runs: list[Run], w: Writer) -> tuple[str | None, str | None]:
         ax.grid(True, alpha=0.3)
     axes[0].set_title("Losses per tick")
     axes[1].set_xlabel("step (G updates)")
-    kw = (dict(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-          if len(have) > MAX_LEGEND else dict(fontsize=7))
+    kw = _legend_kw(len(have) > MAX_LEGEND)
     if marked:
         _collapse_legend(axes[0], **kw)
     else:
@@ -843,8 +853,7 @@ def plot_sigma(runs: list[Run], w: Writer) -> tuple[list[str], str | None]:
                 ax.set_xlabel("step")
                 ax.grid(True, alpha=0.3)
                 if previous[net] != keys:  # same layers as the row above: no second legend
-                    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
-                              ncol=1 if len(keys) <= 24 else 2)
+                    ax.legend(**_legend_kw(True), ncol=1 if len(keys) <= 24 else 2)
                 previous[net] = keys
         fig.suptitle("sigma0 (largest singular value) per layer; red dashed line: collapse step; "
                      "red triangles: ticks with stability/collapse = 1", fontsize=10)
@@ -977,7 +986,7 @@ def ablation_rows(runs: list[Run], rows: list[dict], keys: list[str]) -> tuple[l
     Headline: the best evaluation (same metric and extractor for all runs) where every evaluated run
     has one, else the final loss/D."""
     bests = [(row["best_metric"], row["best_extractor"]) for row in rows if row["best_value"] is not None]
-    headline = max(set(bests), key=bests.count) if bests else None
+    headline = Counter(bests).most_common(1)[0][0] if bests else None  # ties: the first seen
     out = []
     for r, row in zip(runs, rows):
         if headline and (row["best_metric"], row["best_extractor"]) == headline:
@@ -1072,7 +1081,6 @@ def _matrix_axes(abl: list[dict], keys: list[str]) -> tuple[list[str], list[str]
     closest to square in inches (a cell is ~1.5x wider than tall), at most 12 columns; a 3 x 2 x 4 x 2 x 2
     grid becomes 12 rows x 8 columns instead of 48 x 2."""
     import itertools
-    import math
 
     if len(keys) <= 2:
         return keys[:-1], keys[-1:]
@@ -1270,7 +1278,7 @@ def render_markdown(root, runs, rows, keys, key_source, scaling, records, trunc,
         L += [md_table(["run", *keys, "status", abl[0]["metric"], "collapse step", "img/s"],
                        [[a["run"], *[a[k] for k in keys], _status_cell(a["status"]), a["value"], a["collapse_step"],
                          a["img_per_s"]] for a in abl]), "", "`ablation.csv`.", ""]
-        if len(keys) == 2:
+        if len(keys) == 2 and len({(a[keys[0]], a[keys[1]]) for a in abl}) == len(abl):  # one run per cell
             L += _pivot(abl, keys)
     L += _img(written, "ablation.png", skipped)
 
@@ -1310,8 +1318,6 @@ USAGE = "usage: bench report DIR [out=DIR]   (DIR: a run directory, a sweep dire
 def parse_args(args: list[str]) -> tuple[Path, Path]:
     root, out = None, None
     for a in args:
-        if a in ("-h", "--help"):
-            raise ReportError(USAGE)
         if a.startswith("out="):
             out = a.split("=", 1)[1]
             if not out:

@@ -184,9 +184,9 @@ class CollapseDetector:
 
     def flag(self, step: int, reason: str) -> str:
         """Record a collapse found outside the detector (a run that diverged); the earliest one is kept."""
-        if self.collapse_step is not None and step < self.collapse_step:
-            self.collapse_step = None
-        return self._flag(step, reason)
+        if self.collapse_step is None or step < self.collapse_step:
+            self.collapse_step, self.reason = step, reason
+        return reason
 
     def _flag(self, step: int, reason: str) -> str:
         if self.collapse_step is None:

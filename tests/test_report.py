@@ -240,7 +240,7 @@ def test_unfinished_runs_are_marked_and_read(sweep, tmp_path, capsys):
 
     # The running job dies with its node: nothing is written for two hours -> "stalled", still unfinished.
     old = time.time() - 7200
-    for d in (running, running / "checkpoints", running / "samples", running / "evals"):
+    for d in (running, running / "checkpoints", running / "samples"):
         for f in (d.iterdir() if d.is_dir() else []):
             os.utime(f, (old, old))
     assert main(["report", str(live)]) == 0
@@ -248,6 +248,11 @@ def test_unfinished_runs_are_marked_and_read(sweep, tmp_path, capsys):
     assert (rows[str(running)]["status"], rows[str(running)]["finished"]) == ("stalled", "no")
     md = (out / "report.md").read_text()
     assert "(stalled)" in md and "`stalled`: marked running" in md
+    # a report of the run alone is written into the run's folder: that is no sign of life
+    for _ in range(2):
+        assert main(["report", str(running)]) == 0
+        (row,) = read_csv(running / "report" / "runs.csv")
+        assert row["status"] == "stalled"
 
 
 def test_single_run_and_a_folder_of_runs(sweep, tmp_path):
@@ -368,3 +373,17 @@ def test_ablation_matrix_axes_are_balanced_for_a_five_key_grid():
     n_rows, n_cols = (math.prod(len(values[k]) for k in ks) for ks in (rows, cols))
     assert (n_rows, n_cols) == (12, 8)
     assert _matrix_axes(abl, ["loss", "model.d_sn"]) == (["loss"], ["model.d_sn"])
+
+
+def test_two_sweeps_with_the_same_run_folders_keep_apart(sweep, tmp_path):
+    """Run folder names hash the overrides, so two sweeps of one grid share them: a report over both
+    still gives every run its own label (plots look runs up by label)."""
+    both = tmp_path / "both"
+    for name in ("first", "second"):
+        shutil.copytree(sweep, both / name, ignore=shutil.ignore_patterns("*.pt", "tb", "report", ".submitit"))
+    assert main(["report", str(both)]) == 0
+    rows = read_csv(both / "report" / "runs.csv")
+    assert len(rows) == 2 * len(report.build_report(sweep, tmp_path / "one")["runs"])
+    labels = [r["run"] for r in rows]
+    assert len(set(labels)) == len(labels)
+    assert any("first/" in l for l in labels) and any("second/" in l for l in labels)

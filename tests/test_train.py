@@ -96,6 +96,32 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_shards):
     assert run["resumes"][0]["step"] == 2
 
 
+def test_a_resumed_run_reads_as_running_until_it_ends(tmp_path, tiny_shards):
+    """Continuing a finished run (higher train.steps) removes its old summary.json while it trains, so
+    `bench report` shows it running, not completed at the old step; the new summary has the new steps."""
+    from bench import report
+    from bench.cli import compose
+    from bench.config import validate
+    from bench.loop import Trainer
+
+    run_dir = tmp_path / "cont"
+    rc, _ = train(tmp_path, tiny_shards, "train.steps=2", "train.batch_size=4", name="cont")
+    assert rc == 0 and json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    seen = []
+
+    class Watch(Trainer):
+        def _train_step(self, plan, watch):
+            if not seen:
+                (r,) = report.build_report(run_dir, tmp_path / "rep")["runs"]
+                seen.append(((run_dir / "summary.json").exists(), r.status))
+            super()._train_step(plan, watch)
+
+    cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=4", "train.batch_size=4"]))
+    summary = Watch(cfg, run_dir, quiet=True).run()
+    assert seen == [(False, "running")]
+    assert summary["steps"] == 4 and json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
 def test_checkpoint_round_trip(tmp_path, tiny_shards):
     from bench.config import validate
     from bench.cli import compose
