@@ -1,0 +1,182 @@
+"""What the hardware can do, decided once: bf16 capability, autocast, channels_last, seeding, the
+process-wide CPU settings, and the peak TFLOP/s that MFU is measured against (docs/architecture.md)."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import rundir
+
+PRECISIONS = ("bf16", "fp32", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense peak TFLOP/s of known GPUs by dtype (vendor datasheets; SXM parts; fp32 = without TF32).
+GPU_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "V100": {"bf16": 125.0, "fp16": 125.0, "fp32": 15.7},  # no bf16 tensor cores: fp16 figure
+}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True where bf16 on this CPU is worth it (AVX512-BF16 or AMX). Read once per process."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def channels_last(choice, precision: str, device: torch.device) -> bool:
+    """`train.channels_last`: true / false, or auto = on GPU always, on CPU only for bf16 with fast bf16
+    (oneDNN's channels_last fp32 convs are slower than contiguous ones on CPUs without it)."""
+    choice = str(choice).lower()
+    if choice in ("true", "false"):
+        return choice == "true"
+    if device.type == "cuda":
+        return True
+    return precision == "bf16" and cpu_has_fast_bf16()
+
+
+def autocast(precision: str, device: torch.device):
+    """A factory of autocast contexts for `precision` (fp32: a null context)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def eval_precision(precision: str, device: torch.device) -> str:
+    """`eval.precision` auto -> bf16 on GPU or a CPU with fast bf16, else fp32."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
+    return precision
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in the process instead of handing it back to the OS (glibc malloc only).
+
+    PyTorch's CPU allocator is plain malloc. glibc serves blocks over its mmap threshold (at most 32 MiB)
+    with fresh mmaps and unmaps them on free, and trims the heap top past its trim threshold, so every
+    step's big activations are page-faulted in again: on a 2-core machine fp32 BigGAN at batch 64 spent
+    half its wall time in the kernel (43 s of system time in an 83 s `bench throughput`) and ran at 28
+    img/s, 43 img/s with memory kept. The process keeps its peak footprint instead, which a training run
+    reaches in its first step anyway. Set GAN_BENCH_MALLOC=default to leave malloc alone."""
+    if os.environ.get("GAN_BENCH_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+    return libc.mallopt(m_trim_threshold, 1 << 30) == 1 and ok
+
+
+def configure_process(device: torch.device, deterministic: bool) -> None:
+    """Process-wide settings a training process makes once, before building anything."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cpu":
+        # Denormal floats (a diverging or dying net's activations) run 10-100x slower on x86;
+        # flushing them to zero costs nothing in accuracy that a GAN step could notice.
+        torch.set_flush_denormal(True)
+        keep_freed_memory()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except Exception:
+        return float("nan")
+
+
+# ---- peak TFLOP/s -----------------------------------------------------------------------------------
+def _best_rate(fn, flop: float, seconds: float, trials: int = 3) -> float:
+    """Best FLOP/s over `trials` timed windows of `fn` (a busy neighbour only ever slows a window down)."""
+    fn()
+    fn()
+    best = 0.0
+    for _ in range(trials):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / trials:
+            fn()
+            reps += 1
+        best = max(best, flop * reps / (time.perf_counter() - t0))
+    return best
+
+
+def measure_cpu_peak(precision: str, seconds: float = 1.5) -> dict[str, float]:
+    """Achieved TFLOP/s on this CPU (all of this process's threads), in bf16 or fp32, of the two dense
+    kernels a GAN step is made of: a 2048^2 matmul and a 3x3 convolution (channels_last, 128 channels,
+    32x32, batch 32). Returns {"matmul": ..., "conv": ..., "peak": the larger}. The larger is the peak
+    because the BLAS behind fp32 matmul can be far slower than oneDNN's convolution on some CPUs
+    (MKL's sgemm on AMD), which would put an fp32 model above 100% of a matmul-only peak."""
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    mm = _best_rate(lambda: a @ b, 2 * n**3, seconds / 2) / 1e12
+    x = torch.randn(32, 128, 32, 32, dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(128, 128, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
+    conv = _best_rate(lambda: F.conv2d(x, w, padding=1), 2 * 32 * 128 * 128 * 9 * 32 * 32, seconds / 2) / 1e12
+    return {"matmul": mm, "conv": conv, "peak": max(mm, conv)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def peak_tflops(device: torch.device, precision: str, remeasure: bool = False) -> tuple[float, str]:
+    """(peak TFLOP/s, where it came from): the GPU table, or on CPU the best dense-kernel rate measured
+    (matmul or conv, see measure_cpu_peak), cached in <cache_root>/cpu_peak.json. `remeasure`
+    (bench throughput) measures again and keeps the higher of the cached and the new figure."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return table[precision], f"table:{key}"
+        return float("nan"), f"unknown GPU {name}"
+    key = f"v2|{_cpu_name()}|{torch.get_num_threads()}t|{precision}|torch{torch.__version__}|{platform.machine()}"
+    path = rundir.cache_root() / "cpu_peak.json"
+    cache = rundir.read_json(path) or {}
+    if key not in cache or remeasure or not isinstance(cache[key], dict):
+        m = measure_cpu_peak(precision)
+        old = cache.get(key) if isinstance(cache.get(key), dict) else None
+        if old and old["peak"] >= m["peak"]:
+            m = old
+        cache[key] = m
+        rundir.atomic_write(path, json.dumps(cache, indent=2))
+    m = cache[key]
+    kind = "matmul" if m["matmul"] >= m["conv"] else "3x3 conv"
+    return m["peak"], f"measured {precision} {kind} peak"

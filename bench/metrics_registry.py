@@ -1,0 +1,70 @@
+"""Every evaluation metric gan-bench records, in one table (torch-free).
+
+Config validation (`eval.best_metric`), evaluation (torch-fidelity key -> record key), the terminal
+table, the report and the collapse detector all read this module; nothing else lists metric names.
+See docs/architecture.md, "Add a metric".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str                       # the key in evals.jsonl, e.g. "eval/FID"
+    lower_is_better: Optional[bool]  # None: not a quality score (a spread, a count)
+    fmt: str = "{:.4f}"             # how terminals and reports print it
+    best_metric: bool = False       # may be `eval.best_metric` (chooses checkpoints/best.pt)
+    fidelity_key: Optional[str] = None  # torch-fidelity's result key, when torch-fidelity computes it
+    headline: bool = False          # a column of the report's evaluation tables
+
+    @property
+    def short(self) -> str:
+        return self.name.split("/", 1)[1]
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("eval/IS", False, best_metric=True, fidelity_key="inception_score_mean", headline=True),
+    Metric("eval/IS_std", None, fidelity_key="inception_score_std"),
+    Metric("eval/FID", True, "{:.3f}", best_metric=True, fidelity_key="frechet_inception_distance", headline=True),
+    Metric("eval/KID", True, "{:.5f}", best_metric=True, fidelity_key="kernel_inception_distance_mean",
+           headline=True),
+    Metric("eval/KID_std", None, "{:.5f}", fidelity_key="kernel_inception_distance_std"),
+    Metric("eval/precision", False, best_metric=True, fidelity_key="precision", headline=True),
+    Metric("eval/recall", False, best_metric=True, fidelity_key="recall", headline=True),
+    Metric("eval/f_score", False, fidelity_key="f_score"),
+    Metric("eval/class_acc", False, best_metric=True, headline=True),
+)
+BY_NAME = {m.name: m for m in METRICS}
+
+EVAL_METRICS = tuple(m.name for m in METRICS)                       # every record key, in table order
+HEADLINE = tuple(m.name for m in METRICS if m.headline)             # report columns
+BEST_METRICS = tuple(m.name for m in METRICS if m.best_metric)      # allowed eval.best_metric values
+LOWER_IS_BETTER = frozenset(m.name for m in METRICS if m.lower_is_better)
+FIDELITY_KEYS = {m.fidelity_key: m.name for m in METRICS if m.fidelity_key}  # torch-fidelity -> record key
+
+EXTRACTORS = ("domain", "inception")        # eval.extractor
+TRUNC_MODES = ("resample", "clip", "scale")  # eval.trunc_mode
+
+
+def lower_is_better(name: str) -> bool:
+    return name in LOWER_IS_BETTER
+
+
+def is_better(name: str, value: float, than: Optional[float]) -> bool:
+    """Whether `value` of metric `name` beats `than` (None: nothing to beat). Ties are not better, so
+    the earliest of equal values stays best."""
+    if than is None:
+        return True
+    return value < than if lower_is_better(name) else value > than
+
+
+def format_value(name: str, value) -> str:
+    if value is None:
+        return ""
+    metric = BY_NAME.get(name)
+    try:
+        return (metric.fmt if metric else "{:.4f}").format(value)
+    except (TypeError, ValueError):
+        return str(value)
