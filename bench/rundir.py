@@ -236,3 +236,61 @@ def best_eval(summary: Optional[Mapping], evals: Iterable[Mapping], metric: str,
             best = {"metric": metric, "value": rec[metric], "step": rec.get("step"),
                     "extractor": rec.get("extractor", extractor), "from": EVALS}
     return best
+
+
+# ---- the run lock --------------------------------------------------------------------------------
+LOCK = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    """An exclusive flock on <run dir>/.lock for the whole life of the writer (rank 0 of a run).
+
+    The lock file holds the holder's host, pid and start time, so a second writer can say who has it.
+    The kernel drops a flock when its process dies, so a lock left by a killed process is simply taken
+    over; the file's stale contents are then rewritten."""
+
+    def __init__(self, run_dir: Union[str, Path]):
+        self.path = Path(run_dir) / LOCK
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.holder()
+            os.close(fd)
+            who = (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+                   if holder else "a process that has not written its name yet")
+            raise RunLocked(f"run directory {self.path.parent} is in use by another gan-bench process "
+                            f"({who}); wait for it, or use another run.dir") from None
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def holder(self) -> Optional[dict]:
+        return read_json(self.path)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
