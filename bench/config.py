@@ -14,6 +14,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bench.metrics_registry import BEST_METRICS, EXTRACTORS, TRUNC_MODES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 MODEL_FAMILIES = ("biggan", "sagan", "dcgan")
@@ -217,13 +219,44 @@ def check_schema(cfg: DictConfig) -> DictConfig:
     for key in ("sigma_clamp", "sigma_target"):
         if isinstance(plain.get("reg", {}).get(key), (int, float)):
             plain["reg"][key] = str(plain["reg"][key])
-    if isinstance(plain.get("reg", {}).get("sigma_clamp"), (int, float)):
-        plain["reg"]["sigma_clamp"] = str(plain["reg"]["sigma_clamp"])
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
     return merged
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """`model=foo` with no configs/model/foo.yaml -> one line listing the valid choices."""
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"argument {o!r} is not a key=value override; see `bench --help`")
+        key, value = o.split("=", 1)
+        key = key.lstrip("+~")
+        group_dir = CONFIG_DIR / key
+        if "." in key or not group_dir.is_dir() or "," in value:
+            continue
+        if not (group_dir / f"{value}.yaml").exists():
+            choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
+            raise ConfigError(f"{key}={value!r} is not available; choose one of: {', '.join(choices)}")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose configs/ with the overrides and check it against the schema (`validate` comes next)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ConfigError(" ".join(lines[:3])) from None
+    return check_schema(cfg)
 
 
 def _choice(key: str, value: Any, choices) -> None:
@@ -236,26 +269,46 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def parse_sigma_clamp(value: Optional[str]) -> Optional[tuple[str, float]]:
-    """null -> None; "2.0" -> ("fixed", 2.0); "ratio:1.5" -> ("ratio", 1.5)."""
+@dataclass(frozen=True)
+class SigmaSpec:
+    """A sigma0 bound: a fixed value, or (relative) the ratio R in R * sg(sigma1)."""
+    value: float
+    relative: bool
+
+
+@dataclass(frozen=True)
+class RegSpecs:
+    """The parsed sigma settings of `reg`: what the trainer keeps (parsed once, in its constructor)."""
+    sigma_clamp: Optional[SigmaSpec]
+    sigma_target: Optional[SigmaSpec]
+
+
+def parse_sigma_spec(key: str, value) -> Optional[SigmaSpec]:
+    """null/"off" -> None; "2.0" -> SigmaSpec(2.0, False); "ratio:1.5" -> SigmaSpec(1.5, True).
+    A bad value is a ConfigError that names `key`."""
     if value is None or str(value).lower() in ("", "null", "none", "off"):
         return None
     s = str(value)
     m = re.fullmatch(r"ratio:([0-9.eE+-]+)", s)
     try:
-        if m:
-            r = float(m.group(1))
-            if r <= 0:
-                raise ValueError
-            return ("ratio", r)
-        v = float(s)
-        if v <= 0:
-            raise ValueError
-        return ("fixed", v)
+        number = float(m.group(1) if m else s)
     except ValueError:
+        number = math.nan
+    if not number > 0:  # also rejects nan
         raise ConfigError(
-            f"reg.sigma_clamp={value!r} is not valid; use null (off), a positive number, or ratio:R with R > 0"
-        ) from None
+            f"{key}={value!r} is not valid; use null (off), a positive number, or ratio:R with R > 0"
+        )
+    return SigmaSpec(number, relative=m is not None)
+
+
+def reg_specs(reg_cfg) -> RegSpecs:
+    return RegSpecs(sigma_clamp=parse_sigma_spec("reg.sigma_clamp", reg_cfg.sigma_clamp),
+                    sigma_target=parse_sigma_spec("reg.sigma_target", reg_cfg.sigma_target))
+
+
+def effective_batch(train_cfg, world_size: int) -> int:
+    """Images per optimiser step over all processes: batch_size x world_size x accumulate."""
+    return int(train_cfg.batch_size) * int(world_size) * int(train_cfg.accumulate)
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
@@ -295,13 +348,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         cfg.train.batch_size = cfg.train.global_batch // per_step
     if cfg.train.kimg is not None:
         _positive("train.kimg", cfg.train.kimg)
-        effective = cfg.train.batch_size * world_size * cfg.train.accumulate
+        effective = effective_batch(cfg.train, world_size)
         cfg.train.steps = max(1, math.ceil(cfg.train.kimg * 1000 / effective))
-    parse_sigma_clamp(cfg.reg.sigma_clamp)
-    _choice("eval.extractor", cfg.eval.extractor, ("domain", "inception"))
-    _choice("eval.trunc_mode", cfg.eval.trunc_mode, ("resample", "clip", "scale"))
-    _choice("eval.best_metric", cfg.eval.best_metric, ("eval/FID", "eval/KID", "eval/IS", "eval/precision",
-                                                       "eval/recall", "eval/class_acc"))
+    specs = reg_specs(cfg.reg)
+    _choice("eval.extractor", cfg.eval.extractor, EXTRACTORS)
+    _choice("eval.trunc_mode", cfg.eval.trunc_mode, TRUNC_MODES)
+    _choice("eval.best_metric", cfg.eval.best_metric, BEST_METRICS)
     _positive("eval.num_samples", cfg.eval.num_samples)
     for psi in cfg.eval.psi_sweep:
         if psi is not None and (not isinstance(psi, (int, float)) or psi <= 0):
@@ -311,7 +363,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _positive("throughput.repeats", cfg.throughput.repeats)
     _positive("throughput.warmup", cfg.throughput.warmup, allow_zero=True)
     if cfg.reg.sigma_penalty > 0:
-        if parse_sigma_clamp(cfg.reg.sigma_target) is None:
+        if specs.sigma_target is None:
             raise ConfigError("reg.sigma_penalty > 0 needs reg.sigma_target: a number or ratio:R")
     for key in ("reg.ortho_nets", "reg.sigma_clamp_nets", "reg.sigma_penalty_nets"):
         for net in OmegaConf.select(cfg, key):

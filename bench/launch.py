@@ -1,18 +1,17 @@
-"""Local / submitit / Slurm launching: cluster profiles, the distributed environment, requeue, sweep index.
+"""Local / submitit / Slurm launching: cluster profiles, the distributed environment of a rank, requeue.
 
 A cluster profile (configs/cluster/<name>.yaml) is translated into hydra-submitit-launcher settings in
-ONE function, `launcher_overrides`. Inside a job, every Slurm task is one torch.distributed rank:
-`setup_distributed` exports submitit's TorchDistributedEnvironment before the Accelerator is built.
+ONE function, `launcher_overrides`; `setup_distributed` reads the profile's per-rank core count inside
+the job. Inside a job, every Slurm task is one torch.distributed rank: `setup_distributed` exports
+submitit's TorchDistributedEnvironment before the Accelerator is built. Nothing here changes the
+environment of the submitting process (see docs/architecture.md, "Add a cluster profile").
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 from bench.config import ConfigError
 
@@ -78,7 +77,6 @@ def launcher_overrides(cluster, launcher: str, sweep_dir: str) -> list[str]:
     if launcher == "submitit_local":
         # submitit's local executor starts every job at once; hand it as many as the cores hold
         # (each rank gets cluster.cpus_per_task threads, see setup_distributed).
-        os.environ["GAN_BENCH_CPUS_PER_TASK"] = str(cluster.cpus_per_task)
         out.append(f"hydra.sweeper.max_batch_size={max(1, (os.cpu_count() or 1) // (tasks * cluster.cpus_per_task))}")
     if launcher == "submitit_slurm" and cluster.setup:
         out.append("hydra.launcher.setup=[" + ",".join(_hydra_value(str(s)) for s in cluster.setup) + "]")
@@ -95,9 +93,12 @@ def in_submitit_job() -> bool:
     return "SUBMITIT_FOLDER" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
 
 
-def setup_distributed() -> tuple[int, int]:
+def setup_distributed(cluster=None) -> tuple[int, int]:
     """Inside a submitit job with several tasks: export RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-    LOCAL_RANK for the env:// init that the Accelerator does. Returns (rank, world size)."""
+    LOCAL_RANK for the env:// init that the Accelerator does. On CPU, give each rank its cores:
+    SLURM_CPUS_PER_TASK under Slurm, else `cluster.cpus_per_task` of the job's own config (the
+    submitit_local case), else the machine's cores shared by the node's ranks. All of it is written
+    into this job process's environment only. Returns (rank, world size)."""
     if not in_submitit_job():
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     import submitit
@@ -111,12 +112,14 @@ def setup_distributed() -> tuple[int, int]:
     if not torch.cuda.is_available():
         # CPU ranks sharing a node: give each its own cores (oversubscribed OpenMP threads spin and crawl).
         per_node = max(1, env.num_tasks // max(1, env.num_nodes))
-        cores = (int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or int(os.environ.get("GAN_BENCH_CPUS_PER_TASK", 0))
+        cores = (int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+                 or int(getattr(cluster, "cpus_per_task", 0) or 0)
                  or max(1, (os.cpu_count() or 1) // per_node))
-        torch.set_num_threads(cores)
-        # accelerate (MULTI_CPU) would otherwise set physical cores / local ranks threads per rank,
-        # counting each Slurm "node" on its own even when nodes share a machine.
+        # accelerate (MULTI_CPU) reads OMP_NUM_THREADS when the Accelerator is built; without it, it
+        # would set physical cores / local ranks threads per rank, counting each Slurm "node" on its
+        # own even when nodes share a machine. This is the job process's own environment.
         os.environ.setdefault("OMP_NUM_THREADS", str(cores))
+        torch.set_num_threads(cores)
     return env.global_rank, env.num_tasks
 
 
@@ -147,39 +150,3 @@ def requeue_self(max_requeue: int) -> bool:
         return False
     print(f"requeued Slurm job {job} (restart {restarts + 1}/{max_requeue})", flush=True)
     return True
-
-
-# ---- sweep index --------------------------------------------------------------------------------------
-def write_index_entry(sweep_dir: Path, job_num: int, entry: dict) -> None:
-    d = Path(sweep_dir) / "index"
-    d.mkdir(parents=True, exist_ok=True)
-    entry = dict(entry, job_num=job_num, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = d / f".{job_num}.json.tmp"
-    tmp.write_text(json.dumps(entry, indent=2, default=str))
-    os.replace(tmp, d / f"{job_num}.json")
-
-
-def collect_index(sweep_dir: Path) -> list[dict]:
-    """Merge index/<n>.json into sweep.json (one row per job) and return the rows."""
-    d = Path(sweep_dir) / "index"
-    rows = []
-    for p in sorted(d.glob("*.json"), key=lambda p: int(p.stem)) if d.is_dir() else []:
-        try:
-            rows.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
-            continue
-    tmp = Path(sweep_dir) / ".sweep.json.tmp"
-    tmp.write_text(json.dumps({"sweep_dir": str(sweep_dir), "jobs": rows}, indent=2, default=str))
-    os.replace(tmp, Path(sweep_dir) / "sweep.json")
-    return rows
-
-
-def print_sweep(rows: list[dict], sweep_dir: Path) -> None:
-    print(f"\nsweep {sweep_dir}: {len(rows)} job(s)")
-    for r in rows:
-        line = f"  [{r.get('job_num')}] {r.get('state', '?'):<11} job {r.get('slurm_job_id') or '-':<10} " \
-               f"{' '.join(r.get('overrides', []))}  ->  {r.get('run_dir')}"
-        print(line)
-        if r.get("error"):
-            print(f"      error: {r['error']}")
-    print(f"index: {Path(sweep_dir) / 'sweep.json'}")

@@ -23,8 +23,10 @@ from collections.abc import Mapping
 from torch import nn
 
 from . import biggan, dcgan, sagan
-from .layers import ModelConfigError, convert_sync_bn
-from .spectral import reg_modules, sigma_stats, spectral_modules, weight_matrix, weight_modules
+from .checks import ModelConfigError
+from .norms import convert_sync_bn
+from .spectral import reg_modules, sigma_stats, spectral_modules, weight_modules
+from .svd import weight_matrix
 
 __all__ = ["REGISTRY", "build", "ModelConfigError", "convert_sync_bn", "param_count",
            "reg_modules", "sigma_stats", "spectral_modules", "weight_matrix", "weight_modules"]

@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import (ModelConfigError, check_arch_switches, check_attn, check_positive, choices_str,
+                     config_from_mapping, g_bn_kind)
 from .layers import (INITS, DBlock, GBlock, MinibatchDiscrimination, MinibatchStdDev,
-                     ModelConfigError, SelfAttention, SNConv2d, SNEmbedding, SNLinear,
-                     VirtualBatchNormReference, check_arch_switches, check_attn, check_positive,
-                     choices_str, config_from_mapping, g_bn_kind, init_weights, make_bn)
+                     SelfAttention, SNConv2d, SNEmbedding, SNLinear, init_weights)
+from .norms import VirtualBatchNormReference, make_bn
+from .spectral import SNSettings
 
 # Architecture tables: channel multipliers of ch (G) / d_ch (D) per block.
 # G starts from a 4x4 map and doubles the resolution in every block.
@@ -145,7 +147,7 @@ class Generator(VirtualBatchNormReference, nn.Module):
         ch = cfg.ch
         in_mult, out_mult = G_ARCH[resolution]
         n_blocks = len(in_mult)
-        snkw = dict(sn=cfg.g_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
+        sn = SNSettings(cfg.g_sn, cfg.sn_iters, cfg.sn_eps)
 
         # Hierarchical latent: num_blocks + 1 chunks of z_dim // (num_blocks + 1); the first
         # chunk also takes the remainder, so any z_dim >= num_blocks + 1 works (120 at 128: 6x20).
@@ -167,21 +169,21 @@ class Generator(VirtualBatchNormReference, nn.Module):
         cond_dim = self.class_dim + chunk
         # Projections of a learned embedding are SN layers; per-class gains read from one-hot
         # labels are plain per-class embeddings, as in BigGAN-PyTorch / SAGAN.
-        cond_sn = cfg.g_sn and cfg.shared_dim > 0
+        cond_sn = SNSettings(cfg.g_sn and cfg.shared_dim > 0, cfg.sn_iters, cfg.sn_eps)
         self.bn_kind = g_bn_kind(cfg)
 
-        self.linear = SNLinear(self.z_chunks[0], in_mult[0] * ch * BOTTOM ** 2, **snkw)
+        self.linear = SNLinear(self.z_chunks[0], in_mult[0] * ch * BOTTOM ** 2, sn=sn)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleList()
         for i, (mi, mo) in enumerate(zip(in_mult, out_mult)):
             self.blocks.append(GBlock(mi * ch, mo * ch, cond_dim, upsample=True,
                                       bn_eps=cfg.bn_eps, cond_sn=cond_sn, bn=self.bn_kind,
-                                      **snkw))
+                                      sn=sn))
             res = BOTTOM * 2 ** (i + 1)
-            self.attn.append(SelfAttention(mo * ch, **snkw) if res in self.attn_res
+            self.attn.append(SelfAttention(mo * ch, sn=sn) if res in self.attn_res
                              else nn.Identity())
         self.out_bn = make_bn(self.bn_kind, out_mult[-1] * ch, eps=cfg.bn_eps)
-        self.out_conv = SNConv2d(out_mult[-1] * ch, 3, 3, padding=1, **snkw)
+        self.out_conv = SNConv2d(out_mult[-1] * ch, 3, 3, padding=1, sn=sn)
         init_weights(self, cfg.init)
         self.init_vbn(cfg.vbn, cfg.vbn_ref, cfg.z_dim, n_classes)
 
@@ -245,7 +247,7 @@ class Discriminator(nn.Module):
         self.cfg = cfg
         self.resolution = resolution
         self.n_classes = n_classes
-        snkw = dict(sn=cfg.d_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
+        sn = SNSettings(cfg.d_sn, cfg.sn_iters, cfg.sn_eps)
         out_mult, downs = D_ARCH[resolution]
         widths = [3] + [m * cfg.d_ch for m in out_mult]
         n_blocks = len(out_mult)
@@ -257,18 +259,18 @@ class Discriminator(nn.Module):
         for i, (down, res) in enumerate(zip(downs, d_resolutions(resolution))):
             in_ch = widths[i] + (1 if self.mbstd is not None and i == n_blocks - 1 else 0)
             self.blocks.append(DBlock(in_ch, widths[i + 1], downsample=down,
-                                      preactivation=i > 0, wide=True, **snkw))
+                                      preactivation=i > 0, wide=True, sn=sn))
             if res in self.attn_res and res not in placed:  # once, after the first block at res
                 placed.add(res)
-                self.attn.append(SelfAttention(widths[i + 1], **snkw))
+                self.attn.append(SelfAttention(widths[i + 1], sn=sn))
             else:
                 self.attn.append(nn.Identity())
         self.feature_dim = widths[-1]
         self.mbdisc = (MinibatchDiscrimination(self.feature_dim, cfg.mbdisc, cfg.mbdisc_dim,
-                                               **snkw) if cfg.mbdisc else None)
+                                               sn=sn) if cfg.mbdisc else None)
         self.out_dim = self.feature_dim + cfg.mbdisc  # what linear and the projection read
-        self.linear = SNLinear(self.out_dim, 1, **snkw)
-        self.embed = SNEmbedding(n_classes, self.out_dim, **snkw)
+        self.linear = SNLinear(self.out_dim, 1, sn=sn)
+        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn)
         init_weights(self, cfg.init)
 
     @property

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (INITS, MinibatchDiscrimination, MinibatchStdDev, ModelConfigError,
-                     SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear, VirtualBatchNorm2d,
-                     VirtualBatchNormReference, check_arch_switches, check_positive, choices_str,
-                     config_from_mapping, g_bn_kind, init_weights, make_bn)
+from .checks import (ModelConfigError, check_arch_switches, check_positive, choices_str,
+                     config_from_mapping, g_bn_kind)
+from .layers import (INITS, MinibatchDiscrimination, MinibatchStdDev, SNConv2d, SNConvTranspose2d,
+                     SNEmbedding, SNLinear, init_weights)
+from .norms import VirtualBatchNorm2d, VirtualBatchNormReference, make_bn
+from .spectral import SNSettings
 
 RESOLUTIONS = (16, 32, 64, 128)
 BOTTOM_SIDE = 4  # G's first and D's last feature map side
@@ -109,18 +111,18 @@ class Generator(VirtualBatchNormReference, nn.Module):
         self.z_dim = cfg.z_dim
         self.shared = nn.Embedding(n_classes, cfg.shared_dim) if cfg.shared_dim > 0 else None
         self.class_dim = cfg.shared_dim if cfg.shared_dim > 0 else n_classes
-        snkw = dict(sn=cfg.g_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
+        sn = SNSettings(cfg.g_sn, cfg.sn_iters, cfg.sn_eps)
         self.bn_kind = g_bn_kind(cfg)
         self.widths = [cfg.ch * 2 ** (n_up - 1 - i) for i in range(n_up)]  # at 4, 8, ..., R/2
         layers: list[nn.Module] = []
         in_ch = cfg.z_dim + self.class_dim
         for i, w in enumerate(self.widths):
             layers += [SNConvTranspose2d(in_ch, w, 4, 1 if i == 0 else 2, 0 if i == 0 else 1,
-                                         bias=False, **snkw),
+                                         bias=False, sn=sn),
                        make_bn(self.bn_kind, w, eps=cfg.bn_eps), nn.ReLU()]
             in_ch = w
         # Bias only where no BatchNorm follows.
-        layers += [SNConvTranspose2d(in_ch, 3, 4, 2, 1, bias=True, **snkw), nn.Tanh()]
+        layers += [SNConvTranspose2d(in_ch, 3, 4, 2, 1, bias=True, sn=sn), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         _init(self, cfg.init)
         self.init_vbn(cfg.vbn, cfg.vbn_ref, cfg.z_dim, n_classes)
@@ -167,7 +169,7 @@ class Discriminator(nn.Module):
         self.cfg = cfg
         self.resolution = resolution
         self.n_classes = n_classes
-        snkw = dict(sn=cfg.d_sn, sn_iters=cfg.sn_iters, sn_eps=cfg.sn_eps)
+        sn = SNSettings(cfg.d_sn, cfg.sn_iters, cfg.sn_eps)
         self.widths = [cfg.d_ch * 2 ** i for i in range(n_down)]  # at R/2, R/4, ..., 4
         layers: list[nn.Module] = []
         in_ch = 3
@@ -175,7 +177,7 @@ class Discriminator(nn.Module):
             if cfg.mbstd and i == n_down - 1:
                 layers.append(MinibatchStdDev(cfg.mbstd))
                 in_ch += 1
-            layers.append(SNConv2d(in_ch, w, 4, 2, 1, bias=i == 0, **snkw))
+            layers.append(SNConv2d(in_ch, w, 4, 2, 1, bias=i == 0, sn=sn))
             if i > 0:
                 layers.append(nn.BatchNorm2d(w, eps=cfg.bn_eps))
             layers.append(nn.LeakyReLU(0.2))
@@ -183,10 +185,10 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.feature_dim = in_ch * BOTTOM_SIDE ** 2
         self.mbdisc = (MinibatchDiscrimination(self.feature_dim, cfg.mbdisc, cfg.mbdisc_dim,
-                                               **snkw) if cfg.mbdisc else None)
+                                               sn=sn) if cfg.mbdisc else None)
         self.out_dim = self.feature_dim + cfg.mbdisc  # what linear and the projection read
-        self.linear = SNLinear(self.out_dim, 1, **snkw)
-        self.embed = SNEmbedding(n_classes, self.out_dim, **snkw)
+        self.linear = SNLinear(self.out_dim, 1, sn=sn)
+        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn)
         _init(self, cfg.init)
 
     @property

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from . import biggan
-from .layers import (INITS, ModelConfigError, check_arch_switches, check_positive, choices_str,
+from .checks import (ModelConfigError, check_arch_switches, check_positive, choices_str,
                      config_from_mapping)
+from .layers import INITS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,10 +31,10 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
-    from bench.data import make_shards
+    from bench.data.shards import ShardSetSpec, make_shards
 
     out = tmp_path_factory.mktemp("shards") / "shapes32"
-    make_shards(out, source="shapes", resolution=32, num_samples=240, samples_per_shard=60, seed=0,
+    make_shards(out, ShardSetSpec(source="shapes", resolution=32, num_samples=240, samples_per_shard=60, seed=0),
                 progress=False)
     return out
 

@@ -12,8 +12,9 @@ def test_inspect_biggan_128_matches_the_paper(capsys):
     assert out["G_params"] == pytest.approx(70.4e6, rel=0.005)
     assert out["D_params"] == pytest.approx(88.0e6, rel=0.005)
     assert out["resolution"] == 128 and out["n_classes"] == 1000
-    # DESIGN.md quotes about 365 GFLOP per image for one D step plus one G step; that count keeps D's
-    # weight gradients on in the G step. The loop freezes D there, which saves ~21 GFLOP: 342.7 GFLOP.
+    # About 365 GFLOP per image is often quoted for one D step plus one G step; that count keeps D's
+    # weight gradients on in the G step. The trainer freezes D there (docs/architecture.md, "One
+    # training step"), which saves ~21 GFLOP: 342.7 GFLOP.
     flops = out["GFLOP_per_image"]
     assert flops["D_step"] + flops["G_step"] == pytest.approx(342.7, rel=0.02)
     assert flops["D_step"] > flops["G_step"] > 0

@@ -1,4 +1,4 @@
-"""Tests for bench/data.py: the shapes dataset, shard writing, and the WebDataset read pipeline."""
+"""Tests for bench/data/: the shapes dataset, shard writing, and the WebDataset read pipeline."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import data
-from bench.data import (SHAPES_CLASSES, DataError, ShardLoader, default_shards, load_manifest,
-                        make_shards, resolve_shards, shapes_sample)
+from bench.data import shapes
+from bench.data.loader import LoaderSettings, ShardLoader
+from bench.data.shapes import SHAPES_CLASSES, shapes_sample
+from bench.data.shards import (DataError, ShardSetSpec, default_shards, load_manifest, make_shards,
+                               resolve_shards)
 
 RES = 16
 N, PER_SHARD = 200, 50  # 4 shards
@@ -27,8 +29,8 @@ N, PER_SHARD = 200, 50  # 4 shards
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "shapes16"
-    make_shards(out, source="shapes", resolution=RES, num_samples=N, samples_per_shard=PER_SHARD,
-                seed=3, progress=False)
+    make_shards(out, ShardSetSpec(source="shapes", resolution=RES, num_samples=N, samples_per_shard=PER_SHARD,
+                                  seed=3), progress=False)
     return out
 
 
@@ -119,7 +121,7 @@ def test_manifest(shards_dir):
 
 def test_round_trip_one_pass(shards_dir):
     expected = sorted((label, _digest(img)) for img, label in (shapes_sample(i, 3, RES) for i in range(N)))
-    loader = ShardLoader(str(shards_dir), batch_size=32, resolution=RES, num_workers=0, resampled=False)
+    loader = ShardLoader(str(shards_dir), 32, RES, LoaderSettings(num_workers=0, resampled=False))
     batches = list(loader)
     x, y = batches[0]
     assert x.dtype == torch.float32 and x.shape == (32, 3, RES, RES) and x.is_contiguous()
@@ -134,7 +136,7 @@ def test_resampled_infinite_deterministic_and_resizes(shards_dir):
     shards, _ = resolve_shards(str(shards_dir))
 
     def first(seed, n=4):
-        it = iter(ShardLoader(shards, 16, 24, num_workers=0, seed=seed, shuffle_buffer=64))
+        it = iter(ShardLoader(shards, 16, 24, LoaderSettings(num_workers=0, seed=seed, shuffle_buffer=64)))
         return [next(it) for _ in range(n)]
 
     a, b, c = first(0, 20), first(0), first(1)  # 20 batches x 16 = 320 > 200: resampled keeps going
@@ -148,7 +150,7 @@ def test_resampled_ranks_read_their_own_shards(shards_dir):
     owner = {_digest(shapes_sample(i, 3, RES)[0]): i // PER_SHARD for i in range(N)}
     shards, _ = resolve_shards(str(shards_dir))
     for rank in range(2):
-        it = iter(ShardLoader(shards, 32, RES, rank=rank, world_size=2, num_workers=0))
+        it = iter(ShardLoader(shards, 32, RES, LoaderSettings(rank=rank, world_size=2, num_workers=0)))
         seen = {owner[_digest(img)] for _ in range(15) for img in _to_uint8(next(it)[0])}
         assert seen == {rank, rank + 2}  # shards[rank::2]
 
@@ -157,8 +159,8 @@ def test_resampled_ranks_read_their_own_shards(shards_dir):
 def test_one_pass_split_across_ranks(shards_dir, num_workers):
     per_rank = []
     for rank in range(2):
-        loader = ShardLoader(str(shards_dir), 16, RES, rank=rank, world_size=2, num_workers=num_workers,
-                             resampled=False)
+        loader = ShardLoader(str(shards_dir), 16, RES, LoaderSettings(rank=rank, world_size=2,
+                                                                      num_workers=num_workers, resampled=False))
         per_rank.append(_read_all(loader))
         loader.close()
     a, b = per_rank
@@ -190,12 +192,13 @@ def test_image_folder(tmp_path):
     (root / "apple" / "notes.txt").write_text("ignored")
 
     out = tmp_path / "folder_shards"
-    m = make_shards(out, source="folder", folder=root, resolution=16, samples_per_shard=4, progress=False)
+    m = make_shards(out, ShardSetSpec(source="folder", folder=root, resolution=16, samples_per_shard=4),
+                    progress=False)
     assert m["class_names"] == ["apple", "mango", "zebra"]
     assert m["num_samples"] == 12 and m["skipped"] == 1 and "broken.jpg" in m["skipped_examples"][0]
     assert len(m["shards"]) == 3 and m["source"] == "folder"
 
-    loader = ShardLoader(str(out), 12, 16, num_workers=0, resampled=False, shuffle_buffer=0)
+    loader = ShardLoader(str(out), 12, 16, LoaderSettings(num_workers=0, resampled=False, shuffle_buffer=0))
     (x, y), = list(loader)
     imgs = _to_uint8(x).astype(int)
     assert sorted(y.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
@@ -207,11 +210,11 @@ def test_image_folder(tmp_path):
 
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="folder="):
-        make_shards(tmp_path / "o", source="folder", folder=tmp_path / "nope", progress=False)
+        make_shards(tmp_path / "o", ShardSetSpec(source="folder", folder=tmp_path / "nope"), progress=False)
     with pytest.raises(DataError, match="no class subfolders"):
-        make_shards(tmp_path / "o", source="folder", folder=tmp_path, progress=False)
+        make_shards(tmp_path / "o", ShardSetSpec(source="folder", folder=tmp_path), progress=False)
     with pytest.raises(DataError, match="source="):
-        make_shards(tmp_path / "o", source="imagenet", progress=False)
+        make_shards(tmp_path / "o", ShardSetSpec(source="imagenet"), progress=False)
     assert not list(tmp_path.glob(".o.tmp-*"))
 
 
@@ -225,7 +228,8 @@ def test_corrupt_png_is_skipped_and_counted(tmp_path, num_workers):
     bad = {"__key__": "0100", "png": b"\x89PNG garbage", "cls": b"1"}
     _write_tar(tmp_path / "a.tar", good[:5] + [bad] + good[5:])
     with pytest.warns(UserWarning, match="corrupt") if num_workers == 0 else contextlib.nullcontext():
-        loader = ShardLoader([str(tmp_path / "a.tar")], 4, RES, num_workers=num_workers, resampled=False)
+        loader = ShardLoader([str(tmp_path / "a.tar")], 4, RES,
+                             LoaderSettings(num_workers=num_workers, resampled=False))
         got = _read_all(loader)
     assert loader.skipped == 1
     assert sorted(got) == sorted((s % 10, _digest(shapes_sample(s, 0, RES)[0])) for s in range(9))
@@ -243,7 +247,7 @@ def test_other_corruptions_are_skipped_and_counted(tmp_path):
     _write_tar(tmp_path / "b.tar", samples)
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": ["b.tar"], "class_names": SHAPES_CLASSES}))
     with pytest.warns(UserWarning):
-        loader = ShardLoader(str(tmp_path), 2, RES, num_workers=0, resampled=False)
+        loader = ShardLoader(str(tmp_path), 2, RES, LoaderSettings(num_workers=0, resampled=False))
         got = _read_all(loader)
     assert loader.num_classes == 10 and loader.skipped == 4
     assert sorted(label for label, _ in got) == [0, 2, 6]
@@ -254,7 +258,7 @@ def test_other_corruptions_are_skipped_and_counted(tmp_path):
 
 def test_unreadable_shard_fails_loudly_instead_of_hanging(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"this is not a tar file" * 10)
-    it = iter(ShardLoader([str(tmp_path / "bad.tar")], 4, RES, num_workers=1))  # resampled: infinite
+    it = iter(ShardLoader([str(tmp_path / "bad.tar")], 4, RES, LoaderSettings(num_workers=1)))  # infinite
     with pytest.raises(DataError, match="in a row") as excinfo:
         next(it)
     assert "\n" not in str(excinfo.value) and "Traceback" not in str(excinfo.value)
@@ -272,11 +276,11 @@ def test_error_messages(tmp_path, shards_dir):
     with pytest.raises(DataError, match="data.shards is empty"):
         resolve_shards("")
     with pytest.raises(DataError, match=r"4 shard\(s\) for 6 readers.*samples_per_shard.*num_workers"):
-        ShardLoader(str(shards_dir), 8, RES, world_size=2, rank=1, num_workers=3)
+        ShardLoader(str(shards_dir), 8, RES, LoaderSettings(world_size=2, rank=1, num_workers=3))
     with pytest.raises(DataError, match="6 of 10 shard files are missing, first .*shard-000004.tar"):
         resolve_shards(str(shards_dir / "shard-{000000..000009}.tar"))
     with pytest.raises(DataError, match="epoch_passes"):
-        ShardLoader(str(shards_dir), 8, RES, epoch_passes=True)
+        ShardLoader(str(shards_dir), 8, RES, LoaderSettings(epoch_passes=True))
     # a pattern, a glob and a list all resolve to the same shards
     full, m = resolve_shards(str(shards_dir))
     assert len(full) == 4 and m is not None
@@ -290,24 +294,25 @@ def test_error_messages(tmp_path, shards_dir):
 
 def test_make_shards_refuses_existing_set_unless_overwrite(tmp_path):
     out = tmp_path / "set"
-    make_shards(out, resolution=RES, num_samples=20, samples_per_shard=10, progress=False)
+    make_shards(out, ShardSetSpec(resolution=RES, num_samples=20, samples_per_shard=10), progress=False)
     with pytest.raises(DataError, match="overwrite"):
-        make_shards(out, resolution=RES, num_samples=30, samples_per_shard=10, progress=False)
+        make_shards(out, ShardSetSpec(resolution=RES, num_samples=30, samples_per_shard=10), progress=False)
     assert load_manifest(str(out))["num_samples"] == 20
-    m = make_shards(out, resolution=RES, num_samples=30, samples_per_shard=10, progress=False, overwrite=True)
+    m = make_shards(out, ShardSetSpec(resolution=RES, num_samples=30, samples_per_shard=10), progress=False,
+                    overwrite=True)
     assert m["num_samples"] == 30 and len(resolve_shards(str(out))[0]) == 3
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("x")
     with pytest.raises(DataError, match="not an empty directory"):
-        make_shards(tmp_path / "junk", resolution=RES, num_samples=10, progress=False)
+        make_shards(tmp_path / "junk", ShardSetSpec(resolution=RES, num_samples=10), progress=False)
     (tmp_path / "empty").mkdir()
-    make_shards(tmp_path / "empty", resolution=RES, num_samples=10, progress=False)
+    make_shards(tmp_path / "empty", ShardSetSpec(resolution=RES, num_samples=10), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "junk", "set"]  # no temp dirs left
 
 
 def test_killed_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = data.shapes_sample
+    real = shapes.shapes_sample
 
     def dies(index, seed, res):
         calls["n"] += 1
@@ -316,9 +321,10 @@ def test_killed_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the job is killed mid-write
         return real(index, seed, res)
 
-    monkeypatch.setattr(data, "shapes_sample", dies)
+    monkeypatch.setattr(shapes, "shapes_sample", dies)
     with pytest.raises(KeyboardInterrupt):
-        make_shards(tmp_path / "set", resolution=RES, num_samples=40, samples_per_shard=10, progress=False)
+        make_shards(tmp_path / "set", ShardSetSpec(resolution=RES, num_samples=40, samples_per_shard=10),
+                    progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

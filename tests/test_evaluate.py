@@ -1,18 +1,33 @@
 """Evaluation: truncation, standing stats, the domain extractor, torch-fidelity metrics, the real-side
-cache, run evaluation, truncation sweeps and interpolation sheets. Tiny data; about a minute on 2 CPUs."""
+cache, run evaluation, truncation sweeps and interpolation sheets, and
+the checkpoint `which=best` picks in a real run. Tiny data; a few minutes on 2 CPUs."""
+import ast
 import csv
 import json
 import math
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 import models
-from bench import classifier as C
-from bench import evaluate as E
-from bench.data import SHAPES_CLASSES, make_shards
+from bench import rundir
+from bench.data.shapes import SHAPES_CLASSES
+from bench.data.shards import ShardSetSpec, make_shards, manifest_hash
+from bench.eval import classifier as C
+from bench.eval import metrics as M
+from bench.eval import runs as R
+from bench.eval import sampling as S
+from bench.eval.classifier import ClassifierSettings
+from bench.eval.errors import EvalError
+from bench.eval.features import INCEPTION_FILE, ImageDataset
+from bench.eval.metrics import EvalSettings, MetricSettings
+from bench.eval.sampling import InterpSettings
+from conftest import TINY
 
 TINY_MODEL = {"family": "biggan", "ch": 8, "d_ch": 8, "z_dim": 32, "shared_dim": 16, "attn": [], "hier": True}
 N_CLASSES = 10
@@ -21,14 +36,18 @@ N_CLASSES = 10
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "shapes32"
-    make_shards(out, source="shapes", resolution=32, num_samples=300, samples_per_shard=100, seed=0, progress=False)
+    make_shards(out, ShardSetSpec(source="shapes", resolution=32, num_samples=300, samples_per_shard=100, seed=0),
+                progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def clf(shards):
-    """A quickly trained domain classifier, saved at the default place beside the shards."""
-    return C.train_classifier(shards, epochs=8, max_seconds=60, width=16, holdout=0.2, progress=False)
+    """A quickly trained domain classifier, saved at the default place beside the shards. Its length is
+    set by epochs, not by the clock (a busy machine would cut a short time budget), in fp32 (bf16 can be
+    slow on CPUs that claim it)."""
+    settings = ClassifierSettings(epochs=8, max_seconds=600, width=16, holdout=0.2, precision="fp32")
+    return C.train_classifier(shards, settings=settings, progress=False)
 
 
 def tiny_G(seed=0):
@@ -41,9 +60,9 @@ def tiny_G(seed=0):
 
 @pytest.mark.parametrize("psi", [0.05, 0.5, 1.0, 2.0])
 def test_truncated_normal_resample_bounds_and_variance(psi):
-    z = E.truncated_normal((200_000,), psi, generator=torch.Generator().manual_seed(1))
+    z = S.truncated_normal((200_000,), psi, generator=torch.Generator().manual_seed(1))
     assert z.abs().max().item() <= psi
-    want = E.truncnorm_variance(psi)
+    want = S.truncnorm_variance(psi)
     assert abs(z.var().item() - want) < 0.02 * want, (z.var().item(), want)
     assert abs(z.mean().item()) < 0.01 * max(psi, 0.1)
     # not clipping: no pile-up of mass at the threshold
@@ -53,19 +72,19 @@ def test_truncated_normal_resample_bounds_and_variance(psi):
 def test_truncation_clip_scale_and_off():
     shape, psi = (50_000,), 0.7
     base = torch.randn(shape, generator=torch.Generator().manual_seed(3))
-    clip = E.truncated_normal(shape, psi, "clip", generator=torch.Generator().manual_seed(3))
-    scale = E.truncated_normal(shape, psi, "scale", generator=torch.Generator().manual_seed(3))
-    off = E.truncated_normal(shape, None, generator=torch.Generator().manual_seed(3))
+    clip = S.truncated_normal(shape, psi, "clip", generator=torch.Generator().manual_seed(3))
+    scale = S.truncated_normal(shape, psi, "scale", generator=torch.Generator().manual_seed(3))
+    off = S.truncated_normal(shape, None, generator=torch.Generator().manual_seed(3))
     assert torch.equal(clip, base.clamp(-psi, psi))
     at_edge = (clip.abs() == psi).float().mean().item()
     assert abs(at_edge - (1 - math.erf(psi / math.sqrt(2)))) < 0.01  # the tails pile up at +-psi
     assert torch.allclose(scale, base * psi)
     assert scale.abs().max().item() > psi  # scaling does not bound
     assert torch.equal(off, base)
-    with pytest.raises(E.EvalError, match="trunc_mode"):
-        E.truncated_normal(shape, psi, "squash")
-    with pytest.raises(E.EvalError, match="eval.truncation"):
-        E.truncated_normal(shape, -1.0)
+    with pytest.raises(EvalError, match="trunc_mode"):
+        S.truncated_normal(shape, psi, "squash")
+    with pytest.raises(EvalError, match="eval.truncation"):
+        S.truncated_normal(shape, -1.0)
 
 
 # ---- standing statistics --------------------------------------------------------------------------
@@ -73,13 +92,13 @@ def test_truncation_clip_scale_and_off():
 def test_standing_stats_changes_only_batchnorm_buffers():
     G = tiny_G()
     before = {k: v.clone() for k, v in G.state_dict().items()}
-    bns = E._batchnorms(G)
+    bns = S.batchnorms(G)
     bn_names = {f"{name}.{b}" for name, m in G.named_modules() if m in bns
                 for b in ("running_mean", "running_var", "num_batches_tracked")}
     momenta = [m.momentum for m in bns]
     assert len(bns) > 0 and any(k.endswith(".u") for k in before)  # SN buffers exist to be checked
 
-    n = E.standing_stats(G, N_CLASSES, passes=3, batch_size=16, truncation=0.5,
+    n = S.standing_stats(G, N_CLASSES, passes=3, batch_size=16, truncation=0.5,
                          generator=torch.Generator().manual_seed(0))
     assert n == len(bns)
     after = G.state_dict()
@@ -105,16 +124,16 @@ def test_missing_inception_weights_is_a_clear_evalerror(monkeypatch, tmp_path, s
     monkeypatch.setattr(inc, "load_state_dict_from_url", no_download)
     monkeypatch.setattr(torch_fidelity, "calculate_metrics", no_download)
     G = tiny_G()
-    for path in (None, tmp_path / "nowhere" / E.INCEPTION_FILE):
-        with pytest.raises(E.EvalError) as err:
-            E.evaluate_generator(G, shards_spec=shards, num_samples=20, extractor="inception", weights_path=path,
-                                 cache_dir=tmp_path / "cache", progress=False)
+    for path in (None, tmp_path / "nowhere" / INCEPTION_FILE):
+        with pytest.raises(EvalError) as err:
+            M.evaluate_generator(G, EvalSettings(num_samples=20, extractor="inception", weights_path=path,
+                                                 cache_dir=tmp_path / "cache"), shards_spec=shards, progress=False)
         msg = str(err.value)
         assert isinstance(err.value, ValueError) and "\n" not in msg
-        assert E.INCEPTION_FILE in msg and "eval.weights_path=" in msg
-    with pytest.raises(E.EvalError, match=E.INCEPTION_FILE):
-        E.compute_metrics(E.ImageDataset(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)),
-                          E.ImageDataset(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)), extractor="inception")
+        assert INCEPTION_FILE in msg and "eval.weights_path=" in msg
+    with pytest.raises(EvalError, match=INCEPTION_FILE):
+        blank = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+        M.compute_metrics(ImageDataset(blank), ImageDataset(blank.clone()), MetricSettings(extractor="inception"))
 
 
 # ---- metrics with the domain extractor ------------------------------------------------------------
@@ -123,7 +142,7 @@ def test_classifier_file(clf, shards):
     assert clf["path"] == str(shards / "classifier-r32.pt")
     model, meta = C.load_classifier(clf["path"])
     assert meta["class_names"] == SHAPES_CLASSES
-    assert meta["resolution"] == 32 and meta["manifest_hash"] == C.manifest_hash(shards)
+    assert meta["resolution"] == 32 and meta["manifest_hash"] == manifest_hash(shards)
     assert 0.0 <= meta["accuracy"] <= 1.0 and meta["n_holdout"] == 60
     feats, logits = model(torch.zeros(5, 3, 32, 32, dtype=torch.uint8))
     assert feats.shape == (5, model.feature_dim) and logits.shape == (5, 10)
@@ -131,11 +150,11 @@ def test_classifier_file(clf, shards):
 
 def test_fid_of_data_against_itself_is_zero_and_shift_is_positive(clf, shards):
     x, _ = C.load_images(shards, 32)
-    kw = dict(extractor="domain", weights_path=clf["path"], metrics=("fid", "kid"))
-    same = E.compute_metrics(E.ImageDataset(x), E.ImageDataset(x.clone()), **kw)
+    settings = MetricSettings(extractor="domain", weights_path=clf["path"], metrics=("fid", "kid"))
+    same = M.compute_metrics(ImageDataset(x), ImageDataset(x.clone()), settings)
     assert abs(same["eval/FID"]) < 1e-3
-    inverted = E.compute_metrics(E.ImageDataset(255 - x), E.ImageDataset(x), **kw)
-    darker = E.compute_metrics(E.ImageDataset(x // 2), E.ImageDataset(x), **kw)
+    inverted = M.compute_metrics(ImageDataset(255 - x), ImageDataset(x), settings)
+    darker = M.compute_metrics(ImageDataset(x // 2), ImageDataset(x), settings)
     for shifted in (inverted, darker):
         assert shifted["eval/FID"] > 1.0 and shifted["eval/FID"] > 1000 * abs(same["eval/FID"])
         assert shifted["eval/KID"] > same["eval/KID"]
@@ -144,13 +163,16 @@ def test_fid_of_data_against_itself_is_zero_and_shift_is_positive(clf, shards):
 def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, monkeypatch):
     reads = []
     real_load = C.load_images
-    monkeypatch.setattr(C, "load_images", lambda *a, **k: reads.append(k.get("limit")) or real_load(*a, **k))
+    monkeypatch.setattr(M, "load_images", lambda *a, **k: reads.append(k.get("limit")) or real_load(*a, **k))
     G = tiny_G()
     state = {k: v.clone() for k, v in G.state_dict().items()}
     cache = tmp_path / "cache"
-    kw = dict(shards_spec=shards, num_samples=120, cache_dir=cache, progress=False, batch_size=60)
+    settings = EvalSettings(num_samples=120, cache_dir=cache, batch_size=60)
 
-    m1 = E.evaluate_generator(G, **kw)
+    def evaluate(s):
+        return M.evaluate_generator(G, s, shards_spec=shards, progress=False)
+
+    m1 = evaluate(settings)
     for key in ("eval/IS", "eval/IS_std", "eval/FID", "eval/KID", "eval/KID_std", "eval/precision", "eval/recall",
                 "eval/class_acc"):
         assert isinstance(m1[key], float) and math.isfinite(m1[key]), key
@@ -161,28 +183,62 @@ def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, mon
     assert cached and any(p.suffix == ".json" for p in cached)
     mtimes = {p: p.stat().st_mtime_ns for p in cached}
 
-    m2 = E.evaluate_generator(G, **kw)  # real side from the cache: no shard read, no rewrite
+    m2 = evaluate(settings)  # real side from the cache: no shard read, no rewrite
     assert reads == [120]
     assert {p: p.stat().st_mtime_ns for p in sorted(cache.glob("real-*"))} == mtimes
     assert m2["eval/FID"] == pytest.approx(m1["eval/FID"], rel=1e-6)  # same seed, same samples
 
-    m3 = E.evaluate_generator(G, **{**kw, "num_real": 100})  # another N: another key
+    m3 = evaluate(replace(settings, num_real=100))  # another N: another key
     assert reads == [120, 100] and m3["num_real"] == 100
     assert len(list(cache.glob("real-*.json"))) == 2
-    assert E.real_cache_key(shards, 100, 32, "x") != E.real_cache_key(shards, 120, 32, "x")
-    assert E.real_cache_key(shards, 100, 32, "x") != E.real_cache_key(shards, 100, 32, "y")
+    assert M.real_cache_key(shards, 100, 32, "x") != M.real_cache_key(shards, 120, 32, "x")
+    assert M.real_cache_key(shards, 100, 32, "x") != M.real_cache_key(shards, 100, 32, "y")
 
-    m4 = E.evaluate_generator(G, **kw, truncation=0.5, standing_stats=2)
+    m4 = evaluate(replace(settings, truncation=0.5, standing_stats=2))
     assert m4["truncation"] == 0.5 and m4["standing_stats"] == 2 and reads == [120, 100]
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in state.items())  # G itself untouched
 
     run = tmp_path / "run"
-    rec = E.append_eval(run, 40, m1, source="test")
+    rec = M.append_eval(run, 40, m1, source="test")
     line = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
     assert line == rec and line["step"] == 40 and line["extractor"] == "domain" and line["num_samples"] == 120
     assert "seconds" in line and line["source"] == "test"
-    assert E.append_eval(run, 41, {}) == {}  # ranks other than 0 get {} and write nothing
+    assert M.append_eval(run, 41, {}) == {}  # ranks other than 0 get {} and write nothing
     assert len((run / "evals.jsonl").read_text().splitlines()) == 1
+
+
+def test_eval_settings_from_cfg():
+    from bench.config import EvalCfg
+
+    schema = OmegaConf.create({"eval": OmegaConf.structured(EvalCfg)})
+    assert EvalSettings.from_cfg(schema) == EvalSettings()  # the config's defaults are these
+    assert EvalSettings.from_cfg(OmegaConf.create({})) == EvalSettings()
+    s = EvalSettings.from_cfg(OmegaConf.create({"eval": {"num_samples": "80", "truncation": 0.5, "batch_size": None,
+                                                          "classifier_path": "/x/c.pt"}}))
+    assert s == replace(EvalSettings(), num_samples=80, truncation=0.5, classifier_path="/x/c.pt")
+
+
+def test_format_table_uses_the_registry_formats():
+    table = M.format_table({"eval/FID": 1.23456, "eval/KID": 0.00123456, "eval/IS": 2.0, "step": 5,
+                            "source": "x"}, title="t")
+    lines = table.splitlines()
+    assert lines[0] == "t" and [l.split()[0] for l in lines[2:-1]] == ["eval/IS", "eval/FID", "eval/KID", "step"]
+    assert "1.235" in table and "0.00123" in table and "2.0000" in table
+
+
+def test_eval_imports_neither_training_nor_the_cli():
+    """Training imports bench.eval, never the other way round; errors.py imports nothing from bench."""
+    root = Path(R.__file__).parent
+    for path in root.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        assert not {m for m in imported if m.startswith(("bench.train", "bench.cli", "bench.loop"))}, path
+        if path.name == "errors.py":
+            assert not {m for m in imported if m.split(".")[0] in ("bench", "models")}
 
 
 # ---- runs: bench eval / bench truncation --------------------------------------------------------------
@@ -201,30 +257,77 @@ def make_run(root, shards, steps=(5,)):
     return run
 
 
-def test_best_checkpoint_choice(shards, tmp_path):
-    run = make_run(tmp_path, shards, steps=(5, 10, 15))
-    assert E.load_run(run, which="best")["step"] == 15  # nothing recorded: the last one
-    evals = [{"step": 5, "eval/FID": 3.0}, {"step": 10, "eval/FID": 2.0, "eval/IS": 1.0},
-             {"step": 10, "eval/FID": 1.0, "source": "bench eval"}, {"step": 20, "eval/FID": 0.5}]
+def test_best_rule_filters_extractor_truncation_and_bench_eval(shards, tmp_path):
+    """which=best ranks only training evaluations, untruncated, made with the run's own extractor, by
+    eval.best_metric (rundir.best_eval), and takes the best that still has a checkpoint."""
+    run = make_run(tmp_path, shards, steps=(5, 10, 15, 20))
+
+    def best(*overrides):
+        loaded = R.load_run(run, list(overrides), which="best")
+        return loaded["step"], loaded["chosen"]
+
+    assert best() == (20, "last (step 20)")  # nothing recorded: the last one
+    evals = [{"step": 5, "eval/FID": 3.0, "eval/IS": 2.0, "extractor": "domain"},
+             {"step": 10, "eval/FID": 2.0, "eval/IS": 1.0, "extractor": "domain"},
+             {"step": 15, "eval/FID": 1.0, "eval/IS": 9.0, "extractor": "inception"},   # another extractor
+             {"step": 20, "eval/FID": 0.5, "eval/IS": 9.0, "extractor": "domain", "truncation": 0.5},
+             {"step": 15, "eval/FID": 0.1, "eval/IS": 9.0, "extractor": "domain", "source": "bench eval"},
+             {"step": 25, "eval/FID": 1.5, "extractor": "domain"}]  # better, but its checkpoint is gone
     (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-    assert E.load_run(run, which="best")["step"] == 10  # lowest FID among training evals with a checkpoint
-    assert E.load_run(run, ["eval.best_metric=eval/IS"], which="best")["step"] == 10
-    assert E.load_run(run, which="last")["step"] == 15
-    assert E.load_run(run, which=5)["step"] == 5
-    (run / "summary.json").write_text(json.dumps({"best": {"step": 5, "eval/FID": 3.0}}))
-    assert E.load_run(run, which="best")["step"] == 5
+    assert best() == (10, "best by eval/FID in evals.jsonl (step 10)")
+    assert best("eval.best_metric=eval/IS") == (5, "best by eval/IS in evals.jsonl (step 5)")
+    assert best("eval.extractor=inception")[0] == 10  # ranked by the extractor the run trained with
+    assert R.load_run(run, which="last")["step"] == 20
+    assert R.load_run(run, which=5)["step"] == 5
+
+    # summary.json's best (the trainer's shape) wins for its own metric and extractor only
+    summary = {"best": {"metric": "eval/FID", "value": 2.5, "step": 15}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert best() == (15, "best (summary.json, step 15)")
+    assert best("eval.best_metric=eval/IS")[0] == 5
+    summary["best"]["extractor"] = "inception"
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert best()[0] == 10
+
     shutil.copy(run / "checkpoints" / "ckpt-0000015.pt", run / "checkpoints" / "best.pt")
-    loaded = E.load_run(run, which="best")
+    loaded = R.load_run(run, which="best")
     assert loaded["step"] == 15 and loaded["checkpoint"].name == "best.pt"
     assert loaded["n_classes"] == N_CLASSES and loaded["class_names"] == SHAPES_CLASSES
-    with pytest.raises(E.EvalError, match="config.yaml"):
-        E.load_run(tmp_path / "nothing")
+    with pytest.raises(EvalError, match="config.yaml"):
+        R.load_run(tmp_path / "nothing")
+
+
+def test_best_checkpoint_choice(clf, shards, tmp_path):
+    """A real run: which=best is the step the run itself recorded as best, whether it is read from
+    checkpoints/best.pt, summary.json or evals.jsonl."""
+    from bench.cli import main
+
+    run = tmp_path / "trained"
+    rc = main(["train", f"data.shards={shards}", f"run.dir={run}", *TINY, "train.steps=6", "train.batch_size=4",
+               "eval.every=2", "eval.num_samples=40", "eval.batch_size=20", "train.ckpt_every=2",
+               "train.ckpt_keep=10", "train.sample_every=0", "telemetry.mfu=false"])
+    assert rc == 0
+    summary = rundir.read_json(run / rundir.SUMMARY)
+    evals = rundir.read_jsonl(run / rundir.EVALS).rows
+    recorded = summary["best"]
+    assert [r["step"] for r in evals] == [2, 4, 6] and recorded["metric"] == "eval/FID"
+    assert recorded["step"] == min(evals, key=lambda r: r["eval/FID"])["step"]
+    assert {s for s, _ in rundir.list_checkpoints(run / rundir.CHECKPOINTS)} >= {2, 4, 6}
+
+    loaded = R.load_run(run, which="best")
+    assert loaded["checkpoint"].name == rundir.BEST_CKPT and loaded["step"] == recorded["step"]
+    (run / rundir.CHECKPOINTS / rundir.BEST_CKPT).unlink()
+    assert R.load_run(run, which="best")["chosen"] == f"best (summary.json, step {recorded['step']})"
+    # a better `bench eval` record does not count; without summary.json, evals.jsonl gives the same step
+    M.append_eval(run, 6, {"eval/FID": 0.0, "extractor": "domain"}, source=rundir.SOURCE_BENCH_EVAL)
+    (run / rundir.SUMMARY).unlink()
+    assert R.load_run(run, which="best")["chosen"] == f"best by eval/FID in evals.jsonl (step {recorded['step']})"
 
 
 def test_eval_run_and_truncation_sweep(clf, shards, tmp_path, capsys):
     run = make_run(tmp_path, shards)
     overrides = {"eval": {"cache_dir": str(tmp_path / "cache")}}
-    rec = E.eval_run(run, overrides, which="best", progress=False)  # no best recorded: falls back to last
+    rec = R.eval_run(run, overrides, which="best", progress=False)  # no best recorded: falls back to last
     out = capsys.readouterr().out
     assert "eval/FID" in out and "ckpt-0000005.pt" in out
     line = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
@@ -233,8 +336,8 @@ def test_eval_run_and_truncation_sweep(clf, shards, tmp_path, capsys):
     assert (run / "samples" / "eval-0000005-classes.png").is_file()
     assert (run / "samples" / "eval-0000005-interp-class-slerp.png").is_file()
 
-    rows = E.truncation_sweep(run, [0.5, None], extractor="domain", num_samples=60, overrides_cfg=overrides,
-                              progress=False)
+    overrides["eval"].update(extractor="domain", num_samples=60)
+    rows = R.truncation_sweep(run, [0.5, None], overrides, progress=False)
     assert [r["psi"] for r in rows] == [0.5, None]
     tdir = run / "truncation"
     with open(tdir / "truncation.csv") as f:
@@ -249,23 +352,24 @@ def test_eval_run_and_truncation_sweep(clf, shards, tmp_path, capsys):
 def test_interpolation_sheets(tmp_path):
     G = tiny_G()
     for mode in ("lerp", "slerp"):
-        sheet = E.interpolation_sheet(G, mode=mode, space="class", steps=5, rows=3, path=tmp_path / f"c-{mode}.png")
+        sheet = S.interpolation_sheet(G, InterpSettings(mode=mode, space="class", steps=5, rows=3),
+                                      tmp_path / f"c-{mode}.png")
         assert sheet.shape == (3, 5, 32, 32, 3) and sheet.dtype.name == "uint8"
         assert (tmp_path / f"c-{mode}.png").is_file()
         # the ends of a class row are the two classes themselves (same latent)
         gen = torch.Generator().manual_seed(0)
-        z = E.truncated_normal((3, G.z_dim), None, generator=gen)
+        z = S.truncated_normal((3, G.z_dim), None, generator=gen)
         with torch.no_grad():
-            first = E.to_uint8(G(z, torch.tensor([0, 1, 2])))
-            last = E.to_uint8(G(z, torch.tensor([1, 2, 3])))
+            first = S.to_uint8(G(z, torch.tensor([0, 1, 2])))
+            last = S.to_uint8(G(z, torch.tensor([1, 2, 3])))
         assert abs(sheet[:, 0].astype(int) - first.astype(int)).max() <= 1
         assert abs(sheet[:, -1].astype(int) - last.astype(int)).max() <= 1
-        zs = E.interpolation_sheet(G, mode=mode, space="z", steps=4, rows=2)
+        zs = S.interpolation_sheet(G, InterpSettings(mode=mode, space="z", steps=4, rows=2))
         assert zs.shape == (2, 4, 32, 32, 3)
         assert not (zs[:, 0] == zs[:, -1]).all()
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    mid = E._slerp(a, b, torch.tensor([[0.5]]))
+    mid = S.slerp(a, b, torch.tensor([[0.5]]))
     assert torch.allclose(mid.norm(), torch.tensor(1.0)) and torch.allclose(mid, torch.tensor([[0.7071, 0.7071]]),
                                                                               atol=1e-4)
-    with pytest.raises(E.EvalError):
-        E.interpolation_sheet(G, space="w")
+    with pytest.raises(EvalError, match="space"):
+        InterpSettings(space="w")

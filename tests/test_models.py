@@ -9,10 +9,13 @@ from torch import nn
 
 import models
 from models import ModelConfigError, build, param_count
-from models.layers import (ConditionalBatchNorm2d, CrossReplicaBatchNorm2d,
-                           MinibatchDiscrimination, MinibatchStdDev, SelfAttention, SNConv2d,
-                           SNConvTranspose2d, SNEmbedding, SNLinear, VirtualBatchNorm2d)
-from models.spectral import spectral_modules, weight_matrix, weight_modules
+from models.layers import (ConditionalBatchNorm2d, MinibatchDiscrimination, MinibatchStdDev,
+                           SelfAttention, SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear)
+from models.norms import CrossReplicaBatchNorm2d, VirtualBatchNorm2d
+from models.spectral import SNSettings, spectral_modules, weight_modules
+from models.svd import weight_matrix
+
+SN_OFF = SNSettings(enabled=False)
 
 SUPPORTED = [("biggan", r) for r in (32, 64, 128, 256)] + \
             [("sagan", r) for r in (32, 64, 128)] + \
@@ -131,8 +134,23 @@ def test_other_bad_values_name_key(over, key):
         build(small_cfg("biggan", **over), 32, 3)
 
 
-def test_config_error_is_value_error():
-    assert issubclass(ModelConfigError, ValueError)
+def test_bad_model_config_message_and_cli_exit(tmp_path, capsys):
+    """A model setting that cannot be built names the key, the value and the choices; the CLI
+    prints it as one line and exits 2, before anything is written."""
+    with pytest.raises(ModelConfigError) as info:
+        build(small_cfg("biggan", init="he"), 32, 3)
+    msg = str(info.value)
+    assert "model.init" in msg and "'he'" in msg and "N02, ortho, xavier" in msg, msg
+    assert len(msg.splitlines()) == 1
+
+    from bench.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "model.init=he", f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "model.init='he'" in err and "N02, ortho, xavier" in err, err
+    assert not run_dir.exists()
 
 
 # ------------------------------------------------------------------------------------------
@@ -294,7 +312,7 @@ def test_switch_config_errors_name_key(over, key):
 
 def test_minibatch_discrimination_matches_loop():
     torch.manual_seed(1)
-    layer = MinibatchDiscrimination(7, n_kernels=4, kernel_dim=3, sn=False)
+    layer = MinibatchDiscrimination(7, n_kernels=4, kernel_dim=3, sn=SN_OFF)
     f = torch.randn(5, 7) * 0.3
     out = layer(f)
     assert out.shape == (5, 7 + 4)
@@ -474,7 +492,7 @@ def _cross_replica_worker(rank, world, init_file, x, c, state, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     torch.set_num_threads(1)
-    cbn = ConditionalBatchNorm2d(3, 4, sn=False, bn="cross_replica")
+    cbn = ConditionalBatchNorm2d(3, 4, sn=SN_OFF, bn="cross_replica")
     cbn.load_state_dict(state)
     cbn.train()
     part = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
@@ -495,7 +513,7 @@ def test_cross_replica_bn_two_ranks_equal_one_big_batch(tmp_path):
     import torch.multiprocessing as mp
     torch.manual_seed(4)
     x, c = torch.randn(6, 3, 4, 4) * 2 + 0.5, torch.randn(6, 4)
-    ref = ConditionalBatchNorm2d(3, 4, sn=False)
+    ref = ConditionalBatchNorm2d(3, 4, sn=SN_OFF)
     nn.init.normal_(ref.gain.weight)
     state = ref.state_dict()
     mp.spawn(_cross_replica_worker, args=(2, str(tmp_path / "init"), x, c, state, str(tmp_path)),

@@ -1,11 +1,12 @@
-"""Loss values on known logits, R1 against an analytic value, the EMA update."""
+"""Loss values on known logits, what each loss owns, R1 against an analytic value, the EMA update."""
 import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from bench import objectives as O
-from bench.loop import ema_update
+from bench.train import objectives as O
+from bench.train.state import ema_update
 
 REAL = torch.tensor([2.0, 0.5, -1.0])
 FAKE = torch.tensor([-2.0, 0.0, 1.5])
@@ -34,6 +35,35 @@ def test_logistic_losses():
 def test_wasserstein():
     assert O.d_wasserstein(REAL, FAKE).item() == pytest.approx(FAKE.mean().item() - REAL.mean().item())
     assert set(O.LOSSES) == {"hinge", "ns", "minimax", "wgan", "wgan_gp"}
+
+
+def test_each_loss_owns_its_specifics():
+    """The Wasserstein losses' critic gap is unbounded (the collapse detector's divergence signal is off
+    for them), wgan_gp adds the gradient penalty, and wgan clips D's weights after each D step."""
+    assert {n for n, loss in O.LOSSES.items() if loss.gap_unbounded} == {"wgan", "wgan_gp"}
+    assert {n for n, loss in O.LOSSES.items() if loss.gradient_penalty} == {"wgan_gp"}
+    assert {n for n, loss in O.LOSSES.items() if loss.after_d_step is not None} == {"wgan"}
+    D = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    with torch.no_grad():
+        D[0].weight.fill_(0.5)
+        D[1].bias.fill_(-0.3)
+    keep = D[0].bias.detach().clone().clamp(-0.01, 0.01)
+    O.LOSSES["wgan"].after_d_step(D, OmegaConf.create({"clip": 0.01}))
+    assert torch.equal(D[0].weight, torch.full((4, 3), 0.01)) and torch.equal(D[1].bias, torch.tensor([-0.01]))
+    assert torch.equal(D[0].bias, keep)
+
+
+def test_the_optimiser_comes_from_the_loss_config():
+    """configs/loss/wgan.yaml sets train.optimizer=rmsprop (Arjovsky et al.); the others keep Adam."""
+    from bench.config import compose
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for loss, kind in (("wgan", torch.optim.RMSprop), ("hinge", torch.optim.Adam), ("wgan_gp", torch.optim.Adam)):
+        cfg = compose([f"loss={loss}"])
+        opt = O.make_optimizer(cfg.train, params, 1e-3)
+        assert type(opt) is kind and opt.defaults["eps"] == cfg.train.eps
+        if kind is torch.optim.Adam:
+            assert opt.defaults["betas"] == tuple(cfg.train.betas)
 
 
 class LinearD(torch.nn.Module):

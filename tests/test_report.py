@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench import report
 from bench.cli import main
+from bench.report import collect, render, tables
+from bench.report.plots import _matrix_axes
 from conftest import TINY
 
 BENCH = [sys.executable, "-m", "bench.cli"]
@@ -70,10 +71,12 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     shards = root / "shapes32"
     # shards and a small domain classifier beside them (the evaluations' feature extractor)
-    code = ("import sys; from bench.data import make_shards; from bench.classifier import train_classifier; "
-            "make_shards(sys.argv[1], source='shapes', resolution=32, num_samples=240, samples_per_shard=60, seed=0, "
-            "progress=False); "
-            "train_classifier(sys.argv[1], epochs=2, max_seconds=20, width=8, holdout=0.2, progress=False)")
+    code = ("import sys; from bench.data.shards import ShardSetSpec, make_shards; "
+            "from bench.eval.classifier import ClassifierSettings, train_classifier; "
+            "make_shards(sys.argv[1], ShardSetSpec(source='shapes', resolution=32, num_samples=240, "
+            "samples_per_shard=60, seed=0), progress=False); "
+            "train_classifier(sys.argv[1], settings=ClassifierSettings(epochs=2, max_seconds=20, width=8, "
+            "holdout=0.2), progress=False)")
     proc = subprocess.run([sys.executable, "-c", code, str(shards)], capture_output=True, text=True, timeout=300,
                           env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -91,7 +94,8 @@ def sweep(tmp_path_factory):
 
 
 def test_import_pulls_in_neither_torch_nor_matplotlib():
-    code = ("import sys, bench.report; "
+    code = ("import sys, bench.report, bench.report.collect, bench.report.tables, bench.report.plots, "
+            "bench.report.render; "
             "print(sorted(m for m in ('torch', 'matplotlib', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -293,8 +297,8 @@ def test_a_failing_plot_leaves_no_partial_file(sweep, tmp_path, monkeypatch, cap
     real_savefig = Figure.savefig
 
     def half_then_fail(self, fname, *a, **k):
-        if "sigma" in str(fname):
-            Path(fname).write_bytes(PNG_SIGNATURE + b"half")
+        if "sigma" in str(getattr(fname, "name", fname)):  # the open temp file rundir.atomic_write hands over
+            fname.write(PNG_SIGNATURE + b"half")
             raise OSError(28, "No space left on device")
         return real_savefig(self, fname, *a, **k)
 
@@ -339,19 +343,19 @@ def test_scaling_table_and_labels_from_synthetic_rows():
              "batch_size": b // w, "accumulate": 1, "img_per_s": ips, "img_per_s_per_device": ips / w,
              "step_ms": None, "mfu": None, "peak_mem_gb": None}
             for n, b, w, ips in (("a", 8, 1, 100.0), ("b", 16, 2, 180.0), ("c", 32, 4, 320.0), ("d", 16, 1, 150.0))]
-    table = report.scaling_table(rows)
+    table = tables.scaling_table(rows)
     assert [t["run"] for t in table] == ["a", "d", "b", "c"]
     # b and c run a's per-device batch on 2 and 4 ranks; d is its own reference (batch 16 on one rank)
     assert [t["ideal_img_per_s"] for t in table] == [100.0, 150.0, 200.0, 400.0]
     assert [t["efficiency"] for t in table] == pytest.approx([1.0, 1.0, 0.9, 0.8])
 
     # choosing a model group changes many config keys the same way: only the first one labels the runs
-    runs = [report.Run(path=Path(f"/r/{i}"), name=str(i),
+    runs = [collect.Run(path=Path(f"/r/{i}"), name=str(i),
                        config={"model.family": fam, "model.attn": attn, "train.batch_size": b, "run.dir": f"/r/{i}"})
             for i, (fam, attn, b) in enumerate((("biggan", "[16]", 8), ("sagan", "[8]", 8), ("sagan", "[8]", 16)))]
-    keys, source = report.swept_keys(runs)
+    keys, source = tables.swept_keys(runs)
     assert (keys, source) == (["model.family", "train.batch_size"], "config.yaml diff")
-    report.assign_labels(runs, keys)
+    tables.assign_labels(runs, keys)
     assert [r.label for r in runs] == ["family=biggan batch_size=8", "family=sagan batch_size=8",
                                        "family=sagan batch_size=16"]
 
@@ -361,8 +365,6 @@ def test_ablation_matrix_axes_are_balanced_for_a_five_key_grid():
     every cell once; two keys keep rows = first key, columns = second."""
     import itertools
     import math
-
-    from bench.report import _matrix_axes
 
     values = {"loss": ["hinge", "ns", "wgan_gp"], "model.d_sn": [True, False], "reg.r1_gamma": [0, 0.1, 1, 10],
               "reg.ortho_beta": [0, 1e-4], "reg.sigma_clamp": [None, "ratio:1.5"]}
@@ -383,7 +385,27 @@ def test_two_sweeps_with_the_same_run_folders_keep_apart(sweep, tmp_path):
         shutil.copytree(sweep, both / name, ignore=shutil.ignore_patterns("*.pt", "tb", "report", ".submitit"))
     assert main(["report", str(both)]) == 0
     rows = read_csv(both / "report" / "runs.csv")
-    assert len(rows) == 2 * len(report.build_report(sweep, tmp_path / "one")["runs"])
+    assert len(rows) == 2 * len(render.build_report(sweep, tmp_path / "one")["runs"])
     labels = [r["run"] for r in rows]
     assert len(set(labels)) == len(labels)
     assert any("first/" in l for l in labels) and any("second/" in l for l in labels)
+
+
+def test_one_best_rule_follows_the_runs_best_metric():
+    """runs.csv's best and report.md's best-evaluation table both come from rundir.best_eval with the run's
+    eval.best_metric and extractor: not always the lowest FID, and never a `bench eval` record."""
+    evals = [{"step": 2, "extractor": "domain", "eval/FID": 5.0, "eval/IS": 1.5, "num_samples": 40},
+             {"step": 4, "extractor": "domain", "eval/FID": 3.0, "eval/IS": 1.2, "num_samples": 40},
+             {"step": 4, "extractor": "domain", "eval/FID": 1.0, "eval/IS": 9.0, "num_samples": 40,
+              "source": "bench eval"},
+             {"step": 4, "extractor": "inception", "eval/FID": 7.0, "eval/IS": 2.0, "num_samples": 40}]
+    run = collect.Run(path=Path("/r/a"), name="a", label="a", evals=evals,
+                      config={"eval.best_metric": "eval/IS", "eval.extractor": "domain"})
+    row = tables.run_row(run)
+    assert (row["best_metric"], row["best_value"], row["best_step"], row["best_extractor"]) == \
+        ("eval/IS", 1.5, 2, "domain")
+    by_ext = {r[1]: r for r in tables.best_eval_rows([run], tables.eval_records([run]))}
+    assert by_ext["domain"][2:6] == ["IS", 40, 2, 2]  # by, samples, step, competing evaluations
+    assert by_ext["inception"][4] == 4
+    run.config = {"eval.extractor": "domain"}  # default eval.best_metric: FID, lower is better
+    assert tables.best_eval(run)["step"] == 4 and tables.best_eval(run)["value"] == 3.0

@@ -1,5 +1,5 @@
-"""Tests of models/spectral.py: top-k singular values, sigma telemetry, sigma0 clamp and penalty,
-orthogonal regularisation. Reference values come from torch.linalg.svdvals / autograd."""
+"""Tests of models/spectral.py and models/svd.py: top-k singular values, sigma telemetry, sigma0
+clamp and penalty, orthogonal regularisation. Reference values come from torch.linalg.svdvals / autograd."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from torch import nn
 
 from models import build
 from models.layers import SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear
-from models.spectral import (_as_weight, _jacobi_svd, _subspace_state, ortho_grad_, ortho_penalty,
-                             reg_modules, sigma0_clamp_, sigma0_penalty, sigma_stats,
-                             top_singular_values, weight_matrix, weight_modules)
+from models.spectral import (SNSettings, ortho_grad_, ortho_penalty, reg_modules, sigma0_clamp_,
+                             sigma0_penalty, sigma_stats, top_singular_values, weight_modules)
+from models.svd import as_weight, jacobi_svd, subspace_state, weight_matrix
+
+SN_OFF = SNSettings(enabled=False)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +53,7 @@ def set_spectrum(m: nn.Module, top=(5.0, 3.0, 2.0), rest_max: float = 1.5) -> to
 
 LAYERS = {
     "linear": lambda: SNLinear(40, 24),
-    "linear_tall": lambda: SNLinear(12, 50, sn=False),
+    "linear_tall": lambda: SNLinear(12, 50, sn=SN_OFF),
     "conv": lambda: SNConv2d(6, 16, 3, padding=1),
     "conv_channels_last": lambda: SNConv2d(6, 16, 3).to(memory_format=torch.channels_last),
     "conv_transpose": lambda: SNConvTranspose2d(8, 6, 4, 2, 1),
@@ -118,7 +120,7 @@ def test_jacobi_svd_matches_svd():
     B = torch.randn(6, 3, 3)
     B[0] = torch.diag(torch.tensor([1.0, 3.0, 2.0]))   # already diagonal, unsorted
     B[1, :, 2] = 0                                     # rank-deficient
-    P, s, R = _jacobi_svd(B)
+    P, s, R = jacobi_svd(B)
     torch.testing.assert_close(s, torch.linalg.svdvals(B), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(B @ R, P * s[:, None, :], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(R.mT @ R, torch.eye(3).expand(6, 3, 3), rtol=0, atol=1e-5)
@@ -131,9 +133,9 @@ def test_no_host_sync_shapes_only():
         G, D = build(small_cfg(), 32, 5)
     stats = sigma_stats(D)
     assert stats["blocks.0.conv1"]["s0"].device.type == "meta"
-    sigma0_clamp_(reg_modules(D), ratio=2.0)
-    sigma0_clamp_(reg_modules(D), clamp=1.0)
-    assert sigma0_penalty(reg_modules(D), target=1.0).shape == ()
+    sigma0_clamp_(reg_modules(D), 2.0, relative=True)
+    sigma0_clamp_(reg_modules(D), 1.0)
+    assert sigma0_penalty(reg_modules(D), 1.0).shape == ()
     ortho_grad_(reg_modules(G, exclude=[G.shared]), 1e-4)
 
 
@@ -168,7 +170,7 @@ def test_sigma_stats_does_not_depend_on_names():
         def __init__(self):
             super().__init__()
             self.sv0 = nn.Linear(6, 5)           # names that look like state keys
-            self.u = SNConv2d(3, 4, 3, sn=False)
+            self.u = SNConv2d(3, 4, 3, sn=SN_OFF)
             self.weight_orig = nn.Sequential(SNEmbedding(4, 6))
 
     net = Odd()
@@ -211,7 +213,7 @@ def test_state_dicts_from_before_the_buffers_load_strictly():
     assert torch.equal(D2.blocks[0].conv1.sv_v, fresh)
     torch.testing.assert_close(D2.linear.weight, D.linear.weight)
     # A checkpoint from layers built with another sv_k loads too, and keeps its width.
-    m = SNLinear(20, 30, sv_k=5)
+    m = SNLinear(20, 30, sn=SNSettings(sv_k=5))
     top_singular_values(m, k=5)
     m2 = SNLinear(20, 30)
     m2.load_state_dict(m.state_dict())
@@ -230,7 +232,7 @@ def test_clamp_fixed(name):
     s = set_spectrum(m, top=(6.0, 2.0, 1.5), rest_max=1.0)
     for _ in range(3):
         top_singular_values(m)
-    sigma0_clamp_([m], clamp=4.0)
+    sigma0_clamp_([m], 4.0)
     after = svals(m)
     assert abs(after[0] - 4.0) / 4.0 < 1e-3
     torch.testing.assert_close(after[1:], s[1:], rtol=1e-4, atol=1e-6)
@@ -243,30 +245,26 @@ def test_clamp_ratio_and_noop():
     s = set_spectrum(m, top=(6.0, 2.0, 1.5), rest_max=1.0)
     for _ in range(3):
         top_singular_values(m)
-    sigma0_clamp_([m], ratio=1.5)                      # sigma_clamp = 1.5 * sigma1 = 3
+    sigma0_clamp_([m], 1.5, relative=True)                      # sigma_clamp = 1.5 * sigma1 = 3
     after = svals(m)
     assert abs(after[0] - 3.0) / 3.0 < 1e-3
     torch.testing.assert_close(after[1:], s[1:], rtol=1e-4, atol=1e-6)
     w = m.weight.detach().clone()
-    sigma0_clamp_([m], ratio=2.0)                      # 3 < 2 * 2: nothing to remove
-    sigma0_clamp_([m], clamp=10.0)
+    sigma0_clamp_([m], 2.0, relative=True)                      # 3 < 2 * 2: nothing to remove
+    sigma0_clamp_([m], 10.0)
     torch.testing.assert_close(m.weight.detach(), w, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="exactly one"):
-        sigma0_clamp_([m], clamp=1.0, ratio=2.0)
-    with pytest.raises(ValueError, match="exactly one"):
-        sigma0_clamp_([m])
 
 
 def test_clamp_acts_on_raw_weight_with_sn_and_keeps_state_valid():
-    m = SNLinear(40, 30, sn=True)
+    m = SNLinear(40, 30)
     set_spectrum(m, top=(6.0, 3.0, 2.0), rest_max=1.0)
     for _ in range(3):
         top_singular_values(m)
-    sigma0_clamp_([m], clamp=2.5)                      # below sigma1: the old u1 becomes top
+    sigma0_clamp_([m], 2.5)                      # below sigma1: the old u1 becomes top
     after = svals(m)
     torch.testing.assert_close(after[:3], torch.tensor([3.0, 2.5, 2.0]), rtol=1e-4, atol=0)
     # State: orthonormal rows that are still singular pairs of the new W, sorted.
-    U, V = _subspace_state(m, 3)
+    U, V = subspace_state(m, 3)
     torch.testing.assert_close(U @ U.t(), torch.eye(3), rtol=0, atol=1e-5)
     torch.testing.assert_close(V @ V.t(), torch.eye(3), rtol=0, atol=1e-5)
     w = weight_matrix(m).detach()
@@ -292,11 +290,11 @@ def test_clamp_over_a_whole_model():
             w = weight_matrix(m)
             a, b = torch.randn(w.shape[0]), torch.randn(w.shape[1])
             spike = 4.0 * torch.outer(a / a.norm(), b / b.norm())
-            m.weight.add_(_as_weight(m, spike))
+            m.weight.add_(as_weight(m, spike))
     for _ in range(4):
         sigma_stats(G), sigma_stats(D)
     before = [svals(m) for m in mods]
-    sigma0_clamp_(mods, clamp=2.0)
+    sigma0_clamp_(mods, 2.0)
     for m, s in zip(mods, before):
         expect = max(2.0, s[1].item()) if s.numel() > 1 else 2.0
         assert abs(svals(m)[0].item() - expect) / expect < 1e-3, m
@@ -313,7 +311,7 @@ def test_sigma0_penalty_value_and_gradient():
     sb = set_spectrum(b, top=(1.0, 0.8, 0.5), rest_max=0.4)
     for _ in range(8):
         top_singular_values(a), top_singular_values(b)
-    pen = sigma0_penalty([a, b], target=3.0)           # one-sided: only a exceeds
+    pen = sigma0_penalty([a, b], 3.0)           # one-sided: only a exceeds
     torch.testing.assert_close(pen, (sa[0] - 3.0) ** 2, rtol=1e-4, atol=0)
     pen.backward()
     # d/dW (s0 - t)^2 = 2 (s0 - t) u0 v0^T: compare with autograd through the exact SVD.
@@ -321,12 +319,10 @@ def test_sigma0_penalty_value_and_gradient():
     ((torch.linalg.svdvals(w)[0] - 3.0) ** 2).backward()
     torch.testing.assert_close(weight_matrix(a, a.weight.grad), w.grad, rtol=1e-3, atol=1e-5)
     assert b.weight.grad is None or b.weight.grad.abs().max() == 0
-    two = sigma0_penalty([a, b], target=3.0, two_sided=True)
+    two = sigma0_penalty([a, b], 3.0, two_sided=True)
     torch.testing.assert_close(two, (sa[0] - 3.0) ** 2 + (sb[0] - 3.0) ** 2, rtol=1e-4, atol=0)
-    ratio = sigma0_penalty([a], ratio=2.0)             # target 2 * sg(sigma1) = 4
+    ratio = sigma0_penalty([a], 2.0, relative=True)             # target 2 * sg(sigma1) = 4
     torch.testing.assert_close(ratio, (sa[0] - 4.0) ** 2, rtol=1e-4, atol=0)
-    with pytest.raises(ValueError, match="exactly one"):
-        sigma0_penalty([a])
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import objectives as O
 from bench.cli import main
-from bench.telemetry import CollapseDetector
+from bench.config import compose, validate
+from bench.train import objectives as O
+from bench.train.telemetry import CollapseDetector
+from bench.train.trainer import Trainer
 from conftest import TINY
 
 
@@ -90,6 +92,18 @@ def test_sigma_jump_outside_the_window_is_not_a_collapse():
         assert det.update(_row(step, s0=s0)) is None
 
 
+def test_collapse_detector_state_round_trip_and_old_checkpoints():
+    det = CollapseDetector(warmup=0)
+    det.update(_row(10, s0=1.0))
+    det.update_fid(10, 30.0)
+    state = det.state_dict()
+    assert set(state) == {"sigma_hist", "best_fid", "collapse_step", "reason"}
+    again = CollapseDetector()
+    # a checkpoint written before gap_hist was removed still loads; the key is ignored
+    again.load_state_dict({**state, "gap_hist": [(10, 0.5)]})
+    assert again.state_dict() == state and not hasattr(again, "gap_hist")
+
+
 def _metrics(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -114,38 +128,172 @@ def test_sigma_clamp_ratio_in_the_records(tmp_path, tiny_shards):
     assert rows[-1]["loss/R1"] > 0
 
 
-@pytest.mark.parametrize("extra", [
-    ["reg.r2_gamma=1"], ["reg.hist_avg=1e-3"], ["loss=ns", "loss.real_target=0.9", "loss.label_noise=0.1"],
-    ["loss.feature_matching=1"], ["model.mbdisc=4"], ["model.mbstd=2"], ["model.vbn=true"],
-    ["reg.sigma_penalty=1", "reg.sigma_target=ratio:1.2"], ["reg.sigma_clamp=2.0", "reg.ortho_full=true"],
-])
-def test_each_switch_trains_and_shows_in_the_records(tmp_path, tiny_shards, extra):
+def _newest_checkpoint(run_dir):
+    return torch.load(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=False)
+
+
+def _trainer_at_end(tmp_path, shards, extra):
+    """A trainer built as the run was (same config, so the same initial weights) and a copy of its
+    initial state dicts; then the run's final checkpoint loaded into it."""
+    cfg = validate(compose([f"data.shards={shards}", *TINY, *SWITCH_COMMON, *extra]))
+    t = Trainer(cfg, tmp_path / "scratch", quiet=True)
+    init = {"G": {k: v.clone() for k, v in t.G.state_dict().items()},
+            "D": {k: v.clone() for k, v in t.D.state_dict().items()}}
+    t.load_state_dict(_newest_checkpoint(tmp_path / "sw"))
+    return t, init
+
+
+def _depends_on_the_batch(net, fn, n=4):
+    """Whether sample 0's output changes when the other samples of its batch change."""
+    torch.manual_seed(1)
+    a = fn(n)
+    b = fn(n)
+    b = [torch.cat([x[:1], y[1:]]) for x, y in zip(a, b)]
+    with torch.no_grad():
+        return not torch.allclose(net(*a)[0], net(*b)[0], rtol=0, atol=1e-6)
+
+
+def _real_batch(n):
+    return [torch.rand(n, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (n,))]
+
+
+def _check_r2(rows, ctx):
+    assert all(r["loss/R2"] > 0 for r in rows)
+
+
+def _check_hist_avg(rows, ctx):
+    # the first step's weights are the running mean itself; the second's have moved from it
+    assert rows[0]["loss/hist_avg_D"] == 0 and rows[0]["loss/hist_avg_G"] == 0
+    assert rows[-1]["loss/hist_avg_D"] > 0 and rows[-1]["loss/hist_avg_G"] > 0
+    state = _newest_checkpoint(ctx["run_dir"])["hist_avg"]
+    assert state["D"]["count"] == state["G"]["count"] == 1 + len(rows)  # the initial weights + one per step
+
+
+def _check_label_tricks(rows, ctx):
+    # noisy labels: the fraction of D's targets flipped, recorded every tick; smoothed real targets (0.9):
+    # each BCE term is at least the target's entropy, so D's loss never goes below H(0.9)
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert all(0 <= r["D/flipped_frac"] <= 1 for r in rows) and sum(r["D/flipped_frac"] for r in rows) > 0
+    assert all(r["loss/D"] >= h - 1e-6 for r in rows)
+
+
+def _check_feature_matching(rows, ctx):
+    assert all(r["loss/FM"] > 0 for r in rows)
+
+
+def _check_batch_layer(kind):
+    def check(rows, ctx):
+        t, init = _trainer_at_end(ctx["tmp_path"], ctx["shards"], ctx["extra"])
+        layers = [(n, m) for n, m in t.D.named_modules() if isinstance(m, kind)]
+        assert layers and not t.objective.joint_d  # real and fake no longer share a D forward
+        t.D.eval()
+        assert _depends_on_the_batch(t.D, _real_batch)
+        trained = [k for k, v in t.D.state_dict().items() if k.startswith(layers[0][0]) and k.endswith("weight")]
+        assert all(not torch.equal(t.D.state_dict()[k], init["D"][k]) for k in trained)  # it trains
+    return check
+
+
+def _check_vbn(rows, ctx):
+    from models import spectral
+    from models.norms import VirtualBatchNorm2d
+
+    t, _ = _trainer_at_end(ctx["tmp_path"], ctx["shards"], ctx["extra"])
+    assert any(isinstance(m, VirtualBatchNorm2d) for m in t.G.modules()) and t.G.vbn_z.shape[0] == t.cfg.model.vbn_ref
+    t.G.train()  # normalisation as in training; spectral norm's power iteration held still
+    for _, m in spectral.spectral_modules(t.G):
+        m.eval()
+    assert not _depends_on_the_batch(t.G, lambda n: [torch.randn(n, t.G.z_dim), torch.randint(0, 10, (n,))])
+
+
+def _check_sigma_penalty(rows, ctx):
+    # ortho-initialised layers have sigma0 = sigma1 = 1 > 0.5 sigma1: every D layer pays; G is not penalised
+    assert all(r["loss/sigma_D"] > 0 for r in rows) and not any("loss/sigma_G" in r for r in rows)
+
+
+SWITCH_COMMON = ["train.steps=2", "train.batch_size=4"]
+
+
+@pytest.mark.parametrize("extra, check", [
+    (["reg.r2_gamma=1"], _check_r2),
+    (["reg.hist_avg=1e-3"], _check_hist_avg),
+    (["loss=ns", "loss.real_target=0.9", "loss.label_noise=0.3"], _check_label_tricks),
+    (["loss.feature_matching=1"], _check_feature_matching),
+    (["model.mbdisc=4"], "mbdisc"),
+    (["model.mbstd=2"], "mbstd"),
+    (["model.vbn=true"], _check_vbn),
+    (["reg.sigma_penalty=1", "reg.sigma_target=ratio:0.5"], _check_sigma_penalty),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_each_switch_trains_and_shows_in_the_records(tmp_path, tiny_shards, extra, check):
+    """Each switch trains, and leaves its own trace: the metric it records, or the property it gives
+    the trained nets."""
+    from models.layers import MinibatchDiscrimination, MinibatchStdDev
+
+    check = {"mbdisc": _check_batch_layer(MinibatchDiscrimination),
+             "mbstd": _check_batch_layer(MinibatchStdDev)}.get(check, check)
     run_dir = tmp_path / "sw"
-    rc = main(["train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.steps=2",
-               "train.batch_size=4", *extra])
+    rc = main(["train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, *SWITCH_COMMON, *extra])
     assert rc == 0
-    row = _metrics(run_dir)[-1]
-    expect = {"reg.r2_gamma=1": "loss/R2", "reg.hist_avg=1e-3": "loss/hist_avg_D",
-              "loss.feature_matching=1": "loss/FM", "reg.sigma_penalty=1": "loss/sigma_D"}
-    for e in extra:
-        if e in expect:
-            assert row[expect[e]] >= 0 and math.isfinite(row[expect[e]])
-    assert math.isfinite(row["loss/D"]) and math.isfinite(row["loss/G"])
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss/D"]) and math.isfinite(r["loss/G"]) for r in rows)
+    check(rows, {"run_dir": run_dir, "tmp_path": tmp_path, "shards": tiny_shards, "extra": extra})
+
+
+def _top_sv(m):
+    from models.svd import weight_matrix
+
+    return torch.linalg.matrix_norm(weight_matrix(m).detach().float(), ord=2).item()
+
+
+def test_sigma_clamp_bounds_every_clamped_layer(tmp_path, tiny_shards):
+    """reg.sigma_clamp=2.0: each layer's raw weight gets a top singular value 4x its own (the rest stay
+    at the ortho init's 1); after two training steps (two clamps: the clamp's singular vectors come from
+    two warm-started subspace iterations per step) every clamped layer's is 2 again, in G and D."""
+    from models.svd import as_weight, weight_matrix
+
+    cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=2", "train.batch_size=4",
+                            "reg.sigma_clamp=2.0"]))
+    t = Trainer(cfg, tmp_path / "clamp", quiet=True)
+    layers = t.weight_regs.modules["G"] + t.weight_regs.modules["D"]
+    with torch.no_grad():
+        for m in layers:
+            w = weight_matrix(m).float()
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            m.weight.copy_(as_weight(m, w + 3 * s[0] * torch.outer(u[:, 0], vh[0])))
+    assert min(_top_sv(m) for m in layers) > 3.5
+    assert t.run()["status"] == "completed"
+    tops = [_top_sv(m) for m in layers]
+    assert max(tops) <= 2.0 * 1.002, tops
+
+
+def test_orthogonal_regularisation_pulls_toward_orthogonal_filters(tmp_path, tiny_shards):
+    """reg.ortho_beta with ortho_full: from the same N(0, 0.02) init, two steps with a strong orthogonal
+    penalty leave G's filters much nearer orthonormal (||W W^T - I||^2) than two steps without it."""
+    from models import spectral
+
+    def g_penalty(name, *extra):
+        cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=2", "train.batch_size=4",
+                                "model.init=N02", "train.precision=fp32", *extra]))
+        t = Trainer(cfg, tmp_path / name, quiet=True)
+        before = spectral.ortho_penalty(t.weight_regs.modules["G"], 1.0, full=True).item()
+        assert t.run()["status"] == "completed"
+        return before, spectral.ortho_penalty(t.weight_regs.modules["G"], 1.0, full=True).item()
+
+    before, plain = g_penalty("plain")
+    before_o, ortho = g_penalty("ortho", "reg.ortho_beta=10", "reg.ortho_full=true")
+    assert before == before_o  # the same initial weights
+    assert before - ortho > 10 * abs(before - plain), (before, plain, ortho)
 
 
 def test_nonfinite_steps_are_skipped_then_rolled_back(tmp_path, tiny_shards, capsys):
     """Real batches turn NaN for a stretch: those D steps are skipped and counted, the run rolls back to
     the last good checkpoint, and every metrics line written before stays."""
-    from bench.cli import compose
-    from bench.config import validate
-    from bench.loop import Trainer
-
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=8", "train.batch_size=4",
                             "train.ckpt_every=2", "train.nonfinite_rollback=2"]))
 
     class NaNData(Trainer):
-        def _next_batch(self):
-            x, y = super()._next_batch()
+        def next_batch(self):
+            x, y = super().next_batch()
             return (x * float("nan") if 4 <= self.step < 6 else x), y
 
     t = NaNData(cfg, tmp_path / "nan")
@@ -164,25 +312,22 @@ def test_a_diverged_run_is_a_collapse_at_its_first_nonfinite_step(tmp_path, tiny
     """NaN for good from step 3: updates are skipped, the single rollback does not help, the run ends as
     'diverged' with the collapse step at the first skipped update, and `bench report` counts it as a
     finished run (a result of the ablation, not a run still to come)."""
-    from bench import report
-    from bench.cli import compose
-    from bench.config import validate
-    from bench.loop import Trainer
+    from bench.report import render
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=12", "train.batch_size=4",
                             "train.ckpt_every=2", "train.nonfinite_rollback=2", "train.max_rollbacks=1",
                             "telemetry.collapse_warmup=100"]))  # the detector is still warming up
 
     class NaNData(Trainer):
-        def _next_batch(self):
-            x, y = super()._next_batch()
+        def next_batch(self):
+            x, y = super().next_batch()
             return (x * float("nan") if self.step >= 2 else x), y
 
     summary = NaNData(cfg, tmp_path / "div").run()
     assert summary["status"] == "diverged" and summary["steps"] < 12
     assert summary["collapse_step"] == 3  # step 3 is the first whose D update was skipped
     assert summary["collapse_reason"].replace("-", "").startswith("nonfinite")
-    result = report.build_report(tmp_path, tmp_path / "report")
+    result = render.build_report(tmp_path, tmp_path / "report")
     (run,) = result["runs"]
     assert run.finished and run.status == "diverged"
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench import telemetry
+from bench import device
 from bench.cli import main
 from conftest import TINY
 
@@ -48,7 +48,8 @@ def test_flop_count_matches_inspect(capsys):
 def test_sweep_gives_one_result_per_combination(capsys):
     out, err = run_throughput(capsys, "-m", "train.precision=bf16,fp32", "throughput.repeats=1")
     assert [r["precision"] for r in out] == ["bf16", "fp32"]
-    assert [r["channels_last"] for r in out] == [True, False]  # auto: channels_last with bf16 on this CPU
+    # auto: channels_last for bf16 on a CPU with fast bf16 (AVX512-BF16 or AMX), never for fp32 on a CPU
+    assert [r["channels_last"] for r in out] == [device.cpu_has_fast_bf16(), False]
     assert err.count("img/s") == 2
 
 
@@ -56,14 +57,14 @@ def test_cpu_peak_is_cached_and_keeps_the_best(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path))
-    peak, source = telemetry.peak_tflops(torch.device("cpu"), "fp32")
+    peak, source = device.peak_tflops(torch.device("cpu"), "fp32")
     cache = json.loads((tmp_path / "cpu_peak.json").read_text())
     (entry,) = cache.values()
     assert peak == entry["peak"] == max(entry["matmul"], entry["conv"]) and "fp32" in source
     # a later, lower measurement never lowers the cached peak
     entry["peak"] = entry["conv"] = peak * 100
     (tmp_path / "cpu_peak.json").write_text(json.dumps({next(iter(cache)): entry}))
-    again, _ = telemetry.peak_tflops(torch.device("cpu"), "fp32", remeasure=True)
+    again, _ = device.peak_tflops(torch.device("cpu"), "fp32", remeasure=True)
     assert again == pytest.approx(peak * 100)
 
 
@@ -85,7 +86,7 @@ def test_profile_writes_op_table_and_trace_per_sweep_point(capsys, tmp_path):
 
 FAULTS = """
 import resource, torch
-from bench.loop import keep_freed_memory
+from bench.device import keep_freed_memory
 print(keep_freed_memory())
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

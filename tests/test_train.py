@@ -1,4 +1,4 @@
-"""End-to-end runs through the `bench train` command on tiny configs, resume, and bad input."""
+"""End-to-end runs through the `bench train` command on tiny configs, resume, MFU, and bad input."""
 import json
 import shutil
 import subprocess
@@ -99,10 +99,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_shards):
 def test_a_resumed_run_reads_as_running_until_it_ends(tmp_path, tiny_shards):
     """Continuing a finished run (higher train.steps) removes its old summary.json while it trains, so
     `bench report` shows it running, not completed at the old step; the new summary has the new steps."""
-    from bench import report
-    from bench.cli import compose
-    from bench.config import validate
-    from bench.loop import Trainer
+    from bench.config import compose, validate
+    from bench.report import render
+    from bench.train.trainer import Trainer
 
     run_dir = tmp_path / "cont"
     rc, _ = train(tmp_path, tiny_shards, "train.steps=2", "train.batch_size=4", name="cont")
@@ -110,11 +109,11 @@ def test_a_resumed_run_reads_as_running_until_it_ends(tmp_path, tiny_shards):
     seen = []
 
     class Watch(Trainer):
-        def _train_step(self, plan, watch):
+        def train_step(self, watch, batches):
             if not seen:
-                (r,) = report.build_report(run_dir, tmp_path / "rep")["runs"]
+                (r,) = render.build_report(run_dir, tmp_path / "rep")["runs"]
                 seen.append(((run_dir / "summary.json").exists(), r.status))
-            super()._train_step(plan, watch)
+            super().train_step(watch, batches)
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=4", "train.batch_size=4"]))
     summary = Watch(cfg, run_dir, quiet=True).run()
@@ -123,9 +122,8 @@ def test_a_resumed_run_reads_as_running_until_it_ends(tmp_path, tiny_shards):
 
 
 def test_checkpoint_round_trip(tmp_path, tiny_shards):
-    from bench.config import validate
-    from bench.cli import compose
-    from bench.loop import Trainer
+    from bench.config import compose, validate
+    from bench.train.trainer import Trainer
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=1", "train.batch_size=4"]))
     t1 = Trainer(cfg, tmp_path / "rt", quiet=True)
@@ -151,6 +149,55 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_shards):
     rc, run_dir = train(tmp_path, tiny_shards, "train.steps=3", *args)
     assert rc == 0
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_training_records_mfu(tmp_path, tiny_shards):
+    """perf/tflops is the FLOP count of one step that `bench inspect` prints for the same config, over
+    the tick's step time; perf/mfu is perf/tflops over the device's peak (the cached CPU measurement)."""
+    from bench import device
+
+    args = [f"data.shards={tiny_shards}", *TINY, "train.batch_size=4", "train.d_steps=2", "train.accumulate=2"]
+    assert main(["train", f"run.dir={tmp_path / 'mfu'}", *args, "train.steps=2"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "inspect", *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    per_img = json.loads(proc.stdout)["GFLOP_per_image"]
+    flop_per_step = (per_img["D_step"] * 2 + per_img["G_step"]) * 1e9 * 4 * 2  # x d_steps; x batch x accumulate
+    peak, _ = device.peak_tflops(torch.device("cpu"), "bf16")  # what training looked up (the test cache)
+    rows = metrics(tmp_path / "mfu")
+    assert len(rows) == 2
+    for r in rows:
+        # tflops = FLOP per step x steps / tick seconds and step_ms = tick seconds / steps, so their
+        # product is the FLOP count per step
+        assert r["perf/tflops"] * 1e12 * r["time/step_ms"] / 1e3 == pytest.approx(flop_per_step, rel=1e-9)
+        assert r["perf/mfu"] == pytest.approx(r["perf/tflops"] / peak, rel=1e-9)
+        assert 0 < r["perf/mfu"] < 1
+
+
+def test_best_checkpoint_follows_the_one_rule(tmp_path):
+    """After an evaluation, checkpoints/best.pt is written when rundir.best_eval says this step is the
+    run's best: training evaluations only, the run's extractor, untruncated, the earliest of equal values."""
+    from omegaconf import OmegaConf
+
+    from bench.train.state import Checkpoints
+
+    ckpts = Checkpoints(tmp_path, keep=2, is_main=True)
+    ev = OmegaConf.create({"best_metric": "eval/FID", "extractor": "domain"})
+    best = tmp_path / "checkpoints" / "best.pt"
+    evals = []
+
+    def evaluated(step, fid, **extra):
+        evals.append({"step": step, "eval/FID": fid, "extractor": "domain", "truncation": None, **extra})
+        return ckpts.keep_if_best(step, evals, ev, lambda: {"step": step})
+
+    assert evaluated(10, 50.0) == {"metric": "eval/FID", "value": 50.0, "step": 10, "extractor": "domain"}
+    assert torch.load(best)["step"] == 10
+    assert evaluated(20, 50.0) is None  # equal: the earlier one stays the best
+    assert evaluated(25, 1.0, source="bench eval") is None  # `bench eval`'s records do not compete
+    assert evaluated(26, 1.0, truncation=0.5) is None  # nor truncated ones
+    assert evaluated(27, 1.0, extractor="inception") is None  # nor another extractor's
+    assert torch.load(best)["step"] == 10
+    assert evaluated(30, 40.0)["step"] == 30 and torch.load(best)["step"] == 30
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -1,17 +1,23 @@
-"""GAN losses and regularisers as named terms.
+"""GAN losses and regularisers as named terms (docs/architecture.md, "One training step").
 
-Each D loss maps (real_logits, fake_logits) -> scalar; each G loss maps fake_logits -> scalar.
+Each D loss maps (real_logits, fake_logits) -> scalar; each G loss maps fake_logits -> scalar. A `Loss`
+carries what comes with it: whether its G-D gap is bounded (the collapse detector's divergence signal
+needs it), its gradient penalty, and the weight operation after each D step (WGAN's clipping).
 `GANObjective` owns every forward/backward of a phase (D or G), reports its terms by name through
-`bench.telemetry.report`, and leaves gradients in the nets for the loop to step.
+`bench.train.telemetry.report`, and leaves gradients in the nets for the phase runner to step.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from bench import telemetry
+from bench.train.telemetry import report
+from models.layers import MinibatchDiscrimination, MinibatchStdDev
+from models.norms import VirtualBatchNorm2d
 
 Tensor = torch.Tensor
 
@@ -45,13 +51,48 @@ def g_minimax(fake: Tensor) -> Tensor:
     return -F.softplus(fake).mean()
 
 
-LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "hinge": (d_hinge, g_hinge),
-    "ns": (d_logistic, g_nonsaturating),
-    "minimax": (d_logistic, g_minimax),
-    "wgan": (d_wasserstein, g_hinge),
-    "wgan_gp": (d_wasserstein, g_hinge),
+@torch.no_grad()
+def clip_weights_(net: torch.nn.Module, clip: float) -> None:
+    """WGAN's Lipschitz constraint: every parameter of `net` clipped to [-clip, clip]."""
+    params = list(net.parameters())
+    torch._foreach_clamp_min_(params, -clip)
+    torch._foreach_clamp_max_(params, clip)
+
+
+def _wgan_clip(D: torch.nn.Module, loss_cfg) -> None:
+    clip_weights_(D, float(loss_cfg.clip))
+
+
+@dataclass(frozen=True)
+class Loss:
+    d: Callable[[Tensor, Tensor], Tensor]
+    g: Callable[[Tensor], Tensor]
+    # The critic's values are unbounded distance estimates: |loss/G - loss/D| says nothing about
+    # divergence, so the collapse detector's divergence signal is off (sigma, non-finite and FID stay on).
+    gap_unbounded: bool = False
+    gradient_penalty: bool = False  # adds loss.gp_lambda x the WGAN-GP penalty to every D step
+    # A weight operation after every D optimiser step, given D and the loss config.
+    after_d_step: Optional[Callable[[torch.nn.Module, object], None]] = None
+
+
+LOSSES: dict[str, Loss] = {
+    "hinge": Loss(d_hinge, g_hinge),
+    "ns": Loss(d_logistic, g_nonsaturating),
+    "minimax": Loss(d_logistic, g_minimax),
+    "wgan": Loss(d_wasserstein, g_hinge, gap_unbounded=True, after_d_step=_wgan_clip),
+    "wgan_gp": Loss(d_wasserstein, g_hinge, gap_unbounded=True, gradient_penalty=True),
 }
+
+
+# ---- optimisers: train.optimizer, which a loss's config group sets (configs/loss/wgan.yaml: rmsprop) ----
+OPTIMIZERS: dict[str, Callable] = {
+    "adam": lambda params, lr, t: torch.optim.Adam(params, lr=lr, betas=tuple(t.betas), eps=t.eps),
+    "rmsprop": lambda params, lr, t: torch.optim.RMSprop(params, lr=lr, eps=t.eps),
+}
+
+
+def make_optimizer(train_cfg, params, lr: float) -> torch.optim.Optimizer:
+    return OPTIMIZERS[train_cfg.optimizer](params, lr, train_cfg)
 
 
 # ---- penalties -------------------------------------------------------------------------------------
@@ -129,23 +170,32 @@ class HistoricalAverage:
 def _batch_dependent(net: torch.nn.Module) -> bool:
     """True when some layer of `net` mixes the samples of a batch (BatchNorm in training, minibatch
     discrimination / stddev): then real and fake batches must not share a forward pass."""
-    from models.layers import MinibatchDiscrimination, MinibatchStdDev, VirtualBatchNorm2d
-
     kinds = (torch.nn.modules.batchnorm._BatchNorm, MinibatchDiscrimination, MinibatchStdDev, VirtualBatchNorm2d)
     return any(isinstance(m, kinds) for m in net.modules())
+
+
+@dataclass
+class MicroBatch:
+    """The inputs of one micro-batch of a phase. real / y_real: None in a phase that reads no data."""
+    real: Optional[Tensor]
+    y_real: Optional[Tensor]
+    z: Tensor
+    y_fake: Tensor
+    reg_index: int  # the D step's number over the run (lazy regularisation: R1 every reg.r1_every)
 
 
 class GANObjective:
     """Computes and backpropagates one micro-batch of a phase.
 
-    backward: callable(loss) doing the (accumulation-scaled) backward pass. Each phase returns its
-    total loss (detached) so the loop can skip non-finite steps.
+    `d_phase` / `g_phase` take the micro-batch and `backward`, a callable(loss) doing the
+    (accumulation-scaled) backward pass, and return the phase's total loss (detached) so the runner
+    can skip non-finite steps. `gen` draws the label noise and the gradient-penalty interpolation.
     """
 
-    def __init__(self, cfg, G, D, backward: Callable[[Tensor], None], autocast):
+    def __init__(self, cfg, G, D, autocast, gen: Optional[torch.Generator] = None):
         self.G, self.D = G, D
-        self.d_loss, self.g_loss = LOSSES[cfg.loss.name]
-        self.loss_name = cfg.loss.name
+        self.loss = LOSSES[cfg.loss.name]
+        self.loss_cfg = cfg.loss
         self.gp_lambda = float(cfg.loss.gp_lambda)
         self.real_target = float(cfg.loss.real_target)
         self.label_noise = float(cfg.loss.label_noise)
@@ -153,60 +203,72 @@ class GANObjective:
         self.r1_gamma = float(cfg.reg.r1_gamma)
         self.r2_gamma = float(cfg.reg.r2_gamma)
         self.r_every = int(cfg.reg.r1_every)
-        self.backward = backward
         self.autocast = autocast
+        self.gen = gen
         self.last_real = None  # (real, y) of the latest D phase, for feature matching
         # Real and fake go through D as one batch (bigger, faster kernels; one spectral-norm power
         # iteration per D step, as BigGAN-PyTorch does) unless a D layer looks across the batch.
         self.joint_d = not _batch_dependent(D)
 
-    def d_phase(self, real: Tensor, y_real: Tensor, z: Tensor, y_fake: Tensor, d_step: int, gen=None) -> Tensor:
+    def after_d_step(self) -> list[Callable[[], None]]:
+        """The loss's weight operations after each D optimiser step (WGAN: clipping)."""
+        hook = self.loss.after_d_step
+        return [functools.partial(hook, self.D, self.loss_cfg)] if hook is not None else []
+
+    def _d_logits(self, real: Tensor, y_real: Tensor, fake: Tensor, y_fake: Tensor) -> tuple[Tensor, Tensor]:
+        if self.joint_d and real.shape[1:] == fake.shape[1:]:
+            logits = self.D(torch.cat([real, fake]), torch.cat([y_real, y_fake])).float()
+            return logits.split([real.shape[0], fake.shape[0]])
+        return self.D(real, y_real).float(), self.D(fake, y_fake).float()
+
+    def _d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        if self.real_target < 1.0 or self.label_noise > 0.0:
+            flip = None
+            if self.label_noise > 0.0:
+                dev = real_logits.device
+                flip = (torch.rand(real_logits.shape, device=dev, generator=self.gen) < self.label_noise,
+                        torch.rand(fake_logits.shape, device=dev, generator=self.gen) < self.label_noise)
+                report("D/flipped_frac", torch.cat(flip).float().mean())
+            return d_logistic_targets(real_logits, fake_logits, self.real_target, flip)
+        return self.loss.d(real_logits, fake_logits)
+
+    def d_phase(self, mb: MicroBatch, backward: Callable[[Tensor], None]) -> Tensor:
+        real, y_real, z, y_fake = mb.real, mb.y_real, mb.z, mb.y_fake
         with self.autocast():
             with torch.no_grad():
                 fake = self.G(z, y_fake)
-            if self.joint_d and real.shape[1:] == fake.shape[1:]:
-                logits = self.D(torch.cat([real, fake]), torch.cat([y_real, y_fake])).float()
-                real_logits, fake_logits = logits.split([real.shape[0], fake.shape[0]])
-            else:
-                real_logits = self.D(real, y_real).float()
-                fake_logits = self.D(fake, y_fake).float()
-            if self.real_target < 1.0 or self.label_noise > 0.0:
-                flip = None
-                if self.label_noise > 0.0:
-                    flip = (torch.rand(real_logits.shape, device=real.device, generator=gen) < self.label_noise,
-                            torch.rand(fake_logits.shape, device=real.device, generator=gen) < self.label_noise)
-                loss = d_logistic_targets(real_logits, fake_logits, self.real_target, flip)
-            else:
-                loss = self.d_loss(real_logits, fake_logits)
-        telemetry.report("loss/D", loss.detach())
-        telemetry.report("D/real_logit_mean", real_logits.detach().mean())
-        telemetry.report("D/fake_logit_mean", fake_logits.detach().mean())
-        telemetry.report("D/real_sign_mean", (real_logits.detach() > 0).float().mean())
-        telemetry.report("D/fake_sign_mean", (fake_logits.detach() > 0).float().mean())
+            real_logits, fake_logits = self._d_logits(real, y_real, fake, y_fake)
+            loss = self._d_loss(real_logits, fake_logits)
+        report("loss/D", loss.detach())
+        report("D/real_logit_mean", real_logits.detach().mean())
+        report("D/fake_logit_mean", fake_logits.detach().mean())
+        report("D/real_sign_mean", (real_logits.detach() > 0).float().mean())
+        report("D/fake_sign_mean", (fake_logits.detach() > 0).float().mean())
         total = loss
-        if self.loss_name == "wgan_gp":
+        if self.loss.gradient_penalty:
             with self.autocast():
-                gp = gradient_penalty(self.D, real, fake, y_real, self.gp_lambda, generator=gen)
-            telemetry.report("loss/GP", gp.detach())
+                gp = gradient_penalty(self.D, real, fake, y_real, self.gp_lambda, generator=self.gen)
+            report("loss/GP", gp.detach())
             total = total + gp
-        if d_step % self.r_every == 0:
+        if mb.reg_index % self.r_every == 0:
             # Lazy regularisation: apply every r1_every D steps, scaled by the interval.
             if self.r1_gamma > 0:
                 with self.autocast():
                     r1 = r1_penalty(self.D, real, y_real, self.r1_gamma)
-                telemetry.report("loss/R1", r1.detach())
+                report("loss/R1", r1.detach())
                 total = total + r1 * self.r_every
             if self.r2_gamma > 0:
                 with self.autocast():
                     r2 = r1_penalty(self.D, fake, y_fake, self.r2_gamma)  # same form, on fakes
-                telemetry.report("loss/R2", r2.detach())
+                report("loss/R2", r2.detach())
                 total = total + r2 * self.r_every
         if self.fm_weight > 0:
             self.last_real = (real, y_real)
-        self.backward(total)
+        backward(total)
         return total.detach()
 
-    def g_phase(self, z: Tensor, y_fake: Tensor) -> Tensor:
+    def g_phase(self, mb: MicroBatch, backward: Callable[[Tensor], None]) -> Tensor:
+        z, y_fake = mb.z, mb.y_fake
         with self.autocast():
             fake = self.G(z, y_fake)
             if self.fm_weight > 0 and self.last_real is not None:
@@ -216,11 +278,11 @@ class GANObjective:
                 fm = feature_matching_loss(real_feat, fake_feat)
             else:
                 fake_logits, fm = self.D(fake, y_fake), None
-            loss = self.g_loss(fake_logits.float())
-        telemetry.report("loss/G", loss.detach())
+            loss = self.loss.g(fake_logits.float())
+        report("loss/G", loss.detach())
         total = loss
         if fm is not None:
-            telemetry.report("loss/FM", fm.detach())
+            report("loss/FM", fm.detach())
             total = total + self.fm_weight * fm
-        self.backward(total)
+        backward(total)
         return total.detach()

@@ -1,15 +1,15 @@
-"""The domain classifier: a small CNN trained on a dataset's own shards.
+"""The domain classifier: a small CNN trained on a dataset's own shards (docs/architecture.md,
+"Evaluation").
 
 It is gan-bench's offline feature extractor (eval.extractor=domain): its penultimate activations
-(`features`, FEATURE_DIM values) stand in for Inception's pool3 in FID / KID / precision-recall,
-its logits stand in for Inception's in IS, and its predictions give the class-conditional accuracy
-of a generator (`eval/class_acc`). Nothing is downloaded: it is trained from the shards in a few
-minutes on a CPU and saved beside them.
+(`features`, `feature_dim` values: 4 x width) stand in for Inception's pool3 in FID / KID /
+precision-recall, its logits stand in for Inception's in IS, and its predictions give the
+class-conditional accuracy of a generator (`eval/class_acc`). Nothing is downloaded: it is trained from
+the shards in a few minutes on a CPU and saved beside them.
 
-    train_classifier(shards_spec, out=None, resolution=None, ...) -> info dict (path, accuracy, ...)
+    train_classifier(shards_spec, out=None, resolution=None, settings=ClassifierSettings()) -> info dict
     load_classifier(path, device="cpu") -> (DomainClassifier in eval mode, meta dict)
     classifier_path(shards_spec, resolution) -> default file: <shard dir>/classifier-r{res}.pt
-    manifest_hash(shards_spec) -> hex digest identifying a shard set
     load_images(shards_spec, resolution, limit=None) -> (uint8 (N,3,R,R), int64 (N,))
     DomainFeatureExtractor   the classifier as a torch-fidelity feature extractor, registered as
                              DOMAIN_EXTRACTOR ("gan-bench-domain"); its weights file is passed as
@@ -20,16 +20,16 @@ The checkpoint is a dict: state_dict, class_names, resolution, width, feature_di
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import io
-import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +37,17 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from bench import data as bdata
-from bench.evaluate import EvalError
+from bench import rundir
+from bench.data.loader import LoaderSettings, ShardLoader
+from bench.data.shards import dataset_info, manifest_hash, shard_dir
+from bench.device import autocast, eval_precision
+from bench.eval.errors import ClassifierError
 
-__all__ = ["DomainClassifier", "FEATURE_DIM", "train_classifier", "load_classifier", "classifier_path",
-           "manifest_hash", "load_images", "ClassifierError", "DomainFeatureExtractor", "DOMAIN_EXTRACTOR",
-           "DOMAIN_LAYERS"]
+__all__ = ["DomainClassifier", "ClassifierSettings", "train_classifier", "load_classifier", "classifier_path",
+           "load_images", "DomainFeatureExtractor", "DOMAIN_EXTRACTOR", "DOMAIN_LAYERS"]
 
-FEATURE_DIM = 128          # features per image (the FID / KID / PRC features) at the default width 32
 CLASSIFIER_FILE = "classifier-r{res}.pt"
 IMAGE_BUDGET_BYTES = 2 << 30  # train_classifier keeps at most this much uint8 image data in memory
-
-
-class ClassifierError(EvalError):
-    """A classifier that cannot be trained or loaded; the message (one line) says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +61,7 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 
 
 class DomainClassifier(nn.Module):
-    """uint8 or [-1, 1] float images (B, 3, R, R) -> (features (B, FEATURE_DIM), logits (B, classes)).
+    """uint8 or [-1, 1] float images (B, 3, R, R) -> (features (B, feature_dim), logits (B, classes)).
 
     Conv stages (two 3x3 conv + BN + ReLU each), 2x max-pool between stages until the side is 4:
     R=32: 32x32 (w) -> 16x16 (2w) -> 8x8 (4w) -> 4x4 (4w); global average pooling gives the
@@ -105,42 +102,12 @@ class DomainClassifier(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shard identity and image loading
+# Images
 # ---------------------------------------------------------------------------------------------
-
-def _shard_dir(shards_spec) -> Path:
-    shards, _ = bdata.resolve_shards(str(shards_spec))
-    dirs = {os.path.dirname(os.path.abspath(s)) for s in shards}
-    if len(dirs) != 1:
-        raise ClassifierError(f"data.shards={str(shards_spec)!r} spans {len(dirs)} directories; "
-                              f"pass out=/path/classifier.pt to say where the classifier goes")
-    return Path(dirs.pop())
-
 
 def classifier_path(shards_spec, resolution: int) -> Path:
     """Default classifier file of a shard set: <shard dir>/classifier-r{resolution}.pt."""
-    return _shard_dir(shards_spec) / CLASSIFIER_FILE.format(res=int(resolution))
-
-
-def manifest_hash(shards_spec) -> str:
-    """sha256 (hex, 16 chars) of the shard set's manifest.json (without its creation time); for
-    shards without a manifest, of the shard paths, sizes and modification times."""
-    shards, manifest = bdata.resolve_shards(str(shards_spec))
-    if manifest is not None:
-        ident = {k: v for k, v in manifest.items() if k != "created"}
-    else:
-        ident = {"shards": [[os.path.abspath(s), os.path.getsize(s), int(os.path.getmtime(s))]
-                            for s in shards if os.path.isfile(s)] or shards}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def dataset_info(shards_spec) -> tuple[list[str] | None, int | None, int | None]:
-    """(class names, image count, resolution) from the manifest; None where unknown."""
-    _, manifest = bdata.resolve_shards(str(shards_spec))
-    if manifest is None:
-        return None, None, None
-    return (list(manifest["class_names"]) if manifest.get("class_names") else None,
-            manifest.get("num_samples"), manifest.get("resolution"))
+    return shard_dir(shards_spec) / CLASSIFIER_FILE.format(res=int(resolution))
 
 
 def load_images(shards_spec, resolution: int, limit: int | None = None, seed: int = 0,
@@ -148,8 +115,8 @@ def load_images(shards_spec, resolution: int, limit: int | None = None, seed: in
     """Read up to `limit` images (all when None) from the shards, in a fixed order for a fixed seed
     (shards in a seeded shuffled order, samples in shard order). Returns uint8 (N, 3, R, R) and
     int64 labels (N,)."""
-    loader = bdata.ShardLoader(str(shards_spec), batch_size=256, resolution=int(resolution), num_workers=0,
-                               shuffle_buffer=0, seed=seed, resampled=False)
+    loader = ShardLoader(str(shards_spec), batch_size=256, resolution=int(resolution),
+                         settings=LoaderSettings(num_workers=0, shuffle_buffer=0, seed=seed, resampled=False))
     xs, ys, n = [], [], 0
     t0 = last = time.time()
     with loader:
@@ -175,13 +142,21 @@ def load_images(shards_spec, resolution: int, limit: int | None = None, seed: in
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def fast_bf16() -> bool:
-    """True where bf16 autocast is worth it on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """How train_classifier trains (`bench eval train-classifier` uses the defaults)."""
+    epochs: int = 10             # passes over the training split (the cosine schedule ends with them)
+    max_seconds: float = 170.0   # wall-clock budget of the passes: the schedule runs over
+                                 # max(step / total steps, elapsed / max_seconds), so it ends in time
+    batch_size: int = 128        # at most; small sets take smaller batches (>= ~20 steps per epoch)
+    lr: float = 3e-3             # AdamW peak learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 5e-4
+    width: int = 32              # channels of the first stage (features = 4 x width)
+    holdout: float = 0.1         # fraction of images held out (seeded) to measure accuracy; 0 = none
+    max_images: Optional[int] = None  # cap on images read (None = all that fit in IMAGE_BUDGET_BYTES)
+    precision: str = "auto"      # auto (bf16 autocast + channels_last on CUDA or CPUs with fast bf16) | bf16 | fp32
+    augment: bool = True         # random translations and horizontal flips
+    seed: int = 0                # image order, split, initialisation, batches, augmentation
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
@@ -208,79 +183,49 @@ def accuracy(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, batch_si
     return correct / max(1, len(y))
 
 
-def train_classifier(shards_spec, out: str | os.PathLike | None = None, resolution: int | None = None, *,
-                     epochs: int = 10, max_seconds: float = 170.0, batch_size: int = 128, lr: float = 3e-3,
-                     weight_decay: float = 5e-4, width: int = 32, holdout: float = 0.1,
-                     max_images: int | None = None, precision: str = "auto", augment: bool = True,
-                     device: str | torch.device | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Train the domain classifier on a shard set and save it (atomically). Returns its info dict.
+@dataclass
+class _Fit:
+    """One training of the classifier: the model, its training split and the shared generator."""
+    model: DomainClassifier
+    x: torch.Tensor          # uint8 training images
+    y: torch.Tensor
+    gen: torch.Generator     # batches and augmentation (after the split's permutation)
+    device: torch.device
+    bf16: bool
 
-    shards_spec  shard directory / pattern (see bench.data.resolve_shards); needs class labels
-    out          output file; None = <shard dir>/classifier-r{resolution}.pt
-    resolution   image side; None = the manifest's resolution
-    epochs       passes over the training split (the cosine learning-rate schedule ends with them)
-    max_seconds  wall-clock budget for the passes: the schedule is stretched over
-                 max(step / total steps, elapsed / max_seconds), so it always finishes in time
-    holdout      fraction of images held out (seeded) to measure accuracy; 0 = none (accuracy null)
-    max_images   cap on images read (None = all that fit in IMAGE_BUDGET_BYTES of uint8)
-    precision    "auto" (bf16 autocast + channels_last where the CPU has fast bf16, or on CUDA),
-                 "bf16" or "fp32"
-    """
-    t_start = time.time()
-    class_names, _, man_res = dataset_info(shards_spec)
-    resolution = int(resolution or man_res or 0)
-    if resolution <= 0:
-        raise ClassifierError(f"data.shards={str(shards_spec)!r} has no manifest.json giving its resolution; "
-                              f"pass resolution=")
-    out = Path(out) if out is not None else classifier_path(shards_spec, resolution)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if max_images is None:
-        max_images = max(1000, IMAGE_BUDGET_BYTES // (3 * resolution * resolution))
-    if progress:
-        print(f"train-classifier: reading up to {max_images} images ({resolution}x{resolution}) from "
-              f"{shards_spec}", file=sys.stderr, flush=True)
-    x, y = load_images(shards_spec, resolution, limit=max_images, seed=seed, progress=progress)
-    n_classes = len(class_names) if class_names else int(y.max()) + 1
-    class_names = class_names or [str(i) for i in range(n_classes)]
 
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=g)
-    n_hold = int(round(holdout * len(y))) if holdout > 0 else 0
-    hold_idx, train_idx = perm[:n_hold], perm[n_hold:]
-    x_tr, y_tr = x[train_idx], y[train_idx]
-    batch_size = max(2, min(batch_size, len(y_tr), max(16, len(y_tr) // 20)))  # small sets: >= ~20 steps/epoch
-
-    use_bf16 = precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or fast_bf16()))
-    fmt = torch.channels_last if use_bf16 else torch.contiguous_format
-    torch.manual_seed(seed)
-    model = DomainClassifier(n_classes, resolution, width=width).to(dev, memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+def _fit(fit: _Fit, s: ClassifierSettings, progress: bool) -> tuple[int, int, float]:
+    """Train fit.model in place. Returns (epochs run, steps, seconds)."""
+    model, x_tr, y_tr, g, dev = fit.model, fit.x, fit.y, fit.gen, fit.device
+    batch_size = max(2, min(s.batch_size, len(y_tr), max(16, len(y_tr) // 20)))  # small sets: >= ~20 steps/epoch
+    fmt = torch.channels_last if fit.bf16 else torch.contiguous_format
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    amp = autocast("bf16" if fit.bf16 else "fp32", dev)
     steps_per_epoch = len(y_tr) // batch_size
-    total = max(1, epochs * steps_per_epoch)
+    total = max(1, s.epochs * steps_per_epoch)
     warmup = min(100, total // 10)
-    pad = max(1, resolution // 16) if augment else 0
+    pad = max(1, model.resolution // 16) if s.augment else 0
 
     model.train()
     step, t0, done, epoch = 0, time.time(), False, 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, s.epochs + 1):
         order = torch.randperm(len(y_tr), generator=g)
         loss_sum, seen = 0.0, 0
         for b in range(steps_per_epoch):
-            frac = max(step / total, (time.time() - t0) / max_seconds)
+            frac = max(step / total, (time.time() - t0) / s.max_seconds)
             if frac >= 1.0:
                 done = True
                 break
             scale = min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1.0 + math.cos(math.pi * frac))
             for group in opt.param_groups:
-                group["lr"] = lr * scale
+                group["lr"] = s.lr * scale
             idx = order[b * batch_size:(b + 1) * batch_size]
             xb = x_tr[idx].to(dev).float().mul_(1.0 / 127.5).sub_(1.0)
-            if augment:
+            if s.augment:
                 xb = _augment(xb, g, pad)
             xb = xb.contiguous(memory_format=fmt)
             yb = y_tr[idx].to(dev)
-            with autocast():
+            with amp():
                 _, logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
@@ -290,32 +235,69 @@ def train_classifier(shards_spec, out: str | os.PathLike | None = None, resoluti
             loss_sum += float(loss.detach()) * len(idx)  # host sync: once per step, for the progress line
             seen += len(idx)
         if progress and seen:
-            print(f"train-classifier: epoch {epoch}/{epochs} loss {loss_sum / seen:.4f} "
+            print(f"train-classifier: epoch {epoch}/{s.epochs} loss {loss_sum / seen:.4f} "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         if done:
             break
-    train_seconds = time.time() - t0
+    return epoch, step, time.time() - t0
+
+
+def _save(model: DomainClassifier, info: dict, out: Path) -> None:
+    try:
+        rundir.atomic_write(out, write=lambda f: torch.save({"state_dict": model.state_dict(), **info}, f))
+    except OSError as exc:
+        raise ClassifierError(f"cannot write the domain classifier to {out} ({exc.strerror}); "
+                              f"pass out=/writable/path/classifier.pt") from None
+
+
+def train_classifier(shards_spec, out: str | os.PathLike | None = None, resolution: int | None = None,
+                     settings: ClassifierSettings = ClassifierSettings(), *,
+                     device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """Train the domain classifier on a shard set and save it (atomically). Returns its info dict.
+
+    shards_spec  shard directory / pattern (see bench.data.shards.resolve_shards); needs class labels
+    out          output file; None = <shard dir>/classifier-r{resolution}.pt
+    resolution   image side; None = the manifest's resolution
+    settings     epochs, time budget, optimiser, width, hold-out, precision (see ClassifierSettings)
+    """
+    t_start, s = time.time(), settings
+    class_names, _, man_res = dataset_info(shards_spec)
+    resolution = int(resolution or man_res or 0)
+    if resolution <= 0:
+        raise ClassifierError(f"data.shards={str(shards_spec)!r} has no manifest.json giving its resolution; "
+                              f"pass resolution=")
+    out = Path(out) if out is not None else classifier_path(shards_spec, resolution)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    max_images = s.max_images if s.max_images is not None else max(1000, IMAGE_BUDGET_BYTES // (3 * resolution**2))
+    if progress:
+        print(f"train-classifier: reading up to {max_images} images ({resolution}x{resolution}) from "
+              f"{shards_spec}", file=sys.stderr, flush=True)
+    x, y = load_images(shards_spec, resolution, limit=max_images, seed=s.seed, progress=progress)
+    n_classes = len(class_names) if class_names else int(y.max()) + 1
+    class_names = class_names or [str(i) for i in range(n_classes)]
+
+    g = torch.Generator().manual_seed(s.seed)
+    perm = torch.randperm(len(y), generator=g)
+    n_hold = int(round(s.holdout * len(y))) if s.holdout > 0 else 0
+    hold_idx, train_idx = perm[:n_hold], perm[n_hold:]
+    use_bf16 = eval_precision(s.precision, dev) == "bf16"
+    torch.manual_seed(s.seed)
+    model = DomainClassifier(n_classes, resolution, width=s.width).to(
+        dev, memory_format=torch.channels_last if use_bf16 else torch.contiguous_format)
+    epoch, step, train_seconds = _fit(_Fit(model, x[train_idx], y[train_idx], g, dev, use_bf16), s, progress)
 
     model = model.to(memory_format=torch.contiguous_format)
     acc = accuracy(model, x[hold_idx], y[hold_idx], device=dev) if n_hold else None
     model.cpu().eval()
     info = {
-        "class_names": list(class_names), "resolution": resolution, "width": width,
-        "feature_dim": model.feature_dim, "accuracy": acc, "n_train": len(y_tr), "n_holdout": n_hold,
+        "class_names": list(class_names), "resolution": resolution, "width": s.width,
+        "feature_dim": model.feature_dim, "accuracy": acc, "n_train": len(train_idx), "n_holdout": n_hold,
         "epochs": epoch, "steps": step, "train_seconds": round(train_seconds, 2),
         "seconds": round(time.time() - t_start, 2), "precision": "bf16" if use_bf16 else "fp32",
         "manifest_hash": manifest_hash(shards_spec), "shards": str(shards_spec),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({"state_dict": model.state_dict(), **info}, tmp)
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ClassifierError(f"cannot write the domain classifier to {out} ({exc.strerror}); "
-                              f"pass out=/writable/path/classifier.pt") from None
+    _save(model, info, out)
     info["path"] = str(out)
     if progress:
         acc_s = f"{100 * acc:.2f}%" if acc is not None else "n/a"
@@ -360,7 +342,7 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         super().__init__(name, features_list)
         if not feature_extractor_weights_path:
             raise ClassifierError("the domain feature extractor needs its classifier file as "
-                                  "feature_extractor_weights_path (see bench.classifier.train_classifier)")
+                                  "feature_extractor_weights_path (see bench.eval.classifier.train_classifier)")
         self.net, self.meta = load_classifier(feature_extractor_weights_path)
 
     def forward(self, x: torch.Tensor):

@@ -1,19 +1,22 @@
-"""Report scalars by name from anywhere; aggregate once per tick.
+"""Report scalars by name from anywhere; aggregate once per tick (docs/architecture.md, "One training step").
 
 `report(name, value)` is cheap: tensors are accumulated on their device without a host sync.
 `Collector.tick()` stacks everything, does ONE all-reduce across ranks, and returns a flat dict of
-means. Names are `Group/sub/name` with units where they have them (see DESIGN.md).
+means. Names are `Group/sub/name` with units where they have them. Also here: the step-time
+stopwatch, FLOP counting and MFU, and the collapse detector. The device's peak TFLOP/s is
+bench.device's.
 """
 from __future__ import annotations
 
-import os
-import resource
+import math
 import sys
 import time
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from bench import device as bdevice
 
 _active: Optional["Collector"] = None
 
@@ -30,6 +33,7 @@ class Collector:
         self.reduce_fn = reduce_fn  # callable(tensor) -> tensor summed over ranks, or None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = defaultdict(int)
+        self._prev: Optional[Collector] = None
 
     def __enter__(self):
         global _active
@@ -71,8 +75,8 @@ class Stopwatch:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
-        self._t = None
-        self._name = None
+        self._t: Optional[float] = None
+        self._name: Optional[str] = None
 
     def _now(self) -> float:
         if self.cuda:
@@ -96,11 +100,29 @@ class Stopwatch:
         return out
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return kb / (2**30 if sys.platform == "darwin" else 2**20)
+class TickClock:
+    """Wall time of the current tick and of the whole run. Time set aside (checkpoints, sample grids,
+    evaluations, a peak re-measurement) is kept out of the tick; it still counts in the run's wall time."""
+
+    def __init__(self, run_seconds: float = 0.0):
+        now = time.perf_counter()
+        self.t0, self.steps, self.run_t0 = now, 0, now - run_seconds
+
+    def lap(self) -> tuple[float, int, float]:
+        """(seconds of this tick, its G steps, the run's wall seconds); the next tick starts now."""
+        now = time.perf_counter()
+        out = (now - self.t0, self.steps, now - self.run_t0)
+        self.t0, self.steps = now, 0
+        return out
+
+    def set_aside(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.run_t0
+
+
+TIMED_SECTIONS = ("data", "D", "G", "reg", "telemetry")  # the step-time split, in time/<name>_ms
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -145,6 +167,49 @@ def step_flops(G, D, batch: int, n_classes: int, device: torch.device) -> dict[s
     return {"D_step": fc_d.get_total_flops() / batch, "G_step": fc_g.get_total_flops() / batch}
 
 
+class Mfu:
+    """perf/tflops and perf/mfu of a tick: FLOP per step (`count`, called once) over the device's peak
+    TFLOP/s (bench.device.peak_tflops, looked up once). `count=None` (telemetry.mfu=false) or a model
+    the FLOP counter cannot trace: no perf/* keys."""
+
+    def __init__(self, device: torch.device, precision: str, count: Optional[Callable[[], float]]):
+        self.device, self.precision, self.count = device, precision, count
+        self.flops: Optional[float] = None
+        self.peak: Optional[float] = None  # None until budget() ran; nan = no MFU
+        self.rechecked = False
+
+    def budget(self) -> tuple[Optional[float], float]:
+        """(FLOP per step, peak TFLOP/s), worked out on the first call; (None, nan) when off."""
+        if self.peak is None:
+            self.peak = float("nan")
+            if self.count is not None:
+                try:
+                    self.flops = self.count()
+                    self.peak, _ = bdevice.peak_tflops(self.device, self.precision)
+                except Exception as exc:  # MFU is telemetry: a model the counter cannot trace still trains
+                    print(f"warning: FLOP count failed ({exc.__class__.__name__}: {exc}); no perf/mfu",
+                          file=sys.stderr)
+        return (self.flops if self.peak == self.peak else None), self.peak
+
+    def add_to(self, row: dict, steps: int, tick_s: float) -> float:
+        """Add perf/tflops (per process) and perf/mfu to a tick's row. Returns the seconds spent
+        re-measuring the peak, which the caller keeps out of the next tick's timing."""
+        flop_per_step, peak = self.budget()
+        if not flop_per_step:
+            return 0.0
+        aside = 0.0
+        row["perf/tflops"] = flop_per_step * steps / tick_s / 1e12
+        if row["perf/tflops"] > peak and not self.rechecked:
+            # above the cached peak: that figure was measured on a busy machine; measure again
+            self.rechecked = True
+            t0 = time.perf_counter()
+            peak, _ = bdevice.peak_tflops(self.device, self.precision, remeasure=True)
+            aside = time.perf_counter() - t0
+            self.peak = peak
+        row["perf/mfu"] = row["perf/tflops"] / peak if peak == peak and peak > 0 else float("nan")
+        return aside
+
+
 def report_sigmas(net_name: str, net, k: int = 3) -> None:
     """sigma/<net>/<layer>/{s0,s1,s2,s0_over_s1,fro} for every weight layer (raw weights, before any
     spectral normalisation), found by module type. 0-d tensors: no host sync here."""
@@ -163,17 +228,19 @@ class CollapseDetector:
       sigma:      D's largest sigma0 over layers exceeds `sigma_factor` x its minimum over the last
                   `window` steps (BigGAN: collapse comes with an explosion of D's top singular values);
       divergence: |loss/G - loss/D| exceeds `loss_gap` (the losses run apart: hinge and logistic
-                  losses stay within a few units in healthy training; raise it for WGAN);
+                  losses stay within a few units in healthy training). inf = off, which is what a
+                  loss whose gap is unbounded (the Wasserstein critic's) gets;
       nonfinite:  any loss or logit mean is NaN or inf;
       fid:        an evaluation's FID exceeds `fid_factor` x the best FID so far.
     """
+
+    STATE = ("sigma_hist", "best_fid", "collapse_step", "reason")  # what a checkpoint keeps
 
     def __init__(self, sigma_factor: float = 2.0, window: int = 50, loss_gap: float = 50.0,
                  fid_factor: float = 1.5, warmup: int = 20):
         self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
         self.warmup = warmup
         self.sigma_hist: list[tuple[int, float]] = []
-        self.gap_hist: list[tuple[int, float]] = []
         self.best_fid = float("inf")
         self.collapse_step: Optional[int] = None
         self.reason: Optional[str] = None
@@ -195,8 +262,6 @@ class CollapseDetector:
 
     def update(self, row: dict) -> Optional[str]:
         """Feed one metrics row; returns the reason if a collapse signal fires at this tick."""
-        import math
-
         step = int(row["step"])
         watched = [v for k, v in row.items() if k.startswith(("loss/", "D/")) and isinstance(v, float)]
         if any(not math.isfinite(v) for v in watched):
@@ -218,8 +283,6 @@ class CollapseDetector:
         return fired
 
     def update_fid(self, step: int, fid: float) -> Optional[str]:
-        import math
-
         if not math.isfinite(fid):
             return self._flag(step, "nonfinite FID")
         if fid > self.fid_factor * self.best_fid:
@@ -228,100 +291,10 @@ class CollapseDetector:
         return None
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("sigma_hist", "gap_hist", "best_fid", "collapse_step", "reason")}
+        return {k: getattr(self, k) for k in self.STATE}
 
     def load_state_dict(self, s: dict) -> None:
-        for k, v in s.items():
-            setattr(self, k, v)
-
-
-# Dense peak TFLOP/s of known GPUs by dtype (vendor datasheets; SXM parts; fp32 = without TF32).
-GPU_PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "V100": {"bf16": 125.0, "fp16": 125.0, "fp32": 15.7},  # no bf16 tensor cores: fp16 figure
-}
-
-
-def _cache_dir():
-    import os
-    from pathlib import Path
-
-    return Path(os.environ.get("GAN_BENCH_CACHE") or Path.home() / ".cache" / "gan-bench")
-
-
-def _best_rate(fn, flop: float, seconds: float, trials: int = 3) -> float:
-    """Best FLOP/s over `trials` timed windows of `fn` (a busy neighbour only ever slows a window down)."""
-    fn()
-    fn()
-    best = 0.0
-    for _ in range(trials):
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / trials:
-            fn()
-            reps += 1
-        best = max(best, flop * reps / (time.perf_counter() - t0))
-    return best
-
-
-def measure_cpu_peak(precision: str, seconds: float = 1.5) -> dict[str, float]:
-    """Achieved TFLOP/s on this CPU (all of this process's threads), in bf16 or fp32, of the two dense
-    kernels a GAN step is made of: a 2048^2 matmul and a 3x3 convolution (channels_last, 128 channels,
-    32x32, batch 32). Returns {"matmul": ..., "conv": ..., "peak": the larger}. The larger is the peak
-    because the BLAS behind fp32 matmul can be far slower than oneDNN's convolution on some CPUs
-    (MKL's sgemm on AMD), which would put an fp32 model above 100% of a matmul-only peak."""
-    import torch.nn.functional as F
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    mm = _best_rate(lambda: a @ b, 2 * n**3, seconds / 2) / 1e12
-    x = torch.randn(32, 128, 32, 32, dtype=dtype).to(memory_format=torch.channels_last)
-    w = torch.randn(128, 128, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
-    conv = _best_rate(lambda: F.conv2d(x, w, padding=1), 2 * 32 * 128 * 128 * 9 * 32 * 32, seconds / 2) / 1e12
-    return {"matmul": mm, "conv": conv, "peak": max(mm, conv)}
-
-
-def peak_tflops(device: torch.device, precision: str, remeasure: bool = False) -> tuple[float, str]:
-    """(peak TFLOP/s, where it came from): the GPU table, or on CPU the best dense-kernel rate measured
-    (matmul or conv, see measure_cpu_peak), cached in $GAN_BENCH_CACHE/cpu_peak.json. `remeasure`
-    (bench throughput) measures again and keeps the higher of the cached and the new figure."""
-    import json
-    import platform
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return table[precision], f"table:{key}"
-        return float("nan"), f"unknown GPU {name}"
-    cpu = "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    key = f"v2|{cpu}|{torch.get_num_threads()}t|{precision}|torch{torch.__version__}|{platform.machine()}"
-    path = _cache_dir() / "cpu_peak.json"
-    cache = {}
-    if path.exists():
-        try:
-            cache = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            cache = {}
-    if key not in cache or remeasure or not isinstance(cache[key], dict):
-        m = measure_cpu_peak(precision)
-        old = cache.get(key) if isinstance(cache.get(key), dict) else None
-        if old and old["peak"] >= m["peak"]:
-            m = old
-        cache[key] = m
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2))
-        tmp.replace(path)
-    m = cache[key]
-    kind = "matmul" if m["matmul"] >= m["conv"] else "3x3 conv"
-    return m["peak"], f"measured {precision} {kind} peak"
+        """Restores what state_dict saved; other keys (an older checkpoint's gap_hist) are ignored."""
+        for k in self.STATE:
+            if k in s:
+                setattr(self, k, s[k])

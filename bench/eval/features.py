@@ -1,0 +1,144 @@
+"""torch-fidelity's inputs and feature extractors (docs/architecture.md, "Evaluation").
+
+    ImageDataset       uint8 images (a tensor, or a loader called on first access) as an input
+    Sampler            G as a torch-fidelity generative model (labels and latents drawn inside)
+    extractor_settings the torch-fidelity extractor, its feature layers, weights and cache identity
+                       for eval.extractor = domain (bench.eval.classifier) | inception (the user's file)
+
+The Inception weights are never downloaded: a missing eval.weights_path is an EvalError that says
+which file is needed and where it goes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.eval.classifier import DOMAIN_EXTRACTOR, DOMAIN_LAYERS
+from bench.eval.errors import EvalError
+from bench.eval.sampling import truncated_normal
+from bench.metrics_registry import EXTRACTORS
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_LAYERS = {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """uint8 images (N, 3, H, W) as a torch-fidelity input. `images` is a tensor, or a callable that
+    returns one: it is called on first access only, so a real side served from the cache never
+    reads the shards. `loads` counts those calls."""
+
+    def __init__(self, images):
+        self._images = images if torch.is_tensor(images) else None
+        self._load = None if torch.is_tensor(images) else images
+        self.loads = 0
+        if self._images is not None:
+            self._check(self._images)
+
+    @staticmethod
+    def _check(x: torch.Tensor) -> None:
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise EvalError(f"evaluation images must be uint8 (N, 3, H, W); got {x.dtype} {tuple(x.shape)}")
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            self._images = self._load()
+            self.loads += 1
+            self._check(self._images)
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class Sampler(nn.Module):
+    """G as a torch-fidelity generative model (registered as a virtual GenerativeModelBase).
+
+    torch-fidelity 0.4.0 breaks on num_classes > 0, so num_classes is 0 and each batch draws its own
+    labels uniformly from [0, n_classes) and its own latents (truncated if asked) from `generator`;
+    torch-fidelity's noise only sets the batch size. Returns uint8 (B, 3, R, R). With a classifier,
+    counts how often it labels a sample with its conditioning class (class_acc).
+    """
+
+    z_type = "normal"
+    num_classes = 0
+
+    def __init__(self, G, n_classes: int, *, truncation, trunc_mode, generator, autocast, classifier=None):
+        super().__init__()
+        # Plain attributes, not submodules: torch-fidelity calls .cuda() on its input, which must not
+        # move the caller's G (it already lives on the evaluation device).
+        self.__dict__["G"] = G
+        self.__dict__["classifier"] = classifier
+        self.z_size = G.z_dim
+        self.n_classes, self.truncation, self.trunc_mode = n_classes, truncation, trunc_mode
+        self.generator, self.autocast = generator, autocast
+        self.device = next(G.parameters()).device
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.count = 0
+
+    @torch.no_grad()
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        n = noise.shape[0]
+        z = truncated_normal((n, self.z_size), self.truncation, self.trunc_mode, self.generator, self.device)
+        y = torch.randint(0, self.n_classes, (n,), device=self.device, generator=self.generator)
+        with self.autocast():
+            x = self.G(z, y)
+        images = ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)  # (B, 3, R, R)
+        if self.classifier is not None:
+            _, logits = self.classifier(images)
+            self.correct += (logits.argmax(1) == y).sum()
+            self.count += n
+        return images
+
+    def class_acc(self):
+        """How often the classifier labelled a sample with its class; None without one."""
+        return int(self.correct) / self.count if self.count else None  # host sync: once, at the end
+
+
+def register_sampler() -> None:
+    from torch_fidelity.generative_model_base import GenerativeModelBase
+
+    if not issubclass(Sampler, GenerativeModelBase):
+        GenerativeModelBase.register(Sampler)
+
+
+def check_extractor(extractor: str) -> str:
+    if extractor not in EXTRACTORS:
+        raise EvalError(f"eval.extractor={extractor!r}: choose one of {', '.join(EXTRACTORS)}")
+    return extractor
+
+
+def inception_weights(weights_path) -> Path:
+    """The user's Inception weights file, or an EvalError saying what is needed and where it goes."""
+    need = (f"eval.extractor=inception needs the torch-fidelity FID Inception weights {INCEPTION_FILE} "
+            f"({INCEPTION_URL}, about 91 MB; nothing is downloaded here)")
+    if weights_path in (None, ""):
+        raise EvalError(f"{need}: copy it to this machine and set eval.weights_path=/path/to/{INCEPTION_FILE}, "
+                        f"or use eval.extractor=domain")
+    p = Path(os.path.expanduser(str(weights_path)))
+    if not p.is_file():
+        raise EvalError(f"{need}: eval.weights_path={str(weights_path)!r} does not exist; copy the file there "
+                        f"or set eval.weights_path=/path/to/{INCEPTION_FILE}, or use eval.extractor=domain")
+    return p
+
+
+def extractor_settings(extractor: str, weights_path) -> tuple[str, dict, str, str]:
+    """(torch-fidelity extractor name, feature layer per metric, weights file, identity for cache keys)."""
+    if extractor == "inception":
+        p = inception_weights(weights_path)
+        return "inception-v3-compat", INCEPTION_LAYERS, str(p), f"inception:{p.name}:{p.stat().st_size}"
+    if extractor == "domain":
+        if not weights_path:
+            raise EvalError("extractor=domain needs the classifier file (see ensure_classifier)")
+        sha = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]
+        return DOMAIN_EXTRACTOR, DOMAIN_LAYERS, str(weights_path), f"domain:{sha}"
+    raise EvalError(f"eval.extractor={extractor!r}: choose one of {', '.join(EXTRACTORS)}")

@@ -1,0 +1,332 @@
+"""Metrics of a generator: torch-fidelity's IS / FID / KID / precision-recall, and the domain
+classifier's class accuracy (docs/architecture.md, "Evaluation").
+
+Rank 0 only: `evaluate_generator` wraps torch_fidelity.calculate_metrics. The fake side is G (the EMA G
+in training) sampled as uint8 with class labels drawn uniformly inside the wrapper (torch-fidelity
+0.4.0 crashes for num_classes > 0: the wrapper says num_classes = 0). The real side is N images read
+from the shards; its features are cached under a hash of (shard manifest, N, resolution, extractor and
+its weights) in the cache directory (torch-fidelity's atomic cache files plus a JSON sidecar written
+with rundir.atomic_write), so later evaluations only sample G.
+
+Feature extractors (every record names the one it used):
+    domain     the small CNN of bench.eval.classifier, trained on the dataset's own shards (offline;
+               trained on first use, saved beside the shards). Also gives eval/class_acc: how often
+               it labels G's samples with their conditioning class.
+    inception  torch-fidelity's inception-v3-compat with the user's copy of the standard FID weights
+               (eval.weights_path); never downloaded: a missing file is an EvalError.
+
+Metric names, their directions and formats come from bench.metrics_registry; records add extractor,
+num_samples, num_real, truncation, trunc_mode, standing_stats, seconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from bench import metrics_registry as registry
+from bench import rundir
+from bench.data.shards import dataset_info, manifest_hash
+from bench.device import autocast, eval_precision
+from bench.eval.classifier import classifier_path as default_classifier_path
+from bench.eval.classifier import load_classifier, load_images, train_classifier
+from bench.eval.errors import EvalError
+from bench.eval.features import (ImageDataset, Sampler, check_extractor, extractor_settings, inception_weights,
+                                 register_sampler)
+from bench.eval.sampling import check_psi, check_trunc_mode, standing_stats
+
+EVAL_PRECISIONS = ("auto", "bf16", "fp32")
+RECORD_KEYS = ("extractor", "num_samples", "num_real", "truncation", "trunc_mode", "standing_stats", "step",
+               "checkpoint", "seconds")  # the table's rows after the metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# torch-fidelity
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """What compute_metrics asks torch-fidelity for."""
+    extractor: str = "domain"           # domain | inception
+    weights_path: Optional[str] = None  # domain: the classifier file; inception: the FID Inception weights
+                                        # (a missing file is an EvalError: nothing is downloaded)
+    metrics: tuple = ("isc", "fid", "kid", "prc")
+    batch_size: int = 64
+    num_samples: Optional[int] = None   # images drawn when input1 is a generative model
+    num_real: Optional[int] = None      # len(input2) when known (a cached input2 is not loaded to count it)
+    cache_dir: Optional[str] = None     # torch-fidelity's feature cache (None: no caching)
+    input2_cache_name: Optional[str] = None  # input2 is cached only under a name
+    seed: int = 0
+
+
+def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(), *, device="cpu",
+                    progress: bool = False) -> dict:
+    """torch_fidelity.calculate_metrics with gan-bench's settings; returns eval/* keys.
+
+    input1   the evaluated side (precision = fraction of input1 inside input2's manifold): an
+             ImageDataset of uint8 images, or a generative model (then settings.num_samples is needed)
+    input2   the reference side (real images), an ImageDataset
+    """
+    import torch_fidelity
+
+    s = settings
+    register_sampler()
+    fe_name, layers, fe_weights, _ = extractor_settings(s.extractor, s.weights_path)
+    device = torch.device(device)
+    n1 = len(input1) if isinstance(input1, torch.utils.data.Dataset) else int(s.num_samples)
+    n2 = int(s.num_real) if s.num_real is not None else len(input2)
+    kw = dict(
+        input1=input1, input2=input2,
+        isc="isc" in s.metrics, fid="fid" in s.metrics, kid="kid" in s.metrics, prc="prc" in s.metrics,
+        feature_extractor=fe_name, feature_extractor_weights_path=fe_weights,
+        **{f"feature_layer_{m}": layers[m] for m in ("isc", "fid", "kid", "prc")},
+        batch_size=int(s.batch_size), cuda=device.type == "cuda", verbose=bool(progress),
+        save_cpu_ram=True,  # no DataLoader worker processes; PRC in blocks
+        rng_seed=int(s.seed), isc_splits=max(1, min(10, n1 // 2)), kid_subset_size=min(1000, n1, n2),
+        cache=s.cache_dir is not None, cache_root=str(s.cache_dir) if s.cache_dir is not None else None,
+    )
+    if not isinstance(input1, torch.utils.data.Dataset):
+        kw["input1_model_num_samples"] = n1
+    if s.input2_cache_name:
+        kw["input2_cache_name"] = s.input2_cache_name
+    ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        raw = torch_fidelity.calculate_metrics(**kw)
+    return {registry.FIDELITY_KEYS[k]: float(v) for k, v in raw.items() if k in registry.FIDELITY_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a generator
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a generator is evaluated: the config's eval.* keys (EvalSettings.from_cfg), with their
+    defaults written here once; override with dataclasses.replace."""
+    num_samples: int = 5000            # generated images
+    extractor: str = "domain"          # domain | inception (see bench.metrics_registry.EXTRACTORS)
+    weights_path: Optional[str] = None  # extractor=inception: the user's FID Inception weights file
+    batch_size: int = 64
+    standing_stats: int = 0            # M > 0: recompute G's BatchNorm statistics from M batches first (a copy)
+    truncation: Optional[float] = None  # latents' truncation psi (None: off)
+    trunc_mode: str = "resample"       # resample | clip | scale
+    precision: str = "auto"            # auto (bf16 autocast on CUDA or CPUs with fast bf16) | bf16 | fp32
+    num_real: Optional[int] = None     # real images (None: num_samples, capped at the dataset size)
+    cache_dir: Optional[str] = None    # real-side feature cache (None: <cache root>/eval)
+    classifier_path: Optional[str] = None  # domain classifier file (None: beside the shards)
+    seed: int = 0                      # latents and labels
+    train_classifier: bool = True      # train the domain classifier when it is missing
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "EvalSettings":
+        """The settings of a config's eval.* keys; a missing or null key keeps the default here."""
+        from omegaconf import OmegaConf
+
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = OmegaConf.select(cfg, f"eval.{f.name}", default=None)
+            if value is None:
+                continue
+            if isinstance(f.default, (int, str)) and not isinstance(f.default, bool):
+                value = type(f.default)(value)
+            values[f.name] = value
+        return cls(**values)
+
+
+def ensure_classifier(shards_spec, resolution: int, path=None, *, train_if_missing: bool = True,
+                      progress: bool = True) -> Path:
+    """The domain classifier file for these shards at this resolution: `path`, else the default
+    <shard dir>/classifier-r{res}.pt. Trained (about 1.5 min for 10k 32x32 images on 2 CPU cores)
+    when missing, or when the default file was trained on other shards or at another resolution."""
+    p = Path(os.path.expanduser(str(path))) if path else default_classifier_path(shards_spec, resolution)
+    reason = "is missing"
+    if p.is_file():
+        _, meta = load_classifier(p)
+        same_data = meta.get("manifest_hash") == manifest_hash(shards_spec)
+        if int(meta["resolution"]) == int(resolution) and (same_data or path):
+            if not same_data:
+                print(f"warning: domain classifier {p} was trained on other shards ({meta.get('shards')})",
+                      file=sys.stderr, flush=True)
+            return p
+        reason = "was trained on other shards" if not same_data else f"is for resolution {meta['resolution']}"
+    if not train_if_missing:
+        raise EvalError(f"eval.extractor=domain: the domain classifier {p} {reason}; train it with "
+                        f"`bench eval train-classifier data.shards={shards_spec}`")
+    if progress:
+        print(f"gan-bench eval: the domain classifier {p} {reason}; training it now (once per shard set)",
+              file=sys.stderr, flush=True)
+    train_classifier(shards_spec, out=p, resolution=int(resolution), progress=progress)
+    return p
+
+
+def real_cache_key(shards_spec, num_real: int, resolution: int, extractor_id: str) -> str:
+    """Cache key of the real side's features: a hash of the shard manifest, N, the resolution and
+    the extractor's identity (its name and weights)."""
+    ident = {"manifest": manifest_hash(shards_spec), "num_real": int(num_real), "resolution": int(resolution),
+             "extractor": extractor_id, "order": "seed0", "version": 1}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _is_rank0() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _checked(s: EvalSettings) -> EvalSettings:
+    """The settings with truncation as a float or None; an EvalError before any work if one is wrong."""
+    check_extractor(s.extractor)
+    if int(s.num_samples) < 4:
+        raise EvalError(f"eval.num_samples={s.num_samples}: use at least 4 (KID / precision-recall need neighbours)")
+    check_trunc_mode(s.trunc_mode)
+    if s.precision not in EVAL_PRECISIONS:
+        raise EvalError(f"eval.precision={s.precision!r}: choose {', '.join(EVAL_PRECISIONS[:-1])} or "
+                        f"{EVAL_PRECISIONS[-1]}")
+    if s.extractor == "inception":
+        inception_weights(s.weights_path)
+    return dataclasses.replace(s, truncation=check_psi(s.truncation))
+
+
+def _classifier_files(s: EvalSettings, shards_spec, resolution: int, progress: bool):
+    """(extractor weights file, domain classifier file or None). The domain classifier is the extractor
+    for extractor=domain, and the judge of class_acc whenever one for these shards exists."""
+    if s.extractor == "domain":
+        clf_file = ensure_classifier(shards_spec, resolution, s.classifier_path, train_if_missing=s.train_classifier,
+                                     progress=progress)
+        return clf_file, clf_file
+    try:
+        clf_file = ensure_classifier(shards_spec, resolution, s.classifier_path, train_if_missing=False,
+                                     progress=False)
+    except EvalError:
+        clf_file = None
+    return s.weights_path, clf_file
+
+
+def _real_side(s: EvalSettings, shards_spec, resolution: int, progress: bool) -> tuple[ImageDataset, int]:
+    """The real images (read from the shards only if their features are not cached) and their count."""
+    _, n_available, _ = dataset_info(shards_spec)
+    n_real = int(s.num_real or s.num_samples)
+    if n_available:
+        n_real = min(n_real, int(n_available))
+    limit = n_real
+    real = ImageDataset(lambda: load_images(shards_spec, resolution, limit=limit, seed=0, progress=progress)[0])
+    if not n_available:  # no manifest: count by reading (the cache key needs the true count)
+        n_real = len(real)
+    return real, n_real
+
+
+def _write_sidecar(cache_dir: Path, key: str, ident: dict) -> None:
+    sidecar = cache_dir / f"real-{key}.json"
+    if not sidecar.exists():
+        rundir.atomic_write(sidecar, json.dumps({
+            "key": key, **ident,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, indent=2))
+
+
+def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_classes: int | None = None,
+                       device=None, progress: bool = True) -> dict:
+    """IS / FID / KID / precision-recall (and class_acc) of generator G against the shards, as
+    `settings` says. Rank 0 only: other ranks return {} at once. G is not modified (standing stats run
+    on a copy).
+
+    G            a gan-bench generator (G.z_dim, G.resolution, G(z, y))
+    shards_spec  the real data (shard directory / pattern)
+    n_classes    labels are drawn uniformly from [0, n_classes); None = the dataset's classes
+    device       where sampling and features run (None = G's device; another one: a copy of G)
+
+    Returns flat keys: the eval/* metrics (eval/class_acc when a domain classifier is available),
+    extractor, num_samples, num_real, truncation, trunc_mode, standing_stats, seconds.
+    """
+    if not _is_rank0():
+        return {}
+    t0 = time.time()
+    s = _checked(settings)
+    g_device = next(G.parameters()).device
+    device = torch.device(device) if device is not None else g_device
+    resolution = int(getattr(G, "resolution"))
+    class_names, _, _ = dataset_info(shards_spec)
+    n_classes = int(n_classes or (len(class_names) if class_names else G.n_classes))
+    weights_path, clf_file = _classifier_files(s, shards_spec, resolution, progress)
+    fe_name, _, _, fe_id = extractor_settings(s.extractor, weights_path)
+    clf = load_classifier(clf_file, device)[0] if clf_file is not None else None
+    real, n_real = _real_side(s, shards_spec, resolution, progress)
+    key = real_cache_key(shards_spec, n_real, resolution, fe_id)
+    cache_dir = Path(s.cache_dir) if s.cache_dir is not None else rundir.cache_root() / "eval"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    if progress:
+        psi = f", truncation {s.truncation} ({s.trunc_mode})" if s.truncation is not None else ""
+        print(f"gan-bench eval: {s.extractor} features ({fe_name}), {s.num_samples} generated vs {n_real} real "
+              f"images{psi}", file=sys.stderr, flush=True)
+    amp = autocast(eval_precision(s.precision, device), device)
+    gen = torch.Generator(device=device).manual_seed(int(s.seed))
+    was_training = G.training
+    # A copy where G would change: standing stats rewrite BatchNorm buffers; another device moves it.
+    copy_G = int(s.standing_stats or 0) > 0 or device != g_device
+    Gs = copy.deepcopy(G).to(device) if copy_G else G
+    try:
+        Gs.eval()
+        if Gs is not G:
+            standing_stats(Gs, n_classes, int(s.standing_stats or 0), batch_size=int(s.batch_size),
+                           truncation=s.truncation, trunc_mode=s.trunc_mode, generator=gen, autocast=amp)
+        sampler = Sampler(Gs, n_classes, truncation=s.truncation, trunc_mode=s.trunc_mode, generator=gen,
+                          autocast=amp, classifier=clf)
+        out = compute_metrics(sampler, real, MetricSettings(
+            extractor=s.extractor, weights_path=weights_path, batch_size=s.batch_size,
+            num_samples=int(s.num_samples), num_real=n_real, cache_dir=cache_dir,
+            input2_cache_name=f"real-{key}", seed=s.seed), device=device, progress=progress)
+    finally:
+        G.train(was_training)
+    if sampler.count:
+        out["eval/class_acc"] = sampler.class_acc()
+    _write_sidecar(cache_dir, key, {
+        "shards": str(shards_spec), "manifest_hash": manifest_hash(shards_spec), "num_real": n_real,
+        "resolution": resolution, "extractor": s.extractor, "extractor_id": fe_id})
+    out.update(extractor=s.extractor, num_samples=int(s.num_samples), num_real=n_real, truncation=s.truncation,
+               trunc_mode=s.trunc_mode if s.truncation is not None else None, standing_stats=int(s.standing_stats or 0),
+               seconds=round(time.time() - t0, 3))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+def append_eval(run_dir, step: int, metrics: Mapping, **extra) -> dict:
+    """Append one record to run_dir/evals.jsonl: step, the metric values, extractor, num_samples,
+    seconds (from `metrics`), then `extra` (e.g. source="bench eval", checkpoint=...) and the time.
+    Returns the record. Empty `metrics` (a rank other than 0) writes nothing."""
+    if not metrics:
+        return {}
+    rec = {"step": int(step)}
+    rec.update({k: rundir.json_value(v) for k, v in metrics.items()})
+    rec.update({k: rundir.json_value(v) for k, v in extra.items()})
+    rec["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    rundir.append_jsonl(Path(run_dir) / rundir.EVALS, rec)
+    return rec
+
+
+def format_table(rec: Mapping, title: str | None = None) -> str:
+    """A plain-text table of an evaluation record: its metrics (names, order and formats from
+    bench.metrics_registry), then RECORD_KEYS."""
+    rows = [(name, registry.format_value(name, rec[name])) for name in registry.EVAL_METRICS
+            if rec.get(name) is not None]
+    rows += [(key, str(rec[key])) for key in RECORD_KEYS if rec.get(key) not in (None, "")]
+    w = max(len(k) for k, _ in rows) if rows else 10
+    lines = [title] if title else []
+    lines.append("-" * (w + 16))
+    lines += [f"{k:<{w}}  {v}" for k, v in rows]
+    lines.append("-" * (w + 16))
+    return "\n".join(lines)

@@ -1,0 +1,332 @@
+"""`bench report DIR [out=DIR]`: the entry point (`main`), the order of the work (`build_report`) and
+report.md. What the outputs are: bench/report/__init__.py; where they come from: docs/architecture.md."""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import metrics_registry as registry
+from bench import rundir
+from bench.report import plots
+from bench.report.collect import MAX_DEPTH, REPORT_DIR, STALLED_AFTER_S, TRUNC_COLUMNS, Run, discover, finite
+from bench.report.tables import (REPORT_METRICS, Writer, ablation_rows, assign_labels, best_eval_rows,
+                                 eval_records, fmt, md_table, natural, psi_order, run_row, scaling_table,
+                                 status_cell, swept_keys, text_table, truncation_records)
+
+OUR_FILES = re.compile(r"^(report\.md|(runs|scaling|evals|truncation|ablation)\.csv|"
+                       r"(throughput|losses|sigma(-\d+)?|evals|truncation|ablation)\.png)$")
+RUN_TABLE = [("run", "run"), ("status", "status"), ("steps", "steps"), ("eff. batch", "effective_batch"),
+             ("world", "world_size"), ("img/s", "img_per_s"), ("ms/step", "step_ms"), ("peak GB", "peak_mem_gb"),
+             ("loss/D", "loss_D"), ("loss/G", "loss_G"), ("best", "best_metric"), ("value", "best_value"),
+             ("@step", "best_step"), ("collapse", "collapse_step")]
+
+
+class ReportError(ValueError):
+    """Bad input: one line for the user, exit code 2."""
+
+
+@dataclass
+class ReportData:
+    """Everything report.md shows."""
+    root: Path
+    runs: list[Run]
+    rows: list[dict]               # runs.csv
+    keys: list[str]                # the swept keys
+    key_source: str                # where they came from
+    scaling: list[dict]            # scaling.csv
+    records: list[dict]            # evals.csv
+    trunc: list[dict]              # truncation.csv
+    abl: list[dict]                # ablation.csv
+    written: set[str]              # names of the files written
+    sigma_files: list[str]         # sigma.png, sigma-2.png, ...
+    skipped: dict[str, str]        # plot -> why it was not written
+
+
+# ---- the work ---------------------------------------------------------------------------------------
+
+class _Plots:
+    """Runs the plot functions: a plot that fails on odd data must not cost the rest of the report."""
+
+    def __init__(self):
+        self.skipped: dict[str, str] = {}  # plot -> why it was not written
+
+    def __call__(self, name: str, fn, *a) -> list[str]:
+        """One plot function: its file names, or [] with the reason recorded in `skipped`."""
+        try:
+            files, why = fn(*a)
+        except Exception as exc:
+            print(f"warning: {name} not written: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            self.skipped[name] = f"failed: {exc.__class__.__name__}: {exc}"
+            return []
+        if not files:
+            self.skipped[name] = why
+        return [files] if isinstance(files, str) else list(files or [])
+
+
+def build_report(root: Path, out: Path) -> dict:
+    """Read every run under root, write the tables and plots to out; returns what was written."""
+    runs = discover(root, out)
+    if not runs:
+        raise ReportError(f"no run directories under {root} (expected run.json, metrics.jsonl or config.yaml in "
+                          f"it or up to {MAX_DEPTH} levels below, or a sweep's sweep.json / index/)")
+    keys, key_source = swept_keys(runs)
+    assign_labels(runs, keys)
+    rows = [run_row(r) for r in runs]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    w = Writer(out)
+    plot = _Plots()
+
+    w.csv("runs.csv", rows)
+    pts = [r for r in rows if finite(r["img_per_s"]) and finite(r["effective_batch"])]
+    scaling = scaling_table(pts) if pts else []
+    if scaling:
+        w.csv("scaling.csv", scaling)
+    plot("throughput.png", plots.plot_throughput, scaling, w)
+    plot("losses.png", plots.plot_losses, runs, w)
+    sigma_files = plot("sigma.png", plots.plot_sigma, runs, w)
+    records = eval_records(runs)
+    if records:
+        w.csv("evals.csv", records)
+    plot("evals.png", plots.plot_evals, runs, records, w)
+    trunc = truncation_records(runs)
+    if trunc:
+        w.csv("truncation.csv", trunc)
+    plot("truncation.png", plots.plot_truncation, trunc, w)
+    abl, metric = ablation_rows(runs, rows, keys)
+    if len(abl) >= 2:
+        w.csv("ablation.csv", abl)
+    plot("ablation.png", plots.plot_ablation, abl, keys, metric, w)
+    written_names = {p.name for p in w.written} | {"report.md"}
+    w.text("report.md", render_markdown(ReportData(root, runs, rows, keys, key_source, scaling, records, trunc,
+                                                   abl, written_names, sigma_files, plot.skipped)))
+    _remove_stale(out, {p.name for p in w.written})
+    return {"runs": runs, "rows": rows, "written": w.written, "skipped": plot.skipped, "keys": keys}
+
+
+def _remove_stale(out: Path, written: set[str]) -> None:
+    """Outputs of an earlier report that this one did not write (e.g. a plot that now has no data)."""
+    for p in out.iterdir():
+        if p.is_file() and OUR_FILES.match(p.name) and p.name not in written:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+# ---- report.md ---------------------------------------------------------------------------------------
+
+def render_markdown(d: ReportData) -> str:
+    sections = (_md_head, _md_runs, _md_throughput, _md_losses_sigma, _md_evals, _md_truncation, _md_ablation,
+                _md_tail)
+    return "\n".join(line for section in sections for line in section(d))
+
+
+def _md_head(d: ReportData) -> list[str]:
+    runs = d.runs
+    n_fin = sum(r.finished for r in runs)
+    L = [f"# gan-bench report: `{d.root.resolve()}`", "",
+         f"{len(runs)} run(s): {n_fin} finished, {len(runs) - n_fin} not "
+         f"(generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `bench report`; all numbers read from the run "
+         "directories).", ""]
+    if d.keys:
+        L += [f"Swept ({d.key_source}): " + ", ".join(f"`{k}`" for k in d.keys), ""]
+    unfinished = [r for r in runs if not r.finished]
+    if unfinished:
+        L += ["**Not finished** (numbers are what their files hold so far): "
+              + "; ".join(f"{r.label} ({r.status})" for r in unfinished), ""]
+        if any(r.status == rundir.STALLED for r in unfinished):
+            L += [f"`stalled`: marked running, but nothing written for over {STALLED_AFTER_S // 60} minutes (or "
+                  "10 ticks): its job most likely died without a signal (killed with its node). Running "
+                  "the same command with the same `run.dir` resumes it from its last checkpoint.", ""]
+    partial = [r for r in runs if r.skipped_lines]
+    if partial:
+        L += ["Skipped unreadable JSONL lines (a half-written last line of a running job): "
+              + "; ".join(f"{r.label}: {r.skipped_lines}" for r in partial), ""]
+    return L
+
+
+def _md_runs(d: ReportData) -> list[str]:
+    table = md_table([h for h, _ in RUN_TABLE],
+                     [[status_cell(r[k]) if k == "status" else r[k] for _, k in RUN_TABLE] for r in d.rows])
+    L = ["## Runs", "", table, "",
+         "img/s and ms/step: median over ticks, first tick dropped (steady training throughput; "
+         "`img_per_s_overall` in `runs.csv` is summary.json's images / wall seconds, evaluations and "
+         "checkpoints included). best: the best evaluation by the run's `eval.best_metric` (summary.json, "
+         "else evals.jsonl; the rule of checkpoints/best.pt). All columns: `runs.csv`.", ""]
+    errors = [(row["run"], row["error"]) for row in d.rows if row.get("error")]
+    if errors:
+        L += ["Errors:", ""] + [f"- {name}: `{err}`" for name, err in errors] + [""]
+    return L
+
+
+def _md_throughput(d: ReportData) -> list[str]:
+    L = ["## Throughput scaling", ""]
+    if d.scaling:
+        L += [md_table(["run", "status", "eff. batch", "world", "batch/dev", "accum", "img/s", "img/s/dev",
+                        "ideal img/s", "efficiency", "ms/step", "MFU", "peak GB"],
+                       [[s["run"], status_cell(s["status"]), s["effective_batch"], s["world_size"], s["batch_size"],
+                         s["accumulate"], s["img_per_s"], s["img_per_s_per_device"], s["ideal_img_per_s"],
+                         s["efficiency"], s["step_ms"], s["mfu"], s["peak_mem_gb"]] for s in d.scaling]), "",
+              "ideal = world size / smallest world size x img/s of the same per-device batch and accumulation on "
+              "the smallest world size (linear scaling in devices); efficiency = actual / ideal. `scaling.csv`.", ""]
+    L += _img(d, "throughput.png")
+    timing = [r for r in d.rows if r["step_ms"] is not None]
+    if timing:
+        L += ["Step time split (median ms per tick):", "",
+              md_table(["run", "step", "data", "D", "G", "reg", "telemetry"],
+                       [[r["run"], r["step_ms"], r["data_ms"], r["D_ms"], r["G_ms"], r["reg_ms"], r["telemetry_ms"]]
+                        for r in timing]), ""]
+    return L
+
+
+def _md_losses_sigma(d: ReportData) -> list[str]:
+    L = ["## Losses", ""] + _img(d, "losses.png")
+    L += ["## Spectral norms (sigma0 of every G and D layer)", ""]
+    if d.sigma_files:
+        L += [f"![{f}]({f})" for f in d.sigma_files] + [""]
+        L += ["Dashed red line: collapse step (summary.json, else the first flagged tick); red triangles: ticks "
+              "with `stability/collapse` = 1.", ""]
+    else:
+        L += _img(d, "sigma.png")
+    collapsed = [r for r in d.rows if r["collapse_step"] is not None]
+    if collapsed:
+        L += [md_table(["run", "collapse step", "reason", "flagged ticks"],
+                       [[r["run"], r["collapse_step"], r["collapse_reason"], r["collapse_ticks"]] for r in collapsed]),
+              ""]
+    return L
+
+
+def _md_evals(d: ReportData) -> list[str]:
+    L = ["## Evaluations", ""]
+    best_rows = best_eval_rows(d.runs, d.records) if d.records else []
+    if best_rows:
+        L += ["Best evaluation per run and feature extractor, by the run's `eval.best_metric` (column `by`; "
+              "the rule of checkpoints/best.pt; numbers from different extractors are not comparable):", "",
+              md_table(["run", "extractor", "by", "samples", "step", "evals"]
+                       + [registry.BY_NAME[k].short for k in REPORT_METRICS], best_rows), "",
+              "Every record: `evals.csv`.", ""]
+    return L + _img(d, "evals.png")
+
+
+def _md_truncation(d: ReportData) -> list[str]:
+    L = ["## Truncation trade-off", ""]
+    if d.trunc:
+        L += [md_table(["run", "extractor", "psi", *TRUNC_COLUMNS, "samples", "step"],
+                       [[t["run"], t["extractor"], "off" if t["psi"] is None else t["psi"],
+                         *[t[k] for k in TRUNC_COLUMNS], t["num_samples"], t["step"]]
+                        for t in sorted(d.trunc, key=lambda t: (t["run"], t["extractor"], psi_order(t["psi"])))]),
+              "", "`truncation.csv`.", ""]
+    return L + _img(d, "truncation.png")
+
+
+def _md_ablation(d: ReportData) -> list[str]:
+    abl, keys = d.abl, d.keys
+    L = ["## Ablation matrix", ""]
+    if len(abl) >= 2:
+        L += [md_table(["run", *keys, "status", abl[0]["metric"], "collapse step", "img/s"],
+                       [[a["run"], *[a[k] for k in keys], status_cell(a["status"]), a["value"], a["collapse_step"],
+                         a["img_per_s"]] for a in abl]), "", "`ablation.csv`.", ""]
+        if len(keys) == 2 and len({(a[keys[0]], a[keys[1]]) for a in abl}) == len(abl):  # one run per cell
+            L += _pivot(abl, keys)
+    return L + _img(d, "ablation.png")
+
+
+def _md_tail(d: ReportData) -> list[str]:
+    L = []
+    if d.skipped:
+        L += ["## Plots not written", ""] + [f"- `{k}`: {v}" for k, v in d.skipped.items()] + [""]
+    return L + ["## Files", ""] + [f"- `{n}`" for n in sorted(d.written)] + [""]
+
+
+def _pivot(abl: list[dict], keys: list[str]) -> list[str]:
+    rk, ck = keys
+    rvals = sorted(dict.fromkeys(a[rk] for a in abl), key=natural)
+    cvals = sorted(dict.fromkeys(a[ck] for a in abl), key=natural)
+    cell = {(a[rk], a[ck]): a for a in abl}
+    body = []
+    for rv in rvals:
+        line = [f"{rk}={rv}"]
+        for cv in cvals:
+            a = cell.get((rv, cv))
+            line.append("" if a is None else f"{fmt(a['value'])} / {fmt(a['collapse_step'])} / {fmt(a['img_per_s'], 3)}")
+        body.append(line)
+    return [f"{abl[0]['metric']} / collapse step / img/s:", "",
+            md_table([f"{rk} \\ {ck}"] + [f"{ck}={c}" for c in cvals], body), ""]
+
+
+def _img(d: ReportData, name: str) -> list[str]:
+    if name in d.written:
+        return [f"![{name}]({name})", ""]
+    return [f"_{name} not written: {d.skipped.get(name, 'no data')}._", ""]
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+USAGE = "usage: bench report DIR [out=DIR]   (DIR: a run directory, a sweep directory, or a folder of runs)"
+
+
+def parse_args(args: list[str]) -> tuple[Path, Path]:
+    root, out = None, None
+    for a in args:
+        if a.startswith("out="):
+            out = a.split("=", 1)[1]
+            if not out:
+                raise ReportError("out= needs a folder, e.g. out=/tmp/report")
+        elif "=" in a and not Path(a).exists():
+            raise ReportError(f"unknown argument {a!r}; {USAGE[7:]}")
+        elif root is None:
+            root = a
+        else:
+            raise ReportError(f"one DIR only (got {root!r} and {a!r}); {USAGE[7:]}")
+    if root is None:
+        raise ReportError(f"missing DIR; {USAGE[7:]}")
+    root_p = Path(root).expanduser()
+    if not root_p.exists():
+        raise ReportError(f"{root_p} does not exist; expected a run directory (run.json, metrics.jsonl) "
+                          "or a sweep directory (sweep.json, index/)")
+    if not root_p.is_dir():
+        raise ReportError(f"{root_p} is not a directory; expected a run directory (run.json, metrics.jsonl) "
+                          "or a sweep directory (sweep.json, index/)")
+    return root_p, Path(out).expanduser() if out else root_p / REPORT_DIR
+
+
+def main(args: list[str] | None = None) -> int:
+    args = sys.argv[1:] if args is None else list(args)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    try:
+        root, out = parse_args(args)
+        result = build_report(root, out)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the output folder is read-only
+        print(f"error: report: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    _print_summary(result, out)
+    return 0
+
+
+def _print_summary(result: dict, out: Path) -> None:
+    rows = result["rows"]
+    print(text_table([h for h, _ in RUN_TABLE], [[r[k] for _, k in RUN_TABLE] for r in rows]))
+    unfinished = [r for r in result["runs"] if not r.finished]
+    if unfinished:
+        print(f"\n{len(unfinished)} run(s) not finished: " + ", ".join(f"{r.label} ({r.status})" for r in unfinished))
+    print(f"\nreport written to {out}:")
+    for p in result["written"]:
+        print(f"  {p.name}")
+    for name, why in result["skipped"].items():
+        print(f"  (skipped {name}: {why})")
+    print(f"open {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

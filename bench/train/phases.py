@@ -1,0 +1,159 @@
+"""Phases as data (docs/architecture.md, "One training step").
+
+One G step = `train.d_steps` D phases + 1 G phase. A Phase is one optimiser step of one net and carries
+everything that differs between D and G: the net, its optimiser and (fp16) scaler, the micro-batch step
+function (forward + backward, owned by GANObjective), whether it reads real data, the nets frozen while
+it runs, the weight-only regularisers added after the gradient all-reduce, and the weight operations
+after the optimiser step (the loss's, e.g. WGAN clipping, and the sigma0 clamp). `PhaseRunner.run` is
+the same code for every phase: it never asks which net it steps.
+
+Each micro-batch runs inside ONE `accelerator.accumulate(G, D)` context. Nets are not wrapped in DDP:
+after a phase's micro-batches the gradients of the stepped net are all-reduced once (a flat buffer),
+which keeps the G phase (D frozen) and the D phase (G under no_grad) free of DDP pitfalls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from bench.config import RegSpecs
+from bench.train import telemetry
+from bench.train.objectives import HistoricalAverage, MicroBatch
+from models import spectral
+
+Hook = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "D" or "G": names the timing section and the grad/<name>_norm record, nothing else
+    net: torch.nn.Module  # the net whose optimiser steps
+    opt: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]  # fp16 only
+    step: Callable[[MicroBatch, Callable[[torch.Tensor], None]], torch.Tensor]  # one micro-batch
+    reads_data: bool  # each micro-batch takes a real batch
+    frozen: tuple[torch.nn.Module, ...] = ()  # nets without weight gradients during the phase
+    regularisers: tuple[Hook, ...] = ()  # weight-only penalties, after the gradient all-reduce
+    post_step: tuple[Hook, ...] = ()  # weight operations after the optimiser step (under no_grad)
+    index: int = 0  # the phase's place among the same net's phases within one G step
+
+
+def plan(d_phase: Phase, g_phase: Phase, d_steps: int) -> list[Phase]:
+    """The phases of one G step, in order: d_steps D phases, then the G phase."""
+    return [dataclasses.replace(d_phase, index=i) for i in range(d_steps)] + [g_phase]
+
+
+@dataclass
+class WeightRegs:
+    """What the weight-only regularisers and the sigma0 clamp need (reg.*, parsed once)."""
+    reg: object  # the `reg` config
+    specs: RegSpecs  # reg.sigma_clamp / reg.sigma_target, parsed
+    modules: dict[str, list]  # net name -> its regularised weight layers
+    hist_avg: Optional[dict[str, HistoricalAverage]] = None  # net name -> historical average (reg.hist_avg)
+
+    def regularisers(self, name: str) -> tuple[Hook, ...]:
+        """Penalties that depend on the weights only: identical on every rank, so they are added after
+        the gradient all-reduce, once per optimiser step. In order: ortho, sigma0 penalty, hist. avg."""
+        reg, mods, out = self.reg, self.modules[name], []
+        if reg.ortho_beta > 0 and name in reg.ortho_nets:
+            out.append(functools.partial(spectral.ortho_grad_, mods, reg.ortho_beta, full=reg.ortho_full))
+        if reg.sigma_penalty > 0 and name in reg.sigma_penalty_nets:
+            out.append(functools.partial(_sigma_penalty, name, mods, reg.sigma_penalty, self.specs.sigma_target))
+        if self.hist_avg is not None:
+            out.append(functools.partial(_hist_avg, name, self.hist_avg[name]))
+        return tuple(out)
+
+    def post_step(self, name: str) -> tuple[Hook, ...]:
+        spec = self.specs.sigma_clamp
+        if spec is None or name not in self.reg.sigma_clamp_nets:
+            return ()
+        return (functools.partial(spectral.sigma0_clamp_, self.modules[name], spec.value, relative=spec.relative),)
+
+
+def _sigma_penalty(name: str, mods, weight: float, spec) -> None:
+    pen = weight * spectral.sigma0_penalty(mods, spec.value, relative=spec.relative)
+    pen.backward()
+    telemetry.report(f"loss/sigma_{name}", pen.detach())
+
+
+def _hist_avg(name: str, hist: HistoricalAverage) -> None:
+    telemetry.report(f"loss/hist_avg_{name}", hist.add_grad_())
+
+
+@dataclass
+class PhaseRunner:
+    """Runs one phase: micro-batches, gradient all-reduce, weight-only regularisers, the non-finite
+    check, the optimiser step, and the post-step weight operations."""
+    accumulate: int  # micro-batches per optimiser step
+    batch_size: int  # per process per micro-batch
+    accumulate_ctx: Callable[[], object]  # the accelerator's accumulate(G, D) context
+    latents: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # n -> (z, y_fake)
+    device: torch.device
+    world: int = 1
+    on_nonfinite: Callable[[str], None] = field(default=lambda name: None)  # a skipped update
+
+    def backward(self, scaler: Optional[torch.amp.GradScaler], loss: torch.Tensor) -> None:
+        loss = loss / self.accumulate
+        if scaler is not None:
+            loss = scaler.scale(loss)
+        loss.backward()
+
+    def sync_grads(self, net: torch.nn.Module) -> None:
+        """Average gradients over ranks: one all-reduce of a flat buffer."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(s)
+
+    def _micro_batches(self, phase: Phase, watch, batches, reg_index: int) -> torch.Tensor:
+        backward = functools.partial(self.backward, phase.scaler)
+        for net in phase.frozen:
+            net.requires_grad_(False)
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.accumulate):
+            real = y_real = None
+            if phase.reads_data:
+                watch.start("data")
+                real, y_real = batches()
+            watch.start(phase.name)
+            z, y_fake = self.latents(self.batch_size)
+            with self.accumulate_ctx():
+                loss_sum += phase.step(MicroBatch(real, y_real, z, y_fake, reg_index), backward)
+        for net in phase.frozen:
+            net.requires_grad_(True)
+        return loss_sum
+
+    def run(self, phase: Phase, watch, batches: Callable[[], tuple], reg_index: int) -> None:
+        """`batches()` -> (real, labels) on the device; `reg_index` numbers the phase over the run."""
+        loss_sum = self._micro_batches(phase, watch, batches, reg_index)
+        opt = phase.opt
+        if phase.scaler is not None:
+            phase.scaler.unscale_(opt)
+        self.sync_grads(phase.net)
+        watch.start("reg")
+        for regulariser in phase.regularisers:
+            regulariser()
+        gnorm = telemetry.grad_norm(phase.net.parameters())
+        telemetry.report(f"grad/{phase.name}_norm", gnorm)
+        # Host sync (one per phase): a non-finite loss or gradient skips the step.
+        if not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device))):
+            opt.zero_grad(set_to_none=True)
+            self.on_nonfinite(phase.name)
+            return
+        if phase.scaler is not None:
+            phase.scaler.step(opt)
+            phase.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for hook in phase.post_step:
+                hook()

@@ -1,0 +1,185 @@
+"""Rank 0's records in the run directory (docs/architecture.md, "Run directory"): metrics.jsonl (one
+line per tick, mirrored to TensorBoard), run.json (versions, hosts, status) and summary.json. Files
+are read and written through bench.rundir only.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from bench import rundir
+from bench.eval.sampling import class_grid, grid_classes, save_grid
+
+
+def git_sha() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def gather_hosts(world: int) -> list:
+    """Every rank's host name (Slurm's node name where there is one). A collective: every rank calls it."""
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    hosts = [host]
+    if world > 1:
+        hosts = [None] * world
+        torch.distributed.all_gather_object(hosts, host)
+    return hosts
+
+
+def versions() -> dict:
+    import accelerate
+    import hydra
+    import webdataset
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "hydra": hydra.__version__,
+            "webdataset": getattr(webdataset, "__version__", "?")}
+
+
+def run_facts(trainer) -> dict:
+    """What run.json says about a trainer's set-up (world size, device, batch, parameter counts)."""
+    import models
+
+    t = trainer.cfg.train
+    dev = trainer.device
+    return {"world_size": trainer.world,
+            "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+            "precision": t.precision, "channels_last": trainer.channels_last,
+            "batch_size": t.batch_size, "accumulate": t.accumulate, "effective_batch": trainer.eff_batch,
+            "shards": trainer.shards_spec, "n_classes": trainer.n_classes,
+            "G_params": models.param_count(trainer.G), "D_params": models.param_count(trainer.D),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def summary_of(trainer, status: str, checksums: list) -> dict:
+    """summary.json of a trainer's run as it ends (checksums: every rank's param_checksum)."""
+    row = trainer.last_row
+    summary = {
+        "status": status, "steps": trainer.step, "target_steps": trainer.cfg.train.steps,
+        "images_seen": trainer.images_seen, "kimg": trainer.images_seen / 1000.0,
+        "train_seconds": trainer.train_seconds,
+        "img_per_s": trainer.images_seen / trainer.train_seconds if trainer.train_seconds else None,
+        "effective_batch": trainer.eff_batch, "world_size": trainer.world,
+        "final": {k: v for k, v in row.items() if k.startswith(("loss/", "D/"))},
+        "best": trainer.best or {},
+        "collapse_step": trainer.collapse.collapse_step, "collapse_reason": trainer.collapse.reason,
+        "nonfinite_skipped": trainer.guard.total, "rollbacks": trainer.guard.rollbacks,
+        "data_skipped": trainer.data_skipped, "param_checksums": checksums, "run_dir": str(trainer.run_dir),
+    }
+    if trainer.diverged_message:
+        summary["error"] = trainer.diverged_message
+    return summary
+
+
+def save_samples(run_dir: Path, step: int, G_ema, fixed_z: torch.Tensor, class_names: list,
+                 n_classes: int) -> Path:
+    """samples/step-<step>.png and samples/latest.png: one row per class (evenly spaced ones when
+    there are many), one column per fixed latent."""
+    rows = grid_classes(n_classes)
+    imgs = class_grid(G_ema, fixed_z.to(next(G_ema.parameters()).device), rows)
+    labels = [class_names[r] if r < len(class_names) else str(r) for r in rows]
+    path = save_grid(imgs, Path(run_dir) / rundir.SAMPLES / f"step-{int(step):07d}.png", labels)
+    save_grid(imgs, Path(run_dir) / rundir.SAMPLES / "latest.png", labels)
+    return path
+
+
+class Records:
+    """metrics.jsonl, tb/, run.json and summary.json of a run; a no-op on ranks other than 0.
+    `facts` is what run.json says about the set-up (world size, device, batch, parameter counts)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, facts: Optional[dict] = None):
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.facts = dict(facts or {})
+        self.metrics_path = self.dir / rundir.METRICS
+        self.tb = None
+
+    def open(self, resume_step: int) -> None:
+        if not self.enabled:
+            return
+        for sub in (rundir.CHECKPOINTS, rundir.SAMPLES, rundir.TB):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.metrics_path.touch()
+        # Lines after the resumed step go, so a resumed run never duplicates a record.
+        rundir.truncate_jsonl_after(self.metrics_path, resume_step)
+        # a summary from before a resume no longer describes the run (a report would show it finished
+        # while it trains again); the run writes a new one when it ends
+        (self.dir / rundir.SUMMARY).unlink(missing_ok=True)
+        # evaluations made during training after the checkpoint are redone; `bench eval` records stay
+        rundir.truncate_jsonl_after(self.dir / rundir.EVALS, resume_step,
+                                    keep=lambda r: r.get("source") == rundir.SOURCE_BENCH_EVAL)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.dir / rundir.TB), purge_step=resume_step + 1 if resume_step else None)
+        except Exception as exc:  # tensorboard missing or broken: the JSONL records are the contract
+            print(f"warning: TensorBoard disabled ({exc})", file=sys.stderr)
+
+    def read_json(self, name: str) -> dict:
+        return rundir.read_json(self.dir / name) or {}
+
+    def write_json(self, name: str, obj: dict) -> None:
+        if self.enabled:
+            rundir.write_json(self.dir / name, obj)
+
+    def write_config(self, yaml_text: str) -> None:
+        if self.enabled:
+            rundir.atomic_write(self.dir / rundir.CONFIG, yaml_text)
+
+    def metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        rundir.append_jsonl(self.metrics_path, row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def training_evals(self) -> list:
+        """This run's evaluations made during training (not `bench eval`'s), oldest first."""
+        rows = rundir.read_jsonl(self.dir / rundir.EVALS).rows
+        return [r for r in rows if r.get("source") != rundir.SOURCE_BENCH_EVAL]
+
+    def run_info(self, status: str, hosts: list, extra: Optional[dict] = None) -> dict:
+        """run.json as it now stands: the previous content updated with the status and the set-up."""
+        info = self.read_json(rundir.RUN_JSON)
+        info.update({"status": status, "versions": versions(), "git_sha": git_sha(),
+                     "hosts": hosts, "num_nodes": len(set(hosts))})
+        info.update(self.facts)
+        info.setdefault("start_time", now())
+        info["updated_time"] = now()
+        if extra:
+            info.update(extra)
+        return info
+
+    def write_run(self, status: str, hosts: list, extra: Optional[dict] = None) -> None:
+        if self.enabled:
+            self.write_json(rundir.RUN_JSON, self.run_info(status, hosts, extra))
+
+    def start(self, resume_step: int, hosts: list) -> None:
+        """run.json at the start of a run (or a resumed one: its resume is listed)."""
+        resumes = self.read_json(rundir.RUN_JSON).get("resumes", [])
+        if resume_step:
+            resumes.append({"step": resume_step, "time": now()})
+        self.write_run(rundir.RUNNING, hosts, {"resumes": resumes})
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

@@ -1,0 +1,229 @@
+"""Training state on disk and its recovery (docs/architecture.md, "One training step").
+
+`Checkpoints`: save (rank 0 writes, the newest `keep` stay), the best checkpoint, load the newest
+that reads (a corrupt one is skipped). `NonfiniteGuard`: skipped updates, and when they persist, a
+rollback to the newest checkpoint, at most `max_rollbacks` times. Also the EMA update and the RNG
+state a checkpoint carries. File names and the atomic writer are bench.rundir's.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from bench import rundir
+
+
+class Diverged(RuntimeError):
+    """Non-finite steps persisted through every allowed rollback."""
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net for parameters; buffers are copied."""
+    ep, np_ = list(ema.parameters()), list(net.parameters())
+    if decay <= 0.0:
+        torch._foreach_copy_(ep, np_)
+    else:
+        torch._foreach_lerp_(ep, np_, 1.0 - decay)
+    for be, bn in zip(ema.buffers(), net.buffers()):
+        be.copy_(bn)
+
+
+def rng_state(zgen: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "zgen": zgen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict, zgen: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    zgen.set_state(rng["zgen"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def all_finite(*nets: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for net in nets for p in net.parameters())
+
+
+@dataclass
+class TrainingParts:
+    """What a checkpoint holds besides the trainer's progress counters. Each part saves and loads
+    itself; the keys are those of every checkpoint written so far."""
+    nets: dict  # "G", "D", "G_ema" -> module
+    opts: dict  # "G", "D" -> optimiser
+    scalers: Optional[dict]  # "G", "D" -> GradScaler (fp16 only)
+    zgen: torch.Generator  # latents and labels
+    collapse: object  # telemetry.CollapseDetector
+    hist_avg: Optional[dict]  # "G", "D" -> HistoricalAverage (reg.hist_avg only)
+    guard: "NonfiniteGuard"
+
+    def state_dict(self) -> dict:
+        return {**{k: net.state_dict() for k, net in self.nets.items()},
+                **{f"opt_{k}": opt.state_dict() for k, opt in self.opts.items()},
+                "scaler": {k: s.state_dict() for k, s in self.scalers.items()} if self.scalers else None,
+                "rng": rng_state(self.zgen), "collapse": self.collapse.state_dict(),
+                "hist_avg": {k: h.state_dict() for k, h in self.hist_avg.items()} if self.hist_avg else None,
+                **self.guard.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        for k, net in self.nets.items():
+            net.load_state_dict(s[k])
+        for k, opt in self.opts.items():
+            opt.load_state_dict(s[f"opt_{k}"])
+        if self.scalers and s.get("scaler"):
+            for k, sd in s["scaler"].items():
+                self.scalers[k].load_state_dict(sd)
+        set_rng_state(s["rng"], self.zgen)
+        if s.get("collapse"):
+            self.collapse.load_state_dict(s["collapse"])
+        if self.hist_avg and s.get("hist_avg"):
+            for k, h in self.hist_avg.items():
+                h.load_state_dict(s["hist_avg"][k])
+        self.guard.load_state_dict(s)
+
+
+class Checkpoints:
+    """<run>/checkpoints/: ckpt-<step>.pt (the newest `keep` kept) and best.pt. Rank 0 writes;
+    `barrier` (every rank calls it) keeps the ranks together after a save."""
+
+    def __init__(self, run_dir: Path, keep: int, is_main: bool, barrier: Callable[[], None] = lambda: None):
+        self.dir = Path(run_dir) / rundir.CHECKPOINTS
+        self.keep = keep
+        self.is_main = is_main
+        self.barrier = barrier
+
+    def save(self, step: int, state: Callable[[], dict]) -> Optional[Path]:
+        """Write `state()` as the checkpoint of `step`, then drop all but the newest `keep`."""
+        path = None
+        if self.is_main:
+            path = self.dir / rundir.ckpt_name(step)
+            obj = state()
+            rundir.atomic_write(path, write=lambda f: torch.save(obj, f))
+            for _, old in rundir.list_checkpoints(self.dir)[: -self.keep]:
+                old.unlink(missing_ok=True)
+        self.barrier()
+        return path
+
+    def keep_if_best(self, step: int, evals: list, eval_cfg, state: Callable[[], dict]) -> Optional[dict]:
+        """After the evaluation of `step`: when it is the run's best by THE rule (rundir.best_eval over
+        the run's training evaluations `evals`, by eval.best_metric and eval.extractor), write
+        checkpoints/best.pt and return {metric, value, step, extractor}; otherwise None."""
+        best = rundir.best_eval(None, evals, eval_cfg.best_metric, eval_cfg.extractor)
+        if best is None or best["step"] != step:
+            return None
+        obj = state()
+        rundir.atomic_write(self.dir / rundir.BEST_CKPT, write=lambda f: torch.save(obj, f))
+        return {k: best[k] for k in ("metric", "value", "step", "extractor")}
+
+    def load_newest(self) -> tuple[Optional[dict], Optional[Path]]:
+        """The newest checkpoint that loads; a corrupt one is reported and skipped."""
+        for _, path in reversed(rundir.list_checkpoints(self.dir)):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False), path
+            except Exception as exc:  # truncated or corrupt file: fall back to the previous one
+                print(f"warning: checkpoint {path} is unreadable ({exc.__class__.__name__}); trying an older one",
+                      file=sys.stderr)
+        return None, None
+
+    def for_rollback(self) -> tuple[dict, Path]:
+        state, path = self.load_newest()
+        if state is None:
+            raise Diverged("training diverged before the first checkpoint (non-finite steps); nothing to roll "
+                           "back to: lower the learning rates or set train.ckpt_every lower")
+        return state, path
+
+
+class StopRequest:
+    """Whether the run stops before train.steps, and why. SIGTERM (preemption, scancel, scontrol
+    requeue), SIGUSR1, and SIGUSR2 (Slurm's warning before the time limit) make the run checkpoint at
+    the end of the current step and stop; after SIGUSR2 the job also requeues itself. The collapse
+    detector stops it too, with telemetry.stop_on_collapse."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.requested = False
+        self.signal: Optional[int] = None
+        self.on_collapse = False
+        self._old_handlers: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal = signum
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def restore(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def collapse(self) -> None:
+        self.requested = self.on_collapse = True
+
+    def agree(self, world: int, device: torch.device) -> None:
+        """Every rank must stop at the same step: agree on the flag (a collective; call it on every rank)."""
+        if world > 1:
+            flag = torch.tensor([float(self.requested)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+
+
+class NonfiniteGuard:
+    """Counts updates skipped for a non-finite loss or gradient. `rollback_after` G steps in a row
+    with a skipped update ask for a rollback (0 = never); more than `max_rollbacks` is Diverged."""
+
+    def __init__(self, rollback_after: int, max_rollbacks: int):
+        self.rollback_after, self.max_rollbacks = rollback_after, max_rollbacks
+        self.total = 0  # updates skipped over the run
+        self.first_step: Optional[int] = None  # the step of the first one: a diverged run's collapse step
+        self.rollbacks = 0
+        self.consecutive = 0  # G steps in a row with a skipped update
+        self.step_had_nonfinite = False
+
+    def skipped(self, step: int) -> None:
+        """An update of G step `step` (1-based) was skipped."""
+        self.total += 1
+        self.step_had_nonfinite = True
+        if self.first_step is None:
+            self.first_step = step
+
+    def end_of_step(self) -> bool:
+        """Called after every G step: True when it is time to roll back."""
+        if not self.step_had_nonfinite:
+            self.consecutive = 0
+            return False
+        self.step_had_nonfinite = False
+        self.consecutive += 1
+        return bool(self.rollback_after) and self.consecutive >= self.rollback_after
+
+    def start_rollback(self) -> int:
+        """Count a rollback; raises Diverged past max_rollbacks. Returns the rollback's number."""
+        self.rollbacks += 1
+        self.consecutive = 0
+        if self.rollbacks > self.max_rollbacks:
+            raise Diverged(f"training diverged: non-finite steps persisted after {self.max_rollbacks} "
+                           "rollbacks (train.max_rollbacks); lower the learning rates or add regularisation")
+        return self.rollbacks
+
+    def state_dict(self) -> dict:
+        return {"nonfinite_total": self.total, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.total = int(s.get("nonfinite_total", 0))
+        self.rollbacks = int(s.get("rollbacks", 0))

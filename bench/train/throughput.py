@@ -1,0 +1,138 @@
+"""`bench throughput`: burn-in, then timed steps of the real training step; img/s, the step-time split,
+TFLOP/s, MFU and memory as JSON (docs/architecture.md, "The rooms"). `-m key=a,b,c` runs one
+measurement per combination. Nothing is written to a run directory: no records, no checkpoints.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import device as bdevice
+from bench import rundir
+from bench.config import compose, validate
+from bench.sweep import is_sweep_value
+from bench.train.telemetry import TIMED_SECTIONS, Collector, Stopwatch
+from bench.train.trainer import Batches, Trainer
+
+
+def cmd_throughput(args: list[str]) -> int:
+    args = [a for a in args if a not in ("-m", "--multirun")]
+    swept = [(a.split("=", 1)[0], a.split("=", 1)[1].split(",")) for a in args if is_sweep_value(a.split("=", 1)[-1])]
+    fixed = [a for a in args if not is_sweep_value(a.split("=", 1)[-1])]
+    results = []
+    combos = list(itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in swept])) if swept else [()]
+    for i, combo in enumerate(combos):
+        overrides = fixed + list(combo)
+        if swept:  # one profile folder per measurement
+            overrides = [f"{a}/{i}" if a.startswith("throughput.profile=") and a.split("=", 1)[1] not in ("", "null")
+                         else a for a in overrides]
+        # The trainer writes nothing here: benchmark() keeps no records and no checkpoints.
+        results.append(_throughput_one(overrides, str(Path(tempfile.gettempdir()) / "gan-bench-throughput")))
+    print(json.dumps(results if swept else results[0], indent=2))
+    return 0
+
+
+def fake_batches(trainer: Trainer) -> Batches:
+    """A batch source of one fixed random batch already on the device (no data reading, no decode)."""
+    t, res, device = trainer.cfg.train, trainer.cfg.data.resolution, trainer.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    real = torch.rand(t.batch_size, 3, res, res, device=device, generator=gen).mul_(2).sub_(1)
+    real = real.to(memory_format=trainer.fmt)
+    labels = torch.randint(0, trainer.n_data_classes, (t.batch_size,), device=device, generator=gen)
+    return lambda: (real, labels)
+
+
+def benchmark(trainer: Trainer, warmup: int, steps: int, fake_data: bool = True) -> dict:
+    """Burn in, then time `steps` G steps of the trainer's real training step, fed by fake_batches or
+    the shard stream (no records, no checkpoints)."""
+    device = trainer.device
+    watch = Stopwatch(device)
+    if fake_data:
+        batches = fake_batches(trainer)
+    else:
+        trainer.restart_data()
+        batches = trainer.next_batch
+    collector = Collector(device)
+    with collector:
+        for _ in range(warmup):
+            trainer.train_step(watch, batches)
+        collector.tick()
+        watch.take()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(watch, batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        times = watch.take()
+        collector.tick()
+    trainer.close_data()
+    return {"steps": steps, "seconds": elapsed, "img_per_s": steps * trainer.eff_batch / elapsed,
+            "step_ms": 1000 * elapsed / steps,
+            **{f"{k}_ms": 1000 * times.get(k, 0.0) / steps for k in TIMED_SECTIONS},
+            "peak_mem_gb": bdevice.peak_memory_gb(device)}
+
+
+def _throughput_one(overrides: list[str], scratch: str) -> dict:
+    cfg = validate(compose(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    trainer = Trainer(cfg, Path(scratch), quiet=True)
+    t = cfg.train
+    flop_per_step = trainer.flop_per_step()
+    fake = cfg.throughput.data == "fake"
+    windows = [benchmark(trainer, cfg.throughput.warmup if i == 0 else 0, cfg.throughput.steps, fake_data=fake)
+               for i in range(cfg.throughput.repeats)]
+    r = sorted(windows, key=lambda w: w["img_per_s"])[len(windows) // 2]  # the median window
+    r["img_per_s_windows"] = [round(w["img_per_s"], 3) for w in windows]
+    if cfg.throughput.profile:
+        r["profile"] = _profile_window(trainer, cfg, Path(cfg.throughput.profile), fake)
+    peak, source = bdevice.peak_tflops(trainer.device, t.precision, remeasure=True)
+    tflops = flop_per_step * r["steps"] / r["seconds"] / 1e12  # per process
+    out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,
+           "batch_size": t.batch_size, "accumulate": t.accumulate, "d_steps": t.d_steps, "precision": t.precision,
+           "channels_last": trainer.channels_last, "device": str(trainer.device), "data": cfg.throughput.data,
+           **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
+           "GFLOP_per_step": flop_per_step / 1e9, "tflops": tflops, "peak_tflops": peak, "peak_source": source,
+           "mfu": tflops / peak if peak == peak else None}
+    split = " ".join(f"{k[:-3]} {out[k]:.0f}" for k in (f"{s}_ms" for s in TIMED_SECTIONS))
+    print(f"{cfg.model.family} {cfg.data.resolution}px batch {t.batch_size} {t.precision}"
+          f"{' channels_last' if trainer.channels_last else ''}: {out['img_per_s']:.1f} img/s | "
+          f"{out['step_ms']:.0f} ms/step ({split}) | {tflops:.3f} TFLOP/s = {100 * (out['mfu'] or 0):.1f}% of "
+          f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB", file=sys.stderr, flush=True)
+    return out
+
+
+def _profile_window(trainer: Trainer, cfg, out_dir: Path, fake: bool) -> dict:
+    """One extra window of `throughput.steps` steps under torch.profiler, after the timed windows (the
+    profiler's overhead never reaches the reported img/s). Writes ops.txt (self time by op, then by op and
+    input shape) and trace.json (chrome://tracing, Perfetto) and prints the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        benchmark(trainer, 0, cfg.throughput.steps, fake_data=fake)
+    sort = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    by_op = prof.key_averages()
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    rundir.atomic_write(out_dir / "ops.txt",
+                        f"# {cfg.throughput.steps} steps, self time by op\n{by_op.table(sort_by=sort, row_limit=40)}\n"
+                        f"# by op and input shapes\n{by_shape.table(sort_by=sort, row_limit=40)}\n")
+    prof.export_chrome_trace(str(out_dir / "trace.json"))
+    share = {e.key: getattr(e, sort) for e in by_op}
+    total = sum(share.values()) or 1.0
+    conv = sum(v for k, v in share.items() if "convolution" in k) / total
+    top = {k: v / total for k, v in sorted(share.items(), key=lambda kv: kv[1], reverse=True)[:10]}
+    print(f"profile ({cfg.throughput.steps} steps) -> {out_dir}/ops.txt, trace.json; convolutions "
+          f"{100 * conv:.0f}% of self time; top ops: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in top.items()),
+          file=sys.stderr, flush=True)
+    return {"dir": str(out_dir), "conv_share": conv, "top_ops": top}

@@ -1,0 +1,482 @@
+"""The trainer (docs/architecture.md, "One training step"): set-up, then a short `run()` that hands each concern
+to its part: the phases of a G step to phases.PhaseRunner, checkpoints and rollbacks to state, records
+to records, per-tick numbers to telemetry, evaluation to bench.eval. Only rank 0 writes records.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import models
+from bench import device as bdevice
+from bench import rundir
+from bench.config import ConfigError, effective_batch, reg_specs
+from bench.data.loader import LoaderSettings, ShardLoader
+from bench.data.shards import configured_shards, resolve_shards
+from bench.train import telemetry
+from bench.train.objectives import GANObjective, HistoricalAverage, make_optimizer
+from bench.train.phases import Phase, PhaseRunner, WeightRegs, plan
+from bench.train.records import Records, gather_hosts, now, run_facts, save_samples, summary_of
+from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopRequest, TrainingParts, all_finite,
+                               ema_update)
+from bench.train.telemetry import CollapseDetector, Collector, Mfu, Stopwatch, TickClock
+from models import spectral
+
+Batches = Callable[[], tuple]  # () -> (real images, labels) on the device
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, accelerator=None, quiet: bool = False):
+        self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        self._setup_processes(accelerator)
+        t = cfg.train
+        bdevice.configure_process(self.device, t.deterministic)
+        bdevice.seed_all(t.seed)  # identical model init on every rank
+        self._setup_data()
+        self._setup_models()
+        self._setup_training()
+        self.records = Records(self.run_dir, self.is_main, run_facts(self))
+        self.checkpoints = Checkpoints(self.run_dir, t.ckpt_keep, self.is_main, self.acc.wait_for_everyone)
+        self._flops: Optional[float] = None  # FLOP per optimiser step, counted once (flop_per_step)
+        self.mfu = Mfu(self.device, t.precision, self.flop_per_step if cfg.telemetry.mfu else None)
+        # progress, and what a checkpoint restores
+        self.step, self.images_seen, self.train_seconds, self.data_skipped = 0, 0, 0.0, 0
+        self.best: Optional[dict] = None  # {"metric", "value", "step", "extractor"} of the best evaluation
+        # the data stream (restart_data)
+        self.loader: Optional[ShardLoader] = None
+        self.data_iter = None
+        self._skipped_base = 0
+        # how the run ends
+        self.stop = StopRequest()
+        self.diverged_message: Optional[str] = None
+        self.last_row: dict = {}
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def _setup_processes(self, accelerator) -> None:
+        from accelerate import Accelerator
+
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                              gradient_accumulation_steps=self.cfg.train.accumulate)
+        self.device = self.acc.device
+        self.world = self.acc.num_processes
+        self.rank = self.acc.process_index
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world != env_world:
+            raise RuntimeError(f"accelerate sees {self.world} processes but WORLD_SIZE={env_world}; "
+                               "build the Accelerator after exporting the distributed environment")
+        self.is_main = self.acc.is_main_process
+        self.eff_batch = effective_batch(self.cfg.train, self.world)
+
+    def _setup_data(self) -> None:
+        """The built-in dataset is written on first use (rank 0 writes, the others wait)."""
+        cfg = self.cfg
+        if not cfg.data.shards:
+            if self.is_main:
+                configured_shards(cfg.data)
+            self.acc.wait_for_everyone()
+        self.shards_spec = configured_shards(cfg.data)
+        self.shards, manifest = resolve_shards(self.shards_spec)
+        class_names = list(manifest["class_names"]) if manifest else None
+        n_data_classes = len(class_names) if class_names else None
+        n_classes = cfg.model.n_classes or n_data_classes
+        if n_classes is None:
+            raise ConfigError(f"data.shards={self.shards_spec!r} has no manifest.json with class names; "
+                              "set model.n_classes")
+        if n_data_classes and n_classes < n_data_classes:
+            raise ConfigError(f"model.n_classes={n_classes} is below the dataset's {n_data_classes} classes")
+        self.n_classes = n_classes
+        self.class_names = class_names or [str(i) for i in range(n_classes)]
+        self.n_data_classes = n_data_classes or n_classes
+
+    def _setup_models(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        G, D = models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution, self.n_classes)
+        self.channels_last = bdevice.channels_last(t.channels_last, t.precision, self.device)
+        self.fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.G = G.to(self.device, memory_format=self.fmt)
+        self.D = D.to(self.device, memory_format=self.fmt)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.nets = {"G": self.G, "D": self.D}
+        self.autocast = bdevice.autocast(t.precision, self.device)
+
+    def _setup_training(self) -> None:
+        """Optimisers, the objective, the phases, latent RNG, and the stability machinery."""
+        cfg, t, reg = self.cfg, self.cfg.train, self.cfg.reg
+        self.opt = {"G": make_optimizer(t, self.G.parameters(), t.g_lr),
+                    "D": make_optimizer(t, self.D.parameters(), t.d_lr)}
+        self.scaler = {k: torch.amp.GradScaler("cuda") for k in self.nets} if t.precision == "fp16" else None
+        # RNG for latents and labels (per rank), and a fixed latent set for sample grids.
+        self.zgen = torch.Generator(device=self.device)
+        self.zgen.manual_seed(t.seed * 1000 + self.rank + 1)
+        self.fixed_z = torch.randn(t.sample_cols, self.G.z_dim, generator=torch.Generator().manual_seed(12345))
+        self.objective = GANObjective(cfg, self.G, self.D, autocast=self.autocast, gen=self.zgen)
+        # Weight-only regularisers and the sigma0 clamp (the shared class embedding is excluded).
+        shared = getattr(self.G, "shared", None)
+        mods = {"G": [m for _, m in spectral.weight_modules(self.G, exclude=[shared] if shared is not None else [])],
+                "D": [m for _, m in spectral.weight_modules(self.D)]}
+        self.specs = reg_specs(reg)
+        self.hist_avg = ({k: HistoricalAverage(n.parameters(), reg.hist_avg) for k, n in self.nets.items()}
+                         if reg.hist_avg > 0 else None)
+        self.weight_regs = WeightRegs(reg, self.specs, mods, self.hist_avg)
+        self.phases = self._build_phases()
+        self.runner = PhaseRunner(accumulate=t.accumulate, batch_size=t.batch_size,
+                                  accumulate_ctx=lambda: self.acc.accumulate(self.G, self.D),
+                                  latents=self._latents, device=self.device, world=self.world,
+                                  on_nonfinite=self._nonfinite_step)
+        self.guard = NonfiniteGuard(t.nonfinite_rollback, t.max_rollbacks)
+        tc = cfg.telemetry
+        loss_gap = math.inf if self.objective.loss.gap_unbounded else tc.collapse_loss_gap
+        self.collapse = CollapseDetector(tc.collapse_sigma_factor, tc.collapse_window, loss_gap,
+                                         tc.collapse_fid_factor, tc.collapse_warmup)
+        self.parts = TrainingParts({"G": self.G, "D": self.D, "G_ema": self.G_ema}, self.opt, self.scaler,
+                                   self.zgen, self.collapse, self.hist_avg, self.guard)
+
+    def _build_phases(self) -> list[Phase]:
+        wr, scaler = self.weight_regs, self.scaler or {}
+        d = Phase("D", self.D, self.opt["D"], scaler.get("D"), self.objective.d_phase, reads_data=True,
+                  regularisers=wr.regularisers("D"),
+                  post_step=tuple(self.objective.after_d_step()) + wr.post_step("D"))
+        g = Phase("G", self.G, self.opt["G"], scaler.get("G"), self.objective.g_phase, reads_data=False,
+                  frozen=(self.D,),  # D is frozen during the G step
+                  regularisers=wr.regularisers("G"), post_step=wr.post_step("G"))
+        return plan(d, g, self.cfg.train.d_steps)
+
+    # ---- data and latents -----------------------------------------------------------------------------
+    def restart_data(self) -> None:
+        """(Re)start the data stream, seeded by (seed, step): an uninterrupted run and a resumed one
+        see the same batches after every checkpoint."""
+        cfg = self.cfg
+        self.close_data()
+        settings = LoaderSettings(rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
+                                  shuffle_buffer=cfg.data.shuffle_buffer,
+                                  seed=cfg.train.seed * 1_000_003 + self.step, resampled=True)
+        self.loader = ShardLoader(self.shards, cfg.train.batch_size, cfg.data.resolution, settings)
+        self._skipped_base = self.data_skipped
+        self.data_iter = iter(self.loader)
+
+    def close_data(self) -> None:
+        self.data_iter = None
+        if self.loader is not None:
+            self.loader.close()  # stop the decode workers now, not at garbage collection
+        self.loader = None
+
+    def next_batch(self):
+        """The training batch source: the next batch of the shard stream, on the device."""
+        x, y = next(self.data_iter)
+        self.data_skipped = self._skipped_base + self.loader.skipped
+        return x.to(self.device, memory_format=self.fmt, non_blocking=True), y.to(self.device)
+
+    def _latents(self, n: int):
+        z = torch.randn(n, self.G.z_dim, device=self.device, generator=self.zgen)
+        y = torch.randint(0, self.n_data_classes, (n,), device=self.device, generator=self.zgen)
+        return z, y
+
+    # ---- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Resume, train to train.steps (or a stop request), and write the summary."""
+        start_step = self.maybe_resume()
+        if start_step >= self.cfg.train.steps:
+            return self._already_complete(start_step)
+        self._start_records(start_step)
+        self.stop.install()
+        status = rundir.FAILED
+        try:
+            self._loop()
+            status = self._end_status()
+        except Diverged as exc:
+            status = self._diverged(exc)
+        except KeyboardInterrupt:
+            status = rundir.INTERRUPTED
+            raise
+        finally:
+            self.stop.restore()
+            self.close_data()
+            summary = self._finish(status)
+        if status == rundir.INTERRUPTED and self.stop.signal == signal.SIGUSR2 and self.is_main:
+            from bench import launch
+
+            launch.requeue_self(int(self.cfg.cluster.max_requeue))
+        return summary
+
+    def _loop(self) -> None:
+        t = self.cfg.train
+        watch = Stopwatch(self.device)
+        collector = Collector(self.device, self._all_reduce if self.world > 1 else None)
+        if self.is_main:
+            self.mfu.budget()  # FLOP count and device peak for perf/mfu, outside the timed ticks
+        self.restart_data()
+        clock = TickClock(self.train_seconds)
+        self._announce()
+        with collector:
+            while self.step < t.steps and not self.stop.requested:
+                self.train_step(watch, self.next_batch)
+                clock.steps += 1
+                self.stop.agree(self.world, self.device)
+                interrupted = self.stop.requested
+                last = self.step >= t.steps or interrupted
+                # A tick line is written at tick boundaries and at the final step, not when a signal cuts a
+                # tick short: a resumed run then has exactly the lines of an uninterrupted one.
+                if self.step % t.tick_every == 0 or self.step >= t.steps:  # ticks stay on multiples of tick_every
+                    self._tick(collector, watch.take(), clock)
+                    last = last or self.stop.requested  # stop_on_collapse
+                # Checkpoints, sample grids and evaluations are not training: their time is kept out of
+                # the tick's img/s and step-time split (it still counts in summary.json's wall time).
+                watch.stop()
+                aside_t0 = time.perf_counter()
+                self._between_steps(clock, last, interrupted)
+                clock.set_aside(time.perf_counter() - aside_t0)
+            self.train_seconds = clock.wall()
+
+    def train_step(self, watch: Stopwatch, batches: Batches) -> None:
+        """One G step: the D phases and the G phase, the EMA update, and the sigma telemetry."""
+        cfg, t = self.cfg, self.cfg.train
+        for phase in self.phases:
+            self.runner.run(phase, watch, batches, self.step * t.d_steps + phase.index)
+        if self.guard.end_of_step():
+            self._rollback()
+        watch.start("reg")
+        decay = cfg.ema.decay if self.step >= cfg.ema.start else 0.0
+        ema_update(self.G_ema, self.G, decay)
+        self.step += 1
+        self.images_seen += self.eff_batch
+        if cfg.telemetry.sigma_every and self.step % cfg.telemetry.sigma_every == 0:
+            watch.start("telemetry")
+            for name, net in self.nets.items():
+                telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
+        watch.stop()
+
+    def _between_steps(self, clock: TickClock, last: bool, interrupted: bool) -> None:
+        """Checkpoint, sample grid and evaluation when they are due."""
+        t, ev = self.cfg.train, self.cfg.eval
+        if (t.ckpt_every and self.step % t.ckpt_every == 0) or last:
+            self.train_seconds = clock.wall()
+            self.save_checkpoint()
+            if not last:
+                self.restart_data()  # keeps resumed runs on the same data stream
+        if (t.sample_every and self.step % t.sample_every == 0) or last:
+            self.save_samples()
+        if (ev.every and self.step % ev.every == 0) or (last and not interrupted and (ev.every or ev.final)):
+            self.run_eval()
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(x)
+        return x
+
+    def _announce(self) -> None:
+        if self.is_main and not self.quiet:
+            cfg, t = self.cfg, self.cfg.train
+            print(f"training {cfg.model.family} at {cfg.data.resolution}x{cfg.data.resolution} on "
+                  f"{self.shards_spec} | {self.world} process(es) x batch {t.batch_size} x accumulate "
+                  f"{t.accumulate} = {self.eff_batch} | {t.precision}{' channels_last' if self.channels_last else ''}"
+                  f" | run dir {self.run_dir}", flush=True)
+
+    # ---- ticks --------------------------------------------------------------------------------------
+    def _tick(self, collector: Collector, times: dict, clock: TickClock) -> None:
+        t = self.cfg.train
+        tick_s, steps, wall_s = clock.lap()
+        stats = collector.tick()  # one all-reduce across ranks
+        row = {"step": self.step, "kimg": self.images_seen / 1000.0, "time/wall_s": wall_s,
+               "throughput/img_per_s": steps * self.eff_batch / tick_s, "time/step_ms": 1000.0 * tick_s / steps}
+        for name in telemetry.TIMED_SECTIONS:
+            row[f"time/{name}_ms"] = 1000.0 * times.get(name, 0.0) / steps
+        row["mem/peak_gb"] = bdevice.peak_memory_gb(self.device)
+        if self.is_main:
+            clock.set_aside(self.mfu.add_to(row, steps, tick_s))  # a peak re-measurement is not training
+        row.update({"batch/effective": self.eff_batch, "batch/per_device": t.batch_size,
+                    "dist/world_size": self.world, "data/skipped_total": self.data_skipped})
+        row.update(stats)
+        row["stability/nonfinite_total"] = self.guard.total
+        reason = self.collapse.update(row)
+        row["stability/collapse"] = 1.0 if reason else 0.0
+        if reason and self.is_main and not self.quiet:
+            print(f"collapse detected at step {self.step}: {reason}", flush=True)
+        if self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse:
+            self.stop.collapse()
+        self.last_row = row
+        self.records.metrics(row)
+        if self.is_main and not self.quiet:
+            eta = (t.steps - self.step) * tick_s / steps
+            losses = " ".join(f"{k.split('/')[1]} {row[k]:.3f}" for k in ("loss/D", "loss/G", "loss/R1", "loss/GP")
+                              if k in row)
+            print(f"step {self.step:>6d}/{t.steps} | {row['throughput/img_per_s']:7.1f} img/s | "
+                  f"{row['time/step_ms']:7.1f} ms/step | {losses} | ETA {telemetry.format_eta(eta)}", flush=True)
+
+    def flop_per_step(self) -> float:
+        """FLOP of one optimiser step of this process ((D step x d_steps + G step) x batch x accumulate),
+        counted once with torch.utils.flop_counter on copies of G and D (`bench throughput` uses it too)."""
+        if self._flops is None:
+            t = self.cfg.train
+            f = telemetry.step_flops(copy.deepcopy(self.G), copy.deepcopy(self.D), batch=2,
+                                     n_classes=self.n_data_classes, device=self.device)
+            self._flops = (f["D_step"] * t.d_steps + f["G_step"]) * t.batch_size * t.accumulate
+        return self._flops
+
+    # ---- non-finite steps ---------------------------------------------------------------------------
+    def _nonfinite_step(self, name: str) -> None:
+        self.guard.skipped(self.step + 1)
+        if self.is_main and not self.quiet:
+            print(f"warning: non-finite loss or gradient in the {name} step at step {self.step + 1}; "
+                  "its update was skipped", file=sys.stderr, flush=True)
+
+    def _rollback(self) -> None:
+        """Reload nets, EMA and optimisers from the newest complete checkpoint, keep counting forward
+        (no record is rewritten), and take a different random path."""
+        n = self.guard.start_rollback()
+        state, path = self.checkpoints.for_rollback()
+        keep = (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.guard.state_dict(),
+                self.best, self.collapse.collapse_step, self.collapse.reason)
+        self.load_state_dict(state)
+        # the counters and a collapse already flagged stay: the rollback recovers, it does not undo history
+        (self.step, self.images_seen, self.train_seconds, self.data_skipped, guard,
+         self.best, self.collapse.collapse_step, self.collapse.reason) = keep
+        self.guard.load_state_dict(guard)
+        t = self.cfg.train
+        self.zgen.manual_seed(t.seed * 1000 + self.rank + 1 + 7919 * n)
+        telemetry.report("stability/rollbacks", float(n))
+        if self.is_main and not self.quiet:
+            print(f"warning: rolled back to {path} after {t.nonfinite_rollback} non-finite steps "
+                  f"(rollback {n}/{t.max_rollbacks})", file=sys.stderr, flush=True)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
+                "data_skipped": self.data_skipped, **self.parts.state_dict(),
+                "config": OmegaConf.to_container(self.cfg, resolve=True), "best": self.best}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.parts.load_state_dict(s)
+        self.step = int(s["step"])
+        self.images_seen = int(s["images_seen"])
+        self.train_seconds = float(s["train_seconds"])
+        self.data_skipped = int(s.get("data_skipped", 0))
+        self.best = s.get("best")
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if not all_finite(self.G, self.D):
+            print(f"warning: weights are non-finite at step {self.step}; checkpoint not written (the last good "
+                  "one is kept for rollback)", file=sys.stderr, flush=True)
+            return None
+        return self.checkpoints.save(self.step, self.state_dict)
+
+    def maybe_resume(self) -> int:
+        state, path = self.checkpoints.load_newest()
+        if state is None:
+            return 0
+        self.load_state_dict(state)
+        if not self.quiet and self.is_main:
+            print(f"resuming from {path} at step {self.step}", flush=True)
+        return self.step
+
+    # ---- evaluation and samples ---------------------------------------------------------------------
+    def run_eval(self) -> Optional[dict]:
+        """Rank 0 evaluates the EMA G, appends to evals.jsonl, keeps checkpoints/best.pt for
+        eval.best_metric (rundir.best_eval decides), and feeds FID to the collapse detector; the
+        other ranks wait."""
+        from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator
+
+        rec = None
+        if self.is_main:
+            t0 = time.perf_counter()
+            metrics = evaluate_generator(self.G_ema, EvalSettings.from_cfg(self.cfg), shards_spec=self.shards_spec,
+                                         n_classes=self.n_data_classes, device=self.device, progress=not self.quiet)
+            rec = append_eval(self.run_dir, self.step, metrics)
+            self.best = self.checkpoints.keep_if_best(self.step, self.records.training_evals(), self.cfg.eval,
+                                                      self.state_dict) or self.best
+            if "eval/FID" in metrics:
+                reason = self.collapse.update_fid(self.step, metrics["eval/FID"])
+                if reason and not self.quiet:
+                    print(f"collapse detected at step {self.step}: {reason}", flush=True)
+            if not self.quiet:
+                shown = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items()
+                                 if k.startswith("eval/") and isinstance(v, float))
+                print(f"eval at step {self.step} ({metrics.get('extractor')}, {metrics.get('num_samples')} samples, "
+                      f"{time.perf_counter() - t0:.0f} s): {shown}", flush=True)
+        self.acc.wait_for_everyone()
+        return rec
+
+    def save_samples(self) -> Optional[Path]:
+        if not self.is_main:
+            return None
+        return save_samples(self.run_dir, self.step, self.G_ema, self.fixed_z, self.class_names,
+                            self.n_data_classes)
+
+    # ---- records ------------------------------------------------------------------------------------
+    def _start_records(self, start_step: int) -> None:
+        self.records.open(start_step)
+        self.records.write_config(OmegaConf.to_yaml(self.cfg))
+        self.records.start(start_step, gather_hosts(self.world))  # every rank joins the host gather
+
+    def _already_complete(self, start_step: int) -> dict:
+        if self.is_main and not self.quiet:
+            print(f"run {self.run_dir} is already complete at step {start_step} (train.steps="
+                  f"{self.cfg.train.steps}); nothing to do. Raise train.steps to continue it.", flush=True)
+        return self.records.read_json(rundir.SUMMARY)
+
+    def _end_status(self) -> str:
+        if self.stop.on_collapse:
+            return rundir.COLLAPSED
+        return rundir.INTERRUPTED if self.stop.requested else rundir.COMPLETED
+
+    def _diverged(self, exc: Diverged) -> str:
+        self.diverged_message = str(exc)
+        # A run that diverged has collapsed, whether or not a telemetry signal fired first.
+        self.collapse.flag(self.guard.first_step or self.step,
+                           f"non-finite: training diverged ({self.guard.total} skipped updates)")
+        return rundir.DIVERGED
+
+    def param_checksum(self) -> str:
+        """A digest of every G and D parameter's bytes: equal on every rank when training is in sync."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for net in (self.G, self.D):
+            for p in net.parameters():
+                h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _finish(self, status: str) -> dict:
+        t = self.cfg.train
+        checksums = [self.param_checksum()]
+        if self.world > 1:
+            checksums = [None] * self.world
+            torch.distributed.all_gather_object(checksums, self.param_checksum())
+        summary = summary_of(self, status, checksums)
+        hosts = gather_hosts(self.world)  # every rank joins
+        self.records.write_json(rundir.SUMMARY, summary)
+        self.records.write_run(status, hosts, {"end_time": now()})
+        self.records.close()
+        return summary
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    rows = [
+        ("status", summary.get("status")),
+        ("steps", f"{summary.get('steps')}/{summary.get('target_steps')}"),
+        ("images seen", summary.get("images_seen")),
+        ("throughput", f"{summary['img_per_s']:.1f} img/s" if summary.get("img_per_s") else "-"),
+        ("train time", telemetry.format_eta(summary.get("train_seconds") or 0)),
+        ("effective batch", summary.get("effective_batch")),
+    ]
+    rows += [(k, f"{v:.4f}") for k, v in summary.get("final", {}).items()]
+    if summary.get("data_skipped"):
+        rows.append(("corrupt samples skipped", summary["data_skipped"]))
+    w = max(len(k) for k, _ in rows)
+    print("\n" + "-" * (w + 24))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    print("-" * (w + 24))
+    print(f"run directory : {run_dir}")
+    for name, what in ((rundir.CONFIG, "resolved config"), (rundir.METRICS, "one line per tick"),
+                       (rundir.SUMMARY, "final summary"), ("samples/latest.png", "EMA samples, one row per class"),
+                       ("checkpoints/", "resumable state"),
+                       ("tb/", "TensorBoard: tensorboard --logdir " + str(run_dir / rundir.TB))):
+        print(f"  {name:<20} {what}")
