@@ -20,7 +20,7 @@ commands:
   inspect [overrides]               parameter counts and GFLOP per image of a D step and a G step (JSON)
   throughput [overrides]            img/s, step-time split, TFLOP/s, MFU, memory (JSON); -m sweeps
   eval train-classifier [data.shards=DIR]   train the offline domain feature extractor beside the shards
-  eval run=DIR [which=best|last] [eval.*]   IS / FID / KID / precision-recall of a run's EMA generator
+  eval run=DIR [which=best|last|STEP] [data.shards=DIR] [eval.*]   IS / FID / KID / precision-recall of a run's EMA generator
   truncation run=DIR psi=[...] [eval.*]     truncation trade-off: metrics per psi, CSV + PNG plots
   report DIR [out=DIR]              Markdown/CSV tables and PNG plots for a run or a sweep directory
 
@@ -36,19 +36,27 @@ class UsageError(ValueError):
     pass
 
 
-def _user_errors() -> tuple[type, ...]:
-    from bench.config import ConfigError
-    from bench.data.shards import DataError
-    from bench.eval.errors import EvalError
-    from models import ModelConfigError
+# The user-error classes by module: a raised one's module is loaded, so bad input never imports torch.
+USER_ERRORS = (("bench.config", "ConfigError"), ("bench.data.format", "DataError"),
+               ("models.checks", "ModelConfigError"), ("bench.eval.errors", "EvalError"))
 
-    return (ConfigError, DataError, ModelConfigError, UsageError, EvalError, rundir.RunLocked)
+
+def _is_user_error(exc: BaseException) -> bool:
+    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    return isinstance(exc, (UsageError, rundir.RunLocked, *loaded))
 
 
 def _world_size() -> int:
+    """WORLD_SIZE from the environment (1 when unset); anything but a positive integer is a ConfigError."""
     import os
 
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    from bench.config import ConfigError
+
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"WORLD_SIZE={value!r} in the environment is not valid; use a positive integer "
+                          f"(the number of processes) or unset it")
+    return int(value)
 
 
 def cmd_train(args: list[str]) -> int:
@@ -87,6 +95,11 @@ def run_training(cfg, run_dir: Path) -> int:
 
 
 def cmd_throughput(args: list[str]) -> int:
+    from bench.config import validate
+
+    world = _world_size()  # bad input is one line before torch is imported or anything is built
+    if not any(a in ("-m", "--multirun") or "," in a.split("=", 1)[-1] for a in args):  # not a sweep
+        validate(compose(args), world_size=world)
     from bench.train.throughput import cmd_throughput as throughput
 
     return throughput(args)
@@ -115,19 +128,24 @@ def _existing_run(special: dict, command: str) -> Path:
 def cmd_eval(args: list[str]) -> int:
     """`bench eval train-classifier data.shards=...` or `bench eval run=DIR [which=best|last] [eval.*=...]`."""
     if args and args[0] == "train-classifier":
+        from bench.config import check_data
+
+        cfg = compose(args[1:])
+        check_data(cfg)
         from bench.data.shards import configured_shards
         from bench.eval.classifier import train_classifier
 
-        cfg = compose(args[1:])
         info = train_classifier(configured_shards(cfg.data), resolution=cfg.data.resolution)
         print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "class_names"},
                          indent=2, default=str))
         return 0
-    from bench.eval.runs import eval_run
-
     special, rest = _split_run_args(args, ("run", "which"))
     run_dir = _existing_run(special, "eval")
     _check_overrides_are_eval(rest, "eval")
+    _check_run_eval_cfg(run_dir, rest)
+    _check_which(special.get("which", "best"))
+    from bench.eval.runs import eval_run
+
     eval_run(run_dir, rest, which=special.get("which", "best"))
     return 0
 
@@ -137,22 +155,74 @@ def _check_overrides_are_eval(rest: list[str], command: str) -> None:
 
     for o in rest:
         key = o.split("=", 1)[0]
+        if key == "data.shards" and "=" in o:  # the real data, when not the run's own
+            continue
         if "=" not in o or not key.startswith("eval.") or key[5:] not in EvalCfg.__dataclass_fields__:
-            raise UsageError(f"bench {command}: {o!r} is not an eval.* override; valid keys: "
+            raise UsageError(f"bench {command}: {o!r} is not an eval.* override; valid keys: data.shards, "
                              + ", ".join(f"eval.{k}" for k in EvalCfg.__dataclass_fields__))
+
+
+def _check_run_eval_cfg(run_dir: Path, rest: list[str]) -> None:
+    """The run's config.yaml with the eval.* overrides, checked against the schema and every eval.* rule
+    (bench.config.validate_eval) before a checkpoint is read."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bench.config import ConfigError, check_schema, validate_eval
+
+    try:
+        run_cfg = OmegaConf.load(run_dir / rundir.CONFIG)
+        merged = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(rest)))
+    except (OmegaConfBaseException, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"run={run_dir}: config.yaml with {' '.join(rest) or 'no overrides'}: {first}") from None
+    validate_eval(check_schema(merged))
+
+
+def _check_which(which: str) -> None:
+    """which=: best, last, a step number, or a file (bench.eval.runs checks it lies in checkpoints/)."""
+    if not which or not which.strip():
+        raise UsageError("which='': use best, last, a checkpoint step or a file in the run's checkpoints/")
+    if which.lstrip("-").isdigit() and int(which) < 0:
+        raise UsageError(f"which={which!r}: a checkpoint step is >= 0; use best, last, a step or a file in the "
+                         f"run's checkpoints/")
+
+
+def _parse_psis(text: str) -> list:
+    """psi=[0.25,0.5,off] -> [0.25, 0.5, None]; each a positive finite number, or off/null/none."""
+    import math
+
+    out = []
+    for p in text.strip().strip("[]").split(","):
+        p = p.strip()
+        if not p:
+            continue
+        if p.lower() in ("off", "null", "none"):
+            out.append(None)
+            continue
+        try:
+            value = float(p)
+        except ValueError:
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"psi={text!r}: {p!r} is not valid; give positive numbers (or off), "
+                             f"e.g. 'psi=[0.25,0.5,1.0]'")
+        out.append(value)
+    if not out:
+        raise UsageError(f"psi={text!r}: give the truncation values to sweep, e.g. 'psi=[0.25,0.5,1.0]'")
+    return out
 
 
 def cmd_truncation(args: list[str]) -> int:
     """`bench truncation run=DIR psi=[0.25,0.5,1.0] [eval.*=...]`: metrics per psi, CSV and plots."""
-    from bench.eval.runs import truncation_sweep
-
     special, rest = _split_run_args(args, ("run", "psi", "which"))
     run_dir = _existing_run(special, "truncation")
     _check_overrides_are_eval(rest, "truncation")
-    try:
-        psis = [float(p) for p in special.get("psi", "[0.25,0.5,0.75,1.0,1.5]").strip("[]").split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"psi={special['psi']!r}: give a list of numbers, e.g. 'psi=[0.25,0.5,1.0]'") from None
+    psis = _parse_psis(special.get("psi", "[0.25,0.5,0.75,1.0,1.5]"))
+    _check_run_eval_cfg(run_dir, rest)
+    _check_which(special.get("which", "best"))
+    from bench.eval.runs import truncation_sweep
+
     truncation_sweep(run_dir, psis, overrides_cfg=rest, which=special.get("which", "best"))
     return 0
 
@@ -213,8 +283,6 @@ def _parse_kv(args: list[str], allowed: dict[str, str]) -> dict[str, str]:
 
 
 def cmd_data(args: list[str]) -> int:
-    from bench.data.shards import ShardSetSpec, make_shards
-
     if not args or args[0] != "make-shards":
         raise UsageError("usage: bench data make-shards source=shapes|folder out=DIR [folder=DIR] "
                          "[data.resolution=32] [data.num_samples=10000] [data.samples_per_shard=500] [seed=0]")
@@ -230,16 +298,38 @@ def cmd_data(args: list[str]) -> int:
         raise UsageError(f"source={source!r} is not valid; choose one of: shapes, folder")
     if source == "folder" and not kv.get("folder"):
         raise UsageError("source=folder needs folder=DIR (an ImageFolder tree: one subfolder per class)")
-    try:
-        ints = {k: int(kv[k]) for k in ("resolution", "num_samples", "samples_per_shard", "seed") if k in kv}
-    except ValueError as exc:
-        raise UsageError(f"bad number: {exc}") from None
+    ints = _shard_ints(kv)
+    from bench.data.shards import ShardSetSpec, make_shards
+
     spec = ShardSetSpec(source=source, folder=kv.get("folder"), **ints)
-    overwrite = kv.get("overwrite", "false").lower() in ("1", "true", "yes")
+    overwrite = kv.get("overwrite", "false").lower()
+    if overwrite not in ("1", "true", "yes", "0", "false", "no"):
+        raise UsageError(f"overwrite={kv['overwrite']!r} is not valid; use true or false")
+    overwrite = overwrite in ("1", "true", "yes")
     manifest = make_shards(kv["out"], spec, overwrite=overwrite)
     print(json.dumps({k: manifest[k] for k in ("num_samples", "resolution", "class_names")} |
                      {"shards": len(manifest["shards"]), "out": str(kv["out"])}, indent=2))
     return 0
+
+
+SHARD_INT_RULES = {"resolution": (16, 256), "num_samples": (1, None), "samples_per_shard": (1, None),
+                   "seed": (0, None)}
+
+
+def _shard_ints(kv: dict) -> dict:
+    """make-shards' integer keys, each an integer in its range (a UsageError naming the key)."""
+    out = {}
+    for k, (lo, hi) in SHARD_INT_RULES.items():
+        if k not in kv:
+            continue
+        v = kv[k].strip()
+        ok = v.lstrip("-").isdigit() and int(v) >= lo and (hi is None or int(v) <= hi)
+        if not ok:
+            allowed = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+            raise UsageError(f"data.{k}={kv[k]!r} is not valid; use {allowed}" if k != "seed"
+                             else f"seed={kv[k]!r} is not valid; use {allowed}")
+        out[k] = int(v)
+    return out
 
 
 def cmd_report(args: list[str]) -> int:
@@ -263,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[cmd](args)
-    except _user_errors() as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,10 @@ MODEL_FAMILIES = ("biggan", "sagan", "dcgan")
 LOSSES = ("hinge", "ns", "minimax", "wgan", "wgan_gp")
 DATASETS = ("shapes", "folder")
 PRECISIONS = ("bf16", "fp32", "fp16")
+TRAIN_PRECISIONS = ("auto",) + PRECISIONS  # auto: resolved by validate() (resolve_precision)
+EVAL_PRECISIONS = ("auto", "bf16", "fp32")
+MEM_RE = r"\s*([0-9.]+)\s*([MGT]?)B?\s*"                      # cluster.mem: 500M, 4G, 1T
+TIME_RE = r"(?:\d+|(?:(?:\d+-)?\d+:)?\d+:\d+)"             # cluster.time: minutes, MM:SS, HH:MM:SS, D-HH:MM:SS
 OPTIMIZERS = ("adam", "rmsprop")
 
 
@@ -57,7 +61,7 @@ class ModelCfg:
 class DataCfg:
     name: str = "shapes"
     shards: str = ""
-    resolution: int = 32
+    resolution: Optional[int] = 32  # null (data=folder): the shards' manifest.json says
     num_samples: int = 10000
     samples_per_shard: int = 500
     num_workers: int = 1
@@ -82,7 +86,7 @@ class TrainCfg:
     kimg: Optional[float] = None
     accumulate: int = 1
     d_steps: int = 1
-    precision: str = "bf16"
+    precision: str = "auto"  # auto -> bf16 on CUDA or a CPU with fast bf16, else fp32 (validate resolves it)
     channels_last: str = "auto"
     seed: int = 0
     deterministic: bool = False
@@ -140,6 +144,7 @@ class EvalCfg:
     cache_dir: Optional[str] = None
     classifier_path: Optional[str] = None
     seed: int = 0
+    verbose: bool = False
 
 
 @dataclass
@@ -265,8 +270,15 @@ def _choice(key: str, value: Any, choices) -> None:
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not allow_zero):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value > 0)
+    if not ok:
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _all_positive(cfg, strict: tuple = (), zero_ok: tuple = ()) -> None:
+    for key in strict + zero_ok:
+        _positive(key, OmegaConf.select(cfg, key), allow_zero=key in zero_ok)
 
 
 @dataclass(frozen=True)
@@ -311,80 +323,151 @@ def effective_batch(train_cfg, world_size: int) -> int:
     return int(train_cfg.batch_size) * int(world_size) * int(train_cfg.accumulate)
 
 
+def resolve_precision(precision: str) -> str:
+    """`train.precision`: auto -> bf16 on CUDA or a CPU with fast bf16 (bench.device), else fp32; others kept."""
+    from bench.device import cpu_has_fast_bf16
+
+    return precision if precision != "auto" else "bf16" if _cuda() or cpu_has_fast_bf16() else "fp32"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
-    """Check values a schema cannot express. Resolves train.global_batch into train.batch_size."""
+    """Check values a schema cannot express, every group, before anything is written (a bad value is
+    one ConfigError line naming the key). Resolves train.precision=auto and train.global_batch (into
+    train.batch_size) and train.kimg (into train.steps), so config.yaml records what ran."""
     _choice("model", cfg.model.family, MODEL_FAMILIES)
     _choice("loss", cfg.loss.name, LOSSES)
     _choice("data", cfg.data.name, DATASETS)
-    _choice("train.precision", cfg.train.precision, PRECISIONS)
-    _choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
-    _choice("train.channels_last", str(cfg.train.channels_last).lower(), ("auto", "true", "false"))
-    if not 16 <= cfg.data.resolution <= 256:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} is out of range; use 16..256")
-    for key in ("train.steps", "train.batch_size", "train.accumulate", "train.d_steps", "train.tick_every",
-                "train.sample_cols", "reg.r1_every", "train.ckpt_keep"):
-        _positive(key, OmegaConf.select(cfg, key))
-    for key in ("train.ckpt_every", "train.sample_every", "reg.r1_gamma", "reg.ortho_beta", "eval.every",
-                "telemetry.sigma_every", "data.num_workers", "ema.start", "data.shuffle_buffer"):
-        _positive(key, OmegaConf.select(cfg, key), allow_zero=True)
-    _positive("train.g_lr", cfg.train.g_lr)
-    _positive("train.d_lr", cfg.train.d_lr)
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay={cfg.ema.decay} must be in [0, 1)")
-    if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
-        raise ConfigError(f"train.betas={list(cfg.train.betas)} must be two numbers in [0, 1)")
-    if cfg.train.precision == "fp16":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    if cfg.train.global_batch is not None:
-        per_step = world_size * cfg.train.accumulate
-        if cfg.train.global_batch % per_step:
-            raise ConfigError(
-                f"train.global_batch={cfg.train.global_batch} does not divide into {world_size} processes x "
-                f"train.accumulate={cfg.train.accumulate}; use a multiple of {per_step}"
-            )
-        cfg.train.batch_size = cfg.train.global_batch // per_step
-    if cfg.train.kimg is not None:
-        _positive("train.kimg", cfg.train.kimg)
-        effective = effective_batch(cfg.train, world_size)
-        cfg.train.steps = max(1, math.ceil(cfg.train.kimg * 1000 / effective))
-    specs = reg_specs(cfg.reg)
-    _choice("eval.extractor", cfg.eval.extractor, EXTRACTORS)
-    _choice("eval.trunc_mode", cfg.eval.trunc_mode, TRUNC_MODES)
-    _choice("eval.best_metric", cfg.eval.best_metric, BEST_METRICS)
-    _positive("eval.num_samples", cfg.eval.num_samples)
-    for psi in cfg.eval.psi_sweep:
-        if psi is not None and (not isinstance(psi, (int, float)) or psi <= 0):
-            raise ConfigError(f"eval.psi_sweep={list(cfg.eval.psi_sweep)}: use positive numbers (null = no truncation)")
+    check_data(cfg)
+    check_train(cfg, world_size)
+    check_reg(cfg)
+    check_loss(cfg)
+    validate_eval(cfg)
+    check_telemetry(cfg)
+    check_cluster(cfg.cluster)
     _choice("throughput.data", cfg.throughput.data, ("fake", "shards"))
-    _positive("throughput.steps", cfg.throughput.steps)
-    _positive("throughput.repeats", cfg.throughput.repeats)
-    _positive("throughput.warmup", cfg.throughput.warmup, allow_zero=True)
-    if cfg.reg.sigma_penalty > 0:
-        if specs.sigma_target is None:
-            raise ConfigError("reg.sigma_penalty > 0 needs reg.sigma_target: a number or ratio:R")
-    for key in ("reg.ortho_nets", "reg.sigma_clamp_nets", "reg.sigma_penalty_nets"):
-        for net in OmegaConf.select(cfg, key):
-            _choice(key, net, ("G", "D"))
-    if not 0.0 < cfg.loss.real_target <= 1.0:
-        raise ConfigError(f"loss.real_target={cfg.loss.real_target} must be in (0, 1]; 0.9 = one-sided smoothing")
-    if not 0.0 <= cfg.loss.label_noise < 0.5:
-        raise ConfigError(f"loss.label_noise={cfg.loss.label_noise} must be in [0, 0.5)")
-    if (cfg.loss.real_target < 1.0 or cfg.loss.label_noise > 0) and cfg.loss.name not in ("ns", "minimax"):
-        raise ConfigError(f"loss.real_target / loss.label_noise apply to the logistic losses; use loss=ns or "
-                          f"loss=minimax (got loss={cfg.loss.name})")
-    for key in ("reg.r2_gamma", "reg.sigma_penalty", "reg.hist_avg", "loss.feature_matching",
-                "train.nonfinite_rollback", "train.max_rollbacks", "model.mbdisc", "model.mbstd"):
-        _positive(key, OmegaConf.select(cfg, key), allow_zero=True)
+    _all_positive(cfg, ("throughput.steps", "throughput.repeats"), ("throughput.warmup", "model.mbdisc", "model.mbstd"))
     if cfg.model.mbstd and cfg.train.batch_size % min(cfg.model.mbstd, cfg.train.batch_size):
         raise ConfigError(f"model.mbstd={cfg.model.mbstd} (group size) must divide train.batch_size="
                           f"{cfg.train.batch_size}")
     if cfg.model.n_classes is not None:
         _positive("model.n_classes", cfg.model.n_classes)
+    cfg.train.precision = resolve_precision(cfg.train.precision)  # the first torch import: checks come first
+    if cfg.train.precision == "fp16" and not _cuda():
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16, fp32 or auto on CPU")
     check_architecture(cfg)
     return cfg
+
+
+def check_data(cfg: DictConfig) -> None:
+    if cfg.data.resolution is None:
+        from bench.data.shards import resolution_from_manifest
+        cfg.data.resolution = resolution_from_manifest(cfg.data.shards)
+    if not isinstance(cfg.data.resolution, int) or not 16 <= cfg.data.resolution <= 256:
+        raise ConfigError(f"data.resolution={cfg.data.resolution!r} is out of range; use 16..256")
+    _all_positive(cfg, ("data.samples_per_shard",), ("data.num_workers", "data.shuffle_buffer"))
+    _positive("data.num_samples", cfg.data.num_samples, allow_zero=cfg.data.name != "shapes")  # folder: 0 = all
+
+
+def check_train(cfg: DictConfig, world_size: int) -> None:
+    t = cfg.train
+    _choice("train.precision", t.precision, TRAIN_PRECISIONS)
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice("train.channels_last", str(t.channels_last).lower(), ("auto", "true", "false"))
+    _all_positive(cfg, ("train.steps", "train.batch_size", "train.accumulate", "train.d_steps",
+                        "train.tick_every", "train.sample_cols", "train.ckpt_keep", "train.g_lr", "train.d_lr",
+                        "train.eps"),
+                  ("train.ckpt_every", "train.sample_every", "train.nonfinite_rollback", "train.max_rollbacks",
+                   "ema.start"))
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay={cfg.ema.decay} must be in [0, 1)")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas={list(t.betas)} must be two numbers in [0, 1)")
+    if t.global_batch is not None:
+        _positive("train.global_batch", t.global_batch)
+        per_step = world_size * t.accumulate
+        if t.global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} does not divide into {world_size} processes x "
+                f"train.accumulate={t.accumulate}; use a positive multiple of {per_step}")
+        t.batch_size = t.global_batch // per_step
+    if t.kimg is not None:
+        _positive("train.kimg", t.kimg)
+        t.steps = max(1, math.ceil(t.kimg * 1000 / effective_batch(t, world_size)))
+
+
+def check_reg(cfg: DictConfig) -> None:
+    _all_positive(cfg, ("reg.r1_every",), ("reg.r1_gamma", "reg.r2_gamma", "reg.ortho_beta", "reg.sigma_penalty",
+                                            "reg.hist_avg"))
+    specs = reg_specs(cfg.reg)
+    if cfg.reg.sigma_penalty > 0 and specs.sigma_target is None:
+        raise ConfigError("reg.sigma_penalty > 0 needs reg.sigma_target: a number or ratio:R")
+    for key in ("reg.ortho_nets", "reg.sigma_clamp_nets", "reg.sigma_penalty_nets"):
+        for net in OmegaConf.select(cfg, key):
+            _choice(key, net, ("G", "D"))
+
+
+def check_loss(cfg: DictConfig) -> None:
+    loss = cfg.loss
+    _all_positive(cfg, ("loss.clip",), ("loss.gp_lambda", "loss.feature_matching"))
+    if not (isinstance(loss.real_target, (int, float)) and 0.0 < loss.real_target <= 1.0):
+        raise ConfigError(f"loss.real_target={loss.real_target!r} must be in (0, 1]; 0.9 = one-sided smoothing")
+    if not (isinstance(loss.label_noise, (int, float)) and 0.0 <= loss.label_noise < 0.5):
+        raise ConfigError(f"loss.label_noise={loss.label_noise!r} must be in [0, 0.5)")
+    if (loss.real_target < 1.0 or loss.label_noise > 0) and loss.name not in ("ns", "minimax"):
+        raise ConfigError(f"loss.real_target / loss.label_noise apply to the logistic losses; use loss=ns or "
+                          f"loss=minimax (got loss={loss.name})")
+
+
+MIN_EVAL_SAMPLES = 4  # torch-fidelity's precision-recall takes the (k+1)-th neighbour, k = 3; KID needs >= 2
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Every eval.* key (also what `bench eval` / `bench truncation` check before loading anything)."""
+    e = cfg.eval
+    _choice("eval.extractor", e.extractor, EXTRACTORS)
+    _choice("eval.trunc_mode", e.trunc_mode, TRUNC_MODES)
+    _choice("eval.best_metric", e.best_metric, BEST_METRICS)
+    _choice("eval.precision", e.precision, EVAL_PRECISIONS)
+    _all_positive(cfg, ("eval.batch_size",), ("eval.every", "eval.standing_stats"))
+    for key, value in (("eval.num_samples", e.num_samples), ("eval.num_real", e.num_real or e.num_samples)):
+        if not isinstance(value, int) or value < MIN_EVAL_SAMPLES:
+            raise ConfigError(f"{key}={value!r} is too small; use at least {MIN_EVAL_SAMPLES} (torch-fidelity's "
+                              f"precision-recall needs k+1 = 4 neighbours, KID a subset of 2 or more)")
+    if e.truncation is not None:
+        _positive("eval.truncation", e.truncation)
+    for psi in e.psi_sweep:
+        if psi is not None and (not isinstance(psi, (int, float)) or isinstance(psi, bool) or not psi > 0):
+            raise ConfigError(f"eval.psi_sweep={list(e.psi_sweep)}: use positive numbers (null = no truncation)")
+
+
+def check_telemetry(cfg: DictConfig) -> None:
+    _all_positive(cfg, ("telemetry.sigma_k", "telemetry.collapse_window", "telemetry.collapse_loss_gap"),
+                  ("telemetry.sigma_every", "telemetry.collapse_warmup"))
+    for key in ("telemetry.collapse_sigma_factor", "telemetry.collapse_fid_factor"):
+        value = OmegaConf.select(cfg, key)
+        if not (isinstance(value, (int, float)) and value > 1.0):
+            raise ConfigError(f"{key}={value!r} must be > 1 (a factor over the minimum / best so far)")
+
+
+def check_cluster(cluster) -> None:
+    """The cluster profile's sizes and formats (bench.launch translates them; docs/architecture.md)."""
+    c = OmegaConf.create({"cluster": OmegaConf.to_container(cluster, resolve=True)})
+    _all_positive(c, ("cluster.nodes", "cluster.tasks_per_node", "cluster.cpus_per_task",
+                      "cluster.array_parallelism"),
+                  ("cluster.gpus_per_node", "cluster.max_requeue", "cluster.signal_delay_s"))
+    m = re.fullmatch(MEM_RE, str(cluster.mem), re.I)
+    if not m or m.group(1).count(".") > 1 or not float(m.group(1).strip(".") or 0) > 0:
+        raise ConfigError(f"cluster.mem={cluster.mem!r} is not a memory size; use e.g. 500M, 4G, 1T")
+    t = str(cluster.time).strip()
+    if not re.fullmatch(TIME_RE, t) or not any(ch not in "0:-" for ch in t):
+        raise ConfigError(f"cluster.time={cluster.time!r} is not a time limit; use minutes (60 > 0) or HH:MM:SS "
+                          f"or D-HH:MM:SS")
 
 
 def check_architecture(cfg: DictConfig) -> None:

@@ -176,6 +176,22 @@ def _cpu_name() -> str:
     return "cpu"
 
 
+def _peak_entry_ok(entry) -> bool:
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in ("peak", "matmul", "conv"))
+
+
+def _read_peak_cache(path: Path) -> dict:
+    """The measured-peak cache; a damaged file is reported in one line and rebuilt (measured again)."""
+    if not path.exists():
+        return {}
+    cache = rundir.read_json(path)
+    if cache is None:
+        print(f"warning: CPU peak cache {path} is unreadable; measuring again and rewriting it",
+              file=sys.stderr, flush=True)
+        return {}
+    return cache
+
+
 def peak_tflops(device: torch.device, precision: str, remeasure: bool = False) -> tuple[float, str]:
     """(peak TFLOP/s, where it came from): the GPU table, or on CPU the best dense-kernel rate measured
     (matmul or conv, see measure_cpu_peak), cached in <cache_root>/cpu_peak.json. `remeasure`
@@ -188,10 +204,10 @@ def peak_tflops(device: torch.device, precision: str, remeasure: bool = False) -
         return float("nan"), f"unknown GPU {name}"
     key = f"v2|{_cpu_name()}|{torch.get_num_threads()}t|{precision}|torch{torch.__version__}|{platform.machine()}"
     path = rundir.cache_root() / "cpu_peak.json"
-    cache = rundir.read_json(path) or {}
-    if key not in cache or remeasure or not isinstance(cache[key], dict):
+    cache = _read_peak_cache(path)
+    if remeasure or not _peak_entry_ok(cache.get(key)):
         m = measure_cpu_peak(precision)
-        old = cache.get(key) if isinstance(cache.get(key), dict) else None
+        old = cache.get(key) if _peak_entry_ok(cache.get(key)) else None
         if old and old["peak"] >= m["peak"]:
             m = old
         cache[key] = m

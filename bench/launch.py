@@ -130,23 +130,67 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+# Why this process's last requeue_self did not requeue (None: it did, or it was not asked). Read by the
+# sweep job (bench/sweep.py) to record why an interrupted job will not come back.
+_requeue_problem: str | None = None
+
+
+def requeue_problem() -> str | None:
+    return _requeue_problem
+
+
+def restart_count() -> int:
+    """How many times Slurm has requeued this job before this run of it (SLURM_RESTART_COUNT)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def slurm_job_fields(job: str) -> dict[str, str]:
+    """`scontrol show job -o <job>` as {field: value} (empty when Slurm does not answer)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if out.returncode != 0:
+        return {}
+    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+
+
+def requeue_pending() -> bool:
+    """Whether Slurm has put this job back in the queue while it runs (scontrol requeue, preemption,
+    requeue_self): its restart count in slurmctld is then past this run's. A cancelled job's is not."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    restarts = slurm_job_fields(job).get("Restarts", "")
+    return restarts.isdigit() and int(restarts) > restart_count()
+
+
 def requeue_self(max_requeue: int) -> bool:
-    """Put this Slurm job back in the queue (after a checkpoint), at most `max_requeue` times."""
+    """Put this Slurm job back in the queue (after a checkpoint), at most `max_requeue` times. When it
+    does not, `requeue_problem()` says why."""
+    global _requeue_problem
     job = slurm_job_id()
     if not job:
         return False
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    restarts = restart_count()
     if restarts >= max_requeue:
-        print(f"not requeueing job {job}: it has been requeued {restarts} times (cluster.max_requeue="
-              f"{max_requeue})", file=sys.stderr, flush=True)
+        _requeue_problem = (f"not requeued: requeues ran out (requeued {restarts} times, "
+                            f"cluster.max_requeue={max_requeue})")
+        print(f"job {job}: {_requeue_problem}", file=sys.stderr, flush=True)
         return False
     import signal
 
     # The requeue SIGTERMs this job's processes; scontrol must not die before it gets its reply.
-    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60,
-                         preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
-    if out.returncode != 0:
-        print(f"scontrol requeue {job} failed: {out.stderr.strip()}", file=sys.stderr, flush=True)
+    try:
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60,
+                             preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+        failed = (out.stderr.strip() or out.stdout.strip() or f"exit {out.returncode}") if out.returncode else None
+    except (OSError, subprocess.SubprocessError) as exc:
+        failed = f"{exc.__class__.__name__}: {exc}"
+    if failed:
+        _requeue_problem = f"not requeued: scontrol requeue {job} failed: {failed}"
+        print(f"job {job}: {_requeue_problem}", file=sys.stderr, flush=True)
         return False
+    _requeue_problem = None
     print(f"requeued Slurm job {job} (restart {restarts + 1}/{max_requeue})", flush=True)
     return True

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,81 @@ def tiny_shards(tmp_path_factory):
 
 
 # ---- the local Slurm cluster (slurm/local-cluster.sh) -------------------------------------------------
+CLUSTER_SCRIPT = ROOT / "slurm" / "local-cluster.sh"
+SUBMITTED_SUFFIX = "_submitted.pkl"  # submitit's pickle in each job's folder: <folder>/<job id>_submitted.pkl
+CANCEL_WAIT_S = 60
+
+
+def _local_slurm_conf() -> None:
+    """Point the Slurm commands at the local cluster (what `eval "$(slurm/local-cluster.sh env)"` does)
+    when SLURM_CONF is unset and the cluster's config exists, so that plain `pytest` works."""
+    if os.environ.get("SLURM_CONF") or not CLUSTER_SCRIPT.exists():
+        return
+    try:
+        out = subprocess.run(["bash", str(CLUSTER_SCRIPT), "env"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return
+    conf = out.stdout.strip().rpartition("SLURM_CONF=")[2].strip().strip("'\"")
+    if out.returncode == 0 and conf and Path(conf).is_file():
+        os.environ["SLURM_CONF"] = conf
+
+
+_local_slurm_conf()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: fault injection (cancelled jobs, failing ranks); slow")
+
+
+def submitted_jobs(root: Path) -> set[str]:
+    """Slurm job ids of the jobs submitted from under `root` (submitit's job folders)."""
+    return {p.name[: -len(SUBMITTED_SUFFIX)] for p in Path(root).rglob(f"*{SUBMITTED_SUFFIX}")}
+
+
+def cancel_jobs(job_ids) -> list[str]:
+    """scancel these jobs (only these) if Slurm still has them, and wait until they are gone.
+    Returns the ones that were still there."""
+    job_ids = sorted(job_ids)
+    if not job_ids or shutil.which("squeue") is None:
+        return []
+    left = queued_jobs(job_ids)
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+        wait_until_gone(left)
+    return left
+
+
+def queued_jobs(job_ids) -> list[str]:
+    """Those of these job ids that Slurm still has (pending, running or completing)."""
+    job_ids = set(job_ids)
+    if not job_ids:
+        return []
+    out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids})),
+                          "-o", "%i"], capture_output=True, text=True, timeout=60)
+    return sorted(j for j in out.stdout.split() if j in job_ids)
+
+
+def wait_until_gone(job_ids, timeout: float = CANCEL_WAIT_S) -> list[str]:
+    """Wait until Slurm has none of these jobs; returns those still there after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (left := queued_jobs(job_ids)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_slurm_jobs(request):
+    """After every `slurm` test: cancel the Slurm jobs it submitted (from its tmp_path) that are still
+    queued or running (a failed or timed-out test), so no job processes stay behind."""
+    yield
+    tmp_path = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if request.node.get_closest_marker("slurm") is None or tmp_path is None:
+        return
+    left = cancel_jobs(submitted_jobs(tmp_path))
+    if left:
+        print(f"\ncancelled leftover Slurm jobs of {request.node.name}: {' '.join(left)}")
+
+
 PARTITION = "debug"
 NODES = ("n1", "n2")
 UP_STATES = {"idle", "mix", "alloc", "comp"}

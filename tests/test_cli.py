@@ -40,3 +40,36 @@ def test_cli_usage_errors(capsys, args, needle):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_precision_auto_is_resolved_and_explicit_kept(monkeypatch):
+    """train.precision defaults to auto; validate writes what will run (config.yaml records it)."""
+    import torch
+
+    from bench import config as C
+    from bench import device
+
+    assert C.TrainCfg().precision == "auto" and C.compose([]).train.precision == "auto"
+    want = "bf16" if torch.cuda.is_available() or device.cpu_has_fast_bf16() else "fp32"
+    assert C.validate(C.compose([])).train.precision == want
+    for fast, expected in ((True, "bf16"), (False, "bf16" if torch.cuda.is_available() else "fp32")):
+        monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert C.resolve_precision("auto") == expected
+    for explicit in ("bf16", "fp32"):
+        assert C.validate(C.compose([f"train.precision={explicit}"])).train.precision == explicit
+    with pytest.raises(C.ConfigError, match="train.precision='fp8'"):
+        C.validate(C.compose(["train.precision=fp8"]))
+
+
+def test_world_size_from_the_environment(monkeypatch, capsys):
+    from bench.cli import _world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert _world_size() == 3
+    monkeypatch.delenv("WORLD_SIZE")
+    assert _world_size() == 1
+    for bad in ("x", "0", "-2", "1.5"):
+        monkeypatch.setenv("WORLD_SIZE", bad)
+        assert main(["train", "run.dry_run=true"]) == 2
+        err = capsys.readouterr().err
+        assert f"WORLD_SIZE={bad!r}" in err and len(err.strip().splitlines()) == 1

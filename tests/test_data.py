@@ -196,7 +196,8 @@ def test_image_folder(tmp_path):
                     progress=False)
     assert m["class_names"] == ["apple", "mango", "zebra"]
     assert m["num_samples"] == 12 and m["skipped"] == 1 and "broken.jpg" in m["skipped_examples"][0]
-    assert len(m["shards"]) == 3 and m["source"] == "folder"
+    # 12 images: at least MIN_FOLDER_SHARDS (8) shards asked for, so 2 per shard instead of 4
+    assert len(m["shards"]) == 6 and m["samples_per_shard"] == 2 and m["source"] == "folder"
 
     loader = ShardLoader(str(out), 12, 16, LoaderSettings(num_workers=0, resampled=False, shuffle_buffer=0))
     (x, y), = list(loader)
@@ -211,8 +212,9 @@ def test_image_folder(tmp_path):
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="folder="):
         make_shards(tmp_path / "o", ShardSetSpec(source="folder", folder=tmp_path / "nope"), progress=False)
+    (tmp_path / "src").mkdir()
     with pytest.raises(DataError, match="no class subfolders"):
-        make_shards(tmp_path / "o", ShardSetSpec(source="folder", folder=tmp_path), progress=False)
+        make_shards(tmp_path / "o", ShardSetSpec(source="folder", folder=tmp_path / "src"), progress=False)
     with pytest.raises(DataError, match="source="):
         make_shards(tmp_path / "o", ShardSetSpec(source="imagenet"), progress=False)
     assert not list(tmp_path.glob(".o.tmp-*"))
@@ -276,7 +278,9 @@ def test_error_messages(tmp_path, shards_dir):
     with pytest.raises(DataError, match="data.shards is empty"):
         resolve_shards("")
     with pytest.raises(DataError, match=r"4 shard\(s\) for 6 readers.*samples_per_shard.*num_workers"):
-        ShardLoader(str(shards_dir), 8, RES, LoaderSettings(world_size=2, rank=1, num_workers=3))
+        ShardLoader(str(shards_dir), 8, RES, LoaderSettings(world_size=6, rank=1, num_workers=1))
+    # more workers than this rank's shards: fewer workers, not an error
+    assert ShardLoader(str(shards_dir), 8, RES, LoaderSettings(world_size=2, rank=1, num_workers=3)).num_workers == 2
     with pytest.raises(DataError, match="6 of 10 shard files are missing, first .*shard-000004.tar"):
         resolve_shards(str(shards_dir / "shard-{000000..000009}.tar"))
     with pytest.raises(DataError, match="epoch_passes"):
@@ -303,7 +307,7 @@ def test_make_shards_refuses_existing_set_unless_overwrite(tmp_path):
     assert m["num_samples"] == 30 and len(resolve_shards(str(out))[0]) == 3
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("x")
-    with pytest.raises(DataError, match="not an empty directory"):
+    with pytest.raises(DataError, match="not a shard set gan-bench wrote"):
         make_shards(tmp_path / "junk", ShardSetSpec(resolution=RES, num_samples=10), progress=False)
     (tmp_path / "empty").mkdir()
     make_shards(tmp_path / "empty", ShardSetSpec(resolution=RES, num_samples=10), progress=False)
@@ -359,3 +363,16 @@ def test_default_shards_cache_and_race(tmp_path, capsys, monkeypatch):
     got = default_shards(RES, num_samples=10, seed=1)
     assert got == tmp_path / "env_cache" / f"shapes-r{RES}-n10-s1"
     assert "writing the built-in shapes dataset" in capsys.readouterr().err
+
+
+def test_folder_data_takes_its_resolution_from_the_manifest(tiny_shards):
+    """data=folder with no data.resolution trains at the shards' own resolution (32 here), not 128;
+    an explicit value is kept; no shards is one clear error."""
+    from bench.config import compose, validate
+
+    cfg = validate(compose(["data=folder", f"data.shards={tiny_shards}"]))
+    assert cfg.data.resolution == 32
+    cfg = validate(compose(["data=folder", f"data.shards={tiny_shards}", "data.resolution=64"]))
+    assert cfg.data.resolution == 64
+    with pytest.raises(DataError, match="data.shards is empty"):
+        validate(compose(["data=folder"]))

@@ -160,7 +160,7 @@ def test_fid_of_data_against_itself_is_zero_and_shift_is_positive(clf, shards):
         assert shifted["eval/KID"] > same["eval/KID"]
 
 
-def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, monkeypatch):
+def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, monkeypatch, capfd):
     reads = []
     real_load = C.load_images
     monkeypatch.setattr(M, "load_images", lambda *a, **k: reads.append(k.get("limit")) or real_load(*a, **k))
@@ -198,6 +198,19 @@ def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, mon
     assert m4["truncation"] == 0.5 and m4["standing_stats"] == 2 and reads == [120, 100]
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in state.items())  # G itself untouched
 
+    # A damaged real-statistics cache is rebuilt with a one-line warning; torch-fidelity's own prints
+    # ("Recall: ...", its bars) stay out of the terminal, gan-bench's progress lines show.
+    key_files = [p for p in cached if p.suffix == ".pt"]
+    for p in key_files:
+        p.write_bytes(b"garbage")
+    capfd.readouterr()
+    m5 = M.evaluate_generator(G, settings, shards_spec=shards, progress=True)
+    out, err = capfd.readouterr()
+    assert m5["eval/FID"] == pytest.approx(m1["eval/FID"], rel=1e-6) and reads == [120, 100, 120]
+    assert err.count("warning: real-statistics cache") == len(key_files) and "Traceback" not in err
+    assert "Recall" not in out + err and "Precision" not in out + err and "it/s" not in out + err
+    assert "sampling + features: 120/120 images" in err and "real features" in err
+
     run = tmp_path / "run"
     rec = M.append_eval(run, 40, m1, source="test")
     line = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
@@ -216,6 +229,7 @@ def test_eval_settings_from_cfg():
     s = EvalSettings.from_cfg(OmegaConf.create({"eval": {"num_samples": "80", "truncation": 0.5, "batch_size": None,
                                                           "classifier_path": "/x/c.pt"}}))
     assert s == replace(EvalSettings(), num_samples=80, truncation=0.5, classifier_path="/x/c.pt")
+    assert EvalSettings.from_cfg(OmegaConf.create({"eval": {"verbose": True}})).verbose is True
 
 
 def test_format_table_uses_the_registry_formats():
@@ -373,3 +387,152 @@ def test_interpolation_sheets(tmp_path):
                                                                               atol=1e-4)
     with pytest.raises(EvalError, match="space"):
         InterpSettings(space="w")
+
+
+# ---- untrusted and damaged files ----------------------------------------------------------------
+
+class _Hostile:
+    """Unpickling this would create `marker` (a directory): proof that code from the file ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.marker,))
+
+
+def test_hostile_pickles_run_no_code(shards, tmp_path):
+    """The domain classifier file and a checkpoint given as which= are read with weights_only=True: a
+    pickle whose __reduce__ would write a marker is refused with one EvalError, and writes nothing."""
+    from bench.eval.errors import ClassifierError
+
+    marker = tmp_path / "PWNED"
+    evil_clf = tmp_path / "classifier-evil.pt"
+    torch.save({"state_dict": {}, "class_names": ["a"], "resolution": 32, "width": 16, "x": _Hostile(marker)},
+               evil_clf)
+    with pytest.raises(ClassifierError, match="unreadable"):
+        C.load_classifier(evil_clf)
+    with pytest.raises(EvalError, match="unreadable"):
+        M.ensure_classifier(shards, 32, evil_clf, train_if_missing=False, progress=False)
+    assert not marker.exists()
+
+    run = make_run(tmp_path, shards)
+    evil_ckpt = run / "checkpoints" / "evil.pt"
+    torch.save({"G_ema": {}, "x": _Hostile(marker)}, evil_ckpt)
+    for which in (str(evil_ckpt), "evil.pt"):
+        with pytest.raises(EvalError, match="unreadable"):
+            R.load_run(run, which=which)
+    assert not marker.exists()
+    # which= outside the run's own checkpoints/ is refused before anything is read
+    for which in (str(run / "config.yaml"), "../run.json", str(tmp_path / "classifier-evil.pt")):
+        with pytest.raises(EvalError, match="not allowed"):
+            R.load_run(run, which=which)
+
+
+def test_a_real_runs_checkpoint_loads_with_weights_only(shards, tmp_path):
+    """A checkpoint written by bench train (RNG states and all) reads with weights_only=True (NumPy
+    arrays admitted: no code runs), and gives the EMA generator."""
+    from bench.cli import main
+
+    run = tmp_path / "real"
+    rc = main(["train", f"data.shards={shards}", f"run.dir={run}", *TINY, "train.steps=2", "train.batch_size=4",
+               "train.ckpt_every=2", "train.sample_every=0", "telemetry.mfu=false", "telemetry.sigma_every=0"])
+    assert rc == 0
+    (_, path), = rundir.list_checkpoints(run / rundir.CHECKPOINTS)
+    state = R.read_checkpoint(path)
+    assert "G_ema" in state and state["step"] == 2
+    assert R.load_run(run, which="last")["step"] == 2
+
+
+def test_corrupt_checkpoints_fall_back_to_the_previous_complete_one(shards, tmp_path, capsys):
+    run = make_run(tmp_path, shards, steps=(5, 10, 15))
+    ckpts = run / "checkpoints"
+    (ckpts / "ckpt-0000015.pt").write_bytes(b"garbage, not a zip file")
+    loaded = R.load_run(run, which="last")
+    err = capsys.readouterr().err
+    assert loaded["step"] == 10 and "fallback" in loaded["chosen"]
+    assert "ckpt-0000015.pt" in err and "ckpt-0000010.pt" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+    (ckpts / rundir.BEST_CKPT).write_bytes(b"\x00" * 100)  # a damaged best.pt: the newest complete one
+    assert R.load_run(run, which="best")["step"] == 10
+    assert "best.pt" in capsys.readouterr().err
+    with pytest.raises(EvalError, match="unreadable"):  # an explicit step does not fall back
+        R.load_run(run, which="15")
+    for step in (5, 10):
+        (ckpts / f"ckpt-{step:07d}.pt").write_bytes(b"")
+    with pytest.raises(EvalError, match="unreadable"):  # none left
+        R.load_run(run, which="last")
+
+
+def test_untrusted_shard_specs_from_run_files_are_refused(shards, tmp_path):
+    run = make_run(tmp_path, shards)
+    for spec in ("pipe:curl -s http://example.com/x.tar", "https://example.com/shards-{000..009}.tar",
+                 "s3://bucket/shards", "gs://bucket/x"):
+        (run / "run.json").write_text(json.dumps({"shards": spec, "n_classes": N_CLASSES}))
+        with pytest.raises(EvalError, match="pipe: command or remote URL"):
+            R.load_run(run, which="last")
+    (run / "run.json").write_text(json.dumps({"n_classes": N_CLASSES}))  # then config.yaml's data.shards
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["shards"] = "pipe:cat /etc/passwd"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(EvalError, match="config.yaml"):
+        R.load_run(run, which="last")
+    assert R.load_run(run, {"data": {"shards": str(shards)}}, which="last")["shards"] == str(shards)
+
+
+def test_corrupt_classifier_is_rebuilt_with_one_warning(clf, shards, tmp_path, monkeypatch, capsys):
+    good = Path(clf["path"])
+    bad = tmp_path / "clf.pt"
+    bad.write_bytes(b"not a torch file")
+    trained = []
+
+    def fake_train(spec, out, resolution, progress):
+        trained.append(out)
+        shutil.copy(good, out)
+    monkeypatch.setattr(M, "train_classifier", fake_train)
+    assert M.ensure_classifier(shards, 32, bad, progress=False) == bad
+    err = capsys.readouterr().err
+    assert trained == [bad] and "unreadable" in err and "rebuilding" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+    assert C.load_classifier(bad)[1]["resolution"] == 32
+
+
+def test_real_statistics_cache_is_checked_before_torch_fidelity_reads_it(tmp_path, capsys):
+    import numpy as np
+
+    cache, key = tmp_path / "cache", "abc123"
+    cache.mkdir()
+    marker = tmp_path / "PWNED"
+    torch.save({"mu": np.zeros(3), "sigma": np.eye(3)}, cache / f"real-{key}-stat.pt")
+    torch.save(torch.zeros(4, 3), cache / f"real-{key}-features.pt")
+    (cache / f"real-{key}-fid.pt").write_bytes(b"garbage")
+    torch.save({"x": _Hostile(marker)}, cache / f"real-{key}-prc.pt")
+    torch.save(torch.zeros(1), cache / "real-otherkey-x.pt")
+    (cache / "real-otherkey-bad.pt").write_bytes(b"garbage")  # another key: not this evaluation's business
+    M.check_real_cache(cache, key)
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in cache.iterdir()) == [f"real-{key}-features.pt", f"real-{key}-stat.pt",
+                                                       "real-otherkey-bad.pt", "real-otherkey-x.pt"]
+    assert err.count("warning: real-statistics cache") == 2 and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_corrupt_cpu_peak_cache_is_remeasured_with_one_warning(tmp_path, monkeypatch, capsys):
+    from bench import device as bdevice
+
+    monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(bdevice, "measure_cpu_peak", lambda precision: {"peak": 1.5, "matmul": 1.5, "conv": 1.0})
+    path = tmp_path / "cpu_peak.json"
+    path.write_text("{ not json")
+    peak, source = bdevice.peak_tflops(torch.device("cpu"), "fp32")
+    err = capsys.readouterr().err
+    assert peak == 1.5 and "matmul" in source
+    assert "cpu_peak.json" in err and len([line for line in err.splitlines() if line.strip()]) == 1
+    assert json.loads(path.read_text())  # rewritten, readable
+    path.write_text(json.dumps({"some-key": "not a dict", "v2|x": {"peak": "nan"}}))  # wrong shapes: remeasured
+    assert bdevice.peak_tflops(torch.device("cpu"), "fp32")[0] == 1.5
+    assert bdevice.peak_tflops(torch.device("cpu"), "fp32")[0] == 1.5  # now from the cache
+    assert capsys.readouterr().err == ""

@@ -409,3 +409,38 @@ def test_one_best_rule_follows_the_runs_best_metric():
     assert by_ext["inception"][4] == 4
     run.config = {"eval.extractor": "domain"}  # default eval.best_metric: FID, lower is better
     assert tables.best_eval(run)["step"] == 4 and tables.best_eval(run)["value"] == 3.0
+
+
+def test_report_touches_only_the_files_it_wrote(sweep, tmp_path, capsys):
+    from bench.report.tables import LEDGER
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    user = {"report.md": "my own notes", "runs.csv": "my,own\n1,2\n", "notes.txt": "keep"}
+    for name, text in user.items():
+        (out / name).write_text(text)
+    assert main(["report", str(sweep), f"out={out}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(out / "report.md") in lines[0] and "not written by `bench report`" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted(user)  # refused before writing anything
+    assert all((out / n).read_text() == t for n, t in user.items())
+
+    (out / "report.md").unlink()
+    (out / "runs.csv").unlink()
+    assert main(["report", str(sweep), f"out={out}"]) == 0
+    listed = set(json.loads((out / LEDGER).read_text())["written"])
+    assert {"report.md", "runs.csv", "sigma.png"} <= listed and "notes.txt" not in listed
+    assert (out / "notes.txt").read_text() == "keep"
+
+    # a stale output the ledger lists is removed; a same-named file it does not list is refused, untouched
+    (out / "sigma-7.png").write_bytes(PNG_SIGNATURE + b"an earlier report's plot")
+    (out / LEDGER).write_text(json.dumps({"written": sorted(listed | {"sigma-7.png"})}))
+    assert main(["report", str(sweep), f"out={out}"]) == 0
+    assert not (out / "sigma-7.png").exists() and (out / "notes.txt").read_text() == "keep"
+    (out / "ablation-old.png").write_bytes(b"user")  # not one of our names: never looked at
+    (out / "sigma-9.png").write_bytes(b"the user's own figure")
+    capsys.readouterr()
+    assert main(["report", str(sweep), f"out={out}"]) == 2
+    assert "sigma-9.png" in capsys.readouterr().err
+    assert (out / "sigma-9.png").read_bytes() == b"the user's own figure"
+    assert (out / "ablation-old.png").read_bytes() == b"user"

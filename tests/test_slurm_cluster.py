@@ -208,3 +208,30 @@ def test_requeue_self_puts_the_job_back_once(slurm_cluster, tmp_path):
         subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=30)
     assert result == {"restarts": 1, "again": False}, result
     assert "Restarts=1" in _run(["scontrol", "show", "job", str(job.job_id)]).stdout
+
+
+# ------------------------------------------------------------ the submitter's terminal
+
+
+def test_sacct_warning_is_said_once_with_what_it_means(capsys):
+    """submitit warns at every poll when sacct fails (a cluster without accounting): SacctOnce on its
+    logger turns that into one line that says what it means, and lets everything else through."""
+    import logging
+
+    log = logging.getLogger("gan-bench-test-submitit")
+    sacct = sweep.SacctOnce()
+    log.addFilter(sacct)
+    try:
+        seen = []
+        handler = logging.Handler()
+        handler.emit = seen.append
+        log.addHandler(handler)
+        for call in range(1, 4):
+            log.warning(f"Call #{call} - Bypassing sacct error Command 'sacct' returned 1, status may be inaccurate.")
+        log.warning("something else")
+    finally:
+        log.removeFilter(sacct)
+        log.removeHandler(handler)
+    out = capsys.readouterr().out
+    assert out.count("cannot read job states from sacct") == 1 and "Said once" in out, out
+    assert [r.getMessage() for r in seen] == ["something else"]

@@ -163,7 +163,8 @@ def test_training_records_mfu(tmp_path, tiny_shards):
     assert proc.returncode == 0, proc.stderr[-2000:]
     per_img = json.loads(proc.stdout)["GFLOP_per_image"]
     flop_per_step = (per_img["D_step"] * 2 + per_img["G_step"]) * 1e9 * 4 * 2  # x d_steps; x batch x accumulate
-    peak, _ = device.peak_tflops(torch.device("cpu"), "bf16")  # what training looked up (the test cache)
+    precision = json.loads((tmp_path / "mfu" / "run.json").read_text())["precision"]
+    peak, _ = device.peak_tflops(torch.device("cpu"), precision)  # what training looked up (the test cache)
     rows = metrics(tmp_path / "mfu")
     assert len(rows) == 2
     for r in rows:
@@ -208,7 +209,7 @@ def test_best_checkpoint_follows_the_one_rule(tmp_path):
     ("model.attn=[48]", "model.attn"),
     ("train.global_batch=10", "train.global_batch=10"),
     ("data.shards=/nonexistent/shards", "/nonexistent/shards"),
-    ("train.precision=fp8", "train.precision='fp8' is not valid; choose one of: bf16, fp32, fp16"),
+    ("train.precision=fp8", "train.precision='fp8' is not valid; choose one of: "),
     ("train.batch_size=abc", "train.batch_size"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, override, needle):

@@ -10,6 +10,8 @@ import dataclasses
 import io
 import os
 import random
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,7 +21,17 @@ import torch
 from PIL import Image
 
 from bench.data.format import IMAGE_KEYS, DataError, square_resize
-from bench.data.shards import is_remote, load_manifest, no_shards, resolve_shards
+from bench.data.shards import is_remote, load_manifest, no_shards, resolve_shards, shard_counts
+
+# Shards are untrusted input: an image whose header claims more pixels than this is skipped (and
+# counted) before any pixel is decoded, so a decompression bomb cannot exhaust a worker's memory.
+MAX_DECODE_PIXELS = 4096 * 4096
+# Seconds the training process waits for one batch from its decode workers before it fails with a
+# DataError. Without a limit a hung decode (a stuck network filesystem, a pathological image) blocks
+# the main process inside DataLoader and with it the handling of SIGTERM / preemption. A batch never
+# takes this long unless a worker is stuck: the slowest legitimate wait, the first batch that fills a
+# shuffle buffer of thousands of images, takes seconds.
+LOADER_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class LoaderSettings:
     epoch_passes      with resampled=False: repeat the passes forever (reshuffled each pass)
     drop_last         drop a final partial batch (None: True when resampled, else False)
     num_classes       labels >= this count as corrupt (None: from the shards' manifest.json)
+    timeout_s         with workers: seconds to wait for one batch before failing (see LOADER_TIMEOUT_S)
     """
     rank: int = 0
     world_size: int = 1
@@ -47,6 +60,16 @@ class LoaderSettings:
     epoch_passes: bool = False
     drop_last: bool | None = None
     num_classes: int | None = None
+    timeout_s: float = LOADER_TIMEOUT_S
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Decode workers ignore SIGTERM and SIGINT: the training process handles them (a stop request,
+    then a checkpoint) and closes the loader. A Ctrl-C or a scheduler's SIGTERM reaches the whole
+    process group; a worker killed by it would fail the run before it could save. A worker still
+    leaves when its parent shuts the loader down or dies (torch's worker loop watches the parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _SkipCounter:
@@ -57,12 +80,22 @@ class _SkipCounter:
         self.pending = 0  # skipped since the last batch left this reader
         self.total = 0
         self.consecutive = 0
+        self.notes = 0  # failures seen (the first few are warned about)
+        self.warned: set[str] = set()  # shards already warned about as cut short
 
     def __call__(self, exc: BaseException) -> bool:
-        self.pending += 1
-        self.total += 1
+        self.add(1)
+        return self.note(exc)
+
+    def add(self, n: int) -> None:
+        self.pending += n
+        self.total += n
+
+    def note(self, exc: BaseException) -> bool:
+        """A failure (warn for the first few; too many in a row is a DataError) without counting a sample."""
         self.consecutive += 1
-        if self.total <= 3:
+        self.notes += 1
+        if self.notes <= 3:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             warnings.warn(f"gan-bench data: skipping a corrupt sample ({self.where}): {msg[:300]}",
                           stacklevel=2)
@@ -92,7 +125,10 @@ def _decode(sample: dict, resolution: int, num_classes: int | None) -> tuple[np.
                        f"is not an integer") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise _Corrupt(f"sample {sample.get('__key__')!r}: label {label} outside [0, {num_classes})")
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data)) as im:  # reads the header only
+        if im.size[0] * im.size[1] > MAX_DECODE_PIXELS:
+            raise _Corrupt(f"sample {sample.get('__key__')!r}: image header says {im.size[0]}x{im.size[1]}, "
+                           f"over the {MAX_DECODE_PIXELS} pixel limit (not decoded)")
         if im.mode != "RGB":
             im = im.convert("RGB")
         if im.size != (resolution, resolution):
@@ -115,6 +151,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
         self.resampled, self.epoch_passes = settings.resampled, settings.epoch_passes
         self.drop_last, self.num_classes = settings.drop_last, settings.num_classes
         self.epoch = -1  # lives in the worker (persistent workers keep it), bumped per iteration
+        self.expected: dict[str, int] = {}  # abspath of a shard -> its samples (from the manifest)
 
     def reader_shards(self, worker: int, num_workers: int) -> list[str]:
         # Node split, then worker split: disjoint, and complete when taken over all readers.
@@ -132,6 +169,35 @@ class _BatchStream(torch.utils.data.IterableDataset):
             if not self.epoch_passes:
                 return
 
+    def _samples(self, urls: Iterator[dict], counter: _SkipCounter) -> Iterator[dict]:
+        """The samples of each shard in turn. A shard that breaks off (truncated, corrupt) is counted in
+        full: with its count in the manifest, every sample not read from it is a skipped sample."""
+        import webdataset as wds
+
+        for src in urls:
+            url = src["url"]
+            errors = 0
+
+            def handler(exc: BaseException) -> bool:
+                nonlocal errors
+                errors += 1
+                return counter.note(exc)
+
+            n = 0
+            for sample in wds.tarfile_samples(iter([src]), handler=handler):
+                n += 1
+                yield sample
+            expected = self.expected.get(url if is_remote(url) else os.path.abspath(url))
+            if expected is None:
+                counter.add(errors)  # unknown size: one skip per read error
+            elif n < expected:
+                counter.add(expected - n)
+                if url not in counter.warned:  # once per shard: a resampled stream meets it again
+                    counter.warned.add(url)
+                    warnings.warn(f"gan-bench data: shard {url} ended after {n} of its {expected} samples "
+                                  f"(truncated or corrupt); counted the {expected - n} unread as skipped",
+                                  stacklevel=2)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         import webdataset as wds
 
@@ -144,8 +210,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
             raise DataError(f"data.shards: reader rank={self.rank} worker={worker} got no shards")
         counter = _SkipCounter(f"rank {self.rank} worker {worker}")
 
-        samples = wds.tarfile_samples(self._urls(mine, random.Random(f"gan-bench/shards/{tag}")),
-                                      handler=counter)
+        samples = self._samples(self._urls(mine, random.Random(f"gan-bench/shards/{tag}")), counter)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                   rng=random.Random(f"gan-bench/samples/{tag}"))(samples)
@@ -199,14 +264,14 @@ class ShardLoader:
         if isinstance(shards, (str, os.PathLike)):
             shards, manifest = resolve_shards(shards)
         shards = [str(s) for s in (shards or [])]
+        settings = _fit_workers(shards, settings)
         _check(shards, batch_size, resolution, settings)
+        dirs = {os.path.dirname(s) for s in shards if not is_remote(s)}
+        if manifest is None and len(dirs) == 1:
+            manifest = load_manifest(next(iter(dirs)) or ".")
         num_classes = settings.num_classes
-        if num_classes is None:
-            dirs = {os.path.dirname(s) for s in shards if not is_remote(s)}
-            if manifest is None and len(dirs) == 1:
-                manifest = load_manifest(dirs.pop() or ".")
-            if manifest is not None and manifest.get("class_names"):
-                num_classes = len(manifest["class_names"])
+        if num_classes is None and manifest is not None and manifest.get("class_names"):
+            num_classes = len(manifest["class_names"])
 
         self.shards = shards
         self.batch_size, self.resolution = int(batch_size), int(resolution)
@@ -222,6 +287,8 @@ class ShardLoader:
             drop_last=self.resampled if settings.drop_last is None else bool(settings.drop_last),
             num_classes=num_classes)
         self._dataset = _BatchStream(shards, self.batch_size, self.resolution, stream)
+        self._dataset.expected = _expected_counts(manifest, dirs)
+        self.timeout_s = float(settings.timeout_s or 0)
         self._loader: torch.utils.data.DataLoader | None = None
 
     @property
@@ -237,12 +304,19 @@ class ShardLoader:
             self._loader = torch.utils.data.DataLoader(
                 self._dataset, batch_size=None, num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0, pin_memory=False,
-                prefetch_factor=4 if self.num_workers > 0 else None)
+                prefetch_factor=4 if self.num_workers > 0 else None, worker_init_fn=_worker_init,
+                timeout=self.timeout_s if self.num_workers > 0 else 0)
         try:
             for x, y, skipped in self._loader:
                 self.skipped += int(skipped)
                 if len(y):
                     yield x, y
+        except RuntimeError as exc:
+            self.close()
+            if "timed out" not in str(exc):
+                raise
+            raise DataError(f"data loader: no batch from the decode workers in {self.timeout_s:g} s; a worker "
+                            f"is stuck (a hung filesystem or image?). Check the shards in data.shards") from None
         except DataError as exc:
             self.close()
             # A worker's DataError arrives wrapped with its traceback; keep the one-line message.
@@ -264,6 +338,28 @@ class ShardLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _expected_counts(manifest: dict | None, dirs: set[str]) -> dict[str, int]:
+    """abspath of each shard -> its sample count, when the manifest of their one directory says so."""
+    counts = shard_counts(manifest)
+    if counts is None or len(dirs) != 1:
+        return {}
+    root = os.path.abspath(next(iter(dirs)) or ".")
+    return {os.path.join(root, name): c for name, c in zip(manifest["shards"], counts)}
+
+
+def _fit_workers(shards: list[str], s: LoaderSettings) -> LoaderSettings:
+    """No more decode workers than this rank has shards (one line says so): a worker without a shard
+    has nothing to read, and a small set (a user's own folder) would otherwise fail outright."""
+    if s.num_workers <= 1 or s.world_size < 1 or not 0 <= s.rank < s.world_size:
+        return s
+    mine = len(shards[s.rank::s.world_size])
+    if 1 <= mine < s.num_workers:
+        print(f"gan-bench data: {mine} shard(s) for this process, so {mine} decode worker(s) instead of "
+              f"data.num_workers={s.num_workers}", file=sys.stderr, flush=True)
+        return dataclasses.replace(s, num_workers=mine)
+    return s
 
 
 def _check(shards: list[str], batch_size: int, resolution: int, s: LoaderSettings) -> None:

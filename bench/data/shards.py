@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ from bench.data.writer import ShardSetSpec, publish, temp_dir_for, write_shard_s
 __all__ = [  # the shard format's names and DataError live in format.py; they are part of this API
     "MANIFEST", "SHARD_NAME", "DEFAULT_NUM_SAMPLES", "MAKE_SHARDS_HINT", "DataError", "ShardSetSpec",
     "load_manifest", "resolve_shards", "is_remote", "make_shards", "configured_shards", "default_shards",
-    "manifest_hash", "dataset_info", "shard_dir",
+    "manifest_hash", "dataset_info", "shard_dir", "manifest_problem", "shard_counts", "manifest_resolution",
+    "owned_shard_set",
 ]
 
 
@@ -64,10 +66,85 @@ def load_manifest(shards_spec: str | os.PathLike) -> dict | None:
     if manifest is None:
         raise DataError(f"data.shards={str(shards_spec)!r}: cannot read {mpath} (not a JSON object); delete "
                         f"the shard directory and write it again with `bench data make-shards`")
-    if not isinstance(manifest.get("shards"), list):
-        raise DataError(f"data.shards={str(shards_spec)!r}: {mpath} has no 'shards' list; "
-                        f"delete the shard directory and write it again with `bench data make-shards`")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"data.shards={str(shards_spec)!r}: {mpath}: {problem}; delete the shard directory "
+                        f"and write it again with `bench data make-shards`")
     return manifest
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _plain_name(name) -> bool:
+    """A file name inside the shard directory: no path separators, no '..', not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name))
+
+
+def manifest_problem(m: dict) -> str | None:
+    """What is wrong with a manifest read from disk (it is untrusted input), or None."""
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        return "has no 'shards' list"
+    bad = next((s for s in shards if not _plain_name(s)), None)
+    if bad is not None or any(s is None for s in shards):
+        return f"shard name {bad!r} is not a plain file name inside the directory"
+    names = m.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        return "'class_names' is not a list of strings"
+    for key in ("num_samples", "samples_per_shard", "resolution"):
+        if key in m and not _is_count(m[key]):
+            return f"{key!r}={m[key]!r} is not a non-negative integer"
+    counts = m.get("shard_counts")
+    if counts is not None:
+        if not (isinstance(counts, list) and all(_is_count(c) for c in counts)):
+            return "'shard_counts' is not a list of non-negative integers"
+        if len(counts) != len(shards):
+            return f"'shard_counts' has {len(counts)} entries for {len(shards)} shards"
+        if "num_samples" in m and sum(counts) != m["num_samples"]:
+            return f"'shard_counts' sum to {sum(counts)}, not num_samples={m['num_samples']}"
+    elif shards and m.get("num_samples") is not None and m.get("samples_per_shard"):
+        n, per = m["num_samples"], m["samples_per_shard"]
+        if not per * (len(shards) - 1) < n <= per * len(shards):
+            return (f"num_samples={n} does not fit {len(shards)} shards of samples_per_shard={per} "
+                    f"(the per-shard counts do not add up)")
+    return None
+
+
+def shard_counts(manifest: dict | None) -> list[int] | None:
+    """Samples in each shard, in manifest order: 'shard_counts' when recorded, else derived from
+    num_samples and samples_per_shard (the writer fills every shard but the last); None if unknown."""
+    if not manifest or manifest_problem(manifest):
+        return None
+    if manifest.get("shard_counts") is not None:
+        return list(manifest["shard_counts"])
+    n, per, k = manifest.get("num_samples"), manifest.get("samples_per_shard"), len(manifest["shards"])
+    if n is None or not per or not k:
+        return None
+    return [per] * (k - 1) + [n - per * (k - 1)]
+
+
+def manifest_resolution(shards_spec) -> int | None:
+    """The image side recorded in the shard set's manifest.json, or None (no manifest, or not recorded).
+    For the config (docs/architecture.md): data.resolution, unless set explicitly, may come from here."""
+    manifest = load_manifest(shards_spec)
+    res = manifest.get("resolution") if manifest else None
+    return int(res) if _is_count(res) and res > 0 else None
+
+
+def resolution_from_manifest(shards_spec) -> int:
+    """`data.resolution: null` (the folder data group's default): the image side the shards were written
+    at, so a user's 32-pixel shards are not trained or classified at 128."""
+    if not shards_spec or shards_spec == "???":
+        raise DataError(f"data.shards is empty: this data group reads your shards; give data.shards=DIR "
+                        f"({MAKE_SHARDS_HINT})")
+    res = manifest_resolution(shards_spec)
+    if res is None:
+        raise DataError(f"data.resolution=null takes the resolution from the shards' {MANIFEST}, but "
+                        f"data.shards={shards_spec!r} has none that records it; set data.resolution=N (16..256)")
+    return res
 
 
 def no_shards(spec: str, why: str) -> DataError:
@@ -164,16 +241,11 @@ def make_shards(out: str | os.PathLike, spec: ShardSetSpec = ShardSetSpec(), *, 
     spec = dataclasses.replace(spec, resolution=resolution, samples_per_shard=int(spec.samples_per_shard),
                                seed=int(spec.seed))
     out = Path(os.path.expanduser(str(out))).absolute()
-    if out.exists() and not overwrite:
-        if (out / MANIFEST).is_file():
-            raise DataError(f"make-shards out={str(out)!r}: already holds a complete shard set ({MANIFEST}); "
-                            f"pass overwrite=true to replace it, or choose another out")
-        if not out.is_dir() or any(out.iterdir()):
-            raise DataError(f"make-shards out={str(out)!r}: exists and is not an empty directory; "
-                            f"choose another out, or pass overwrite=true to replace it")
+    _check_out(out, spec, overwrite)
     tmp = temp_dir_for(out)
     try:
         manifest = write_shard_set(tmp, spec, progress=progress, summary=progress)
+        _check_out(out, spec, overwrite)  # again: the user may have put files there while we wrote
         if not publish(tmp, out, overwrite):
             raise DataError(f"make-shards out={str(out)!r}: another process wrote a shard set there "
                             f"at the same time; use it, or pass overwrite=true")
@@ -181,6 +253,53 @@ def make_shards(out: str | os.PathLike, spec: ShardSetSpec = ShardSetSpec(), *, 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+# What make_shards and the domain classifier write into a shard directory (and atomic_write's temp files).
+_OUR_EXTRA = re.compile(r"^\.?classifier-r\d+\.pt(\.tmp-\d+-[0-9a-f]+)?$")
+
+
+def owned_shard_set(out: Path) -> str | None:
+    """None when directory `out` holds a shard set we wrote and nothing else (so replacing it destroys
+    nothing of the user's); otherwise why not, for the error message."""
+    manifest = rundir.read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
+    if manifest is None:
+        return f"it has no readable {MANIFEST}"
+    if manifest.get("format") != "png+cls" or manifest_problem(manifest) or not all(
+            k in manifest for k in ("num_samples", "class_names", "resolution", "source")):
+        return f"its {MANIFEST} is not one `bench data make-shards` wrote"
+    allowed = set(manifest["shards"]) | {MANIFEST}
+    for p in out.iterdir():
+        if p.name in allowed and p.is_file() and not p.is_symlink():
+            continue
+        if _OUR_EXTRA.match(p.name) and p.is_file():
+            continue
+        return f"it holds {p.name!r}, which is not part of the shard set"
+    return None
+
+
+def _check_out(out: Path, spec: ShardSetSpec, overwrite: bool) -> None:
+    """DataError unless writing to `out` can destroy nothing but a shard set we wrote earlier."""
+    where = f"make-shards out={str(out)!r}"
+    if spec.source == "folder" and spec.folder is not None:
+        src, dst = Path(os.path.expanduser(str(spec.folder))).resolve(), out.resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            rel = "is" if dst == src else "is inside" if src in dst.parents else "contains"
+            raise DataError(f"{where} {rel} the source folder={str(src)!r}; write the shards to a "
+                            f"directory outside the image folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise DataError(f"{where}: exists and is not a directory; choose another out (a new or empty directory)")
+    if not any(out.iterdir()):
+        return
+    why = owned_shard_set(out)
+    if why is not None:
+        raise DataError(f"{where}: not empty and not a shard set gan-bench wrote ({why}); nothing was "
+                        f"changed: choose a new or empty directory")
+    if not overwrite:
+        raise DataError(f"{where}: already holds a complete shard set ({MANIFEST}); pass overwrite=true to "
+                        f"replace it, or choose another out")
 
 
 def configured_shards(data_cfg) -> str:

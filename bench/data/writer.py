@@ -8,6 +8,7 @@ import datetime as _dt
 import glob as _glob
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -26,6 +27,9 @@ from PIL import Image, ImageOps
 from bench.data import shapes
 from bench.data.format import DEFAULT_NUM_SAMPLES, MANIFEST, SHARD_NAME, DataError, png_bytes, square_resize
 
+# A small image folder still gets this many shards (fewer images per shard), so that the folder data
+# group's decode workers (configs/data/folder.yaml) and several ranks each have a shard to read.
+MIN_FOLDER_SHARDS = 8
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
 
@@ -39,7 +43,8 @@ class ShardSetSpec:
     resolution         image side in pixels
     num_samples        shapes: images to render (None = 10000); folder: cap on images (None = all of
                        them; the images are shuffled with `seed` before capping and sharding, so classes mix)
-    samples_per_shard  images per tar shard; more shards allow more readers (ranks x workers)
+    samples_per_shard  images per tar shard; more shards allow more readers (ranks x workers); folder:
+                       fewer per shard when that gives under MIN_FOLDER_SHARDS shards
     seed               shapes: the dataset's seed; folder: the shuffle's seed
     folder             the ImageFolder tree (source=folder only)
     workers            processes for rendering/encoding (None = automatic; 1 = in this process)
@@ -216,9 +221,16 @@ def _pack(tmp: Path, plan: _Plan, samples_per_shard: int, nproc: int, prog: _Pro
 def write_shard_set(tmp: Path, spec: ShardSetSpec, *, progress: bool, summary: bool) -> dict:
     """Write shards and manifest.json into the (new, empty) directory `tmp`. Returns the manifest."""
     plan = _plan(spec)
+    per_shard = spec.samples_per_shard
+    if spec.source == "folder" and len(plan.jobs) < MIN_FOLDER_SHARDS * per_shard:
+        per_shard = max(1, math.ceil(len(plan.jobs) / MIN_FOLDER_SHARDS))
+        if progress and per_shard != spec.samples_per_shard:
+            print(f"make-shards folder: {len(plan.jobs)} images, so {per_shard} per shard instead of "
+                  f"{spec.samples_per_shard}: at least {MIN_FOLDER_SHARDS} shards let several readers share the set",
+                  file=sys.stderr, flush=True)
     nproc = _auto_workers(spec.workers, plan.work)
     prog = _Progress(len(plan.jobs), f"make-shards {spec.source}", progress)
-    w = _pack(tmp, plan, spec.samples_per_shard, nproc, prog)
+    w = _pack(tmp, plan, per_shard, nproc, prog)
     if w.written == 0:
         raise DataError(f"make-shards folder={str(spec.folder)!r}: none of {len(plan.jobs)} images could be "
                         f"read (first error: {w.skipped_examples[0] if w.skipped_examples else 'none'})")
@@ -230,7 +242,7 @@ def write_shard_set(tmp: Path, spec: ShardSetSpec, *, progress: bool, summary: b
         "resolution": spec.resolution,
         "source": spec.source,
         "seed": spec.seed,
-        "samples_per_shard": spec.samples_per_shard,
+        "samples_per_shard": per_shard,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "format": "png+cls",
     }

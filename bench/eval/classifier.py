@@ -42,6 +42,7 @@ from bench.data.loader import LoaderSettings, ShardLoader
 from bench.data.shards import dataset_info, manifest_hash, shard_dir
 from bench.device import autocast, eval_precision
 from bench.eval.errors import ClassifierError
+from bench.eval.safeload import first_line, load_weights
 
 __all__ = ["DomainClassifier", "ClassifierSettings", "train_classifier", "load_classifier", "classifier_path",
            "load_images", "DomainFeatureExtractor", "DOMAIN_EXTRACTOR", "DOMAIN_LAYERS"]
@@ -313,10 +314,13 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise ClassifierError(f"domain classifier {p} does not exist; train it with "
                               f"`bench eval train-classifier data.shards=...`")
     raw = p.read_bytes()
-    ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    model = DomainClassifier(len(meta["class_names"]), int(meta["resolution"]), width=int(meta["width"]))
-    model.load_state_dict(ckpt["state_dict"])
+    try:  # an untrusted file: weights_only unpickling runs no code
+        ckpt = load_weights(io.BytesIO(raw))
+        meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+        model = DomainClassifier(len(meta["class_names"]), int(meta["resolution"]), width=int(meta["width"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged or hostile file
+        raise ClassifierError(f"domain classifier {p} is unreadable ({first_line(exc)})") from None
     model.eval().requires_grad_(False)
     meta["path"] = str(p)
     meta["sha256"] = hashlib.sha256(raw).hexdigest()[:16]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +30,25 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 INCEPTION_LAYERS = {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}
 
 
+class ProgressLine:
+    """A progress line on stderr at most every `every_s` seconds, and one when `total` is reached."""
+
+    def __init__(self, label: str, total: int, every_s: float = 5.0):
+        self.label, self.total, self.every_s = label, int(total), every_s
+        self.done, self.t0 = 0, time.time()
+        self.last = self.t0
+
+    def add(self, n: int) -> None:
+        self.done += int(n)
+        now = time.time()
+        finished = self.done >= self.total
+        if now - self.last >= self.every_s or (finished and self.done - int(n) < self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            print(f"{self.label}: {min(self.done, self.total)}/{self.total} images ({rate:.0f} img/s)",
+                  file=sys.stderr, flush=True)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """uint8 images (N, 3, H, W) as a torch-fidelity input. `images` is a tensor, or a callable that
     returns one: it is called on first access only, so a real side served from the cache never
@@ -37,6 +58,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self._images = images if torch.is_tensor(images) else None
         self._load = None if torch.is_tensor(images) else images
         self.loads = 0
+        self.progress = None  # a ProgressLine, counted per image read
         if self._images is not None:
             self._check(self._images)
 
@@ -57,6 +79,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if self.progress is not None:
+            self.progress.add(1)
         return self.images[i]
 
 
@@ -84,6 +108,7 @@ class Sampler(nn.Module):
         self.device = next(G.parameters()).device
         self.correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.count = 0
+        self.__dict__["progress"] = None  # a ProgressLine, counted per batch
 
     @torch.no_grad()
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
@@ -97,6 +122,8 @@ class Sampler(nn.Module):
             _, logits = self.classifier(images)
             self.correct += (logits.argmax(1) == y).sum()
             self.count += n
+        if self.progress is not None:
+            self.progress.add(n)
         return images
 
     def class_acc(self):

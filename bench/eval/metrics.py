@@ -43,8 +43,9 @@ from bench.data.shards import dataset_info, manifest_hash
 from bench.device import autocast, eval_precision
 from bench.eval.classifier import classifier_path as default_classifier_path
 from bench.eval.classifier import load_classifier, load_images, train_classifier
-from bench.eval.errors import EvalError
-from bench.eval.features import (ImageDataset, Sampler, check_extractor, extractor_settings, inception_weights,
+from bench.eval.errors import ClassifierError, EvalError
+from bench.eval.safeload import first_line, load_weights
+from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extractor_settings, inception_weights,
                                  register_sampler)
 from bench.eval.sampling import check_psi, check_trunc_mode, standing_stats
 
@@ -70,6 +71,7 @@ class MetricSettings:
     cache_dir: Optional[str] = None     # torch-fidelity's feature cache (None: no caching)
     input2_cache_name: Optional[str] = None  # input2 is cached only under a name
     seed: int = 0
+    verbose: bool = False               # torch-fidelity's own prints (progress bars, "Recall: ...")
 
 
 def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(), *, device="cpu",
@@ -93,7 +95,7 @@ def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(),
         isc="isc" in s.metrics, fid="fid" in s.metrics, kid="kid" in s.metrics, prc="prc" in s.metrics,
         feature_extractor=fe_name, feature_extractor_weights_path=fe_weights,
         **{f"feature_layer_{m}": layers[m] for m in ("isc", "fid", "kid", "prc")},
-        batch_size=int(s.batch_size), cuda=device.type == "cuda", verbose=bool(progress),
+        batch_size=int(s.batch_size), cuda=device.type == "cuda", verbose=bool(s.verbose),
         save_cpu_ram=True,  # no DataLoader worker processes; PRC in blocks
         rng_seed=int(s.seed), isc_splits=max(1, min(10, n1 // 2)), kid_subset_size=min(1000, n1, n2),
         cache=s.cache_dir is not None, cache_root=str(s.cache_dir) if s.cache_dir is not None else None,
@@ -129,6 +131,7 @@ class EvalSettings:
     classifier_path: Optional[str] = None  # domain classifier file (None: beside the shards)
     seed: int = 0                      # latents and labels
     train_classifier: bool = True      # train the domain classifier when it is missing
+    verbose: bool = False              # also torch-fidelity's own prints (progress bars, "Recall: ...")
 
     @classmethod
     def from_cfg(cls, cfg) -> "EvalSettings":
@@ -142,6 +145,8 @@ class EvalSettings:
                 continue
             if isinstance(f.default, (int, str)) and not isinstance(f.default, bool):
                 value = type(f.default)(value)
+            elif isinstance(f.default, bool):
+                value = bool(value)
             values[f.name] = value
         return cls(**values)
 
@@ -153,8 +158,14 @@ def ensure_classifier(shards_spec, resolution: int, path=None, *, train_if_missi
     when missing, or when the default file was trained on other shards or at another resolution."""
     p = Path(os.path.expanduser(str(path))) if path else default_classifier_path(shards_spec, resolution)
     reason = "is missing"
+    meta = None
     if p.is_file():
-        _, meta = load_classifier(p)
+        try:
+            _, meta = load_classifier(p)
+        except ClassifierError as exc:
+            print(f"warning: {exc}; rebuilding it", file=sys.stderr, flush=True)
+            reason = "is unreadable"
+    if meta is not None:
         same_data = meta.get("manifest_hash") == manifest_hash(shards_spec)
         if int(meta["resolution"]) == int(resolution) and (same_data or path):
             if not same_data:
@@ -227,6 +238,19 @@ def _real_side(s: EvalSettings, shards_spec, resolution: int, progress: bool) ->
     return real, n_real
 
 
+def check_real_cache(cache_dir: Path, key: str) -> None:
+    """torch-fidelity reads its cache with weights_only=False: each real-statistics file of this key is
+    first read here with weights_only=True (safeload); a damaged or foreign one is removed with a one-line
+    warning, and torch-fidelity rebuilds it."""
+    for path in sorted(Path(cache_dir).glob(f"real-{key}*.pt")):
+        try:
+            load_weights(path)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged or hostile file
+            print(f"warning: real-statistics cache {path} is unreadable ({first_line(exc)}); rebuilding it",
+                  file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
+
+
 def _write_sidecar(cache_dir: Path, key: str, ident: dict) -> None:
     sidecar = cache_dir / f"real-{key}.json"
     if not sidecar.exists():
@@ -265,6 +289,7 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
     key = real_cache_key(shards_spec, n_real, resolution, fe_id)
     cache_dir = Path(s.cache_dir) if s.cache_dir is not None else rundir.cache_root() / "eval"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    check_real_cache(cache_dir, key)
 
     if progress:
         psi = f", truncation {s.truncation} ({s.trunc_mode})" if s.truncation is not None else ""
@@ -283,10 +308,13 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
                            truncation=s.truncation, trunc_mode=s.trunc_mode, generator=gen, autocast=amp)
         sampler = Sampler(Gs, n_classes, truncation=s.truncation, trunc_mode=s.trunc_mode, generator=gen,
                           autocast=amp, classifier=clf)
+        if progress and not s.verbose:
+            sampler.progress = ProgressLine("gan-bench eval: sampling + features", int(s.num_samples))
+            real.progress = ProgressLine("gan-bench eval: real features (cached afterwards)", n_real)
         out = compute_metrics(sampler, real, MetricSettings(
             extractor=s.extractor, weights_path=weights_path, batch_size=s.batch_size,
             num_samples=int(s.num_samples), num_real=n_real, cache_dir=cache_dir,
-            input2_cache_name=f"real-{key}", seed=s.seed), device=device, progress=progress)
+            input2_cache_name=f"real-{key}", seed=s.seed, verbose=s.verbose), device=device, progress=progress)
     finally:
         G.train(was_training)
     if sampler.count:

@@ -12,6 +12,8 @@ import dataclasses
 import io
 import json
 import math
+import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +27,7 @@ from bench import rundir
 from bench.data.shards import DEFAULT_NUM_SAMPLES, dataset_info, default_shards
 from bench.device import cpu_has_fast_bf16
 from bench.eval.errors import EvalError
+from bench.eval.safeload import first_line, load_weights
 from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator, format_table
 from bench.eval.sampling import check_psi, save_grid, to_uint8, truncated_normal, write_sheets
 
@@ -65,8 +68,26 @@ def _pick_best(run_dir: Path, by_step: dict, metric: str, extractor: str | None)
     return by_step[step], f"best by {metric} in evals.jsonl (step {step})"
 
 
+def _checkpoint_file(ckpt_dir: Path, which: str) -> Path:
+    """which= as a file: it must resolve to a file inside the run's own checkpoints/ directory (a path
+    relative to the working directory, or to checkpoints/)."""
+    p = Path(os.path.expanduser(str(which)))
+    if not p.is_absolute() and not p.exists() and (ckpt_dir / p).exists():
+        p = ckpt_dir / p
+    inside = ckpt_dir.resolve()
+    resolved = p.resolve()
+    if not resolved.is_relative_to(inside):
+        raise EvalError(f"which={str(which)!r} is not allowed; use best, last, a checkpoint step or a file "
+                        f"inside {ckpt_dir}")
+    if not resolved.is_file():
+        raise EvalError(f"which={str(which)!r}: no such checkpoint file in {ckpt_dir}; use best, last, a "
+                        f"checkpoint step or a file inside {ckpt_dir}")
+    return resolved
+
+
 def pick_checkpoint(run_dir: Path, which, metric: str, extractor: str | None) -> tuple[Path, str]:
-    """(checkpoint file, how it was chosen). which: best | last | a step number | a file path.
+    """(checkpoint file, how it was chosen). which: best | last | a step number | a file inside the
+    run's checkpoints/ directory.
 
     best: checkpoints/best.pt when the run kept one, else the checkpoint of the run's best evaluation
     by `metric` among those made with `extractor` (rundir.best_eval), else the last checkpoint."""
@@ -77,11 +98,9 @@ def pick_checkpoint(run_dir: Path, which, metric: str, extractor: str | None) ->
         if str(which).isdigit():
             if int(which) in by_step:
                 return by_step[int(which)], f"step {int(which)}"
-            raise EvalError(f"checkpoint step {which} is not in {ckpt_dir} (have: {sorted(by_step)[-5:]})")
-        p = Path(str(which))
-        if p.is_file():
-            return p, p.name
-        raise EvalError(f"which={which!r}: use best, last, a checkpoint step or a checkpoint file")
+            raise EvalError(f"which={which}: no checkpoint of that step in {ckpt_dir} (have: {sorted(by_step)[-5:]})")
+        p = _checkpoint_file(ckpt_dir, which)
+        return p, p.name
     if which == "best":
         if (ckpt_dir / rundir.BEST_CKPT).is_file():
             return ckpt_dir / rundir.BEST_CKPT, f"best ({rundir.CHECKPOINTS}/{rundir.BEST_CKPT})"
@@ -96,6 +115,54 @@ def pick_checkpoint(run_dir: Path, which, metric: str, extractor: str | None) ->
     return ckpts[-1][1], f"last (step {ckpts[-1][0]})"
 
 
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's tensors and plain values, unpickled with weights_only=True (a checkpoint file is
+    untrusted input: no code runs). An unreadable file is an EvalError naming it."""
+    try:
+        state = load_weights(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged or hostile file
+        raise EvalError(f"checkpoint {path} is unreadable ({first_line(exc)})") from None
+    if not isinstance(state, dict) or "G_ema" not in state:
+        raise EvalError(f"checkpoint {path} has no G_ema weights; is it a gan-bench checkpoint?")
+    return state
+
+
+def load_checkpoint(run_dir: Path, which, metric: str, extractor: str | None) -> tuple[Path, str, dict]:
+    """(file, how chosen, state) of pick_checkpoint. For which=best / last, a corrupt file falls back to
+    the previous complete checkpoint (newest first), named on stderr."""
+    path, chosen = pick_checkpoint(run_dir, which, metric, extractor)
+    try:
+        return path, chosen, read_checkpoint(path)
+    except EvalError as exc:
+        if which not in ("best", "last"):
+            raise
+        first_error = exc
+    for step, other in reversed(rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)):
+        if other == path:
+            continue
+        try:
+            state = read_checkpoint(other)
+        except EvalError as exc:
+            print(f"warning: {exc}; trying an older one", file=sys.stderr, flush=True)
+            continue
+        print(f"warning: {first_error}; evaluating the previous complete checkpoint {other} (step {step})",
+              file=sys.stderr, flush=True)
+        return other, f"fallback (step {step}, {path.name} unreadable)", state
+    raise first_error
+
+
+URL_SCHEME = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http:, https:, s3:, gs:, ... (not C:)
+
+
+def _safe_recorded_shards(spec, source: str):
+    """A shard spec read from a run's files (run.json / config.yaml) is untrusted: a `pipe:` command or a
+    remote URL is refused (give data.shards= explicitly to evaluate against such data)."""
+    if spec and URL_SCHEME.match(str(spec)):
+        raise EvalError(f"{source} names shards {str(spec)!r}: a pipe: command or remote URL from a run's files "
+                        f"is not used; pass data.shards=DIR (local shards) to evaluate this run")
+    return spec
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading a run
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +171,8 @@ def _run_shards(cfg, info: dict, overrides, resolution: int) -> str:
     """The real data: an explicit override, else what the run trained on (run.json), else its config,
     else the built-in shards."""
     shards = OmegaConf.select(merge_overrides(OmegaConf.create(), overrides), "data.shards", default=None)
-    shards = shards or info.get("shards") or OmegaConf.select(cfg, "data.shards", default=None)
+    shards = shards or _safe_recorded_shards(info.get("shards"), rundir.RUN_JSON) or _safe_recorded_shards(
+        OmegaConf.select(cfg, "data.shards", default=None), rundir.CONFIG)
     if not shards:
         shards = default_shards(resolution, num_samples=int(OmegaConf.select(
             cfg, "data.num_samples", default=DEFAULT_NUM_SAMPLES)))
@@ -127,10 +195,7 @@ def load_run(run_dir, overrides=None, which="best", device=None) -> dict:
     run_cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     cfg = merge_overrides(run_cfg, overrides)
     best_metric = str(OmegaConf.select(cfg, "eval.best_metric", default=None) or DEFAULT_BEST_METRIC)
-    path, chosen = pick_checkpoint(run_dir, which, best_metric, EvalSettings.from_cfg(run_cfg).extractor)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "G_ema" not in state:
-        raise EvalError(f"checkpoint {path} has no G_ema weights; is it a gan-bench checkpoint?")
+    path, chosen, state = load_checkpoint(run_dir, which, best_metric, EvalSettings.from_cfg(run_cfg).extractor)
     scfg = state.get("config") or {}
     model_cfg = dict(scfg.get("model") or OmegaConf.to_container(cfg.model, resolve=True))
     resolution = int((scfg.get("data") or {}).get("resolution") or cfg.data.resolution)

@@ -27,4 +27,7 @@ Outputs (default DIR/report/), each written through rundir.atomic_write:
   truncation.csv  every run's truncation curve
   ablation.csv    one row per run: its swept values, headline metric, collapse step, img/s
   throughput.png  losses.png  sigma.png (sigma-2.png ...)  evals.png  truncation.png  ablation.png
+  .gan-bench-report.json  the names of the files above that bench report wrote into this folder. Only a
+                  file it lists is ever replaced or removed (a stale output of an earlier report); a
+                  same-named file it does not list is the user's, and the report refuses to touch it
 """

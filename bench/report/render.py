@@ -12,7 +12,7 @@ from bench import metrics_registry as registry
 from bench import rundir
 from bench.report import plots
 from bench.report.collect import MAX_DEPTH, REPORT_DIR, STALLED_AFTER_S, TRUNC_COLUMNS, Run, discover, finite
-from bench.report.tables import (REPORT_METRICS, Writer, ablation_rows, assign_labels, best_eval_rows,
+from bench.report.tables import (LEDGER, REPORT_METRICS, ForeignFile, Ledger, Writer, ablation_rows, assign_labels, best_eval_rows,
                                  eval_records, fmt, md_table, natural, psi_order, run_row, scaling_table,
                                  status_cell, swept_keys, text_table, truncation_records)
 
@@ -57,6 +57,8 @@ class _Plots:
         """One plot function: its file names, or [] with the reason recorded in `skipped`."""
         try:
             files, why = fn(*a)
+        except ForeignFile:
+            raise
         except Exception as exc:
             print(f"warning: {name} not written: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             self.skipped[name] = f"failed: {exc.__class__.__name__}: {exc}"
@@ -79,7 +81,9 @@ def build_report(root: Path, out: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    w = Writer(out)
+    ledger = Ledger(out)
+    _refuse_foreign(out, ledger)
+    w = Writer(out, ledger)
     plot = _Plots()
 
     w.csv("runs.csv", rows)
@@ -105,18 +109,17 @@ def build_report(root: Path, out: Path) -> dict:
     written_names = {p.name for p in w.written} | {"report.md"}
     w.text("report.md", render_markdown(ReportData(root, runs, rows, keys, key_source, scaling, records, trunc,
                                                    abl, written_names, sigma_files, plot.skipped)))
-    _remove_stale(out, {p.name for p in w.written})
+    ledger.finish({p.name for p in w.written})
     return {"runs": runs, "rows": rows, "written": w.written, "skipped": plot.skipped, "keys": keys}
 
 
-def _remove_stale(out: Path, written: set[str]) -> None:
-    """Outputs of an earlier report that this one did not write (e.g. a plot that now has no data)."""
-    for p in out.iterdir():
-        if p.is_file() and OUR_FILES.match(p.name) and p.name not in written:
-            try:
-                p.unlink()
-            except OSError:
-                pass
+def _refuse_foreign(out: Path, ledger: Ledger) -> None:
+    """ReportError, before anything is written, if a file named like one of our outputs is in `out` and
+    the ledger does not say we wrote it: replacing it would destroy the user's file."""
+    for p in sorted(out.iterdir()):
+        if OUR_FILES.match(p.name) and p.name not in ledger.previous:
+            raise ReportError(f"{p} was not written by `bench report` (not listed in {out / LEDGER}); "
+                              f"nothing was changed: move it away or choose another out=")
 
 
 # ---- report.md ---------------------------------------------------------------------------------------
@@ -306,6 +309,10 @@ def main(args: list[str] | None = None) -> int:
         result = build_report(root, out)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ForeignFile as exc:  # appeared while the report was being written
+        print(f"error: {exc.path} was not written by `bench report`; it was left alone: move it away or "
+              f"choose another out=", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the output folder is read-only
         print(f"error: report: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)

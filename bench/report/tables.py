@@ -372,14 +372,71 @@ def status_cell(status: str) -> str:
 
 # ---- the outputs -----------------------------------------------------------------------------------
 
-class Writer:
-    """Writes each output through rundir.atomic_write: never a half-written file."""
+LEDGER = ".gan-bench-report.json"  # in the output folder: the files `bench report` wrote there
+
+
+class ForeignFile(Exception):
+    """An output's name is taken by a file `bench report` did not write (the ledger does not list it)."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
+class Ledger:
+    """The output folder's list of the files `bench report` wrote there (LEDGER, written atomically).
+    Only a file it lists is ever replaced or removed: an out= folder may hold the user's own files."""
 
     def __init__(self, out: Path):
+        self.path = out / LEDGER
+        data = rundir.read_json(self.path) if self.path.is_file() else None
+        names = data.get("written") if isinstance(data, dict) else None
+        self.previous: set[str] = {n for n in names if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")
+                                   } if isinstance(names, list) else set()
+        self.claimed: set[str] = set(self.previous)
+
+    def check(self, name: str) -> None:
+        """ForeignFile if writing `name` would replace a file we did not write."""
+        path = self.path.parent / name
+        if name not in self.claimed and (path.exists() or path.is_symlink()):
+            raise ForeignFile(path)
+
+    def claim(self, name: str) -> None:
+        """Record `name` BEFORE writing it, so a killed report still knows the file is ours."""
+        self.check(name)
+        if name not in self.claimed:
+            self.claimed.add(name)
+            self._save(self.claimed)
+
+    def finish(self, written: set[str]) -> None:
+        """Remove what an earlier report wrote and this one did not (e.g. a plot that now has no data);
+        then the ledger lists exactly this report's files."""
+        for name in sorted(self.claimed - written):
+            p = self.path.parent / name
+            try:
+                if p.is_file() and not p.is_symlink():
+                    p.unlink()
+            except OSError:
+                pass
+        self.claimed = set(written)
+        self._save(self.claimed)
+
+    def _save(self, names: set[str]) -> None:
+        rundir.write_json(self.path, {"written": sorted(names)})
+
+
+class Writer:
+    """Writes each output through rundir.atomic_write: never a half-written file, and never over a
+    file the ledger does not list as ours."""
+
+    def __init__(self, out: Path, ledger: Ledger | None = None):
         self.out = out
+        self.ledger = ledger
         self.written: list[Path] = []
 
     def _commit(self, name: str, data=None, write=None) -> Path:
+        if self.ledger is not None:
+            self.ledger.claim(name)
         path = rundir.atomic_write(self.out / name, data, write=write)
         self.written.append(path)
         return path

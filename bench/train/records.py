@@ -1,6 +1,12 @@
 """Rank 0's records in the run directory (docs/architecture.md, "Run directory"): metrics.jsonl (one
 line per tick, mirrored to TensorBoard), run.json (versions, hosts, status) and summary.json. Files
 are read and written through bench.rundir only.
+
+Config history: config.yaml is always the config the run trains with now. When a run is resumed with
+compatible changes (state.config_changes: e.g. a learning rate or train.steps; an incompatible change
+stops the resume), the config.yaml it replaces is kept as config-<step>.yaml, <step> being the resume
+step (7 digits, as checkpoints), and run.json's "config_changes" lists
+{"step": <step>, "changes": {<dotted key>: [old, new]}} for each such resume, oldest first.
 """
 from __future__ import annotations
 
@@ -138,9 +144,15 @@ class Records:
         if self.enabled:
             rundir.write_json(self.dir / name, obj)
 
-    def write_config(self, yaml_text: str) -> None:
-        if self.enabled:
-            rundir.atomic_write(self.dir / rundir.CONFIG, yaml_text)
+    def write_config(self, yaml_text: str, step: int = 0, changes: Optional[dict] = None) -> None:
+        """config.yaml; with `changes` (a resume at `step` under a changed config) the previous one is
+        kept first as config-<step>.yaml (see the module docstring)."""
+        if not self.enabled:
+            return
+        current = self.dir / rundir.CONFIG
+        if changes and current.exists():
+            rundir.atomic_write(self.dir / f"config-{int(step):07d}.yaml", current.read_bytes())
+        rundir.atomic_write(current, yaml_text)
 
     def metrics(self, row: dict) -> None:
         if not self.enabled:
@@ -172,12 +184,17 @@ class Records:
         if self.enabled:
             self.write_json(rundir.RUN_JSON, self.run_info(status, hosts, extra))
 
-    def start(self, resume_step: int, hosts: list) -> None:
-        """run.json at the start of a run (or a resumed one: its resume is listed)."""
-        resumes = self.read_json(rundir.RUN_JSON).get("resumes", [])
+    def start(self, resume_step: int, hosts: list, changes: Optional[dict] = None) -> None:
+        """run.json at the start of a run (or a resumed one: its resume is listed, and its config
+        changes, {key: [old, new]}, under "config_changes")."""
+        info = self.read_json(rundir.RUN_JSON)
+        resumes = info.get("resumes", [])
+        extra = {"resumes": resumes}
         if resume_step:
             resumes.append({"step": resume_step, "time": now()})
-        self.write_run(rundir.RUNNING, hosts, {"resumes": resumes})
+        if changes:
+            extra["config_changes"] = info.get("config_changes", []) + [{"step": resume_step, "changes": changes}]
+        self.write_run(rundir.RUNNING, hosts, extra)
 
     def close(self) -> None:
         if self.tb is not None:

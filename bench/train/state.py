@@ -18,6 +18,41 @@ import numpy as np
 import torch
 
 from bench import rundir
+from bench.config import ConfigError
+
+
+# Keys whose change makes a checkpoint meaningless for the config: parameter shapes (every model.* key,
+# data.resolution), the objective (loss.name) and the optimiser state's layout (train.optimizer).
+INCOMPATIBLE = ("model.", "data.resolution", "loss.name", "train.optimizer")
+# Keys that say where and how a run is launched, not what it trains: never recorded as changes.
+NOT_CHANGES = ("run.",)
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: Optional[dict], new: dict) -> dict:
+    """{dotted key: [old, new]} for every setting a resume changes (run.* aside). An incompatible change
+    (INCOMPATIBLE) is a ConfigError naming every such key, old -> new, in one line. A checkpoint without
+    a config (none written so far lacks one) has no changes."""
+    if not old:
+        return {}
+    a, b = _flatten(old), _flatten(new)
+    changes = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k) and not k.startswith(NOT_CHANGES)}
+    bad = [k for k in changes if k.startswith(INCOMPATIBLE)]
+    if bad:
+        what = ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in bad)
+        raise ConfigError(f"cannot resume: the run's checkpoint was trained with another config ({what}); "
+                          "use the run's settings or another run.dir")
+    return changes
 
 
 class Diverged(RuntimeError):
@@ -37,15 +72,25 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 
 
 def rng_state(zgen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "zgen": zgen.get_state(),
+    """Every RNG a step draws from, as tensors and plain numbers only, so a checkpoint loads with
+    torch.load(weights_only=True): torch's states are ByteTensors already; NumPy's MT19937 key and
+    Python's Mersenne Twister words become int64 tensors beside their scalar fields."""
+    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_words, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "zgen": zgen.get_state(),
+            "numpy": {"key": torch.from_numpy(np_key.astype(np.int64)), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+            "python": {"version": int(py_version), "words": torch.tensor(py_words, dtype=torch.int64),
+                       "gauss_next": py_gauss},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(rng: dict, zgen: torch.Generator) -> None:
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    n, p = rng["numpy"], rng["python"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss_next"]))
     zgen.set_state(rng["zgen"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -109,6 +154,9 @@ class Checkpoints:
             path = self.dir / rundir.ckpt_name(step)
             obj = state()
             rundir.atomic_write(path, write=lambda f: torch.save(obj, f))
+            # the new checkpoint's rename is durable before any older one goes (atomic_write fsyncs the
+            # directory too; this keeps the order explicit here, where the pruning is)
+            rundir.fsync_dir(self.dir)
             for _, old in rundir.list_checkpoints(self.dir)[: -self.keep]:
                 old.unlink(missing_ok=True)
         self.barrier()
@@ -126,12 +174,16 @@ class Checkpoints:
         return {k: best[k] for k in ("metric", "value", "step", "extractor")}
 
     def load_newest(self) -> tuple[Optional[dict], Optional[Path]]:
-        """The newest checkpoint that loads; a corrupt one is reported and skipped."""
+        """The newest checkpoint that loads; a corrupt one is reported and skipped. Checkpoints are read
+        with torch.load(weights_only=True) (bench.eval.safeload): a file that would run code when
+        unpickled is refused like a truncated one, and nothing in it runs."""
+        from bench.eval.safeload import first_line, load_weights
+
         for _, path in reversed(rundir.list_checkpoints(self.dir)):
             try:
-                return torch.load(path, map_location="cpu", weights_only=False), path
-            except Exception as exc:  # truncated or corrupt file: fall back to the previous one
-                print(f"warning: checkpoint {path} is unreadable ({exc.__class__.__name__}); trying an older one",
+                return load_weights(path), path
+            except Exception as exc:  # truncated, corrupt or hostile file: fall back to the previous one
+                print(f"warning: checkpoint {path} is unreadable ({first_line(exc, 120)}); trying an older one",
                       file=sys.stderr)
         return None, None
 
@@ -145,11 +197,13 @@ class Checkpoints:
 
 class StopRequest:
     """Whether the run stops before train.steps, and why. SIGTERM (preemption, scancel, scontrol
-    requeue), SIGUSR1, and SIGUSR2 (Slurm's warning before the time limit) make the run checkpoint at
-    the end of the current step and stop; after SIGUSR2 the job also requeues itself. The collapse
-    detector stops it too, with telemetry.stop_on_collapse."""
+    requeue), SIGINT (Ctrl-C), SIGUSR1, and SIGUSR2 (Slurm's warning before the time limit) make the
+    run checkpoint at the end of the current step and stop, without samples or an evaluation for that
+    step; after SIGUSR2 the job also requeues itself. A second Ctrl-C stops at once (KeyboardInterrupt;
+    the checkpoint of the step may then be missing, the previous one stays complete). The collapse
+    detector stops the run too, with telemetry.stop_on_collapse."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.requested = False
@@ -158,8 +212,23 @@ class StopRequest:
         self._old_handlers: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
         self.signal = signum
+
+    def status(self) -> str:
+        """The run's status when its loop ends."""
+        if self.on_collapse:
+            return rundir.COLLAPSED
+        return rundir.INTERRUPTED if self.requested else rundir.COMPLETED
+
+    def message(self, step: int) -> Optional[str]:
+        """The one line saying that a signal stopped the run (None when none did)."""
+        if self.signal is None:
+            return None
+        return (f"stopped by {signal.Signals(self.signal).name} at step {step}: checkpoint written; run the same "
+                "command to resume")
 
     def install(self) -> None:
         for sig in self.SIGNALS:

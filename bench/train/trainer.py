@@ -27,7 +27,7 @@ from bench.train.objectives import GANObjective, HistoricalAverage, make_optimiz
 from bench.train.phases import Phase, PhaseRunner, WeightRegs, plan
 from bench.train.records import Records, gather_hosts, now, run_facts, save_samples, summary_of
 from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopRequest, TrainingParts, all_finite,
-                               ema_update)
+                               config_changes, ema_update)
 from bench.train.telemetry import CollapseDetector, Collector, Mfu, Stopwatch, TickClock
 from models import spectral
 
@@ -59,6 +59,7 @@ class Trainer:
         self.stop = StopRequest()
         self.diverged_message: Optional[str] = None
         self.last_row: dict = {}
+        self.config_changes: dict = {}  # {key: [old, new]} against the resumed checkpoint's config
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _setup_processes(self, accelerator) -> None:
@@ -182,7 +183,16 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Resume, train to train.steps (or a stop request), and write the summary."""
+        """Resume, train to train.steps (or a stop request), and write the summary. Rank 0 holds the run
+        directory's lock (rundir.RunLock) for the whole run: a second writer gets RunLocked."""
+        lock = rundir.RunLock(self.run_dir).acquire() if self.is_main else None
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
         start_step = self.maybe_resume()
         if start_step >= self.cfg.train.steps:
             return self._already_complete(start_step)
@@ -217,7 +227,7 @@ class Trainer:
         clock = TickClock(self.train_seconds)
         self._announce()
         with collector:
-            while self.step < t.steps and not self.stop.requested:
+            while self.step < t.steps:  # a stop request ends it only once every rank agreed (stop.agree)
                 self.train_step(watch, self.next_batch)
                 clock.steps += 1
                 self.stop.agree(self.world, self.device)
@@ -227,13 +237,15 @@ class Trainer:
                 # tick short: a resumed run then has exactly the lines of an uninterrupted one.
                 if self.step % t.tick_every == 0 or self.step >= t.steps:  # ticks stay on multiples of tick_every
                     self._tick(collector, watch.take(), clock)
-                    last = last or self.stop.requested  # stop_on_collapse
+                    last = last or self.stop.on_collapse  # a signal during the tick waits for the next agree
                 # Checkpoints, sample grids and evaluations are not training: their time is kept out of
                 # the tick's img/s and step-time split (it still counts in summary.json's wall time).
                 watch.stop()
                 aside_t0 = time.perf_counter()
                 self._between_steps(clock, last, interrupted)
                 clock.set_aside(time.perf_counter() - aside_t0)
+                if last:
+                    break
             self.train_seconds = clock.wall()
 
     def train_step(self, watch: Stopwatch, batches: Batches) -> None:
@@ -262,9 +274,9 @@ class Trainer:
             self.save_checkpoint()
             if not last:
                 self.restart_data()  # keeps resumed runs on the same data stream
-        if (t.sample_every and self.step % t.sample_every == 0) or last:
+        if not interrupted and ((t.sample_every and self.step % t.sample_every == 0) or last):
             self.save_samples()
-        if (ev.every and self.step % ev.every == 0) or (last and not interrupted and (ev.every or ev.final)):
+        if not interrupted and ((ev.every and self.step % ev.every == 0) or (last and (ev.every or ev.final))):
             self.run_eval()
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,7 +383,12 @@ class Trainer:
         state, path = self.checkpoints.load_newest()
         if state is None:
             return 0
-        self.load_state_dict(state)
+        self.config_changes = config_changes(state.get("config"), OmegaConf.to_container(self.cfg, resolve=True))
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:  # nets or optimisers of another shape
+            raise ConfigError(f"cannot resume from {path}: it does not fit this config ({exc.__class__.__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:160]})") from None
         if not self.quiet and self.is_main:
             print(f"resuming from {path} at step {self.step}", flush=True)
         return self.step
@@ -412,8 +429,8 @@ class Trainer:
     # ---- records ------------------------------------------------------------------------------------
     def _start_records(self, start_step: int) -> None:
         self.records.open(start_step)
-        self.records.write_config(OmegaConf.to_yaml(self.cfg))
-        self.records.start(start_step, gather_hosts(self.world))  # every rank joins the host gather
+        self.records.write_config(OmegaConf.to_yaml(self.cfg), start_step, self.config_changes)
+        self.records.start(start_step, gather_hosts(self.world), self.config_changes)  # all ranks: host gather
 
     def _already_complete(self, start_step: int) -> dict:
         if self.is_main and not self.quiet:
@@ -422,9 +439,9 @@ class Trainer:
         return self.records.read_json(rundir.SUMMARY)
 
     def _end_status(self) -> str:
-        if self.stop.on_collapse:
-            return rundir.COLLAPSED
-        return rundir.INTERRUPTED if self.stop.requested else rundir.COMPLETED
+        if self.is_main and self.stop.message(self.step):
+            print(self.stop.message(self.step), file=sys.stderr, flush=True)
+        return self.stop.status()
 
     def _diverged(self, exc: Diverged) -> str:
         self.diverged_message = str(exc)

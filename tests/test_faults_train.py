@@ -1,0 +1,297 @@
+"""Faults around a training run's directory: a second writer, a failed checkpoint save, hostile
+checkpoint files, and resuming under a changed config (docs/architecture.md, "Run directory" and
+"Checkpoints")."""
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import TINY
+
+pytestmark = pytest.mark.faults
+
+
+def _bench(*args):
+    return [sys.executable, "-m", "bench.cli", *args]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, tiny_shards):
+    run_dir = tmp_path / "locked"
+    args = ["train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.batch_size=4",
+            "train.precision=fp32"]
+    steps = 40
+    first = subprocess.Popen(_bench(*args, f"train.steps={steps}", "train.ckpt_every=10"), env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()):  # the first one is training
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        second = subprocess.run(_bench(*args, "train.steps=2"), env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        assert first.poll() is None, "the first run ended before the second tried: raise its train.steps"
+        err = second.stderr.strip()
+        assert second.returncode == 2, err[-2000:]
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert f"pid {first.pid}" in err, err
+        out, err1 = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err1[-2000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def _checkpoints(tmp_path):
+    from bench.train.state import Checkpoints
+
+    ckpts = Checkpoints(tmp_path, keep=2, is_main=True)
+    ckpts.save(1, lambda: {"step": 1, "w": torch.ones(3)})
+    return ckpts
+
+
+def test_a_failed_checkpoint_save_leaves_no_temp_file(tmp_path, monkeypatch):
+    from bench import rundir
+
+    ckpts = _checkpoints(tmp_path)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        ckpts.save(2, lambda: {"step": 2, "w": torch.zeros(3)})
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckpts.dir.iterdir()) == [rundir.ckpt_name(1)]
+    state, path = ckpts.load_newest()
+    assert path.name == rundir.ckpt_name(1) and state["step"] == 1
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_save_into_a_read_only_directory_fails_cleanly(tmp_path):
+    from bench import rundir
+
+    ckpts = _checkpoints(tmp_path)
+    ckpts.dir.chmod(0o555)
+    try:
+        with pytest.raises(OSError):
+            ckpts.save(2, lambda: {"step": 2, "w": torch.zeros(3)})
+    finally:
+        ckpts.dir.chmod(0o755)
+    assert sorted(p.name for p in ckpts.dir.iterdir()) == [rundir.ckpt_name(1)]
+    assert ckpts.load_newest()[0]["step"] == 1
+
+
+def test_the_directory_is_fsynced_before_old_checkpoints_are_pruned(tmp_path, monkeypatch):
+    from bench import rundir
+
+    ckpts = _checkpoints(tmp_path)
+    ckpts.save(2, lambda: {"step": 2})
+    events = []
+    real_fsync, real_unlink = rundir.fsync_dir, type(ckpts.dir).unlink
+    monkeypatch.setattr(rundir, "fsync_dir", lambda p: (events.append(("fsync", str(p))), real_fsync(p))[1])
+    monkeypatch.setattr(type(ckpts.dir), "unlink",
+                        lambda self, *a, **k: (events.append(("unlink", self.name)), real_unlink(self, *a, **k))[1])
+    ckpts.save(3, lambda: {"step": 3})
+    unlinks = [i for i, e in enumerate(events) if e == ("unlink", rundir.ckpt_name(1))]
+    assert unlinks, events
+    assert ("fsync", str(ckpts.dir)) in events[: unlinks[0]], events
+    assert [p.name for _, p in rundir.list_checkpoints(ckpts.dir)] == [rundir.ckpt_name(2), rundir.ckpt_name(3)]
+
+
+class _Planted:
+    """Unpickling this runs code: it opens (creates) `marker`. A hostile checkpoint carries one."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _train(tmp_path, tiny_shards, *extra, name="run"):
+    from bench.cli import main
+
+    run_dir = tmp_path / name
+    rc = main(["train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.batch_size=4",
+               "train.precision=fp32", *extra])
+    return rc, run_dir
+
+
+def test_a_hostile_checkpoint_is_not_executed_on_resume(tmp_path, tiny_shards, capsys):
+    from bench import rundir
+
+    marker = tmp_path / "pwned"
+    probe = tmp_path / "probe.pt"  # the planted object does run when unpickled without weights_only
+    torch.save({"x": _Planted(tmp_path / "probe-marker")}, probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-marker").exists()
+
+    rc, run_dir = _train(tmp_path, tiny_shards, "train.steps=2", "train.ckpt_every=1", "train.ckpt_keep=3")
+    assert rc == 0
+    # checkpoints load with weights_only=True: RNG states and everything else are tensors and plain values
+    torch.load(run_dir / rundir.CHECKPOINTS / rundir.ckpt_name(2), weights_only=True)
+    hostile = run_dir / rundir.CHECKPOINTS / rundir.ckpt_name(3)
+    torch.save({"step": 3, "G": _Planted(marker)}, hostile)
+    capsys.readouterr()
+    rc, run_dir = _train(tmp_path, tiny_shards, "train.steps=3", "train.ckpt_every=1", "train.ckpt_keep=3")
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert not marker.exists()
+    assert f"checkpoint {hostile} is unreadable" in captured.err, captured.err
+    assert f"resuming from {run_dir / rundir.CHECKPOINTS / rundir.ckpt_name(2)} at step 2" in captured.out
+    rows = [json.loads(line) for line in (run_dir / rundir.METRICS).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_under_an_incompatible_config_is_one_line(tmp_path, tiny_shards, capsys):
+    from bench import rundir
+
+    rc, run_dir = _train(tmp_path, tiny_shards, "train.steps=1")
+    assert rc == 0
+    before = (run_dir / rundir.CONFIG).read_text()
+    capsys.readouterr()
+    rc, _ = _train(tmp_path, tiny_shards, "train.steps=2", "model.ch=16", "model.z_dim=64", "train.g_lr=0.001")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "model.ch: 8 -> 16" in err and "model.z_dim: 32 -> 64" in err, err
+    assert "g_lr" not in err and "Traceback" not in err
+    assert (run_dir / rundir.CONFIG).read_text() == before and not list(run_dir.glob("config-*.yaml"))
+    assert len((run_dir / rundir.METRICS).read_text().splitlines()) == 1
+    assert json.loads((run_dir / rundir.SUMMARY).read_text())["steps"] == 1
+
+    rc, _ = _train(tmp_path, tiny_shards, "train.steps=2", "model=dcgan")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "model.family: 'biggan' -> 'dcgan'" in err, err
+
+
+def test_resume_under_a_compatible_config_keeps_the_history(tmp_path, tiny_shards):
+    import yaml
+
+    from bench import rundir
+
+    rc, run_dir = _train(tmp_path, tiny_shards, "train.steps=1")
+    assert rc == 0
+    old_lr = yaml.safe_load((run_dir / rundir.CONFIG).read_text())["train"]["g_lr"]
+    rc, _ = _train(tmp_path, tiny_shards, "train.steps=2", "train.g_lr=0.00123")
+    assert rc == 0
+    run = json.loads((run_dir / rundir.RUN_JSON).read_text())
+    assert run["config_changes"] == [{"step": 1, "changes": {"train.g_lr": [old_lr, 0.00123], "train.steps": [1, 2]}}]
+    assert yaml.safe_load((run_dir / rundir.CONFIG).read_text())["train"]["g_lr"] == 0.00123
+    kept = yaml.safe_load((run_dir / "config-0000001.yaml").read_text())["train"]
+    assert kept["g_lr"] == old_lr and kept["steps"] == 1
+    rc, _ = _train(tmp_path, tiny_shards, "train.steps=3", "train.g_lr=0.00123")
+    assert rc == 0
+    run = json.loads((run_dir / rundir.RUN_JSON).read_text())
+    assert [c["step"] for c in run["config_changes"]] == [1, 2]
+    assert run["config_changes"][1]["changes"] == {"train.steps": [2, 3]}
+    assert sorted(p.name for p in run_dir.glob("config*.yaml")) == ["config-0000001.yaml", "config-0000002.yaml",
+                                                                   "config.yaml"]
+    assert [json.loads(line)["step"] for line in (run_dir / rundir.METRICS).read_text().splitlines()] == [1, 2, 3]
+
+
+def test_ctrl_c_checkpoints_and_stops_with_one_line(tmp_path, tiny_shards):
+    import signal
+
+    from bench import rundir
+
+    run_dir = tmp_path / "ctrlc"
+    proc = subprocess.Popen(_bench("train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY,
+                                   "train.batch_size=4", "train.precision=fp32", "train.steps=200",
+                                   "train.ckpt_every=1000", "train.sample_every=1000"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run_dir / rundir.METRICS
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    step = summary["steps"]
+    assert summary["status"] == rundir.INTERRUPTED and 2 <= step < 200
+    assert err.strip().splitlines() == [f"stopped by SIGINT at step {step}: checkpoint written; run the same "
+                                        "command to resume"], err
+    assert [p.name for _, p in rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)] == [rundir.ckpt_name(step)]
+    assert not list((run_dir / rundir.SAMPLES).glob("*.png"))  # the interrupted step wrote no samples
+    assert not (run_dir / rundir.EVALS).exists()
+
+
+def test_the_interrupted_step_writes_no_samples_and_runs_no_evaluation(tmp_path, tiny_shards, capsys):
+    import signal
+
+    from bench import rundir
+    from bench.config import compose, validate
+    from bench.train.trainer import Trainer
+
+    calls = []
+
+    class Watch(Trainer):
+        def train_step(self, watch, batches):
+            super().train_step(watch, batches)
+            if self.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 3
+
+        def run_eval(self):
+            calls.append(("eval", self.step))
+
+        def save_samples(self):
+            calls.append(("samples", self.step))
+
+    cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=6", "train.batch_size=4",
+                            "train.precision=fp32", "train.sample_every=1", "eval.every=1"]))
+    summary = Watch(cfg, tmp_path / "int", quiet=True).run()
+    assert summary["status"] == rundir.INTERRUPTED and summary["steps"] == 3
+    assert calls == [("samples", 1), ("eval", 1), ("samples", 2), ("eval", 2)]
+    assert rundir.ckpt_name(3) in [p.name for _, p in rundir.list_checkpoints(tmp_path / "int" / rundir.CHECKPOINTS)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert "stopped by SIGINT at step 3" in capsys.readouterr().err
+
+
+def test_a_signal_during_the_samples_of_a_step_stops_after_the_next_step(tmp_path, tiny_shards, capsys):
+    import signal
+
+    from bench import rundir
+    from bench.config import compose, validate
+    from bench.train.trainer import Trainer
+
+    class Watch(Trainer):
+        def save_samples(self):
+            if self.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # after step 2's checkpoint decision
+
+    cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=6", "train.batch_size=4",
+                            "train.precision=fp32", "train.sample_every=1", "train.ckpt_every=100"]))
+    summary = Watch(cfg, tmp_path / "between", quiet=True).run()
+    # every rank stops at the same step: the request is agreed after the next step, which is checkpointed
+    assert summary["status"] == rundir.INTERRUPTED and summary["steps"] == 3
+    ckpts = [p.name for _, p in rundir.list_checkpoints(tmp_path / "between" / rundir.CHECKPOINTS)]
+    assert ckpts == [rundir.ckpt_name(3)]
+    assert "stopped by SIGTERM at step 3" in capsys.readouterr().err
