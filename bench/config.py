@@ -307,9 +307,7 @@ def parse_sigma_spec(key: str, value) -> Optional[SigmaSpec]:
     except ValueError:
         number = math.nan
     if not number > 0:  # also rejects nan
-        raise ConfigError(
-            f"{key}={value!r} is not valid; use null (off), a positive number, or ratio:R with R > 0"
-        )
+        raise ConfigError(f"{key}={value!r} is not valid; use null (off), a positive number, or ratio:R with R > 0")
     return SigmaSpec(number, relative=m is not None)
 
 
