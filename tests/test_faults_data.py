@@ -23,6 +23,8 @@ from bench.data.shapes import shapes_sample
 from bench.data.shards import (DataError, ShardSetSpec, load_manifest, make_shards, manifest_resolution,
                                resolve_shards)
 
+pytestmark = pytest.mark.faults
+
 RES = 16
 
 
