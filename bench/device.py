@@ -18,7 +18,6 @@ import torch
 
 from bench import rundir
 
-PRECISIONS = ("bf16", "fp32", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense peak TFLOP/s of known GPUs by dtype (vendor datasheets; SXM parts; fp32 = without TF32).

@@ -375,8 +375,7 @@ class SweepMonitor(threading.Thread):
         self.gone_since: dict[str, float] = {}
         self.labels: dict[str, list[str]] = {}
         self._halt = threading.Event()
-        self.earlier: set[str] = set()
-        self.earlier = set(self._submitted()) if spec.slurm else set()
+        self.earlier: set[str] = set(self._submitted()) if spec.slurm else set()
 
     def run(self) -> None:
         while not self._halt.wait(self.poll_s):

@@ -41,6 +41,7 @@ MUNGE_PID=$MUNGE_DIR/munged.pid
 MUNGE_LOG=$MUNGE_DIR/munged.log
 MUNGE_SEED=$MUNGE_DIR/munged.seed
 INSTALLED=$PREFIX/installed-packages
+MARKER=$PREFIX/.gan-bench-local-cluster  # `uninstall` deletes $PREFIX only where this file says it is ours
 CTLD_PID=$RUN_DIR/slurmctld.pid
 CTLD_LOG=$LOG_DIR/slurmctld.log
 HOSTS_TAG="# gan-bench-local-cluster"
@@ -239,6 +240,11 @@ ensure_hosts() {
 
 make_dirs() {
     local n
+    if [[ -d $PREFIX && ! -f $MARKER && -n $(ls -A "$PREFIX" 2>/dev/null) ]]; then
+        die "$PREFIX exists and was not made by this script; set GAN_BENCH_SLURM_DIR to an empty or new directory"
+    fi
+    mkdir -p "$PREFIX"
+    echo "made by gan-bench slurm/local-cluster.sh; 'uninstall' removes this directory" >"$MARKER"
     mkdir -p "$LOG_DIR" "$RUN_DIR" "$STATE_DIR" "$MUNGE_DIR"
     for n in "${NODES[@]}"; do mkdir -p "$SPOOL_DIR/slurmd-$n"; done
     chmod 0755 "$PREFIX"
@@ -247,8 +253,8 @@ make_dirs() {
 cmd_install() {
     need_root
     check_no_foreign_conf
-    install_packages
     make_dirs
+    install_packages
     ensure_munge_key
     ensure_hosts
     write_conf
@@ -451,7 +457,11 @@ cmd_uninstall() {
         log "removing the packages install added: ${pkgs[*]}"
         DEBIAN_FRONTEND=noninteractive apt-get remove -y -qq "${pkgs[@]}" >/dev/null || true
     fi
-    rm -rf "$PREFIX"
+    if [[ -f $MARKER ]]; then
+        rm -rf "$PREFIX"
+    elif [[ -d $PREFIX ]]; then
+        log "$PREFIX was not made by this script (no marker file): left as it is"
+    fi
     log "uninstalled"
 }
 
@@ -484,6 +494,6 @@ case ${1:-} in
     status) cmd_status ;;
     restart) cmd_stop; cmd_start ;;
     uninstall) cmd_uninstall ;;
-    env) echo "export SLURM_CONF=$CONF" ;;
+    env) printf 'export SLURM_CONF=%q\n' "$CONF" ;;
     *) echo "usage: $0 install|start|stop|status|restart|uninstall|env" >&2; exit 2 ;;
 esac

@@ -90,3 +90,14 @@ def test_uninstall_removes_an_old_versions_system_conf_only_if_ours(tmp_path):
     sysconf.write_text("ClusterName=production\n")
     assert _script(tmp_path, "uninstall").returncode == 0
     assert sysconf.read_text() == "ClusterName=production\n"
+
+
+def test_a_directory_it_did_not_make_is_never_used_or_deleted(tmp_path):
+    (tmp_path / "hosts").write_text("")
+    own = tmp_path / "prefix"
+    own.mkdir()
+    (own / "thesis.tex").write_text("years of work")
+    out = _script(tmp_path, "install")
+    assert out.returncode == 1 and "was not made by this script" in out.stderr
+    assert _script(tmp_path, "uninstall").returncode == 0
+    assert (own / "thesis.tex").read_text() == "years of work"

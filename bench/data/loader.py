@@ -295,10 +295,6 @@ class ShardLoader:
     def readers(self) -> int:
         return self.world_size * max(1, self.num_workers)
 
-    def rank_shards(self) -> list[str]:
-        """The shards this rank reads (its node split)."""
-        return self.shards[self.rank::self.world_size]
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
