@@ -6,6 +6,7 @@ same shard; decoding and batching run in the workers. Corrupt samples are skippe
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import io
 import os
@@ -13,6 +14,7 @@ import random
 import signal
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -290,6 +292,7 @@ class ShardLoader:
         self._dataset.expected = _expected_counts(manifest, dirs)
         self.timeout_s = float(settings.timeout_s or 0)
         self._loader: torch.utils.data.DataLoader | None = None
+        _LIVE.add(self)
 
     @property
     def readers(self) -> int:
@@ -328,12 +331,35 @@ class ShardLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             # Explicit: a shutdown left to the garbage collector after a worker error can wait ~5 s.
             it._shutdown_workers()
+            # A worker stuck inside one decode ignores the SIGTERM that shutdown falls back to (workers
+            # ignore SIGTERM/SIGINT, see _worker_init), and the interpreter would wait for it at exit.
+            for w in getattr(it, "_workers", []):
+                if w.is_alive():
+                    os.kill(w.pid, signal.SIGKILL)
+                    w.join(timeout=5)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> "ShardLoader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_LIVE: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loaders() -> None:
+    """At exit, before multiprocessing joins its children (registered earlier, so it runs later), stop
+    the workers of loaders nobody closed: they ignore SIGTERM, so that join could wait for a stuck one."""
+    for ld in list(_LIVE):
+        ld.close()
 
 
 def _expected_counts(manifest: dict | None, dirs: set[str]) -> dict[str, int]:
