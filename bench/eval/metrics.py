@@ -39,6 +39,7 @@ from torch import nn
 
 from bench import metrics_registry as registry
 from bench import rundir
+from bench.config import EVAL_PRECISIONS, MIN_EVAL_SAMPLES
 from bench.data.shards import dataset_info, manifest_hash
 from bench.device import autocast, eval_precision
 from bench.eval.classifier import classifier_path as default_classifier_path
@@ -49,7 +50,6 @@ from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extr
                                  register_sampler)
 from bench.eval.sampling import check_psi, check_trunc_mode, standing_stats
 
-EVAL_PRECISIONS = ("auto", "bf16", "fp32")
 RECORD_KEYS = ("extractor", "num_samples", "num_real", "truncation", "trunc_mode", "standing_stats", "step",
                "checkpoint", "seconds")  # the table's rows after the metrics
 
@@ -199,8 +199,9 @@ def _is_rank0() -> bool:
 def _checked(s: EvalSettings) -> EvalSettings:
     """The settings with truncation as a float or None; an EvalError before any work if one is wrong."""
     check_extractor(s.extractor)
-    if int(s.num_samples) < 4:
-        raise EvalError(f"eval.num_samples={s.num_samples}: use at least 4 (KID / precision-recall need neighbours)")
+    if int(s.num_samples) < MIN_EVAL_SAMPLES:
+        raise EvalError(f"eval.num_samples={s.num_samples}: use at least {MIN_EVAL_SAMPLES} (KID / precision-recall "
+                        f"need neighbours)")
     check_trunc_mode(s.trunc_mode)
     if s.precision not in EVAL_PRECISIONS:
         raise EvalError(f"eval.precision={s.precision!r}: choose {', '.join(EVAL_PRECISIONS[:-1])} or "

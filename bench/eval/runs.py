@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 from bench import rundir
 from bench.data.shards import DEFAULT_NUM_SAMPLES, dataset_info, default_shards
-from bench.device import cpu_has_fast_bf16
+from bench.device import channels_last, eval_precision
 from bench.eval.errors import EvalError
 from bench.eval.safeload import first_line, load_weights
 from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator, format_table
@@ -213,7 +213,8 @@ def load_run(run_dir, overrides=None, which="best", device=None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     G, _ = models.build(model_cfg, resolution, n_model)
     G.load_state_dict(state["G_ema"])
-    fmt = torch.channels_last if device.type == "cuda" or cpu_has_fast_bf16() else torch.contiguous_format
+    precision = eval_precision(str(OmegaConf.select(cfg, "eval.precision", default="auto")), device)
+    fmt = torch.channels_last if channels_last("auto", precision, device) else torch.contiguous_format
     G = G.to(device, memory_format=fmt).eval().requires_grad_(False)
     return {"G": G, "cfg": cfg, "shards": shards, "n_classes": n_data, "class_names": class_names,
             "step": int(state.get("step", 0)), "checkpoint": path, "chosen": chosen, "device": device,
