@@ -43,6 +43,8 @@ USER_ERRORS = (("bench.config", "ConfigError"), ("bench.data.format", "DataError
 
 def _is_user_error(exc: BaseException) -> bool:
     loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
+    if getattr(exc, "user_error", False):  # bench.train.ranks.RankFailed: another rank's bad input
+        return True
     return isinstance(exc, (UsageError, rundir.RunLocked, *loaded))
 
 
@@ -75,14 +77,21 @@ def cmd_train(args: list[str]) -> int:
 def run_training(cfg, run_dir: Path) -> int:
     from omegaconf import OmegaConf
 
-    from bench.train.trainer import Trainer, print_summary
+    from bench.train.records import print_summary
+    from bench.train.state import StopRequest
+    from bench.train.trainer import Trainer
 
     if cfg.run.dry_run:
         print(OmegaConf.to_yaml(cfg))
         print(f"run directory: {run_dir}")
         return 0
-    trainer = Trainer(cfg, run_dir)
-    summary = trainer.run()
+    stop = StopRequest()
+    stop.install()  # before set-up and resume: a signal then stops the run before its first step
+    try:
+        trainer = Trainer(cfg, run_dir, stop=stop)
+        summary = trainer.run()
+    finally:
+        stop.restore()
     if trainer.is_main:
         print_summary(summary, run_dir)
         if cfg.eval.psi_sweep and summary.get("status") in (rundir.COMPLETED, rundir.COLLAPSED):
@@ -353,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[cmd](args)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops training cleanly at the end of a step)
+        print(f"error: interrupted ({cmd}); a run keeps its newest complete checkpoint", file=sys.stderr)
+        return 130
     except Exception as exc:
         if not _is_user_error(exc):
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 TB = "tb"
 TRUNCATION = "truncation"
+ERRORS = "errors"            # errors/rank-<r>.json: a failed rank's error in a multi-process run (bench.train.ranks)
 CKPT_PREFIX = "ckpt-"
 BEST_CKPT = "best.pt"
 RUN_MARKERS = (RUN_JSON, METRICS, CONFIG, SUMMARY)  # any of these makes a folder a run directory
@@ -92,6 +94,21 @@ def temp_path(path: Union[str, Path]) -> Path:
     """A hidden temp name beside `path`, unique to this process and call."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+TEMP_RE = re.compile(r"\..+\.tmp-\d+-[0-9a-f]{8}")  # temp_path's names
+
+
+def remove_temps(directory: Union[str, Path]) -> list[Path]:
+    """Delete the temp files atomic_write left in `directory` when its process was killed mid-write
+    (kill -9, power loss). Only the writer that holds the run lock may call this: a live writer's temp
+    file has the same form."""
+    gone = []
+    for p in Path(directory).glob(".*.tmp-*"):
+        if TEMP_RE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes, None] = None, *,

@@ -295,3 +295,74 @@ def test_a_signal_during_the_samples_of_a_step_stops_after_the_next_step(tmp_pat
     ckpts = [p.name for _, p in rundir.list_checkpoints(tmp_path / "between" / rundir.CHECKPOINTS)]
     assert ckpts == [rundir.ckpt_name(3)]
     assert "stopped by SIGTERM at step 3" in capsys.readouterr().err
+
+
+def _eval_cfg(metric="eval/FID"):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"best_metric": metric, "extractor": "domain"})
+
+
+def _evals(*pairs):
+    return [{"step": s, "eval/FID": v, "eval/IS": 10 - v, "extractor": "domain"} for s, v in pairs]
+
+
+def test_best_pt_knows_the_evaluation_it_was_kept_for(tmp_path):
+    """best.pt is written after the evaluation of its step, so it carries that evaluation as its best."""
+    from bench import rundir
+    from bench.eval.safeload import load_weights
+
+    ckpts = _checkpoints(tmp_path)
+    state = lambda best: {"step": 4, "w": torch.ones(2), "best": best}  # noqa: E731
+    assert ckpts.keep_if_best(2, _evals((2, 5.0)), _eval_cfg(), state) == {
+        "metric": "eval/FID", "value": 5.0, "step": 2, "extractor": "domain"}
+    assert ckpts.keep_if_best(4, _evals((2, 5.0), (4, 7.0)), _eval_cfg(), state) is None  # worse: kept as it was
+    kept = load_weights(ckpts.dir / rundir.BEST_CKPT)
+    assert kept["best"]["step"] == 2 and kept["best"]["value"] == 5.0
+
+
+def test_a_resume_drops_a_best_pt_from_steps_it_no_longer_has(tmp_path, capsys):
+    """Killed after the evaluation of step 6 was kept as best.pt, with ckpt-6 lost: the resume from step 4
+    drops the evaluation of step 6 and best.pt becomes the checkpoint of the best evaluation kept."""
+    from bench import rundir
+    from bench.eval.safeload import load_weights
+
+    ckpts = _checkpoints(tmp_path)
+    for step in (2, 4):
+        ckpts.save(step, lambda step=step: {"step": step, "w": torch.full((2,), float(step)), "best": None})
+    rundir.atomic_write(ckpts.dir / rundir.BEST_CKPT, write=lambda f: torch.save(
+        {"step": 6, "w": torch.zeros(2), "best": {"metric": "eval/FID", "step": 6, "value": 1.0}}, f))
+    best = ckpts.reconcile_best(_evals((2, 3.0), (4, 9.0)), _eval_cfg(), resume_step=4)  # step 6's record is gone
+    assert best["step"] == 2 and best["value"] == 3.0
+    assert "best.pt (step 6) is not the best evaluation kept" in capsys.readouterr().err
+    assert load_weights(ckpts.dir / rundir.BEST_CKPT)["step"] == 2  # the best step's own checkpoint
+    # with ckpt-2 pruned too, nothing can stand in for it: no best.pt rather than a wrong one
+    (ckpts.dir / rundir.ckpt_name(2)).unlink()
+    rundir.atomic_write(ckpts.dir / rundir.BEST_CKPT, write=lambda f: torch.save({"step": 6, "best": {}}, f))
+    assert ckpts.reconcile_best(_evals((2, 3.0), (4, 9.0)), _eval_cfg(), resume_step=4)["step"] == 2
+    assert not (ckpts.dir / rundir.BEST_CKPT).exists()
+    ckpts.save(2, lambda: {"step": 2, "w": torch.full((2,), 2.0), "best": None})
+    ckpts.keep = 10
+    rundir.atomic_write(ckpts.dir / rundir.BEST_CKPT, write=lambda f: torch.save({"step": 6, "best": {}}, f))
+    assert ckpts.reconcile_best(_evals((2, 3.0), (4, 9.0)), _eval_cfg(), resume_step=4)["step"] == 2
+    assert load_weights(ckpts.dir / rundir.BEST_CKPT)["step"] == 2  # the best step's own checkpoint
+    # consistent: left alone, and a changed eval.best_metric picks its own best
+    capsys.readouterr()
+    assert ckpts.reconcile_best(_evals((2, 3.0), (4, 9.0)), _eval_cfg(), 4)["step"] == 2
+    assert "not the best" not in capsys.readouterr().err
+    best = ckpts.reconcile_best(_evals((2, 3.0), (4, 1.0)), _eval_cfg("eval/IS"), 4)
+    assert best == {"metric": "eval/IS", "value": 9.0, "step": 4, "extractor": "domain"}
+    assert load_weights(ckpts.dir / rundir.BEST_CKPT)["step"] == 4
+
+
+def test_temp_files_of_a_killed_save_are_removed_at_resume(tmp_path, capsys):
+    from bench import rundir
+
+    ckpts = _checkpoints(tmp_path)
+    cut = rundir.temp_path(ckpts.dir / rundir.ckpt_name(2))
+    cut.write_bytes(b"half a checkpoint")
+    mine = ckpts.dir / ".notes.tmp-backup"  # not one of ours: kept
+    mine.write_text("x")
+    state, path = ckpts.for_resume()
+    assert state["step"] == 1 and not cut.exists() and mine.exists()
+    assert f"removed {cut.name}" in capsys.readouterr().err

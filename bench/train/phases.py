@@ -95,6 +95,7 @@ class PhaseRunner:
     device: torch.device
     world: int = 1
     on_nonfinite: Callable[[str], None] = field(default=lambda name: None)  # a skipped update
+    any_rank: Callable[[bool], bool] = field(default=lambda flag: flag)  # ranks.Ranks.any: agreed on every rank
 
     def backward(self, scaler: Optional[torch.amp.GradScaler], loss: torch.Tensor) -> None:
         loss = loss / self.accumulate
@@ -143,8 +144,9 @@ class PhaseRunner:
             regulariser()
         gnorm = telemetry.grad_norm(phase.net.parameters())
         telemetry.report(f"grad/{phase.name}_norm", gnorm)
-        # Host sync (one per phase): a non-finite loss or gradient skips the step.
-        if not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device))):
+        # Host sync (one per phase): a non-finite loss or gradient skips the step. The loss is this rank's
+        # own, so every rank must agree on the skip (one all-reduce), or their weights would part.
+        if self.any_rank(not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device)))):
             opt.zero_grad(set_to_none=True)
             self.on_nonfinite(phase.name)
             return

@@ -23,6 +23,7 @@ import torch
 
 from bench import rundir
 from bench.eval.sampling import class_grid, grid_classes, save_grid
+from bench.train.telemetry import format_eta
 
 
 def git_sha() -> Optional[str]:
@@ -88,8 +89,8 @@ def summary_of(trainer, status: str, checksums: list) -> dict:
         "nonfinite_skipped": trainer.guard.total, "rollbacks": trainer.guard.rollbacks,
         "data_skipped": trainer.data_skipped, "param_checksums": checksums, "run_dir": str(trainer.run_dir),
     }
-    if trainer.diverged_message:
-        summary["error"] = trainer.diverged_message
+    if trainer.error:  # a diverged or failed run's first error
+        summary["error"] = trainer.error
     return summary
 
 
@@ -200,3 +201,28 @@ class Records:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    rows = [
+        ("status", summary.get("status")),
+        ("steps", f"{summary.get('steps')}/{summary.get('target_steps')}"),
+        ("images seen", summary.get("images_seen")),
+        ("throughput", f"{summary['img_per_s']:.1f} img/s" if summary.get("img_per_s") else "-"),
+        ("train time", format_eta(summary.get("train_seconds") or 0)),
+        ("effective batch", summary.get("effective_batch")),
+    ]
+    rows += [(k, f"{v:.4f}") for k, v in summary.get("final", {}).items()]
+    if summary.get("data_skipped"):
+        rows.append(("corrupt samples skipped", summary["data_skipped"]))
+    w = max(len(k) for k, _ in rows)
+    print("\n" + "-" * (w + 24))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    print("-" * (w + 24))
+    print(f"run directory : {run_dir}")
+    for name, what in ((rundir.CONFIG, "resolved config"), (rundir.METRICS, "one line per tick"),
+                       (rundir.SUMMARY, "final summary"), ("samples/latest.png", "EMA samples, one row per class"),
+                       ("checkpoints/", "resumable state"),
+                       ("tb/", "TensorBoard: tensorboard --logdir " + str(run_dir / rundir.TB))):
+        print(f"  {name:<20} {what}")

@@ -96,6 +96,17 @@ def set_rng_state(rng: dict, zgen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def param_checksum(*nets: torch.nn.Module) -> str:
+    """A digest of every parameter's bytes: equal on every rank when training is in sync."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for net in nets:
+        for p in net.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def all_finite(*nets: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for net in nets for p in net.parameters())
 
@@ -138,14 +149,13 @@ class TrainingParts:
 
 
 class Checkpoints:
-    """<run>/checkpoints/: ckpt-<step>.pt (the newest `keep` kept) and best.pt. Rank 0 writes;
-    `barrier` (every rank calls it) keeps the ranks together after a save."""
+    """<run>/checkpoints/: ckpt-<step>.pt (the newest `keep` kept) and best.pt. Rank 0 writes; the
+    trainer calls `save` through ranks.Ranks.rank0, whose agreement keeps the ranks together."""
 
-    def __init__(self, run_dir: Path, keep: int, is_main: bool, barrier: Callable[[], None] = lambda: None):
+    def __init__(self, run_dir: Path, keep: int, is_main: bool):
         self.dir = Path(run_dir) / rundir.CHECKPOINTS
         self.keep = keep
         self.is_main = is_main
-        self.barrier = barrier
 
     def save(self, step: int, state: Callable[[], dict]) -> Optional[Path]:
         """Write `state()` as the checkpoint of `step`, then drop all but the newest `keep`."""
@@ -159,19 +169,50 @@ class Checkpoints:
             rundir.fsync_dir(self.dir)
             for _, old in rundir.list_checkpoints(self.dir)[: -self.keep]:
                 old.unlink(missing_ok=True)
-        self.barrier()
         return path
 
-    def keep_if_best(self, step: int, evals: list, eval_cfg, state: Callable[[], dict]) -> Optional[dict]:
-        """After the evaluation of `step`: when it is the run's best by THE rule (rundir.best_eval over
-        the run's training evaluations `evals`, by eval.best_metric and eval.extractor), write
-        checkpoints/best.pt and return {metric, value, step, extractor}; otherwise None."""
+    @staticmethod
+    def best_of(evals: list, eval_cfg) -> Optional[dict]:
+        """{metric, value, step, extractor} of the best of the run's training evaluations `evals` by THE
+        rule (rundir.best_eval, by eval.best_metric and eval.extractor), or None."""
         best = rundir.best_eval(None, evals, eval_cfg.best_metric, eval_cfg.extractor)
+        return {k: best[k] for k in ("metric", "value", "step", "extractor")} if best else None
+
+    def keep_if_best(self, step: int, evals: list, eval_cfg, state: Callable[[dict], dict]) -> Optional[dict]:
+        """After the evaluation of `step`: when it is the run's best, write checkpoints/best.pt from
+        `state(best)` (so the file knows its own evaluation) and return the best; otherwise None."""
+        best = self.best_of(evals, eval_cfg)
         if best is None or best["step"] != step:
             return None
-        obj = state()
+        obj = state(best)
         rundir.atomic_write(self.dir / rundir.BEST_CKPT, write=lambda f: torch.save(obj, f))
-        return {k: best[k] for k in ("metric", "value", "step", "extractor")}
+        return best
+
+    def reconcile_best(self, evals: list, eval_cfg, resume_step: int) -> Optional[dict]:
+        """At a resume, after evals.jsonl lost the evaluations past `resume_step`: the run's best is
+        recomputed from what is kept, and best.pt must be that evaluation's checkpoint. A best.pt from a
+        dropped step (or chosen by another eval.best_metric) goes; the best step's own checkpoint takes
+        its place while it is still there. Returns the best (rank 0 calls this)."""
+        from bench.eval.safeload import load_weights
+
+        best, path = self.best_of(evals, eval_cfg), self.dir / rundir.BEST_CKPT
+        if not path.exists():
+            return best
+        try:
+            kept = load_weights(path)
+            step, kept_best = int(kept["step"]), kept.get("best") or {}
+        except Exception:  # unreadable: replaced below like a stale one
+            step, kept_best = None, {}
+        if best is not None and step == best["step"] and kept_best.get("metric", best["metric"]) == best["metric"]:
+            return best
+        path.unlink()
+        source = self.dir / rundir.ckpt_name(best["step"]) if best else None
+        if source is not None and source.exists():
+            rundir.atomic_write(path, source.read_bytes())
+        print(f"note: {rundir.CHECKPOINTS}/{rundir.BEST_CKPT} (step {step}) is not the best evaluation kept at the "
+              f"resume from step {resume_step}; " + (f"replaced by the checkpoint of step {best['step']}"
+                                                    if path.exists() else "removed until a new best"), file=sys.stderr)
+        return best
 
     def load_newest(self) -> tuple[Optional[dict], Optional[Path]]:
         """The newest checkpoint that loads; a corrupt one is reported and skipped. Checkpoints are read
@@ -186,6 +227,12 @@ class Checkpoints:
                 print(f"warning: checkpoint {path} is unreadable ({first_line(exc, 120)}); trying an older one",
                       file=sys.stderr)
         return None, None
+
+    def for_resume(self) -> tuple[Optional[dict], Optional[Path]]:
+        """load_newest, after removing what a killed save left (rank 0, holding the run lock)."""
+        for p in rundir.remove_temps(self.dir):
+            print(f"note: removed {p.name}, left by a checkpoint save that was cut off", file=sys.stderr)
+        return self.load_newest()
 
     def for_rollback(self) -> tuple[dict, Path]:
         state, path = self.load_newest()
@@ -223,14 +270,26 @@ class StopRequest:
             return rundir.COLLAPSED
         return rundir.INTERRUPTED if self.requested else rundir.COMPLETED
 
-    def message(self, step: int) -> Optional[str]:
-        """The one line saying that a signal stopped the run (None when none did)."""
+    def message(self, step: int, trained: bool = True) -> Optional[str]:
+        """The one line saying that a signal stopped the run (None when none did). `trained`: whether
+        this process trained a step (a signal during set-up or resume stops before the first)."""
         if self.signal is None:
             return None
-        return (f"stopped by {signal.Signals(self.signal).name} at step {step}: checkpoint written; run the same "
-                "command to resume")
+        name = signal.Signals(self.signal).name
+        if not trained:
+            return (f"stopped by {name} before the first step (during set-up); nothing new to save at step {step}; "
+                    "run the same command to resume")
+        return f"stopped by {name} at step {step}: checkpoint written; run the same command to resume"
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._old_handlers)
 
     def install(self) -> None:
+        """Handle the signals from now on (the CLI does this before set-up and resume; a second call
+        is a no-op)."""
+        if self.installed:
+            return
         for sig in self.SIGNALS:
             try:
                 self._old_handlers[sig] = signal.signal(sig, self._handle)
@@ -245,12 +304,10 @@ class StopRequest:
     def collapse(self) -> None:
         self.requested = self.on_collapse = True
 
-    def agree(self, world: int, device: torch.device) -> None:
-        """Every rank must stop at the same step: agree on the flag (a collective; call it on every rank)."""
-        if world > 1:
-            flag = torch.tensor([float(self.requested)], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.requested = bool(flag.item())
+    def agree(self, any_rank: Callable[[bool], bool]) -> None:
+        """Every rank must stop at the same step: agree on the flag with ranks.Ranks.any (a collective;
+        call it on every rank)."""
+        self.requested = any_rank(self.requested)
 
 
 class NonfiniteGuard:
@@ -296,3 +353,26 @@ class NonfiniteGuard:
     def load_state_dict(self, s: dict) -> None:
         self.total = int(s.get("nonfinite_total", 0))
         self.rollbacks = int(s.get("rollbacks", 0))
+
+
+def roll_back(trainer) -> None:
+    """The trainer's rollback, when NonfiniteGuard asks for one: reload nets, EMA and optimisers from
+    the newest complete checkpoint, keep counting forward (no record is rewritten), and take a
+    different random path."""
+    from bench.train import telemetry
+
+    t = trainer.cfg.train
+    n = trainer.guard.start_rollback()
+    state, path = trainer.checkpoints.for_rollback()
+    keep = (trainer.step, trainer.images_seen, trainer.train_seconds, trainer.data_skipped, trainer.guard.state_dict(),
+            trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason)
+    trainer.load_state_dict(state)
+    # the counters and a collapse already flagged stay: the rollback recovers, it does not undo history
+    (trainer.step, trainer.images_seen, trainer.train_seconds, trainer.data_skipped, guard,
+     trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason) = keep
+    trainer.guard.load_state_dict(guard)
+    trainer.zgen.manual_seed(t.seed * 1000 + trainer.rank + 1 + 7919 * n)
+    telemetry.report("stability/rollbacks", float(n))
+    if trainer.is_main and not trainer.quiet:
+        print(f"warning: rolled back to {path} after {t.nonfinite_rollback} non-finite steps "
+              f"(rollback {n}/{t.max_rollbacks})", file=sys.stderr, flush=True)

@@ -139,6 +139,21 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def tick_line(row: dict, steps: int, eta_s: float) -> str:
+    """The terminal's line for one tick of metrics.jsonl."""
+    losses = " ".join(f"{k.split('/')[1]} {row[k]:.3f}" for k in ("loss/D", "loss/G", "loss/R1", "loss/GP") if k in row)
+    return (f"step {row['step']:>6d}/{steps} | {row['throughput/img_per_s']:7.1f} img/s | "
+            f"{row['time/step_ms']:7.1f} ms/step | {losses} | ETA {format_eta(eta_s)}")
+
+
+def eval_line(step: int, metrics: dict, seconds: float) -> str:
+    """The terminal's line for one evaluation during training."""
+    shown = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items()
+                     if k.startswith("eval/") and isinstance(v, float))
+    return (f"eval at step {step} ({metrics.get('extractor')}, {metrics.get('num_samples')} samples, "
+            f"{seconds:.0f} s): {shown}")
+
+
 def step_flops(G, D, batch: int, n_classes: int, device: torch.device) -> dict[str, float]:
     """FLOPs per image of one D step and one G step, counted with torch.utils.flop_counter
     (multiply-add = 2 FLOP). D step: G forward under no_grad, D forward/backward on real and fake.

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,9 +26,10 @@ from bench.data.shards import configured_shards, resolve_shards
 from bench.train import telemetry
 from bench.train.objectives import GANObjective, HistoricalAverage, make_optimizer
 from bench.train.phases import Phase, PhaseRunner, WeightRegs, plan
+from bench.train.ranks import RankFailed, Ranks, injected_fault, is_comm_error, is_user_error, process_group_kwargs
 from bench.train.records import Records, gather_hosts, now, run_facts, save_samples, summary_of
 from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopRequest, TrainingParts, all_finite,
-                               config_changes, ema_update)
+                               config_changes, ema_update, param_checksum, roll_back)
 from bench.train.telemetry import CollapseDetector, Collector, Mfu, Stopwatch, TickClock
 from models import spectral
 
@@ -35,8 +37,13 @@ Batches = Callable[[], tuple]  # () -> (real images, labels) on the device
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, accelerator=None, quiet: bool = False):
+    """`stop`: a StopRequest whose handlers the caller installed before set-up (the CLI does, so a signal
+    during set-up and resume stops cleanly); otherwise `run()` installs them."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, accelerator=None, quiet: bool = False,
+                 stop: Optional[StopRequest] = None):
         self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        self.stop = stop or StopRequest()
         self._setup_processes(accelerator)
         t = cfg.train
         bdevice.configure_process(self.device, t.deterministic)
@@ -45,7 +52,7 @@ class Trainer:
         self._setup_models()
         self._setup_training()
         self.records = Records(self.run_dir, self.is_main, run_facts(self))
-        self.checkpoints = Checkpoints(self.run_dir, t.ckpt_keep, self.is_main, self.acc.wait_for_everyone)
+        self.checkpoints = Checkpoints(self.run_dir, t.ckpt_keep, self.is_main)
         self._flops: Optional[float] = None  # FLOP per optimiser step, counted once (flop_per_step)
         self.mfu = Mfu(self.device, t.precision, self.flop_per_step if cfg.telemetry.mfu else None)
         # progress, and what a checkpoint restores
@@ -56,8 +63,9 @@ class Trainer:
         self.data_iter = None
         self._skipped_base = 0
         # how the run ends
-        self.stop = StopRequest()
-        self.diverged_message: Optional[str] = None
+        self.error: Optional[str] = None  # a failed run's first error (summary.json "error")
+        self.hosts: list = []  # every rank's host, gathered when the records start
+        self.trained = False  # whether this process trained a step
         self.last_row: dict = {}
         self.config_changes: dict = {}  # {key: [old, new]} against the resumed checkpoint's config
 
@@ -66,7 +74,8 @@ class Trainer:
         from accelerate import Accelerator
 
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              gradient_accumulation_steps=self.cfg.train.accumulate)
+                                              gradient_accumulation_steps=self.cfg.train.accumulate,
+                                              kwargs_handlers=process_group_kwargs(self.cfg.dist.timeout_s))
         self.device = self.acc.device
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
@@ -75,15 +84,14 @@ class Trainer:
             raise RuntimeError(f"accelerate sees {self.world} processes but WORLD_SIZE={env_world}; "
                                "build the Accelerator after exporting the distributed environment")
         self.is_main = self.acc.is_main_process
+        self.ranks = Ranks(self.world, self.rank, self.device, self.run_dir)
         self.eff_batch = effective_batch(self.cfg.train, self.world)
 
     def _setup_data(self) -> None:
         """The built-in dataset is written on first use (rank 0 writes, the others wait)."""
         cfg = self.cfg
         if not cfg.data.shards:
-            if self.is_main:
-                configured_shards(cfg.data)
-            self.acc.wait_for_everyone()
+            self.ranks.rank0("writing the built-in dataset", lambda: configured_shards(cfg.data))
         self.shards_spec = configured_shards(cfg.data)
         self.shards, manifest = resolve_shards(self.shards_spec)
         class_names = list(manifest["class_names"]) if manifest else None
@@ -132,7 +140,7 @@ class Trainer:
         self.runner = PhaseRunner(accumulate=t.accumulate, batch_size=t.batch_size,
                                   accumulate_ctx=lambda: self.acc.accumulate(self.G, self.D),
                                   latents=self._latents, device=self.device, world=self.world,
-                                  on_nonfinite=self._nonfinite_step)
+                                  on_nonfinite=self._nonfinite_step, any_rank=self.ranks.any)
         self.guard = NonfiniteGuard(t.nonfinite_rollback, t.max_rollbacks)
         tc = cfg.telemetry
         loss_gap = math.inf if self.objective.loss.gap_unbounded else tc.collapse_loss_gap
@@ -184,11 +192,17 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Resume, train to train.steps (or a stop request), and write the summary. Rank 0 holds the run
-        directory's lock (rundir.RunLock) for the whole run: a second writer gets RunLocked."""
-        lock = rundir.RunLock(self.run_dir).acquire() if self.is_main else None
+        directory's lock (rundir.RunLock) for the whole run: a second writer gets RunLocked (on every
+        rank, through the agreement of ranks.Ranks.rank0)."""
+        own_handlers = not self.stop.installed
+        self.stop.install()
+        lock = None
         try:
+            lock = self.ranks.rank0("taking the run directory's lock", rundir.RunLock(self.run_dir).acquire)
             return self._run()
         finally:
+            if own_handlers:
+                self.stop.restore()
             if lock is not None:
                 lock.release()
 
@@ -197,7 +211,6 @@ class Trainer:
         if start_step >= self.cfg.train.steps:
             return self._already_complete(start_step)
         self._start_records(start_step)
-        self.stop.install()
         status = rundir.FAILED
         try:
             self._loop()
@@ -207,8 +220,11 @@ class Trainer:
         except KeyboardInterrupt:
             status = rundir.INTERRUPTED
             raise
+        except Exception as exc:  # this rank failed, or a peer did: recorded, every rank exits non-zero
+            self._failed(exc)
+            if is_user_error(exc):
+                raise  # bad input: one line from the CLI, exit 2 (after the summary below)
         finally:
-            self.stop.restore()
             self.close_data()
             summary = self._finish(status)
         if status == rundir.INTERRUPTED and self.stop.signal == signal.SIGUSR2 and self.is_main:
@@ -220,17 +236,21 @@ class Trainer:
     def _loop(self) -> None:
         t = self.cfg.train
         watch = Stopwatch(self.device)
-        collector = Collector(self.device, self._all_reduce if self.world > 1 else None)
+        collector = Collector(self.device, self.ranks.all_reduce if self.world > 1 else None)
         if self.is_main:
             self.mfu.budget()  # FLOP count and device peak for perf/mfu, outside the timed ticks
         self.restart_data()
         clock = TickClock(self.train_seconds)
         self._announce()
+        self.stop.agree(self.ranks.any)
+        if self.stop.requested:  # a signal during set-up or resume: stop before the first step
+            return
         with collector:
             while self.step < t.steps:  # a stop request ends it only once every rank agreed (stop.agree)
                 self.train_step(watch, self.next_batch)
+                self.trained = True
                 clock.steps += 1
-                self.stop.agree(self.world, self.device)
+                self.stop.agree(self.ranks.any)
                 interrupted = self.stop.requested
                 last = self.step >= t.steps or interrupted
                 # A tick line is written at tick boundaries and at the final step, not when a signal cuts a
@@ -251,10 +271,11 @@ class Trainer:
     def train_step(self, watch: Stopwatch, batches: Batches) -> None:
         """One G step: the D phases and the G phase, the EMA update, and the sigma telemetry."""
         cfg, t = self.cfg, self.cfg.train
+        injected_fault(self.rank, self.step + 1)  # the fault tests' hook (ranks.py); nothing unless asked
         for phase in self.phases:
             self.runner.run(phase, watch, batches, self.step * t.d_steps + phase.index)
         if self.guard.end_of_step():
-            self._rollback()
+            roll_back(self)
         watch.start("reg")
         decay = cfg.ema.decay if self.step >= cfg.ema.start else 0.0
         ema_update(self.G_ema, self.G, decay)
@@ -279,17 +300,12 @@ class Trainer:
         if not interrupted and ((ev.every and self.step % ev.every == 0) or (last and (ev.every or ev.final))):
             self.run_eval()
 
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        torch.distributed.all_reduce(x)
-        return x
-
     def _announce(self) -> None:
         if self.is_main and not self.quiet:
             cfg, t = self.cfg, self.cfg.train
-            print(f"training {cfg.model.family} at {cfg.data.resolution}x{cfg.data.resolution} on "
-                  f"{self.shards_spec} | {self.world} process(es) x batch {t.batch_size} x accumulate "
-                  f"{t.accumulate} = {self.eff_batch} | {t.precision}{' channels_last' if self.channels_last else ''}"
-                  f" | run dir {self.run_dir}", flush=True)
+            print(f"training {cfg.model.family} at {cfg.data.resolution}x{cfg.data.resolution} on {self.shards_spec} | "
+                  f"{self.world} process(es) x batch {t.batch_size} x accumulate {t.accumulate} = {self.eff_batch} | "
+                  f"{t.precision}{' channels_last' * self.channels_last} | run dir {self.run_dir}", flush=True)
 
     # ---- ticks --------------------------------------------------------------------------------------
     def _tick(self, collector: Collector, times: dict, clock: TickClock) -> None:
@@ -314,17 +330,12 @@ class Trainer:
         if self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse:
             self.stop.collapse()
         self.last_row = row
-        self.records.metrics(row)
+        self.ranks.rank0(f"writing the metrics of step {self.step}", lambda: self.records.metrics(row))
         if self.is_main and not self.quiet:
-            eta = (t.steps - self.step) * tick_s / steps
-            losses = " ".join(f"{k.split('/')[1]} {row[k]:.3f}" for k in ("loss/D", "loss/G", "loss/R1", "loss/GP")
-                              if k in row)
-            print(f"step {self.step:>6d}/{t.steps} | {row['throughput/img_per_s']:7.1f} img/s | "
-                  f"{row['time/step_ms']:7.1f} ms/step | {losses} | ETA {telemetry.format_eta(eta)}", flush=True)
+            print(telemetry.tick_line(row, t.steps, eta_s=(t.steps - self.step) * tick_s / steps), flush=True)
 
     def flop_per_step(self) -> float:
-        """FLOP of one optimiser step of this process ((D step x d_steps + G step) x batch x accumulate),
-        counted once with torch.utils.flop_counter on copies of G and D (`bench throughput` uses it too)."""
+        """FLOP of one optimiser step of this process ((D x d_steps + G) x batch x accumulate), counted once."""
         if self._flops is None:
             t = self.cfg.train
             f = telemetry.step_flops(copy.deepcopy(self.G), copy.deepcopy(self.D), batch=2,
@@ -338,25 +349,6 @@ class Trainer:
         if self.is_main and not self.quiet:
             print(f"warning: non-finite loss or gradient in the {name} step at step {self.step + 1}; "
                   "its update was skipped", file=sys.stderr, flush=True)
-
-    def _rollback(self) -> None:
-        """Reload nets, EMA and optimisers from the newest complete checkpoint, keep counting forward
-        (no record is rewritten), and take a different random path."""
-        n = self.guard.start_rollback()
-        state, path = self.checkpoints.for_rollback()
-        keep = (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.guard.state_dict(),
-                self.best, self.collapse.collapse_step, self.collapse.reason)
-        self.load_state_dict(state)
-        # the counters and a collapse already flagged stay: the rollback recovers, it does not undo history
-        (self.step, self.images_seen, self.train_seconds, self.data_skipped, guard,
-         self.best, self.collapse.collapse_step, self.collapse.reason) = keep
-        self.guard.load_state_dict(guard)
-        t = self.cfg.train
-        self.zgen.manual_seed(t.seed * 1000 + self.rank + 1 + 7919 * n)
-        telemetry.report("stability/rollbacks", float(n))
-        if self.is_main and not self.quiet:
-            print(f"warning: rolled back to {path} after {t.nonfinite_rollback} non-finite steps "
-                  f"(rollback {n}/{t.max_rollbacks})", file=sys.stderr, flush=True)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -377,12 +369,28 @@ class Trainer:
             print(f"warning: weights are non-finite at step {self.step}; checkpoint not written (the last good "
                   "one is kept for rollback)", file=sys.stderr, flush=True)
             return None
-        return self.checkpoints.save(self.step, self.state_dict)
+        def save() -> Path:
+            injected_fault(self.rank, self.step, "checkpoint")
+            return self.checkpoints.save(self.step, self.state_dict)
+
+        return self.ranks.rank0(f"saving the checkpoint of step {self.step}", save)
 
     def maybe_resume(self) -> int:
-        state, path = self.checkpoints.load_newest()
-        if state is None:
+        """Rank 0 picks the newest checkpoint that reads and names it to the others (broadcast), so every
+        rank resumes from the same step; a rank that cannot read it fails the resume on every rank."""
+        from bench.eval.safeload import load_weights
+
+        state, path = self.ranks.rank0("reading the newest checkpoint", self.checkpoints.for_resume) or (None, None)
+        path = self.ranks.broadcast(str(path) if path is not None else None)
+        if path is None:
             return 0
+        error = None
+        if not self.is_main:
+            try:
+                state = load_weights(Path(path))
+            except Exception as exc:  # handed to every rank by all_ok
+                error = exc
+        self.ranks.all_ok(error, f"reading {path}")
         self.config_changes = config_changes(state.get("config"), OmegaConf.to_container(self.cfg, resolve=True))
         try:
             self.load_state_dict(state)
@@ -400,37 +408,38 @@ class Trainer:
         other ranks wait."""
         from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator
 
-        rec = None
-        if self.is_main:
+        def evaluate() -> dict:
             t0 = time.perf_counter()
             metrics = evaluate_generator(self.G_ema, EvalSettings.from_cfg(self.cfg), shards_spec=self.shards_spec,
                                          n_classes=self.n_data_classes, device=self.device, progress=not self.quiet)
             rec = append_eval(self.run_dir, self.step, metrics)
             self.best = self.checkpoints.keep_if_best(self.step, self.records.training_evals(), self.cfg.eval,
-                                                      self.state_dict) or self.best
+                                                      lambda best: {**self.state_dict(), "best": best}) or self.best
             if "eval/FID" in metrics:
                 reason = self.collapse.update_fid(self.step, metrics["eval/FID"])
                 if reason and not self.quiet:
                     print(f"collapse detected at step {self.step}: {reason}", flush=True)
             if not self.quiet:
-                shown = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items()
-                                 if k.startswith("eval/") and isinstance(v, float))
-                print(f"eval at step {self.step} ({metrics.get('extractor')}, {metrics.get('num_samples')} samples, "
-                      f"{time.perf_counter() - t0:.0f} s): {shown}", flush=True)
-        self.acc.wait_for_everyone()
-        return rec
+                print(telemetry.eval_line(self.step, metrics, time.perf_counter() - t0), flush=True)
+            return rec
+
+        return self.ranks.rank0(f"evaluating step {self.step}", evaluate)
 
     def save_samples(self) -> Optional[Path]:
-        if not self.is_main:
-            return None
-        return save_samples(self.run_dir, self.step, self.G_ema, self.fixed_z, self.class_names,
-                            self.n_data_classes)
+        return self.ranks.rank0(f"writing the samples of step {self.step}", lambda: save_samples(
+            self.run_dir, self.step, self.G_ema, self.fixed_z, self.class_names, self.n_data_classes))
 
     # ---- records ------------------------------------------------------------------------------------
     def _start_records(self, start_step: int) -> None:
-        self.records.open(start_step)
-        self.records.write_config(OmegaConf.to_yaml(self.cfg), start_step, self.config_changes)
-        self.records.start(start_step, gather_hosts(self.world), self.config_changes)  # all ranks: host gather
+        self.hosts = gather_hosts(self.world)  # a collective: every rank
+
+        def start() -> None:
+            self.records.open(start_step)  # drops the records past the checkpoint
+            self.best = self.checkpoints.reconcile_best(self.records.training_evals(), self.cfg.eval, start_step)
+            self.records.write_config(OmegaConf.to_yaml(self.cfg), start_step, self.config_changes)
+            self.records.start(start_step, self.hosts, self.config_changes)
+
+        self.ranks.rank0("writing the run's records", start)
 
     def _already_complete(self, start_step: int) -> dict:
         if self.is_main and not self.quiet:
@@ -439,61 +448,35 @@ class Trainer:
         return self.records.read_json(rundir.SUMMARY)
 
     def _end_status(self) -> str:
-        if self.is_main and self.stop.message(self.step):
-            print(self.stop.message(self.step), file=sys.stderr, flush=True)
+        if self.is_main and self.stop.message(self.step, self.trained):
+            print(self.stop.message(self.step, self.trained), file=sys.stderr, flush=True)
         return self.stop.status()
 
+    def _failed(self, exc: Exception) -> None:
+        """This rank failed or learnt that another did (ranks.Ranks.failed); rank 0 names the first error."""
+        self.error = self.ranks.failed(exc)
+        if not isinstance(exc, RankFailed) and not is_comm_error(exc) and not is_user_error(exc):
+            traceback.print_exc()
+        if self.is_main:
+            self.error = self.ranks.first_error(exc)
+            print(f"error: run failed at step {self.step}: {self.error}", file=sys.stderr, flush=True)
+
     def _diverged(self, exc: Diverged) -> str:
-        self.diverged_message = str(exc)
+        self.error = str(exc)
         # A run that diverged has collapsed, whether or not a telemetry signal fired first.
         self.collapse.flag(self.guard.first_step or self.step,
                            f"non-finite: training diverged ({self.guard.total} skipped updates)")
         return rundir.DIVERGED
 
-    def param_checksum(self) -> str:
-        """A digest of every G and D parameter's bytes: equal on every rank when training is in sync."""
-        import hashlib
-
-        h = hashlib.sha1()
-        for net in (self.G, self.D):
-            for p in net.parameters():
-                h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
     def _finish(self, status: str) -> dict:
-        t = self.cfg.train
-        checksums = [self.param_checksum()]
-        if self.world > 1:
-            checksums = [None] * self.world
-            torch.distributed.all_gather_object(checksums, self.param_checksum())
+        """summary.json and run.json's end; after a failure, no collective (rank 0's checksum, the start's hosts)."""
+        checksum = param_checksum(self.G, self.D)
+        checksums, hosts = [checksum], self.hosts
+        if self.world > 1 and not self.ranks.broken:
+            checksums, hosts = [None] * self.world, gather_hosts(self.world)
+            torch.distributed.all_gather_object(checksums, checksum)
         summary = summary_of(self, status, checksums)
-        hosts = gather_hosts(self.world)  # every rank joins
         self.records.write_json(rundir.SUMMARY, summary)
         self.records.write_run(status, hosts, {"end_time": now()})
         self.records.close()
         return summary
-
-
-def print_summary(summary: dict, run_dir: Path) -> None:
-    rows = [
-        ("status", summary.get("status")),
-        ("steps", f"{summary.get('steps')}/{summary.get('target_steps')}"),
-        ("images seen", summary.get("images_seen")),
-        ("throughput", f"{summary['img_per_s']:.1f} img/s" if summary.get("img_per_s") else "-"),
-        ("train time", telemetry.format_eta(summary.get("train_seconds") or 0)),
-        ("effective batch", summary.get("effective_batch")),
-    ]
-    rows += [(k, f"{v:.4f}") for k, v in summary.get("final", {}).items()]
-    if summary.get("data_skipped"):
-        rows.append(("corrupt samples skipped", summary["data_skipped"]))
-    w = max(len(k) for k, _ in rows)
-    print("\n" + "-" * (w + 24))
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
-    print("-" * (w + 24))
-    print(f"run directory : {run_dir}")
-    for name, what in ((rundir.CONFIG, "resolved config"), (rundir.METRICS, "one line per tick"),
-                       (rundir.SUMMARY, "final summary"), ("samples/latest.png", "EMA samples, one row per class"),
-                       ("checkpoints/", "resumable state"),
-                       ("tb/", "TensorBoard: tensorboard --logdir " + str(run_dir / rundir.TB))):
-        print(f"  {name:<20} {what}")

@@ -1,0 +1,189 @@
+"""The config schema: one dataclass per group, the types every composed config is checked against
+(bench.config.check_schema). The YAML under configs/ holds the values and documents each key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelCfg:
+    family: str = "biggan"
+    ch: int = 32
+    d_ch: int = 32
+    z_dim: int = 128
+    shared_dim: int = 128
+    hier: bool = True
+    attn: list[int] = field(default_factory=lambda: [16])
+    g_sn: bool = True
+    d_sn: bool = True
+    sn_iters: int = 1
+    sn_eps: float = 1e-6
+    init: str = "ortho"
+    bn_eps: float = 1e-5
+    n_classes: Optional[int] = None
+    mbdisc: int = 0
+    mbdisc_dim: int = 16
+    mbstd: int = 0
+    vbn: bool = False
+    vbn_ref: int = 32
+    cross_replica_bn: bool = False
+
+
+@dataclass
+class DataCfg:
+    name: str = "shapes"
+    shards: str = ""
+    resolution: Optional[int] = 32  # null (data=folder): the shards' manifest.json says
+    num_samples: int = 10000
+    samples_per_shard: int = 500
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class LossCfg:
+    name: str = "hinge"
+    clip: float = 0.01
+    gp_lambda: float = 10.0
+    real_target: float = 1.0
+    label_noise: float = 0.0
+    feature_matching: float = 0.0
+
+
+@dataclass
+class TrainCfg:
+    steps: int = 300
+    batch_size: int = 32
+    global_batch: Optional[int] = None
+    kimg: Optional[float] = None
+    accumulate: int = 1
+    d_steps: int = 1
+    precision: str = "auto"  # auto -> bf16 on CUDA or a CPU with fast bf16, else fp32 (validate resolves it)
+    channels_last: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    optimizer: str = "adam"
+    g_lr: float = 2e-4
+    d_lr: float = 4e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    eps: float = 1e-6
+    tick_every: int = 10
+    ckpt_every: int = 100
+    ckpt_keep: int = 2
+    sample_every: int = 100
+    sample_cols: int = 8
+    nonfinite_rollback: int = 3
+    max_rollbacks: int = 3
+
+
+@dataclass
+class RegCfg:
+    r1_gamma: float = 0.0
+    r1_every: int = 1
+    r2_gamma: float = 0.0
+    ortho_beta: float = 0.0
+    ortho_full: bool = False
+    ortho_nets: list[str] = field(default_factory=lambda: ["G"])
+    sigma_clamp: Optional[str] = None
+    sigma_clamp_nets: list[str] = field(default_factory=lambda: ["G", "D"])
+    sigma_penalty: float = 0.0
+    sigma_target: Optional[str] = None
+    sigma_penalty_nets: list[str] = field(default_factory=lambda: ["D"])
+    hist_avg: float = 0.0
+
+
+@dataclass
+class EmaCfg:
+    decay: float = 0.99
+    start: int = 100
+
+
+@dataclass
+class EvalCfg:
+    every: int = 0
+    final: bool = False
+    psi_sweep: list = field(default_factory=list)
+    num_samples: int = 5000
+    extractor: str = "domain"
+    weights_path: Optional[str] = None
+    best_metric: str = "eval/FID"
+    batch_size: int = 64
+    standing_stats: int = 0
+    truncation: Optional[float] = None
+    trunc_mode: str = "resample"
+    precision: str = "auto"
+    num_real: Optional[int] = None
+    cache_dir: Optional[str] = None
+    classifier_path: Optional[str] = None
+    seed: int = 0
+    verbose: bool = False
+
+
+@dataclass
+class TelemetryCfg:
+    sigma_every: int = 50
+    mfu: bool = True
+    sigma_k: int = 3
+    collapse_sigma_factor: float = 2.0
+    collapse_window: int = 50
+    collapse_loss_gap: float = 50.0
+    collapse_warmup: int = 20
+    collapse_fid_factor: float = 1.5
+    stop_on_collapse: bool = False
+
+
+@dataclass
+class ThroughputCfg:
+    warmup: int = 3
+    steps: int = 10
+    repeats: int = 3
+    data: str = "fake"
+    profile: Optional[str] = None
+
+
+@dataclass
+class ClusterCfg:
+    partition: str = "debug"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    mem: str = "2G"
+    time: str = "60"
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    setup: list[str] = field(default_factory=list)
+    max_requeue: int = 3
+    signal_delay_s: int = 30
+    array_parallelism: int = 4
+
+
+@dataclass
+class DistCfg:
+    timeout_s: int = 300
+
+
+@dataclass
+class RunCfg:
+    dir: str = ""
+    root: str = "runs"
+    name: str = ""
+    dry_run: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    reg: RegCfg = field(default_factory=RegCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    telemetry: TelemetryCfg = field(default_factory=TelemetryCfg)
+    cluster: ClusterCfg = field(default_factory=ClusterCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
+    run: RunCfg = field(default_factory=RunCfg)

@@ -1,0 +1,186 @@
+"""Keeping the ranks of one run together when something fails (docs/architecture.md, "Faults").
+
+- Work only rank 0 does (the run lock, the default shards, checkpoints, records, samples, evaluation)
+  runs inside `Ranks.rank0(what, fn)`: every rank then agrees whether it worked, so a failure raises on
+  every rank at once instead of leaving the others in a collective.
+- Decisions every rank must share (stop now, skip a non-finite update) go through `Ranks.any`.
+- Once a rank fails, `Ranks.failed` writes its error to errors/rank-<r>.json in the run directory and
+  the rank enters no further collective. A rank blocked in a collective with a failed peer gets gloo's
+  (or NCCL's) error when the peer exits, or after `dist.timeout_s` when it hangs; rank 0 then names
+  the first error in summary.json (`Ranks.first_error`), and every rank exits non-zero.
+
+`injected_fault` is the fault tests' hook: GAN_BENCH_FAULT=<rank>:<step>[:<where>] makes that rank raise
+at that step (where: step, the default, or checkpoint), or hang there (hang). Nothing sets it outside the
+tests.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import torch
+
+from bench import rundir
+
+T = TypeVar("T")
+FAULT_ENV = "GAN_BENCH_FAULT"
+COMM_WORDS = ("gloo", "nccl", "timed out", "connection", "broken pipe", "socket")
+# How long rank 0 looks for a failed peer's error file after its own collective broke.
+PEER_ERROR_WAIT_S = 10.0
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed; this one stops too. The message is that rank's error; `user_error` says it
+    was bad input (the CLI then prints one line and exits 2, as the failing rank does)."""
+
+    def __init__(self, message: str, user_error: bool = False):
+        super().__init__(message)
+        self.user_error = user_error
+
+
+def is_user_error(exc: BaseException) -> bool:
+    from bench.config import ConfigError
+    from bench.data.format import DataError
+
+    return isinstance(exc, (ConfigError, DataError, rundir.RunLocked)) or getattr(exc, "user_error", False)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0] if text else ''}"[:limit]
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    """A collective that broke because a peer died or hung (gloo and NCCL raise plain RuntimeErrors)."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in COMM_WORDS)
+
+
+def process_group_kwargs(timeout_s: int) -> list:
+    """The Accelerator's kwargs_handlers that set the process-group timeout (dist.timeout_s)."""
+    from accelerate import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=int(timeout_s)))]
+
+
+def injected_fault(rank: int, step: int, where: str = "step") -> None:
+    """Raise when GAN_BENCH_FAULT names this rank, this (1-based) step and this place."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    kind = parts[2] if len(parts) > 2 else "step"
+    if int(parts[0]) != rank or int(parts[1]) != step:
+        return
+    if kind == "hang" and where == "step":
+        time.sleep(10**6)  # a rank that stops answering: its peers wait dist.timeout_s, then fail
+    if kind == where:
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) on rank {rank} at step {step} during {where}")
+
+
+class Ranks:
+    """The run's processes as one: agreement after rank-0 work, shared decisions, and failure records."""
+
+    def __init__(self, world: int, rank: int, device: torch.device, run_dir: Path):
+        self.world, self.rank, self.device = world, rank, device
+        self.errors_dir = Path(run_dir) / rundir.ERRORS
+        self.broken = False  # a rank failed: no more collectives
+        self.started = time.time()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- agreement ------------------------------------------------------------------------------------
+    def all_ok(self, error: Optional[BaseException], what: str) -> None:
+        """Every rank says whether its part of `what` worked (one all_gather). Raises on every rank when
+        one failed: the failing rank its own exception, the others RankFailed naming it."""
+        if self.world > 1 and not self.broken:
+            errors = [None] * self.world
+            mine = (first_line(error), is_user_error(error)) if error is not None else None
+            torch.distributed.all_gather_object(errors, mine)
+            bad = [(r, e) for r, e in enumerate(errors) if e]
+            if bad and error is None:
+                r, (line, user) = bad[0]
+                raise RankFailed(f"rank {r} failed while {what}: {line}", user_error=user)
+        if error is not None:
+            raise error
+
+    def rank0(self, what: str, fn: Callable[[], T]) -> Optional[T]:
+        """`fn()` on rank 0 only (None elsewhere), then every rank agrees that it worked."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # handed to every rank by all_ok
+                error = exc
+        self.all_ok(error, what)
+        return result
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (one all-reduce)."""
+        if self.world == 1 or self.broken:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in place (telemetry's one all-reduce per tick)."""
+        torch.distributed.all_reduce(x)
+        return x
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ---- failures -------------------------------------------------------------------------------------
+    def failed(self, exc: BaseException) -> str:
+        """This rank failed with `exc`: enter no more collectives and leave the error where rank 0 can
+        read it (errors/rank-<r>.json; best effort, the disk may be what failed). Returns its line."""
+        self.broken = True
+        line = first_line(exc)
+        kind = "peer" if isinstance(exc, RankFailed) else "comm" if is_comm_error(exc) else "own"
+        if self.world > 1:
+            host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+            record = {"rank": self.rank, "host": host, "time": time.time(), "kind": kind, "error": line}
+            try:
+                rundir.write_json(self.errors_dir / f"rank-{self.rank}.json", record)
+            except OSError:
+                pass
+        return line
+
+    def first_error(self, own: BaseException) -> str:
+        """Rank 0's account of a failed run: its own error when it caused the failure (or was told of
+        one), else the earliest error a peer wrote since this run started."""
+        line = first_line(own)
+        if self.world == 1 or not is_comm_error(own) or isinstance(own, RankFailed):
+            return f"rank 0: {line}" if self.world > 1 and not isinstance(own, RankFailed) else line
+        deadline = time.time() + PEER_ERROR_WAIT_S
+        while True:
+            peers = [e for e in self._peer_errors() if e.get("kind") != "comm"]
+            if peers or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        if not peers:
+            return f"rank 0: {line} (no other rank recorded an error: one may have hung or been killed)"
+        e = min(peers, key=lambda r: r["time"])
+        return f"rank {e['rank']} ({e['host']}): {e['error']}"
+
+    def _peer_errors(self) -> list[dict]:
+        out = []
+        for path in sorted(self.errors_dir.glob("rank-*.json")):
+            rec = rundir.read_json(path)
+            if rec and rec.get("rank") != self.rank and float(rec.get("time", 0)) >= self.started - 5:
+                out.append(rec)
+        return out
