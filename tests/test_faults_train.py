@@ -209,16 +209,19 @@ def test_resume_under_a_compatible_config_keeps_the_history(tmp_path, tiny_shard
     assert [json.loads(line)["step"] for line in (run_dir / rundir.METRICS).read_text().splitlines()] == [1, 2, 3]
 
 
-def test_ctrl_c_checkpoints_and_stops_with_one_line(tmp_path, tiny_shards):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_group_signal_checkpoints_and_stops_with_one_line(tmp_path, tiny_shards, signame):
+    """Ctrl-C in a terminal and Slurm's scancel / preemption signal every process of the job: here the
+    whole process group of a `bench train` with two decode workers."""
     import signal
 
     from bench import rundir
 
-    run_dir = tmp_path / "ctrlc"
-    proc = subprocess.Popen(_bench("train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY,
-                                   "train.batch_size=4", "train.precision=fp32", "train.steps=200",
-                                   "train.ckpt_every=1000", "train.sample_every=1000"),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "group"
+    args = ("train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.batch_size=4",
+            "train.precision=fp32", "train.ckpt_every=1000", "train.sample_every=1000", "data.num_workers=2")
+    proc = subprocess.Popen(_bench(*args, "train.steps=200"), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         metrics = run_dir / rundir.METRICS
         deadline = time.time() + 300
@@ -226,7 +229,7 @@ def test_ctrl_c_checkpoints_and_stops_with_one_line(tmp_path, tiny_shards):
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.time() < deadline
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, getattr(signal, signame))  # the main process and its decode workers
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -237,11 +240,45 @@ def test_ctrl_c_checkpoints_and_stops_with_one_line(tmp_path, tiny_shards):
     summary = json.loads((run_dir / rundir.SUMMARY).read_text())
     step = summary["steps"]
     assert summary["status"] == rundir.INTERRUPTED and 2 <= step < 200
-    assert err.strip().splitlines() == [f"stopped by SIGINT at step {step}: checkpoint written; run the same "
+    assert err.strip().splitlines() == [f"stopped by {signame} at step {step}: checkpoint written; run the same "
                                         "command to resume"], err
     assert [p.name for _, p in rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)] == [rundir.ckpt_name(step)]
     assert not list((run_dir / rundir.SAMPLES).glob("*.png"))  # the interrupted step wrote no samples
     assert not (run_dir / rundir.EVALS).exists()
+    # and it resumes from the stop step (train.steps raised by 2: a compatible change)
+    resumed = subprocess.run(_bench(*args, f"train.steps={step + 2}"), env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0 and f"resuming from {run_dir / 'checkpoints' / rundir.ckpt_name(step)}" in \
+        resumed.stdout, resumed.stderr[-2000:]
+    assert json.loads((run_dir / rundir.SUMMARY).read_text())["status"] == rundir.COMPLETED
+
+
+def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, tiny_shards, capsys):
+    """The CLI installs the handlers before the trainer is built: a signal that arrives during set-up
+    or resume stops the run cleanly before its first step (a resumed one keeps its checkpoint)."""
+    import signal
+
+    from bench import rundir
+    from bench.config import compose, validate
+    from bench.train.state import StopRequest
+    from bench.train.trainer import Trainer
+
+    cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=4", "train.batch_size=4",
+                            "train.precision=fp32", "train.ckpt_every=2"]))
+    assert Trainer(cfg, tmp_path / "r", quiet=True).run()["steps"] == 4
+    cfg.train.steps = 8
+    stop = StopRequest()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered now, before the trainer exists
+        summary = Trainer(cfg, tmp_path / "r", quiet=True, stop=stop).run()
+    finally:
+        stop.restore()
+    assert summary["status"] == rundir.INTERRUPTED and summary["steps"] == 4
+    assert "stopped by SIGTERM before the first step" in capsys.readouterr().err
+    assert [s for s, _ in rundir.list_checkpoints(tmp_path / "r" / rundir.CHECKPOINTS)] == [2, 4]
+    assert [json.loads(line)["step"] for line in (tmp_path / "r" / rundir.METRICS).read_text().splitlines()] == \
+        [1, 2, 3, 4]
 
 
 def test_the_interrupted_step_writes_no_samples_and_runs_no_evaluation(tmp_path, tiny_shards, capsys):
