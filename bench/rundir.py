@@ -90,6 +90,20 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: Union[str, Path]) -> None:
+    """fsync every file under `path`, then every directory, deepest first: a directory published by one
+    rename (a shard set) is then complete on disk before its name appears."""
+    path = Path(path)
+    for f in (p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(str(f), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [path]:
+        fsync_dir(d)
+
+
 def temp_path(path: Union[str, Path]) -> Path:
     """A hidden temp name beside `path`, unique to this process and call."""
     path = Path(path)

@@ -144,3 +144,27 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
         assert lock.holder()["pid"] == os.getpid()
     # released: a second acquire in this process works again
     rundir.RunLock(tmp_path).acquire().release()
+
+
+def test_fsync_tree_syncs_every_file_and_directory(tmp_path, monkeypatch):
+    import os
+
+    from bench import rundir
+
+    (tmp_path / "set" / "sub").mkdir(parents=True)
+    for name in ("set/a.tar", "set/sub/b.tar", "set/manifest.json"):
+        (tmp_path / name).write_bytes(b"x")
+    synced, real = [], os.fsync
+    opened = {}
+    real_open = os.open
+
+    def track_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        opened[fd] = os.path.relpath(path, tmp_path)
+        return fd
+
+    monkeypatch.setattr(os, "open", track_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(opened.get(fd)), real(fd))[1])
+    rundir.fsync_tree(tmp_path / "set")
+    assert set(synced) == {"set/a.tar", "set/sub/b.tar", "set/manifest.json", "set/sub", "set"}
+    assert synced.index("set/sub") < synced.index("set")  # deepest directory first, the top last

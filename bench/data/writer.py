@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+from bench import rundir
 from bench.data import shapes
 from bench.data.format import DEFAULT_NUM_SAMPLES, MANIFEST, SHARD_NAME, DataError, png_bytes, square_resize
 
@@ -286,7 +287,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def publish(tmp: Path, out: Path, overwrite: bool) -> bool:
-    """Move the finished shard set `tmp` to `out` by rename. False if another writer got there first."""
+    """Move the finished shard set `tmp` to `out` by rename, after fsyncing every file in it (the set is
+    whole on disk before its name appears; the parent is fsynced after). False if another writer got
+    there first."""
+    rundir.fsync_tree(tmp)
+    published = _rename_into_place(tmp, out, overwrite)
+    rundir.fsync_dir(out.parent)
+    return published
+
+
+def _rename_into_place(tmp: Path, out: Path, overwrite: bool) -> bool:
     if overwrite and out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(out, trash)
