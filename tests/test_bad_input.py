@@ -38,6 +38,7 @@ CASES = [
     _train("telemetry.collapse_window=-1"),
     _train("loss.clip=-0.01"),
     _train("cluster.cpus_per_task=0"),
+    _train("dist.timeout_s=0"),
     _train("eval.batch_size=0"),
     _train("eval.num_samples=2"),
     _train("loss.gp_lambda=-10", "loss=wgan_gp"),
