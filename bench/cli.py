@@ -107,8 +107,10 @@ def cmd_throughput(args: list[str]) -> int:
     from bench.config import validate
 
     world = _world_size()  # bad input is one line before torch is imported or anything is built
-    if not any(a in ("-m", "--multirun") or "," in a.split("=", 1)[-1] for a in args):  # not a sweep
-        validate(compose(args), world_size=world)
+    from bench.overrides import is_sweep_value
+
+    if not any(a in ("-m", "--multirun") or is_sweep_value(a.split("=", 1)[-1]) for a in args):  # a sweep: each
+        validate(compose(args), world_size=world)  # combination is checked by bench.train.throughput
     from bench.train.throughput import cmd_throughput as throughput
 
     return throughput(args)

@@ -28,6 +28,7 @@ from typing import Callable
 
 from bench import rundir
 from bench.config import CONFIG_DIR, ConfigError, check_group_choices, compose
+from bench.overrides import is_sweep_value, sweep_values
 
 INDEX = "index"
 SWEEP_JSON = "sweep.json"
@@ -36,17 +37,6 @@ OK_STATES = (rundir.COMPLETED, rundir.COLLAPSED)
 CANCELLED = "cancelled"   # a job stopped by scancel (or another signal) that Slurm will not run again
 REQUEUED = "requeued"     # a job put back in the queue; its next run records itself again
 LIVE_STATES = (rundir.RUNNING, REQUEUED)
-
-
-def is_sweep_value(value: str) -> bool:
-    """Whether an override's value sweeps (a top-level comma, or one of Hydra's sweep functions)."""
-    depth = 0
-    for ch in value:
-        depth += ch in "[({"
-        depth -= ch in "])}"
-        if ch == "," and depth == 0:
-            return True
-    return value.startswith(("range(", "choice(", "glob(", "interval("))
 
 
 def _value(override: str) -> str:
@@ -219,7 +209,7 @@ def cluster_groups(args: list[str], fixed: list[str], launcher: str | None) -> l
     swept: dict[str, list[str]] = {}
     for k, v in sweeper_params(fixed).items():
         if k.startswith("cluster.") and is_sweep_value(v):
-            swept[k] = v.split(",")
+            swept[k] = [x.split("=", 1)[1] for x in sweep_values(f"{k}={v}")]
     given = {a.split("=", 1)[0] for a in args if "=" in a}
     for k in list(swept):
         if k in given and not is_sweep_value(_value(next(a for a in args if a.startswith(k + "=")))):
@@ -227,7 +217,7 @@ def cluster_groups(args: list[str], fixed: list[str], launcher: str | None) -> l
     for a in args:
         k, _, v = a.partition("=")
         if k.startswith("cluster.") and is_sweep_value(v):
-            swept[k] = v.split(",")
+            swept[k] = [x.split("=", 1)[1] for x in sweep_values(a)]
     if not swept:
         return [[]]
     if launcher != "submitit_slurm" and any(k == "cluster.nodes" and any(x.strip() != "1" for x in v)

@@ -105,6 +105,9 @@ CASES = [
     Case("throughput:data=web", ("throughput", "throughput.data=web"), "throughput.data", "web"),
     Case("throughput:global_batch=-8", ("throughput", "train.global_batch=-8"), "train.global_batch", "-8"),
     Case("throughput:WORLD_SIZE", ("throughput",), "WORLD_SIZE", "abc", {"WORLD_SIZE": "abc"}),
+    # a sweep: Hydra's range() is expanded, and every combination is checked before the first runs
+    Case("throughput:-m range", ("throughput", "-m", "train.batch_size=range(0,5,2)"), "train.batch_size", "0"),
+    Case("throughput:-m bad sweep", ("throughput", "-m", "train.batch_size=range(0,"), "train.batch_size", "range(0,"),
 ]
 
 

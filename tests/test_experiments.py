@@ -115,6 +115,6 @@ def test_multirun_driver_indexes_every_job_and_leaves_sys_argv_alone(tmp_path, t
 @pytest.mark.parametrize("value, sweeps", [("1,2", True), ("[1,2]", False), ("range(3)", True),
                                            ("{a:1,b:2}", False), ("ratio:1.5", False)])
 def test_is_sweep_value(value, sweeps):
-    from bench.sweep import is_sweep_value
+    from bench.overrides import is_sweep_value
 
     assert is_sweep_value(value) == sweeps

@@ -17,17 +17,20 @@ import torch
 from bench import device as bdevice
 from bench import rundir
 from bench.config import compose, validate
-from bench.sweep import is_sweep_value
+from bench.overrides import is_sweep_value, sweep_values
 from bench.train.telemetry import TIMED_SECTIONS, Collector, Stopwatch
 from bench.train.trainer import Batches, Trainer
 
 
 def cmd_throughput(args: list[str]) -> int:
     args = [a for a in args if a not in ("-m", "--multirun")]
-    swept = [(a.split("=", 1)[0], a.split("=", 1)[1].split(",")) for a in args if is_sweep_value(a.split("=", 1)[-1])]
+    swept = [sweep_values(a) for a in args if is_sweep_value(a.split("=", 1)[-1])]
     fixed = [a for a in args if not is_sweep_value(a.split("=", 1)[-1])]
     results = []
-    combos = list(itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in swept])) if swept else [()]
+    combos = list(itertools.product(*swept)) if swept else [()]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for combo in combos:  # every combination is checked before the first is measured
+        validate(compose(fixed + list(combo)), world_size=world)
     for i, combo in enumerate(combos):
         overrides = fixed + list(combo)
         if swept:  # one profile folder per measurement
