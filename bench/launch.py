@@ -13,14 +13,14 @@ import re
 import subprocess
 import sys
 
-from bench.config import ConfigError
+from bench.config import MEM_RE, ConfigError
 
 LAUNCHERS = ("submitit_local", "submitit_slurm")
 
 
 def parse_mem_gb(mem) -> int:
     """'500M' / '4G' / '1T' / 4 -> whole GB (at least 1)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([MGT]?)B?\s*", str(mem), re.I)
+    m = re.fullmatch(MEM_RE, str(mem), re.I)
     if not m:
         raise ConfigError(f"cluster.mem={mem!r} is not a memory size; use e.g. 500M, 4G, 1T")
     value, unit = float(m.group(1)), m.group(2).upper() or "G"
