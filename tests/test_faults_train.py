@@ -275,7 +275,8 @@ def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, tiny_shard
     finally:
         stop.restore()
     assert summary["status"] == rundir.INTERRUPTED and summary["steps"] == 4
-    assert "stopped by SIGTERM before the first step" in capsys.readouterr().err
+    assert "stopped by SIGTERM during set-up, before training step 5; run the same command to resume" in \
+        capsys.readouterr().err
     assert [s for s, _ in rundir.list_checkpoints(tmp_path / "r" / rundir.CHECKPOINTS)] == [2, 4]
     assert [json.loads(line)["step"] for line in (tmp_path / "r" / rundir.METRICS).read_text().splitlines()] == \
         [1, 2, 3, 4]

@@ -19,6 +19,7 @@ import torch
 
 from bench import rundir
 from bench.config import ConfigError
+from bench.train.objectives import objective_of
 
 
 # Keys whose change makes a checkpoint meaningless for the config: parameter shapes (every model.* key,
@@ -122,6 +123,18 @@ class TrainingParts:
     collapse: object  # telemetry.CollapseDetector
     hist_avg: Optional[dict]  # "G", "D" -> HistoricalAverage (reg.hist_avg only)
     guard: "NonfiniteGuard"
+    # The objective's running state (ADA's p, LeCam's anchors): anything with state_dict / load_state_dict,
+    # in practice objectives.GANObjective. None: the objective built for nets["D"] (objectives.objective_of).
+    objective: Optional[object] = None
+
+    def __post_init__(self) -> None:
+        if self.objective is None and "D" in self.nets:
+            self.objective = objective_of(self.nets["D"])
+
+    def _objective_state(self) -> dict:
+        """{"objective": ...} when the objective has running state (absent with every stabiliser off)."""
+        state = self.objective.state_dict() if self.objective is not None else {}
+        return {"objective": state} if state else {}
 
     def state_dict(self) -> dict:
         return {**{k: net.state_dict() for k, net in self.nets.items()},
@@ -129,7 +142,7 @@ class TrainingParts:
                 "scaler": {k: s.state_dict() for k, s in self.scalers.items()} if self.scalers else None,
                 "rng": rng_state(self.zgen), "collapse": self.collapse.state_dict(),
                 "hist_avg": {k: h.state_dict() for k, h in self.hist_avg.items()} if self.hist_avg else None,
-                **self.guard.state_dict()}
+                **self.guard.state_dict(), **self._objective_state()}
 
     def load_state_dict(self, s: dict) -> None:
         for k, net in self.nets.items():
@@ -146,6 +159,8 @@ class TrainingParts:
             for k, h in self.hist_avg.items():
                 h.load_state_dict(s["hist_avg"][k])
         self.guard.load_state_dict(s)
+        if self.objective is not None:  # a checkpoint without it (older, or stabilisers off): ADA p = 0, ...
+            self.objective.load_state_dict(s.get("objective") or {})
 
 
 class Checkpoints:
@@ -277,8 +292,8 @@ class StopRequest:
             return None
         name = signal.Signals(self.signal).name
         if not trained:
-            return (f"stopped by {name} before the first step (during set-up); nothing new to save at step {step}; "
-                    "run the same command to resume")
+            again = "resume" if step else "start it again"
+            return f"stopped by {name} during set-up, before training step {step + 1}; run the same command to {again}"
         return f"stopped by {name} at step {step}: checkpoint written; run the same command to resume"
 
     @property
@@ -291,6 +306,8 @@ class StopRequest:
         if self.installed:
             return
         for sig in self.SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # ignored by whoever started us (a background job's
+                continue                                  # SIGINT, nohup): keep it so
             try:
                 self._old_handlers[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
