@@ -31,3 +31,33 @@ def is_sweep_value(value: str) -> bool:
         if ch == "," and depth == 0:
             return True
     return value.startswith(("range(", "choice(", "glob(", "interval("))
+
+
+def grid(args: list[str], experiment_params: dict) -> list[list[str]]:
+    """A sweep's swept keys, each as its list of single overrides: an experiment's hydra.sweeper.params,
+    where the command line's sweeps replace them and its fixed values remove them, as in Hydra."""
+    swept = {k: f"{k}={v}" for k, v in experiment_params.items() if is_sweep_value(str(v))}
+    for a in args:
+        k, _, v = a.partition("=")
+        if k.startswith("hydra"):
+            continue
+        if is_sweep_value(v):
+            swept[k] = a
+        else:
+            swept.pop(k, None)
+    return [sweep_values(o) for o in swept.values()]
+
+
+def check_grid(fixed: list[str], axes: list[list[str]]) -> None:
+    """Validate every swept value (each with the fixed overrides) before any job is submitted: a bad
+    value is one line here, not a failed job later. Values are checked one at a time, not every
+    combination (a grid of 96 cells has 16 values); a clash between two swept values still fails its
+    own jobs only."""
+    from bench.config import check_schema, compose, validate
+
+    for override in (o for axis in axes for o in axis):
+        cfg = check_schema(compose(fixed + [override]))
+        try:
+            validate(cfg, world_size=int(cfg.cluster.nodes) * int(cfg.cluster.tasks_per_node))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (a value of the sweep: {override})") from None

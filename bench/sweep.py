@@ -28,7 +28,7 @@ from typing import Callable
 
 from bench import rundir
 from bench.config import CONFIG_DIR, ConfigError, check_group_choices, compose
-from bench.overrides import is_sweep_value, sweep_values
+from bench.overrides import check_grid, grid, is_sweep_value, sweep_values
 
 INDEX = "index"
 SWEEP_JSON = "sweep.json"
@@ -68,6 +68,7 @@ def multirun(args: list[str], train: Callable[..., int]) -> int:
     check_group_choices([a for a in args if not is_sweep_value(_value(a))])
     fixed = [a for a in args if not a.startswith("hydra") and not is_sweep_value(_value(a))]
     base = compose(fixed)  # fails fast, on this machine, on anything but the swept values
+    check_grid(fixed, grid(args, sweeper_params(fixed)))  # and then on every swept value, before any job
     sweep_dir = next((_value(a) for a in args if a.startswith("hydra.sweep.dir=")), None)
     sweep_dir = str(Path(sweep_dir or Path(base.run.root) / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
     args = [a for a in args if not a.startswith("hydra.sweep.dir=")]

@@ -39,6 +39,10 @@ CASES = [
     _train("loss.clip=-0.01"),
     _train("cluster.cpus_per_task=0"),
     _train("dist.timeout_s=0"),
+    # a sweep: every swept value is checked before any job is submitted
+    Case("train:-m batch", ("train", "-m", "train.batch_size=4,-1", "run.root={root}"), "train.batch_size", "-1"),
+    Case("train:-m experiment", ("train", "-m", "+experiment=stability_ablation", "reg.r1_gamma=0,-1", "run.root={root}"),
+         "reg.r1_gamma", "-1"),
     _train("eval.batch_size=0"),
     _train("eval.num_samples=2"),
     _train("loss.gp_lambda=-10", "loss=wgan_gp"),
