@@ -20,7 +20,7 @@ commands:
   inspect [overrides]               parameter counts and GFLOP per image of a D step and a G step (JSON)
   throughput [overrides]            img/s, step-time split, TFLOP/s, MFU, memory (JSON); -m sweeps
   eval train-classifier [data.shards=DIR]   train the offline domain feature extractor beside the shards
-  eval run=DIR [which=best|last|STEP] [data.shards=DIR] [eval.*]   IS / FID / KID / precision-recall of a run's EMA generator
+  eval run=DIR [which=best|last|STEP] [data.shards=DIR] [eval.*]   IS / FID / KID / precision-recall / density-coverage of a run's EMA G
   truncation run=DIR psi=[...] [eval.*]     truncation trade-off: metrics per psi, CSV + PNG plots
   report DIR [out=DIR]              Markdown/CSV tables and PNG plots for a run or a sweep directory
 

@@ -16,7 +16,7 @@ class Metric:
     lower_is_better: Optional[bool]  # None: not a quality score (a spread, a count)
     fmt: str = "{:.4f}"             # how terminals and reports print it
     best_metric: bool = False       # may be `eval.best_metric` (chooses checkpoints/best.pt)
-    fidelity_key: Optional[str] = None  # torch-fidelity's result key, when torch-fidelity computes it
+    fidelity_key: Optional[str] = None  # torch-fidelity's result key for this quantity
     headline: bool = False          # a column of the report's evaluation tables
 
     @property
@@ -24,9 +24,13 @@ class Metric:
         return self.name.split("/", 1)[1]
 
 
+DEFAULT_BEST_METRIC = "eval/FID"  # eval.best_metric's default (configs/eval/default.yaml, bench/schema.py)
+FID = "eval/FID"                  # fed to the collapse detector as well
+
 METRICS: tuple[Metric, ...] = (
     Metric("eval/IS", False, best_metric=True, fidelity_key="inception_score_mean", headline=True),
     Metric("eval/IS_std", None, fidelity_key="inception_score_std"),
+    # FID: computed in float64 by bench.eval.stats (torch-fidelity's key names the same quantity)
     Metric("eval/FID", True, "{:.3f}", best_metric=True, fidelity_key="frechet_inception_distance", headline=True),
     Metric("eval/KID", True, "{:.5f}", best_metric=True, fidelity_key="kernel_inception_distance_mean",
            headline=True),
@@ -34,6 +38,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("eval/precision", False, best_metric=True, fidelity_key="precision", headline=True),
     Metric("eval/recall", False, best_metric=True, fidelity_key="recall", headline=True),
     Metric("eval/f_score", False, fidelity_key="f_score"),
+    # Naeem et al. 2020, k = 5, on precision / recall's features (bench.eval.stats); density may exceed 1
+    Metric("eval/density", False, best_metric=True, headline=True),
+    Metric("eval/coverage", False, best_metric=True, headline=True),
     Metric("eval/class_acc", False, best_metric=True, headline=True),
 )
 BY_NAME = {m.name: m for m in METRICS}
@@ -43,6 +50,13 @@ HEADLINE = tuple(m.name for m in METRICS if m.headline)             # report col
 BEST_METRICS = tuple(m.name for m in METRICS if m.best_metric)      # allowed eval.best_metric values
 LOWER_IS_BETTER = frozenset(m.name for m in METRICS if m.lower_is_better)
 FIDELITY_KEYS = {m.fidelity_key: m.name for m in METRICS if m.fidelity_key}  # torch-fidelity -> record key
+
+# An evaluation record's diagnostics beside the metrics (bench/eval/metrics.py writes them; the terminal table
+# and the report's evals.csv show them): FID's imaginary residue, then its cost (seconds per 1k generated
+# images for sampling and for the generated side's features; seconds for the real features, 0 when cached, and
+# for every metric from the features).
+COST_FIELDS = ("cost/sample_s_per_1k", "cost/features_s_per_1k", "cost/real_features_s", "cost/metrics_s")
+DIAGNOSTIC_FIELDS = ("fid_imag_residue",) + COST_FIELDS
 
 EXTRACTORS = ("domain", "inception")        # eval.extractor
 TRUNC_MODES = ("resample", "clip", "scale")  # eval.trunc_mode

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import models
+from bench import metrics_registry as registry
 from bench import rundir
 from bench.data.shapes import SHAPES_CLASSES
 from bench.data.shards import ShardSetSpec, make_shards, manifest_hash
@@ -174,9 +175,11 @@ def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, mon
 
     m1 = evaluate(settings)
     for key in ("eval/IS", "eval/IS_std", "eval/FID", "eval/KID", "eval/KID_std", "eval/precision", "eval/recall",
-                "eval/class_acc"):
+                "eval/density", "eval/coverage", "eval/class_acc", "fid_imag_residue", *registry.COST_FIELDS):
         assert isinstance(m1[key], float) and math.isfinite(m1[key]), key
     assert 0.0 <= m1["eval/class_acc"] <= 1.0 and m1["eval/FID"] > 0
+    assert m1["eval/density"] >= 0 and 0 <= m1["eval/coverage"] <= 1 and 0 <= m1["fid_imag_residue"] <= 1e-3
+    assert all(m1[key] >= 0 for key in registry.COST_FIELDS)
     assert m1["extractor"] == "domain" and m1["num_samples"] == 120 and m1["num_real"] == 120
     assert reads == [120]
     cached = sorted(cache.glob("real-*"))
@@ -187,6 +190,7 @@ def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, mon
     assert reads == [120]
     assert {p: p.stat().st_mtime_ns for p in sorted(cache.glob("real-*"))} == mtimes
     assert m2["eval/FID"] == pytest.approx(m1["eval/FID"], rel=1e-6)  # same seed, same samples
+    assert (m2["eval/density"], m2["eval/coverage"]) == (m1["eval/density"], m1["eval/coverage"])
 
     m3 = evaluate(replace(settings, num_real=100))  # another N: another key
     assert reads == [120, 100] and m3["num_real"] == 100
@@ -234,9 +238,12 @@ def test_eval_settings_from_cfg():
 
 def test_format_table_uses_the_registry_formats():
     table = M.format_table({"eval/FID": 1.23456, "eval/KID": 0.00123456, "eval/IS": 2.0, "step": 5,
-                            "source": "x"}, title="t")
+                            "source": "x", "eval/coverage": 0.5, "eval/density": 1.25, "cost/metrics_s": 0.5,
+                            "fid_imag_residue": 0.0}, title="t")
     lines = table.splitlines()
-    assert lines[0] == "t" and [l.split()[0] for l in lines[2:-1]] == ["eval/IS", "eval/FID", "eval/KID", "step"]
+    assert lines[0] == "t" and [l.split()[0] for l in lines[2:-1]] == [
+        "eval/IS", "eval/FID", "eval/KID", "eval/density", "eval/coverage", "fid_imag_residue", "step",
+        "cost/metrics_s"]
     assert "1.235" in table and "0.00123" in table and "2.0000" in table
 
 
@@ -330,6 +337,10 @@ def test_best_checkpoint_choice(clf, shards, tmp_path):
 
     loaded = R.load_run(run, which="best")
     assert loaded["checkpoint"].name == rundir.BEST_CKPT and loaded["step"] == recorded["step"]
+    # best.pt was kept by FID: asked for another metric, which=best ranks the evaluations by that one
+    by_kid = min(evals, key=lambda r: r["eval/KID"])["step"]
+    kid = R.load_run(run, overrides=["eval.best_metric=eval/KID"], which="best")
+    assert kid["chosen"] == f"best by eval/KID in evals.jsonl (step {by_kid})" and kid["step"] == by_kid
     (run / rundir.CHECKPOINTS / rundir.BEST_CKPT).unlink()
     assert R.load_run(run, which="best")["chosen"] == f"best (summary.json, step {recorded['step']})"
     # a better `bench eval` record does not count; without summary.json, evals.jsonl gives the same step
@@ -357,9 +368,14 @@ def test_eval_run_and_truncation_sweep(clf, shards, tmp_path, capsys):
     with open(tdir / "truncation.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["psi"] for r in table] == ["0.5", "off"]
-    assert {"psi", "IS", "FID", "KID", "precision", "recall", "class_acc"} <= set(table[0])
+    assert {"psi", "IS", "FID", "KID", "precision", "recall", "density", "coverage", "class_acc"} <= set(table[0])
     assert all(float(r["FID"]) > 0 for r in table)
-    for name in ("is_vs_fid.png", "precision_recall.png", "samples-psi0.5.png", "samples-psioff.png"):
+    records = json.loads((tdir / "sweep.json").read_text())["records"]
+    for row, record in zip(table, records):  # the CSV carries the records' values
+        for col in ("FID", "precision", "density", "coverage"):
+            assert float(row[col]) == pytest.approx(record[f"eval/{col}"], rel=1e-12), col
+    for name in ("is_vs_fid.png", "precision_recall.png", "density_coverage.png", "samples-psi0.5.png",
+                 "samples-psioff.png"):
         assert (tdir / name).stat().st_size > 100, name
 
 

@@ -173,12 +173,25 @@ def test_tables_match_the_run_files(sweep, tmp_path):
     assert len(evals) == len(want) == 8
     assert {e["extractor"] for e in evals} == {"domain"}
     assert sorted(num(e["eval/FID"]) for e in evals) == pytest.approx(sorted(e["eval/FID"] for e in want))
+    # density / coverage and the record's diagnostics travel from evals.jsonl to evals.csv like precision / recall
+    by_key = {(e["dir"], int(e["step"])): e for e in evals}
+    for j in jobs:
+        for rec in read_jsonl(Path(j["run_dir"]) / "evals.jsonl"):
+            row = by_key[(j["run_dir"], rec["step"])]
+            for key in ("eval/precision", "eval/recall", "eval/density", "eval/coverage", "fid_imag_residue",
+                        "cost/sample_s_per_1k", "cost/features_s_per_1k", "cost/metrics_s"):
+                assert num(row[key]) == pytest.approx(rec[key], rel=1e-12, abs=1e-15), key
+    md = (out / "report.md").read_text()
+    assert "| density | coverage |" in md  # the best-evaluation and truncation tables' columns
 
     # truncation: the one run's curve, psi as written
     trunc = read_csv(out / "truncation.csv")
     src = read_csv(Path(jobs[-1]["run_dir"]) / "truncation" / "truncation.csv")
     assert [num(t["psi"]) for t in trunc] == PSI == [float(t["psi"]) for t in src]
     assert [num(t["FID"]) for t in trunc] == pytest.approx([float(t["FID"]) for t in src])
+    for col in ("density", "coverage"):
+        assert [num(t[col]) for t in trunc] == pytest.approx([float(t[col]) for t in src]), col
+        assert all(num(t[col]) >= 0 for t in trunc)
     assert {t["run"] for t in trunc} == {rows[-1]["run"]}
 
     # ablation: one row per run; the headline is the best FID; collapse step and img/s as in runs.csv

@@ -1,7 +1,8 @@
 """torch-fidelity's inputs and feature extractors (docs/architecture.md, "Evaluation").
 
     ImageDataset       uint8 images (a tensor, or a loader called on first access) as an input
-    Sampler            G as a torch-fidelity generative model (labels and latents drawn inside)
+    Sampler            G as a torch-fidelity generative model (latents and labels drawn beforehand)
+    extract_features   torch-fidelity's features of both inputs (the reference side from its cache)
     extractor_settings the torch-fidelity extractor, its feature layers, weights and cache identity
                        for eval.extractor = domain (bench.eval.classifier) | inception (the user's file)
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from bench.eval.classifier import DOMAIN_EXTRACTOR, DOMAIN_LAYERS
 from bench.eval.errors import EvalError
-from bench.eval.sampling import truncated_normal
+from bench.eval.sampling import generate_uint8
 from bench.metrics_registry import EXTRACTORS
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -87,37 +88,48 @@ class ImageDataset(torch.utils.data.Dataset):
 class Sampler(nn.Module):
     """G as a torch-fidelity generative model (registered as a virtual GenerativeModelBase).
 
-    torch-fidelity 0.4.0 breaks on num_classes > 0, so num_classes is 0 and each batch draws its own
-    labels uniformly from [0, n_classes) and its own latents (truncated if asked) from `generator`;
-    torch-fidelity's noise only sets the batch size. Returns uint8 (B, 3, R, R). With a classifier,
-    counts how often it labels a sample with its conditioning class (class_acc).
+    The latents z (N, z_dim) and labels y (N,) of every sample are drawn before sampling starts
+    (sampling.eval_latents); each call takes the next noise.shape[0] of them, so torch-fidelity's noise
+    only sets the batch size and the i-th image does not depend on it. num_classes is 0 for
+    torch-fidelity (0.4.0 breaks on num_classes > 0). Returns uint8 (B, 3, R, R). With a classifier,
+    counts how often it labels a sample with its conditioning class (class_acc). `seconds`: the time
+    spent in G (CUDA synchronised per batch).
     """
 
     z_type = "normal"
     num_classes = 0
 
-    def __init__(self, G, n_classes: int, *, truncation, trunc_mode, generator, autocast, classifier=None):
+    def __init__(self, G, z: torch.Tensor, y: torch.Tensor, *, autocast, classifier=None):
         super().__init__()
-        # Plain attributes, not submodules: torch-fidelity calls .cuda() on its input, which must not
-        # move the caller's G (it already lives on the evaluation device).
+        # Plain attributes, not submodules or buffers: torch-fidelity calls .cuda() on its input, which
+        # must not move the caller's G (it already lives on the evaluation device).
         self.__dict__["G"] = G
         self.__dict__["classifier"] = classifier
+        self.__dict__["z"], self.__dict__["y"] = z, y
+        if z.shape[0] != y.shape[0] or z.shape[1] != G.z_dim:
+            raise EvalError(f"sampler: latents {tuple(z.shape)} and labels {tuple(y.shape)} do not match "
+                            f"z_dim={G.z_dim}")
         self.z_size = G.z_dim
-        self.n_classes, self.truncation, self.trunc_mode = n_classes, truncation, trunc_mode
-        self.generator, self.autocast = generator, autocast
+        self.autocast = autocast
         self.device = next(G.parameters()).device
         self.correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.count = 0
+        self.cursor = 0      # samples handed out so far
+        self.seconds = 0.0   # time in G
         self.__dict__["progress"] = None  # a ProgressLine, counted per batch
 
     @torch.no_grad()
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        n = noise.shape[0]
-        z = truncated_normal((n, self.z_size), self.truncation, self.trunc_mode, self.generator, self.device)
-        y = torch.randint(0, self.n_classes, (n,), device=self.device, generator=self.generator)
-        with self.autocast():
-            x = self.G(z, y)
-        images = ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)  # (B, 3, R, R)
+        n, i = noise.shape[0], self.cursor
+        if i + n > self.z.shape[0]:
+            raise EvalError(f"sampler: asked for samples {i}..{i + n} of {self.z.shape[0]} drawn")
+        z, y = self.z[i:i + n].to(self.device), self.y[i:i + n].to(self.device)
+        self.cursor += n
+        t0 = time.perf_counter()
+        images = generate_uint8(self.G, z, y, self.autocast)  # (B, 3, R, R)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - t0
         if self.classifier is not None:
             _, logits = self.classifier(images)
             self.correct += (logits.argmax(1) == y).sum()
@@ -136,6 +148,20 @@ def register_sampler() -> None:
 
     if not issubclass(Sampler, GenerativeModelBase):
         GenerativeModelBase.register(Sampler)
+
+
+def extract_features(kw: dict, layers) -> tuple[dict, dict, float, float]:
+    """(features of input1, features of input2, seconds of each): torch-fidelity's featuresdicts
+    ({layer: (N, D) float tensor on the CPU}) for these layers, with the settings `kw` of
+    torch_fidelity.calculate_metrics (input2 comes from torch-fidelity's cache when kw names one)."""
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+
+    extractor = create_feature_extractor(kw["feature_extractor"], sorted(set(layers)), **kw)
+    t0 = time.perf_counter()
+    features1 = extract_featuresdict_from_input_id_cached(1, extractor, **kw)
+    t1 = time.perf_counter()
+    features2 = extract_featuresdict_from_input_id_cached(2, extractor, **kw)
+    return features1, features2, t1 - t0, time.perf_counter() - t1
 
 
 def check_extractor(extractor: str) -> str:

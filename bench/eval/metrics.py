@@ -1,9 +1,11 @@
-"""Metrics of a generator: torch-fidelity's IS / FID / KID / precision-recall, and the domain
-classifier's class accuracy (docs/architecture.md, "Evaluation").
+"""Metrics of a generator: IS / KID / precision-recall (torch-fidelity), FID in float64 and density /
+coverage (bench.eval.stats), all from one extraction of the features, and the domain classifier's
+class accuracy (docs/architecture.md, "Evaluation").
 
-Rank 0 only: `evaluate_generator` wraps torch_fidelity.calculate_metrics. The fake side is G (the EMA G
-in training) sampled as uint8 with class labels drawn uniformly inside the wrapper (torch-fidelity
-0.4.0 crashes for num_classes > 0: the wrapper says num_classes = 0). The real side is N images read
+Rank 0 only: `evaluate_generator` has torch-fidelity extract the features (`compute_metrics`). The fake
+side is G (the EMA G in training) sampled as uint8; every latent and label is drawn before sampling
+(sampling.eval_latents), so the i-th image does not depend on eval.batch_size (torch-fidelity 0.4.0
+crashes for num_classes > 0: the wrapper says num_classes = 0). The real side is N images read
 from the shards; its features are cached under a hash of (shard manifest, N, resolution, extractor and
 its weights) in the cache directory (torch-fidelity's atomic cache files plus a JSON sidecar written
 with rundir.atomic_write), so later evaluations only sample G.
@@ -15,8 +17,11 @@ Feature extractors (every record names the one it used):
     inception  torch-fidelity's inception-v3-compat with the user's copy of the standard FID weights
                (eval.weights_path); never downloaded: a missing file is an EvalError.
 
-Metric names, their directions and formats come from bench.metrics_registry; records add extractor,
-num_samples, num_real, truncation, trunc_mode, standing_stats, seconds.
+Metric names, their directions and formats come from bench.metrics_registry; records add
+fid_imag_residue (the imaginary part left by FID's matrix square root, relative to its trace), extractor,
+num_samples, num_real, truncation, trunc_mode, standing_stats, the cost/* timings (seconds per 1k
+generated images for sampling and for features, seconds for the real features and for the metrics)
+and seconds.
 """
 from __future__ import annotations
 
@@ -46,12 +51,14 @@ from bench.eval.classifier import classifier_path as default_classifier_path
 from bench.eval.classifier import load_classifier, load_images, train_classifier
 from bench.eval.errors import ClassifierError, EvalError
 from bench.eval.safeload import first_line, load_weights
-from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extractor_settings, inception_weights,
-                                 register_sampler)
-from bench.eval.sampling import check_psi, check_trunc_mode, standing_stats
+from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extract_features, extractor_settings,
+                                 inception_weights, register_sampler)
+from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
+from bench.eval.stats import DC_NEIGHBOURS, density_coverage, frechet_distance
 
-RECORD_KEYS = ("extractor", "num_samples", "num_real", "truncation", "trunc_mode", "standing_stats", "step",
-               "checkpoint", "seconds")  # the table's rows after the metrics
+MIN_SAMPLES = max(MIN_EVAL_SAMPLES, DC_NEIGHBOURS + 1)  # density / coverage: the k-th of the other real samples
+RECORD_KEYS = ("fid_imag_residue", "extractor", "num_samples", "num_real", "truncation", "trunc_mode",
+               "standing_stats", "step", "checkpoint", *registry.COST_FIELDS, "seconds")  # the table's rows after the metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,11 +67,11 @@ RECORD_KEYS = ("extractor", "num_samples", "num_real", "truncation", "trunc_mode
 
 @dataclass(frozen=True)
 class MetricSettings:
-    """What compute_metrics asks torch-fidelity for."""
+    """What compute_metrics computes, and how it asks torch-fidelity for the features."""
     extractor: str = "domain"           # domain | inception
     weights_path: Optional[str] = None  # domain: the classifier file; inception: the FID Inception weights
                                         # (a missing file is an EvalError: nothing is downloaded)
-    metrics: tuple = ("isc", "fid", "kid", "prc")
+    metrics: tuple = ("isc", "fid", "kid", "prc", "dc")  # dc: density / coverage (on prc's features)
     batch_size: int = 64
     num_samples: Optional[int] = None   # images drawn when input1 is a generative model
     num_real: Optional[int] = None      # len(input2) when known (a cached input2 is not loaded to count it)
@@ -74,25 +81,52 @@ class MetricSettings:
     verbose: bool = False               # torch-fidelity's own prints (progress bars, "Recall: ...")
 
 
+def metrics_from_features(features1: dict, features2: dict, layers: dict, wanted, kw: dict) -> dict:
+    """Every metric of the evaluated side's features against the reference side's, in one place
+    (featuresdicts {layer: (N, D)} as torch-fidelity extracts them): IS, KID and precision / recall by
+    torch-fidelity; the Frechet distance (float64, with its imaginary residue) and density / coverage
+    (k = 5, on precision / recall's features) by bench.eval.stats. Returns eval/* keys and fid_imag_residue."""
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    raw = {}
+    if "isc" in wanted:
+        raw.update(isc_featuresdict_to_metric(features1, layers["isc"], **kw))
+    if "kid" in wanted:
+        raw.update(kid_featuresdict_to_metric(features1, features2, layers["kid"], **kw))
+    if "prc" in wanted:
+        raw.update(prc_featuresdict_to_metric(features1, features2, layers["prc"], **kw))
+    out = {registry.FIDELITY_KEYS[k]: float(v) for k, v in raw.items() if k in registry.FIDELITY_KEYS}
+    if "fid" in wanted:
+        out["eval/FID"], out["fid_imag_residue"] = frechet_distance(features1[layers["fid"]], features2[layers["fid"]])
+    if "dc" in wanted:
+        out["eval/density"], out["eval/coverage"] = density_coverage(features2[layers["prc"]], features1[layers["prc"]],
+                                                                     DC_NEIGHBOURS)
+    return out
+
+
 def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(), *, device="cpu",
                     progress: bool = False) -> dict:
-    """torch_fidelity.calculate_metrics with gan-bench's settings; returns eval/* keys.
+    """settings.metrics of input1 against input2 with gan-bench's settings: torch-fidelity extracts the
+    features once (metrics_from_features computes every metric from them); returns eval/* keys,
+    fid_imag_residue and the cost/* timings (per 1k evaluated images; cost/metrics_s in all).
 
     input1   the evaluated side (precision = fraction of input1 inside input2's manifold): an
-             ImageDataset of uint8 images, or a generative model (then settings.num_samples is needed)
+             ImageDataset of uint8 images, or a generative model (then settings.num_samples is needed;
+             its `seconds`, when it has them, are reported as sampling and taken out of the features')
     input2   the reference side (real images), an ImageDataset
     """
-    import torch_fidelity
-
     s = settings
     register_sampler()
     fe_name, layers, fe_weights, _ = extractor_settings(s.extractor, s.weights_path)
     device = torch.device(device)
     n1 = len(input1) if isinstance(input1, torch.utils.data.Dataset) else int(s.num_samples)
     n2 = int(s.num_real) if s.num_real is not None else len(input2)
+    wanted = tuple(s.metrics)
     kw = dict(
         input1=input1, input2=input2,
-        isc="isc" in s.metrics, fid="fid" in s.metrics, kid="kid" in s.metrics, prc="prc" in s.metrics,
+        isc="isc" in wanted, fid="fid" in wanted, kid="kid" in wanted, prc="prc" in wanted,
         feature_extractor=fe_name, feature_extractor_weights_path=fe_weights,
         **{f"feature_layer_{m}": layers[m] for m in ("isc", "fid", "kid", "prc")},
         batch_size=int(s.batch_size), cuda=device.type == "cuda", verbose=bool(s.verbose),
@@ -104,10 +138,18 @@ def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(),
         kw["input1_model_num_samples"] = n1
     if s.input2_cache_name:
         kw["input2_cache_name"] = s.input2_cache_name
+    used = [layers[m] for m in ("isc", "fid", "kid", "prc") if m in wanted] + ([layers["prc"]] if "dc" in wanted else [])
     ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with ctx:
-        raw = torch_fidelity.calculate_metrics(**kw)
-    return {registry.FIDELITY_KEYS[k]: float(v) for k, v in raw.items() if k in registry.FIDELITY_KEYS}
+        features1, features2, t1, t2 = extract_features(kw, used)
+    t0 = time.perf_counter()
+    out = metrics_from_features(features1, features2, layers, wanted, kw)
+    sample_s = float(getattr(input1, "seconds", 0.0))
+    out.update({"cost/sample_s_per_1k": round(1000.0 * sample_s / n1, 4),
+                "cost/features_s_per_1k": round(1000.0 * (t1 - sample_s) / n1, 4),
+                "cost/real_features_s": round(t2, 3),
+                "cost/metrics_s": round(time.perf_counter() - t0, 3)})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +241,9 @@ def _is_rank0() -> bool:
 def _checked(s: EvalSettings) -> EvalSettings:
     """The settings with truncation as a float or None; an EvalError before any work if one is wrong."""
     check_extractor(s.extractor)
-    if int(s.num_samples) < MIN_EVAL_SAMPLES:
-        raise EvalError(f"eval.num_samples={s.num_samples}: use at least {MIN_EVAL_SAMPLES} (KID / precision-recall "
-                        f"need neighbours)")
+    if int(s.num_samples) < MIN_SAMPLES:
+        raise EvalError(f"eval.num_samples={s.num_samples}: use at least {MIN_SAMPLES} (KID / precision-recall / "
+                        f"density-coverage need neighbours)")
     check_trunc_mode(s.trunc_mode)
     if s.precision not in EVAL_PRECISIONS:
         raise EvalError(f"eval.precision={s.precision!r}: choose {', '.join(EVAL_PRECISIONS[:-1])} or "
@@ -262,7 +304,7 @@ def _write_sidecar(cache_dir: Path, key: str, ident: dict) -> None:
 
 def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_classes: int | None = None,
                        device=None, progress: bool = True) -> dict:
-    """IS / FID / KID / precision-recall (and class_acc) of generator G against the shards, as
+    """IS / FID / KID / precision-recall / density-coverage (and class_acc) of generator G against the shards, as
     `settings` says. Rank 0 only: other ranks return {} at once. G is not modified (standing stats run
     on a copy).
 
@@ -272,7 +314,8 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
     device       where sampling and features run (None = G's device; another one: a copy of G)
 
     Returns flat keys: the eval/* metrics (eval/class_acc when a domain classifier is available),
-    extractor, num_samples, num_real, truncation, trunc_mode, standing_stats, seconds.
+    fid_imag_residue, extractor, num_samples, num_real, truncation, trunc_mode, standing_stats, cost/*,
+    seconds.
     """
     if not _is_rank0():
         return {}
@@ -297,18 +340,20 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
         print(f"gan-bench eval: {s.extractor} features ({fe_name}), {s.num_samples} generated vs {n_real} real "
               f"images{psi}", file=sys.stderr, flush=True)
     amp = autocast(eval_precision(s.precision, device), device)
-    gen = torch.Generator(device=device).manual_seed(int(s.seed))
+    # Every latent and label first, in one pass: the i-th sample is the same whatever eval.batch_size.
+    z, y = eval_latents(int(s.num_samples), G.z_dim, n_classes, truncation=s.truncation, trunc_mode=s.trunc_mode,
+                        seed=int(s.seed))
     was_training = G.training
     # A copy where G would change: standing stats rewrite BatchNorm buffers; another device moves it.
     copy_G = int(s.standing_stats or 0) > 0 or device != g_device
     Gs = copy.deepcopy(G).to(device) if copy_G else G
     try:
         Gs.eval()
-        if Gs is not G:
+        if Gs is not G:  # standing stats: their own generator (seed + 1), not the evaluation's latents
             standing_stats(Gs, n_classes, int(s.standing_stats or 0), batch_size=int(s.batch_size),
-                           truncation=s.truncation, trunc_mode=s.trunc_mode, generator=gen, autocast=amp)
-        sampler = Sampler(Gs, n_classes, truncation=s.truncation, trunc_mode=s.trunc_mode, generator=gen,
-                          autocast=amp, classifier=clf)
+                           truncation=s.truncation, trunc_mode=s.trunc_mode, autocast=amp,
+                           generator=torch.Generator(device=device).manual_seed(int(s.seed) + 1))
+        sampler = Sampler(Gs, z, y, autocast=amp, classifier=clf)
         if progress and not s.verbose:
             sampler.progress = ProgressLine("gan-bench eval: sampling + features", int(s.num_samples))
             real.progress = ProgressLine("gan-bench eval: real features (cached afterwards)", n_real)
@@ -318,6 +363,8 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
             input2_cache_name=f"real-{key}", seed=s.seed, verbose=s.verbose), device=device, progress=progress)
     finally:
         G.train(was_training)
+    if sampler.cursor != int(s.num_samples):
+        raise EvalError(f"sampler: torch-fidelity drew {sampler.cursor} of eval.num_samples={s.num_samples} samples")
     if sampler.count:
         out["eval/class_acc"] = sampler.class_acc()
     _write_sidecar(cache_dir, key, {

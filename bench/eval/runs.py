@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import models
+from bench import metrics_registry as registry
 from bench import rundir
 from bench.data.shards import DEFAULT_NUM_SAMPLES, dataset_info, default_shards
 from bench.device import channels_last, eval_precision
@@ -31,8 +32,10 @@ from bench.eval.safeload import first_line, load_weights
 from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator, format_table
 from bench.eval.sampling import check_psi, save_grid, to_uint8, truncated_normal, write_sheets
 
-DEFAULT_BEST_METRIC = "eval/FID"
-SWEEP_COLUMNS = ("IS", "FID", "KID", "precision", "recall", "class_acc")  # truncation.csv's metric columns
+DEFAULT_BEST_METRIC = registry.DEFAULT_BEST_METRIC
+# truncation.csv's metric columns: the registry's headline metrics (IS, FID, KID, precision, recall, density,
+# coverage, class_acc), as bench/report/collect.py reads them back
+SWEEP_COLUMNS = tuple(registry.BY_NAME[m].short for m in registry.HEADLINE)
 
 
 def merge_overrides(cfg, overrides):
@@ -85,12 +88,20 @@ def _checkpoint_file(ckpt_dir: Path, which: str) -> Path:
     return resolved
 
 
+def _kept_best_metric(run_dir: Path) -> str:
+    """The metric the run's training kept checkpoints/best.pt by (its config's eval.best_metric)."""
+    cfg = OmegaConf.load(run_dir / rundir.CONFIG) if (run_dir / rundir.CONFIG).is_file() else None
+    return str((OmegaConf.select(cfg, "eval.best_metric", default=None) if cfg is not None else None)
+               or DEFAULT_BEST_METRIC)
+
+
 def pick_checkpoint(run_dir: Path, which, metric: str, extractor: str | None) -> tuple[Path, str]:
     """(checkpoint file, how it was chosen). which: best | last | a step number | a file inside the
     run's checkpoints/ directory.
 
-    best: checkpoints/best.pt when the run kept one, else the checkpoint of the run's best evaluation
-    by `metric` among those made with `extractor` (rundir.best_eval), else the last checkpoint."""
+    best: checkpoints/best.pt when the run kept one by this `metric` (its own eval.best_metric), else
+    the checkpoint of the run's best evaluation by `metric` among those made with `extractor`
+    (rundir.best_eval), else the last checkpoint."""
     ckpt_dir = run_dir / rundir.CHECKPOINTS
     ckpts = rundir.list_checkpoints(ckpt_dir)
     by_step = dict(ckpts)
@@ -102,7 +113,7 @@ def pick_checkpoint(run_dir: Path, which, metric: str, extractor: str | None) ->
         p = _checkpoint_file(ckpt_dir, which)
         return p, p.name
     if which == "best":
-        if (ckpt_dir / rundir.BEST_CKPT).is_file():
+        if (ckpt_dir / rundir.BEST_CKPT).is_file() and metric == _kept_best_metric(run_dir):
             return ckpt_dir / rundir.BEST_CKPT, f"best ({rundir.CHECKPOINTS}/{rundir.BEST_CKPT})"
         best = _pick_best(run_dir, by_step, metric, extractor)
         if best is not None:
@@ -289,9 +300,11 @@ def truncation_sweep(run_dir, psis: Sequence, overrides_cfg=None, which="best", 
     """`bench truncation run=DIR psi=[...]`: metrics of a run's EMA G for each truncation psi
     (None / "off" = no truncation), written to run_dir/truncation/ (or out_dir):
 
-        truncation.csv           psi, IS, FID, KID, precision, recall, class_acc (+ extractor, num_samples, step)
+        truncation.csv           psi, SWEEP_COLUMNS (IS, FID, KID, precision, recall, density, coverage,
+                                 class_acc), extractor, num_samples, step
         is_vs_fid.png            IS against FID, one labelled point per psi
         precision_recall.png     precision against recall, one labelled point per psi
+        density_coverage.png     density against coverage, one labelled point per psi
         samples-psi<psi>.png     a sample strip per psi (same latents seed, one image per class)
         sweep.json               the full records
 
@@ -319,6 +332,8 @@ def truncation_sweep(run_dir, psis: Sequence, overrides_cfg=None, which="best", 
                 f"IS vs FID by truncation ({rows[0]['extractor']}, {rows[0]['num_samples']} samples)")
     _plot_pairs(rows, "recall", "precision", out / "precision_recall.png",
                 f"precision vs recall by truncation ({rows[0]['extractor']})")
+    _plot_pairs(rows, "coverage", "density", out / "density_coverage.png",
+                f"density vs coverage by truncation ({rows[0]['extractor']}, k=5)")
     return rows
 
 

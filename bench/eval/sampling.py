@@ -5,6 +5,8 @@ Training imports this module for its sample grids, so it stays light: torch, num
 torch-fidelity, no classifier).
 
     truncated_normal  latents with BigGAN's truncation trick (resample / clip / scale)
+    eval_latents      an evaluation's latents and labels, all drawn in one pass (batch-size invariant)
+    sample_images     uint8 images of given latents and labels, batch by batch
     standing_stats    recompute G's BatchNorm statistics from forward passes (on the caller's copy)
     class_grid        rows = classes, columns = fixed latents; save_grid writes it as one PNG
     interpolation_sheet  lerp / slerp in z or in the class-embedding space (InterpSettings)
@@ -144,6 +146,32 @@ def truncated_normal(shape, psi: float | None = None, mode: str = "resample",
         u = torch.rand(bad.numel(), generator=generator, device=device, dtype=torch.float64)
         flat[bad] = torch.special.ndtri(lo + u * (1.0 - 2.0 * lo)).clamp_(-psi, psi).to(dtype)
     return z
+
+
+def eval_latents(n: int, z_dim: int, n_classes: int, *, truncation: float | None = None,
+                 trunc_mode: str = "resample", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (n, z_dim), y (n,)) of an evaluation: every latent (with its truncation resampling, which runs
+    over all n * z_dim values at once), then every label, drawn on the CPU from one generator seeded with
+    `seed`. The i-th sample's latent and label depend on neither the batch size nor the device."""
+    gen = torch.Generator().manual_seed(int(seed))
+    z = truncated_normal((int(n), int(z_dim)), truncation, trunc_mode, gen)
+    y = torch.randint(0, int(n_classes), (int(n),), generator=gen)
+    return z, y
+
+
+@torch.no_grad()
+def generate_uint8(G: nn.Module, z: torch.Tensor, y: torch.Tensor, autocast=None) -> torch.Tensor:
+    """G(z, y) as uint8 (B, 3, R, R) images, rounded from [-1, 1]."""
+    with (autocast or contextlib.nullcontext)():
+        x = G(z, y)
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+
+
+def sample_images(G: nn.Module, z: torch.Tensor, y: torch.Tensor, batch_size: int, autocast=None) -> torch.Tensor:
+    """uint8 (N, 3, R, R) images (on the CPU) of the latents z and labels y, batch_size at a time on G's device."""
+    device = next(G.parameters()).device
+    return torch.cat([generate_uint8(G, z[i:i + batch_size].to(device), y[i:i + batch_size].to(device), autocast).cpu()
+                      for i in range(0, z.shape[0], int(batch_size))])
 
 
 def batchnorms(G: nn.Module) -> list[nn.Module]:

@@ -23,8 +23,9 @@ Outputs (default DIR/report/), each written through rundir.atomic_write:
   report.md       every table below, the plots, and which plots were skipped and why
   runs.csv        one row per run: status, steps, batch, world size, img/s, timing, losses, best metric, collapse
   scaling.csv     throughput against effective batch, ideal linear scaling in devices and efficiency
-  evals.csv       every evaluation record, with its feature extractor
-  truncation.csv  every run's truncation curve
+  evals.csv       every evaluation record, with its feature extractor: every registry metric (density and
+                  coverage included), FID's imaginary residue and the evaluation's cost/* timings
+  truncation.csv  every run's truncation curve (the headline metrics per psi)
   ablation.csv    one row per run: its swept values, headline metric, collapse step, img/s
   throughput.png  losses.png  sigma.png (sigma-2.png ...)  evals.png  truncation.png  ablation.png
   .gan-bench-report.json  the names of the files above that bench report wrote into this folder. Only a

@@ -320,16 +320,18 @@ def plot_evals(runs: list[Run], records: list[dict], w: Writer) -> tuple[str | N
 
 
 def plot_truncation(records: list[dict], w: Writer) -> tuple[str | None, str | None]:
-    """IS against FID and precision against recall, points labelled by psi; one row per extractor."""
+    """IS against FID, precision against recall and density against coverage, points labelled by psi; one
+    row per extractor."""
     if not records:
         return None, "no truncation/truncation.csv in any run (`bench truncation run=DIR` writes one)"
     extractors = sorted({t["extractor"] for t in records})
     labels = list(dict.fromkeys(t["run"] for t in records))
     colors = dict(zip(labels, _colors(len(labels))))
-    fig = _figure(12, 4.6 * len(extractors) + 0.4)
-    axes = fig.subplots(len(extractors), 2, squeeze=False)
+    pairs = (("FID", "IS"), ("recall", "precision"), ("coverage", "density"))
+    fig = _figure(18, 4.6 * len(extractors) + 0.4)
+    axes = fig.subplots(len(extractors), len(pairs), squeeze=False)
     for i, ext in enumerate(extractors):
-        for ax, (xk, yk) in zip(axes[i], (("FID", "IS"), ("recall", "precision"))):
+        for ax, (xk, yk) in zip(axes[i], pairs):
             for label in labels:
                 pts = sorted((t for t in records if t["run"] == label and t["extractor"] == ext
                               and finite(t.get(xk)) and finite(t.get(yk))), key=lambda t: psi_order(t["psi"]))
@@ -345,9 +347,12 @@ def plot_truncation(records: list[dict], w: Writer) -> tuple[str | None, str | N
             ax.set_ylabel(yk)
             ax.grid(True, alpha=0.3)
             ax.set_title(f"{yk} vs {xk} by truncation psi  [extractor: {ext}]", fontsize=9)
-            if xk == "recall":
+            if xk in ("recall", "coverage"):  # both in [0, 1]; density is not bounded above
                 ax.set_xlim(-0.02, 1.05)
-                ax.set_ylim(-0.02, 1.07)
+                if yk == "precision":
+                    ax.set_ylim(-0.02, 1.07)
+                else:
+                    ax.set_ylim(bottom=-0.02)
         _legend(axes[i][0], len(labels))
     w.figure("truncation.png", fig)
     return "truncation.png", None

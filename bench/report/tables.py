@@ -17,7 +17,7 @@ from bench import metrics_registry as registry
 from bench import rundir
 from bench.report.collect import TRUNC_COLUMNS, Run, finite, natural_key
 
-DEFAULT_BEST_METRIC = "eval/FID"  # eval.best_metric's default (configs/eval)
+DEFAULT_BEST_METRIC = registry.DEFAULT_BEST_METRIC
 # The report's metric columns and panels: the registry's headline metrics, eval.best_metric's default
 # first (what most runs are ranked by); evals.csv then adds every other metric, in the registry's order.
 REPORT_METRICS = tuple(sorted(registry.HEADLINE, key=lambda m: m != DEFAULT_BEST_METRIC))
@@ -257,7 +257,7 @@ def eval_records(runs: list[Run]) -> list[dict]:
             row = {"run": r.label, "dir": str(r.path), "step": e["step"], "extractor": e.get("extractor") or "?",
                    "num_samples": e.get("num_samples"), "truncation": e.get("truncation"),
                    "source": e.get("source") or "training", "checkpoint": e.get("checkpoint")}
-            row.update({k: e.get(k) for k in EVAL_COLUMNS})
+            row.update({k: e.get(k) for k in EVAL_COLUMNS + registry.DIAGNOSTIC_FIELDS})
             rows.append(row)
     return rows
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import models
 from bench import device as bdevice
+from bench import metrics_registry as registry
 from bench import rundir
 from bench.config import ConfigError, effective_batch, reg_specs
 from bench.data.loader import LoaderSettings, ShardLoader
@@ -415,8 +416,8 @@ class Trainer:
             rec = append_eval(self.run_dir, self.step, metrics)
             self.best = self.checkpoints.keep_if_best(self.step, self.records.training_evals(), self.cfg.eval,
                                                       lambda best: {**self.state_dict(), "best": best}) or self.best
-            if "eval/FID" in metrics:
-                reason = self.collapse.update_fid(self.step, metrics["eval/FID"])
+            if registry.FID in metrics:
+                reason = self.collapse.update_fid(self.step, metrics[registry.FID])
                 if reason and not self.quiet:
                     print(f"collapse detected at step {self.step}: {reason}", flush=True)
             if not self.quiet:

@@ -1,0 +1,121 @@
+"""The feature-space statistics gan-bench computes itself, in float64 (docs/architecture.md, "Evaluation").
+
+    frechet_distance   FID from two feature sets: mean and covariance in float64, the trace of the matrix
+                       square root of sigma1 sigma2 from its eigenvalues (complex128), and the imaginary
+                       residue that square root leaves (an EvalError past FID_IMAG_TOL)
+    density_coverage   density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics
+                       for Generative Models") with k nearest neighbours, on the features precision and
+                       recall use
+
+Features are (N, D) tensors or arrays, one row per image; nothing here knows about images or extractors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bench.eval.errors import EvalError
+
+FID_IMAG_TOL = 1e-3   # largest imaginary part of sqrt(sigma1 sigma2)'s eigenvalues, relative to its trace
+DC_NEIGHBOURS = 5     # k of density / coverage (the paper's choice)
+DIST_BLOCK_BYTES = 1 << 27  # a block of the pairwise distance matrix: at most 128 MiB of float64
+
+
+def _float64(features) -> np.ndarray:
+    x = features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features)
+    x = x.astype(np.float64, copy=False)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise EvalError(f"features must be (N >= 2, D); got shape {tuple(x.shape)}")
+    return x
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), covariance (D, D) with N - 1 in the denominator), both float64."""
+    x = _float64(features)
+    mu = x.mean(axis=0)
+    centred = x - mu
+    return mu, centred.T @ centred / (x.shape[0] - 1)
+
+
+def frechet_from_statistics(mu1, sigma1, mu2, sigma2) -> tuple[float, float]:
+    """(Frechet distance, imaginary residue) of N(mu1, sigma1) and N(mu2, sigma2), in float64:
+
+        |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2))
+
+    tr(sqrtm(A)) is the sum of the principal square roots of A's eigenvalues. For covariances those
+    eigenvalues are real and >= 0 (A is similar to sqrt(sigma1) sigma2 sqrt(sigma1)); rounding leaves
+    small imaginary parts or negative values. The residue is the largest imaginary part of a root
+    relative to the trace term; past FID_IMAG_TOL the value is not trusted (EvalError)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise EvalError(f"Frechet distance: statistics of different shapes ({mu1.shape}, {sigma1.shape} vs "
+                        f"{mu2.shape}, {sigma2.shape})")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise EvalError("Frechet distance: the feature statistics are not finite (NaN or inf features)")
+    roots = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128))
+    tr_covmean = float(roots.real.sum())
+    imag = float(np.abs(roots.imag).max(initial=0.0))
+    residue = 0.0 if imag == 0.0 else imag / max(abs(tr_covmean), np.finfo(np.float64).tiny)
+    if not np.isfinite(tr_covmean) or residue > FID_IMAG_TOL:
+        raise EvalError(f"Frechet distance: the matrix square root of sigma1 sigma2 has an imaginary residue of "
+                        f"{residue:.3g} of its trace (tolerance {FID_IMAG_TOL:g}): the feature covariances are "
+                        f"singular or ill-conditioned; use more samples (eval.num_samples, eval.num_real)")
+    diff = mu1 - mu2
+    fid = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    return fid, residue
+
+
+def frechet_distance(features1, features2) -> tuple[float, float]:
+    """(FID, imaginary residue) of two feature sets (N1, D) and (N2, D); see frechet_from_statistics."""
+    return frechet_from_statistics(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def _distance_blocks(a: torch.Tensor, b: torch.Tensor):
+    """Yield (row slice, Euclidean distances of a[rows] to all of b) in blocks of rows, in float64 through
+    matrix products (|a|^2 + |b|^2 - 2 a.b: BLAS speed; relative error ~1e-16 of the squared norms). One
+    function and one blocking compute every distance, so equal inputs give bit-equal distances (a set
+    against itself ties exactly at the k-th neighbour)."""
+    rows = max(1, DIST_BLOCK_BYTES // (8 * max(1, b.shape[0])))
+    for start in range(0, a.shape[0], rows):
+        stop = min(start + rows, a.shape[0])
+        yield slice(start, stop), torch.cdist(a[start:stop], b, compute_mode="use_mm_for_euclid_dist")
+
+
+def knn_radii(real: torch.Tensor, k: int) -> torch.Tensor:
+    """NND_k: each real point's distance to its k-th nearest other real point (itself excluded by index;
+    a duplicate of it counts as a neighbour at distance 0)."""
+    out = torch.empty(real.shape[0], dtype=real.dtype)
+    for rows, d in _distance_blocks(real, real):
+        d[torch.arange(d.shape[0]), torch.arange(rows.start, rows.stop)] = float("inf")
+        out[rows] = d.kthvalue(k, dim=1).values
+    return out
+
+
+def density_coverage(real_features, fake_features, k: int = DC_NEIGHBOURS) -> tuple[float, float]:
+    """(density, coverage) of fake against real features (Naeem et al. 2020), X real (N), Y fake (M):
+
+        density  = 1 / (k M) sum_j sum_i 1[|Y_j - X_i| <= NND_k(X_i)]
+        coverage = 1 / N sum_i 1[exists j: |Y_j - X_i| <= NND_k(X_i)]
+
+    Distances in float64. Identical distributions give E[density] = 1 and E[coverage] close to
+    1 - (1/2)^k for N = M."""
+    real = torch.from_numpy(_float64(real_features))
+    fake = torch.from_numpy(_float64(fake_features))
+    if real.shape[1] != fake.shape[1]:
+        raise EvalError(f"density / coverage: real features have {real.shape[1]} dimensions, fake {fake.shape[1]}")
+    if not 1 <= k < real.shape[0]:
+        raise EvalError(f"density / coverage: k={k} needs more than k real samples, have {real.shape[0]}; raise "
+                        f"eval.num_real (or use a larger dataset)")
+    radii = knn_radii(real, k)
+    inside_count = 0
+    covered = torch.zeros(real.shape[0], dtype=torch.bool)
+    # Real rows against fake columns, as the radii are real rows against real columns: a fake set equal to
+    # the real one gives bit-equal distances in the same places, so the k-th neighbour ties exactly.
+    for rows, d in _distance_blocks(real, fake):
+        inside = d <= radii[rows, None]   # (real block, M): fake j inside real i's ball
+        inside_count += int(inside.sum())
+        covered[rows] = inside.any(dim=1)
+    density = inside_count / (k * fake.shape[0])
+    coverage = float(covered.double().mean())
+    return density, coverage
