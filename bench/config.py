@@ -19,8 +19,8 @@ from bench.schema import Config, EvalCfg  # noqa: F401  (EvalCfg: the eval group
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-MODEL_FAMILIES = ("biggan", "sagan", "dcgan")
-LOSSES = ("hinge", "ns", "minimax", "wgan", "wgan_gp")
+MODEL_FAMILIES = ("biggan", "biggan_deep", "sagan", "dcgan")
+LOSSES = ("hinge", "ns", "minimax", "wgan", "wgan_gp", "rpgan")
 DATASETS = ("shapes", "folder")
 PRECISIONS = ("bf16", "fp32", "fp16")
 TRAIN_PRECISIONS = ("auto",) + PRECISIONS  # auto: resolved by validate() (resolve_precision)
@@ -28,6 +28,7 @@ EVAL_PRECISIONS = ("auto", "bf16", "fp32")
 MEM_RE = r"\s*([0-9.]+)\s*([MGT]?)B?\s*"                      # cluster.mem: 500M, 4G, 1T
 TIME_RE = r"(?:\d+|(?:(?:\d+-)?\d+:)?\d+:\d+)"             # cluster.time: minutes, MM:SS, HH:MM:SS, D-HH:MM:SS
 OPTIMIZERS = ("adam", "rmsprop")
+AUG_POLICIES = ("color", "translation", "cutout")  # bench/train/augment.py's POLICIES (a test keeps them equal)
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,9 @@ def check_schema(cfg: DictConfig) -> DictConfig:
     for key in ("sigma_clamp", "sigma_target"):
         if isinstance(plain.get("reg", {}).get(key), (int, float)):
             plain["reg"][key] = str(plain["reg"][key])
+    policy = plain.get("aug", {}).get("policy", [])
+    if policy is None or isinstance(policy, str):  # aug.policy='color,translation' (quoted) or null
+        plain["aug"]["policy"] = [p.strip() for p in (policy or "").split(",") if p.strip()]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
     except OmegaConfBaseException as exc:
@@ -149,9 +153,11 @@ def effective_batch(train_cfg, world_size: int) -> int:
 
 def resolve_precision(precision: str) -> str:
     """`train.precision`: auto -> bf16 on CUDA or a CPU with fast bf16 (bench.device), else fp32; others kept."""
-    from bench.device import cpu_has_fast_bf16
+    import torch
 
-    return precision if precision != "auto" else "bf16" if _cuda() or cpu_has_fast_bf16() else "fp32"
+    from bench.device import eval_precision  # THE auto rule, shared with eval.precision
+
+    return eval_precision(precision, torch.device("cuda" if _cuda() else "cpu"))
 
 
 def _cuda() -> bool:
@@ -170,6 +176,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     check_data(cfg)
     check_train(cfg, world_size)
     check_reg(cfg)
+    check_aug(cfg)
     check_loss(cfg)
     validate_eval(cfg)
     check_telemetry(cfg)
@@ -235,6 +242,34 @@ def check_reg(cfg: DictConfig) -> None:
     for key in ("reg.ortho_nets", "reg.sigma_clamp_nets", "reg.sigma_penalty_nets"):
         for net in OmegaConf.select(cfg, key):
             _choice(key, net, ("G", "D"))
+    _positive("reg.lecam", cfg.reg.lecam, allow_zero=True)
+    if not 0.0 <= cfg.reg.lecam_decay < 1.0:
+        raise ConfigError(f"reg.lecam_decay={cfg.reg.lecam_decay} must be in [0, 1) (the anchors' EMA decay per D step)")
+    _weights("reg.bcr", cfg.reg.bcr, 2, "[lambda_real, lambda_fake], each >= 0 (0 = off)")
+    _weights("reg.zcr", cfg.reg.zcr, 3, "[lambda_dis, lambda_gen, sigma], lambdas >= 0 (0 = off), sigma > 0")
+
+
+def _weights(key: str, value, n: int, allowed: str) -> None:
+    """A list-valued switch (reg.bcr, reg.zcr): its length and signs; zcr's last entry (sigma) > 0."""
+    v = list(value)
+    ok = len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v)
+    if not ok or (key == "reg.zcr" and not v[2] > 0):
+        raise ConfigError(f"{key}={v!r} is not valid; use {allowed}")
+
+
+def check_aug(cfg: DictConfig) -> None:
+    a = cfg.aug
+    for op in a.policy:
+        _choice("aug.policy", op, AUG_POLICIES)
+    if len(set(a.policy)) != len(a.policy):
+        raise ConfigError(f"aug.policy={list(a.policy)} names an op twice; use each of {', '.join(AUG_POLICIES)} once")
+    _all_positive(cfg, ("aug.ada_interval", "aug.ada_kimg"))
+    if a.ada_target is not None:
+        if not (isinstance(a.ada_target, (int, float)) and 0.0 < a.ada_target < 1.0):
+            raise ConfigError(f"aug.ada_target={a.ada_target!r} must be in (0, 1) (the paper's 0.6), or null = off")
+        if not a.policy:
+            raise ConfigError("aug.ada_target needs the ops it gates: set aug.policy, e.g. "
+                              "aug.policy=[color,translation,cutout]")
 
 
 def check_loss(cfg: DictConfig) -> None:
@@ -249,7 +284,7 @@ def check_loss(cfg: DictConfig) -> None:
                           f"loss=minimax (got loss={loss.name})")
 
 
-MIN_EVAL_SAMPLES = 4  # torch-fidelity's precision-recall takes the (k+1)-th neighbour, k = 3; KID needs >= 2
+MIN_EVAL_SAMPLES = 6  # density / coverage take the 5th of the other real samples (k = 5); precision-recall k+1 = 4
 
 
 def validate_eval(cfg: DictConfig) -> None:
@@ -262,8 +297,8 @@ def validate_eval(cfg: DictConfig) -> None:
     _all_positive(cfg, ("eval.batch_size",), ("eval.every", "eval.standing_stats"))
     for key, value in (("eval.num_samples", e.num_samples), ("eval.num_real", e.num_real or e.num_samples)):
         if not isinstance(value, int) or value < MIN_EVAL_SAMPLES:
-            raise ConfigError(f"{key}={value!r} is too small; use at least {MIN_EVAL_SAMPLES} (torch-fidelity's "
-                              f"precision-recall needs k+1 = 4 neighbours, KID a subset of 2 or more)")
+            raise ConfigError(f"{key}={value!r} is too small; use at least {MIN_EVAL_SAMPLES} (density and "
+                              f"coverage take the 5th nearest of the other real samples, k = 5)")
     if e.truncation is not None:
         _positive("eval.truncation", e.truncation)
     for psi in e.psi_sweep:

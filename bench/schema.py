@@ -92,6 +92,18 @@ class RegCfg:
     sigma_target: Optional[str] = None
     sigma_penalty_nets: list[str] = field(default_factory=lambda: ["D"])
     hist_avg: float = 0.0
+    lecam: float = 0.0
+    lecam_decay: float = 0.99
+    bcr: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [lambda_real, lambda_fake]
+    zcr: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.03])  # [lambda_dis, lambda_gen, sigma]
+
+
+@dataclass
+class AugCfg:
+    policy: list[str] = field(default_factory=list)  # empty = off; a string "color,translation" is split
+    ada_target: Optional[float] = None  # null = off
+    ada_interval: int = 4
+    ada_kimg: float = 500.0
 
 
 @dataclass
@@ -180,6 +192,7 @@ class Config:
     loss: LossCfg = field(default_factory=LossCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     reg: RegCfg = field(default_factory=RegCfg)
+    aug: AugCfg = field(default_factory=AugCfg)
     ema: EmaCfg = field(default_factory=EmaCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     telemetry: TelemetryCfg = field(default_factory=TelemetryCfg)

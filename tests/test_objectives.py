@@ -34,7 +34,17 @@ def test_logistic_losses():
 
 def test_wasserstein():
     assert O.d_wasserstein(REAL, FAKE).item() == pytest.approx(FAKE.mean().item() - REAL.mean().item())
-    assert set(O.LOSSES) == {"hinge", "ns", "minimax", "wgan", "wgan_gp"}
+    assert set(O.LOSSES) == {"hinge", "ns", "minimax", "wgan", "wgan_gp", "rpgan"}
+
+
+def test_relativistic_pairing():
+    """RpGAN: D = mean softplus(-(r_i - f_i)), G = mean softplus(-(f_i - r_i)), pairs by index."""
+    expected_d = sum(sp(-(r - f)) for r, f in zip(REAL.tolist(), FAKE.tolist())) / 3
+    expected_g = sum(sp(-(f - r)) for r, f in zip(REAL.tolist(), FAKE.tolist())) / 3
+    assert O.d_relativistic(REAL, FAKE).item() == pytest.approx(expected_d, rel=1e-6)
+    assert O.g_relativistic(FAKE, REAL).item() == pytest.approx(expected_g, rel=1e-6)
+    # another pairing of the same logits is another loss: it is not a function of the two means
+    assert O.d_relativistic(REAL, FAKE.flip(0)).item() != pytest.approx(expected_d, rel=1e-3)
 
 
 def test_each_loss_owns_its_specifics():
@@ -43,6 +53,7 @@ def test_each_loss_owns_its_specifics():
     assert {n for n, loss in O.LOSSES.items() if loss.gap_unbounded} == {"wgan", "wgan_gp"}
     assert {n for n, loss in O.LOSSES.items() if loss.gradient_penalty} == {"wgan_gp"}
     assert {n for n, loss in O.LOSSES.items() if loss.after_d_step is not None} == {"wgan"}
+    assert {n for n, loss in O.LOSSES.items() if loss.relativistic} == {"rpgan"}
     D = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
     with torch.no_grad():
         D[0].weight.fill_(0.5)
@@ -58,12 +69,16 @@ def test_the_optimiser_comes_from_the_loss_config():
     from bench.config import compose
 
     params = [torch.nn.Parameter(torch.zeros(2))]
-    for loss, kind in (("wgan", torch.optim.RMSprop), ("hinge", torch.optim.Adam), ("wgan_gp", torch.optim.Adam)):
+    for loss, kind in (("wgan", torch.optim.RMSprop), ("hinge", torch.optim.Adam), ("wgan_gp", torch.optim.Adam),
+                       ("rpgan", torch.optim.Adam)):
         cfg = compose([f"loss={loss}"])
         opt = O.make_optimizer(cfg.train, params, 1e-3)
         assert type(opt) is kind and opt.defaults["eps"] == cfg.train.eps
         if kind is torch.optim.Adam:
             assert opt.defaults["betas"] == tuple(cfg.train.betas)
+    rp = compose(["loss=rpgan"])  # configs/loss/rpgan.yaml: R1 + R2 as in R3GAN's 32x32 baseline
+    assert (rp.reg.r1_gamma, rp.reg.r2_gamma, rp.reg.r1_every) == (0.05, 0.05, 1)
+    assert compose(["loss=rpgan", "reg.r2_gamma=0"]).reg.r2_gamma == 0  # the command line wins
 
 
 class LinearD(torch.nn.Module):

@@ -1,20 +1,26 @@
 """GAN losses and regularisers as named terms (docs/architecture.md, "One training step").
 
-Each D loss maps (real_logits, fake_logits) -> scalar; each G loss maps fake_logits -> scalar. A `Loss`
-carries what comes with it: whether its G-D gap is bounded (the collapse detector's divergence signal
-needs it), its gradient penalty, and the weight operation after each D step (WGAN's clipping).
-`GANObjective` owns every forward/backward of a phase (D or G), reports its terms by name through
-`bench.train.telemetry.report`, and leaves gradients in the nets for the phase runner to step.
+Each D loss maps (real_logits, fake_logits) -> scalar; each G loss maps fake_logits -> scalar (a
+relativistic one, (fake_logits, real_logits) -> scalar). A `Loss` carries what comes with it: whether its
+G-D gap is bounded (the collapse detector's divergence signal needs it), its gradient penalty, and the
+weight operation after each D step (WGAN's clipping). `GANObjective` owns every forward/backward of a
+phase (D or G), reports its terms by name through `bench.train.telemetry.report`, and leaves gradients in
+the nets for the phase runner to step. The modern stabilisers are switches of the objective, off by
+default: augmentation of D's inputs (aug.*: DiffAugment, ADA; bench/train/augment.py) and LeCam / bCR /
+zCR (reg.lecam, reg.bcr, reg.zcr; bench/train/stabilisers.py).
 """
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from bench.train.augment import AdaptiveP, DiffAugment
+from bench.train.stabilisers import LeCam, consistency_sq, g_zcr, latent_perturbation
 from bench.train.telemetry import report
 from models.layers import MinibatchDiscrimination, MinibatchStdDev
 from models.norms import VirtualBatchNorm2d
@@ -36,6 +42,11 @@ def d_wasserstein(real: Tensor, fake: Tensor) -> Tensor:
     return fake.mean() - real.mean()
 
 
+def d_relativistic(real: Tensor, fake: Tensor) -> Tensor:
+    # RpGAN (Jolicoeur-Martineau 2019; R3GAN, Huang et al. 2024): softplus(-(D(x_i) - D(G(z_i)))), paired.
+    return F.softplus(-(real - fake)).mean()
+
+
 # ---- G losses: fake_logits -> scalar ---------------------------------------------------------------
 def g_hinge(fake: Tensor) -> Tensor:
     return -fake.mean()
@@ -49,6 +60,11 @@ def g_nonsaturating(fake: Tensor) -> Tensor:
 def g_minimax(fake: Tensor) -> Tensor:
     # log(1 - sigmoid(fake)) = -softplus(fake): G minimises what D maximises.
     return -F.softplus(fake).mean()
+
+
+def g_relativistic(fake: Tensor, real: Tensor) -> Tensor:
+    # RpGAN's G: softplus(-(D(G(z_i)) - D(x_i))): the real logits of the pairs enter G's loss.
+    return F.softplus(-(fake - real)).mean()
 
 
 @torch.no_grad()
@@ -66,13 +82,14 @@ def _wgan_clip(D: torch.nn.Module, loss_cfg) -> None:
 @dataclass(frozen=True)
 class Loss:
     d: Callable[[Tensor, Tensor], Tensor]
-    g: Callable[[Tensor], Tensor]
+    g: Callable[..., Tensor]  # fake_logits -> scalar; relativistic: (fake_logits, real_logits) -> scalar
     # The critic's values are unbounded distance estimates: |loss/G - loss/D| says nothing about
     # divergence, so the collapse detector's divergence signal is off (sigma, non-finite and FID stay on).
     gap_unbounded: bool = False
     gradient_penalty: bool = False  # adds loss.gp_lambda x the WGAN-GP penalty to every D step
     # A weight operation after every D optimiser step, given D and the loss config.
     after_d_step: Optional[Callable[[torch.nn.Module, object], None]] = None
+    relativistic: bool = False  # G's loss pairs each fake logit with a real one (the G phase needs reals)
 
 
 LOSSES: dict[str, Loss] = {
@@ -81,6 +98,7 @@ LOSSES: dict[str, Loss] = {
     "minimax": Loss(d_logistic, g_minimax),
     "wgan": Loss(d_wasserstein, g_hinge, gap_unbounded=True, after_d_step=_wgan_clip),
     "wgan_gp": Loss(d_wasserstein, g_hinge, gap_unbounded=True, gradient_penalty=True),
+    "rpgan": Loss(d_relativistic, g_relativistic, relativistic=True),  # configs/loss/rpgan.yaml adds R1 + R2
 }
 
 
@@ -184,12 +202,23 @@ class MicroBatch:
     reg_index: int  # the D step's number over the run (lazy regularisation: R1 every reg.r1_every)
 
 
+_OBJECTIVE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, GANObjective]" = weakref.WeakKeyDictionary()
+
+
+def objective_of(D: torch.nn.Module) -> Optional["GANObjective"]:
+    """The GANObjective built for discriminator `D` (state.TrainingParts saves its state through it)."""
+    return _OBJECTIVE_OF.get(D)
+
+
 class GANObjective:
     """Computes and backpropagates one micro-batch of a phase.
 
     `d_phase` / `g_phase` take the micro-batch and `backward`, a callable(loss) doing the
     (accumulation-scaled) backward pass, and return the phase's total loss (detached) so the runner
-    can skip non-finite steps. `gen` draws the label noise and the gradient-penalty interpolation.
+    can skip non-finite steps. `gen` draws the label noise, the gradient-penalty interpolation, the
+    augmentations and zCR's latent perturbation. With aug.policy set, D sees only augmented images
+    (real and fake, D and G phase; R1 / R2 / GP differentiate D(T(x)) with respect to x). Its running
+    state (ADA's p, LeCam's anchors) goes into checkpoints through `state_dict` / `load_state_dict`.
     """
 
     def __init__(self, cfg, G, D, autocast, gen: Optional[torch.Generator] = None):
@@ -205,15 +234,50 @@ class GANObjective:
         self.r_every = int(cfg.reg.r1_every)
         self.autocast = autocast
         self.gen = gen
-        self.last_real = None  # (real, y) of the latest D phase, for feature matching
+        self.last_real = None  # (real, y) of the latest D phase, for feature matching and relativistic G
         # Real and fake go through D as one batch (bigger, faster kernels; one spectral-norm power
         # iteration per D step, as BigGAN-PyTorch does) unless a D layer looks across the batch.
         self.joint_d = not _batch_dependent(D)
+        self._stabilisers(cfg, next(D.parameters()).device)
+        _OBJECTIVE_OF[D] = self
+
+    def _stabilisers(self, cfg, device: torch.device) -> None:
+        """aug.* and reg.lecam / bcr / zcr, validated by bench.config (check_aug, check_reg)."""
+        aug, reg = cfg.aug, cfg.reg
+        self.ops = DiffAugment(list(aug.policy), self.gen)
+        self.augment_on = bool(aug.policy)
+        self.ada = (AdaptiveP(aug.ada_target, aug.ada_interval, aug.ada_kimg, device)
+                    if aug.ada_target is not None else None)
+        self.lecam = LeCam(reg.lecam, reg.lecam_decay, device) if reg.lecam > 0 else None
+        self.bcr = tuple(float(v) for v in reg.bcr)  # (lambda_real, lambda_fake)
+        self.zcr = tuple(float(v) for v in reg.zcr)  # (lambda_dis, lambda_gen, sigma)
+
+    def _augment(self, x: Tensor) -> Tensor:
+        if not self.augment_on:
+            return x
+        return self.ops(x, self.ada.p if self.ada is not None else None)
+
+    def _d_of_input(self, x: Tensor, y: Tensor) -> Tensor:
+        """D as the losses see it: D(T(x)) with augmentation on (input-gradient penalties go through T)."""
+        return self.D(self._augment(x), y)
+
+    def _stateful(self) -> dict:
+        return {k: v for k, v in (("ada", self.ada), ("lecam", self.lecam)) if v is not None}
+
+    def state_dict(self) -> dict:
+        return {k: part.state_dict() for k, part in self._stateful().items()}
+
+    def load_state_dict(self, s: dict) -> None:
+        """A checkpoint without a part's state (older, or written with it off) starts that part afresh."""
+        for k, part in self._stateful().items():
+            part.load_state_dict((s or {}).get(k) or {})
 
     def after_d_step(self) -> list[Callable[[], None]]:
-        """The loss's weight operations after each D optimiser step (WGAN: clipping)."""
+        """The weight operations and running-state updates after each D optimiser step: the loss's (WGAN:
+        clipping), ADA's p update, LeCam's anchors."""
         hook = self.loss.after_d_step
-        return [functools.partial(hook, self.D, self.loss_cfg)] if hook is not None else []
+        hooks = [functools.partial(hook, self.D, self.loss_cfg)] if hook is not None else []
+        return hooks + [part.after_d_step for part in self._stateful().values()]
 
     def _d_logits(self, real: Tensor, y_real: Tensor, fake: Tensor, y_fake: Tensor) -> tuple[Tensor, Tensor]:
         if self.joint_d and real.shape[1:] == fake.shape[1:]:
@@ -232,12 +296,37 @@ class GANObjective:
             return d_logistic_targets(real_logits, fake_logits, self.real_target, flip)
         return self.loss.d(real_logits, fake_logits)
 
+    def _d_stabilisers(self, mb: MicroBatch, seen: tuple[Tensor, Tensor], fake: Tensor,
+                       logits: tuple[Tensor, Tensor]) -> Optional[Tensor]:
+        """LeCam, bCR and zCR's D term on one micro-batch (`seen`: the images D's loss saw, `logits` its
+        outputs on them; `fake` = G(z) before augmentation). None when all are off."""
+        terms = []
+        if self.ada is not None:
+            self.ada.observe(logits[0])
+        with self.autocast():
+            if self.lecam is not None:
+                terms.append(self.lecam.penalty(*logits))
+            for i, (name, y) in enumerate((("real", mb.y_real), ("fake", mb.y_fake))):
+                if self.bcr[i] > 0:  # ||D(x) - D(T(x))||^2, T = flip + translation, on what D saw
+                    term = self.bcr[i] * consistency_sq(logits[i], self.D(self.ops.consistency(seen[i]), y).float())
+                    report(f"loss/bCR_{name}", term.detach())
+                    terms.append(term)
+            if self.zcr[0] > 0:  # ||D(G(z)) - D(G(z'))||^2, on un-augmented fakes
+                with torch.no_grad():
+                    fake_p = self.G(latent_perturbation(mb.z, self.zcr[2], self.gen), mb.y_fake)
+                base = logits[1] if not self.augment_on else self.D(fake, mb.y_fake).float()
+                term = self.zcr[0] * consistency_sq(base, self.D(fake_p, mb.y_fake).float())
+                report("loss/zCR_D", term.detach())
+                terms.append(term)
+        return sum(terms[1:], terms[0]) if terms else None
+
     def d_phase(self, mb: MicroBatch, backward: Callable[[Tensor], None]) -> Tensor:
         real, y_real, z, y_fake = mb.real, mb.y_real, mb.z, mb.y_fake
         with self.autocast():
             with torch.no_grad():
                 fake = self.G(z, y_fake)
-            real_logits, fake_logits = self._d_logits(real, y_real, fake, y_fake)
+            seen = self._augment(real), self._augment(fake)
+            real_logits, fake_logits = self._d_logits(seen[0], y_real, seen[1], y_fake)
             loss = self._d_loss(real_logits, fake_logits)
         report("loss/D", loss.detach())
         report("D/real_logit_mean", real_logits.detach().mean())
@@ -245,44 +334,67 @@ class GANObjective:
         report("D/real_sign_mean", (real_logits.detach() > 0).float().mean())
         report("D/fake_sign_mean", (fake_logits.detach() > 0).float().mean())
         total = loss
+        D = self._d_of_input if self.augment_on else self.D
         if self.loss.gradient_penalty:
             with self.autocast():
-                gp = gradient_penalty(self.D, real, fake, y_real, self.gp_lambda, generator=self.gen)
+                gp = gradient_penalty(D, real, fake, y_real, self.gp_lambda, generator=self.gen)
             report("loss/GP", gp.detach())
             total = total + gp
         if mb.reg_index % self.r_every == 0:
             # Lazy regularisation: apply every r1_every D steps, scaled by the interval.
             if self.r1_gamma > 0:
                 with self.autocast():
-                    r1 = r1_penalty(self.D, real, y_real, self.r1_gamma)
+                    r1 = r1_penalty(D, real, y_real, self.r1_gamma)
                 report("loss/R1", r1.detach())
                 total = total + r1 * self.r_every
             if self.r2_gamma > 0:
                 with self.autocast():
-                    r2 = r1_penalty(self.D, fake, y_fake, self.r2_gamma)  # same form, on fakes
+                    r2 = r1_penalty(D, fake, y_fake, self.r2_gamma)  # same form, on fakes
                 report("loss/R2", r2.detach())
                 total = total + r2 * self.r_every
-        if self.fm_weight > 0:
+        extra = self._d_stabilisers(mb, seen, fake, (real_logits, fake_logits))
+        if extra is not None:
+            total = total + extra
+        if self.fm_weight > 0 or self.loss.relativistic:
             self.last_real = (real, y_real)
         backward(total)
         return total.detach()
+
+    def _real_logits_for_g(self, mb: MicroBatch) -> Tensor:
+        """A relativistic G's real logits: the G phase's own reals when it reads data, else the latest D
+        micro-batch's (D is frozen in the G phase: no gradient reaches D through them)."""
+        real, y = (mb.real, mb.y_real) if mb.real is not None else (self.last_real or (None, None))
+        if real is None:
+            raise RuntimeError(f"loss={self.loss_cfg.name} pairs fakes with reals: run a D phase before the G phase")
+        with torch.no_grad():
+            return self._d_of_input(real, y).float()
 
     def g_phase(self, mb: MicroBatch, backward: Callable[[Tensor], None]) -> Tensor:
         z, y_fake = mb.z, mb.y_fake
         with self.autocast():
             fake = self.G(z, y_fake)
+            seen = self._augment(fake)
             if self.fm_weight > 0 and self.last_real is not None:
-                fake_logits, fake_feat = self.D(fake, y_fake, return_features=True)
+                fake_logits, fake_feat = self.D(seen, y_fake, return_features=True)
                 with torch.no_grad():
-                    _, real_feat = self.D(*self.last_real, return_features=True)
+                    real, y = self.last_real
+                    _, real_feat = self.D(self._augment(real), y, return_features=True)
                 fm = feature_matching_loss(real_feat, fake_feat)
             else:
-                fake_logits, fm = self.D(fake, y_fake), None
-            loss = self.loss.g(fake_logits.float())
+                fake_logits, fm = self.D(seen, y_fake), None
+            if self.loss.relativistic:
+                loss = self.loss.g(fake_logits.float(), self._real_logits_for_g(mb))
+            else:
+                loss = self.loss.g(fake_logits.float())
         report("loss/G", loss.detach())
         total = loss
         if fm is not None:
             report("loss/FM", fm.detach())
             total = total + self.fm_weight * fm
+        if self.zcr[1] > 0:  # -lambda_gen E(G(z) - G(z'))^2: G must vary with its latent
+            with self.autocast():
+                zcr = g_zcr(fake, self.G(latent_perturbation(z, self.zcr[2], self.gen), y_fake), self.zcr[1])
+            report("loss/zCR_G", zcr.detach())
+            total = total + zcr
         backward(total)
         return total.detach()

@@ -4,8 +4,8 @@ One G step = `train.d_steps` D phases + 1 G phase. A Phase is one optimiser step
 everything that differs between D and G: the net, its optimiser and (fp16) scaler, the micro-batch step
 function (forward + backward, owned by GANObjective), whether it reads real data, the nets frozen while
 it runs, the weight-only regularisers added after the gradient all-reduce, and the weight operations
-after the optimiser step (the loss's, e.g. WGAN clipping, and the sigma0 clamp). `PhaseRunner.run` is
-the same code for every phase: it never asks which net it steps.
+after the optimiser step (the objective's: WGAN clipping, ADA's p update, LeCam's anchors; and the sigma0
+clamp). `PhaseRunner.run` is the same code for every phase: it never asks which net it steps.
 
 Each micro-batch runs inside ONE `accelerator.accumulate(G, D)` context. Nets are not wrapped in DDP:
 after a phase's micro-batches the gradients of the stepped net are all-reduced once (a flat buffer),

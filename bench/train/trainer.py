@@ -148,14 +148,15 @@ class Trainer:
         self.collapse = CollapseDetector(tc.collapse_sigma_factor, tc.collapse_window, loss_gap,
                                          tc.collapse_fid_factor, tc.collapse_warmup)
         self.parts = TrainingParts({"G": self.G, "D": self.D, "G_ema": self.G_ema}, self.opt, self.scaler,
-                                   self.zgen, self.collapse, self.hist_avg, self.guard)
+                                   self.zgen, self.collapse, self.hist_avg, self.guard, self.objective)
 
     def _build_phases(self) -> list[Phase]:
         wr, scaler = self.weight_regs, self.scaler or {}
         d = Phase("D", self.D, self.opt["D"], scaler.get("D"), self.objective.d_phase, reads_data=True,
                   regularisers=wr.regularisers("D"),
                   post_step=tuple(self.objective.after_d_step()) + wr.post_step("D"))
-        g = Phase("G", self.G, self.opt["G"], scaler.get("G"), self.objective.g_phase, reads_data=False,
+        g = Phase("G", self.G, self.opt["G"], scaler.get("G"), self.objective.g_phase,
+                  reads_data=self.objective.loss.relativistic,  # rpgan pairs each fake with a real
                   frozen=(self.D,),  # D is frozen during the G step
                   regularisers=wr.regularisers("G"), post_step=wr.post_step("G"))
         return plan(d, g, self.cfg.train.d_steps)
