@@ -264,6 +264,13 @@ def cmd_inspect(args: list[str]) -> int:
                            "D frozen (no D weight gradients); regularisers excluded",
         "arch": OmegaConf.to_container(cfg.model, resolve=True),
     }
+    ref = models.reference_params(cfg.model.family, cfg.data.resolution)
+    if ref is not None:  # a reference implementation's counts (BigGAN-deep: BigGAN-PyTorch's), beside ours
+        ours = {**out["arch"], "n_classes": n_classes, "depth": getattr(G, "depth", None)}
+        same = all(ours.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in ref["settings"].items())
+        out["reference_params"] = {**ref, "same_settings": same,
+                                   "G_diff_pct": 100 * (out["G_params"] - ref["G"]) / ref["G"],
+                                   "D_diff_pct": 100 * (out["D_params"] - ref["D"]) / ref["D"]}
     print(json.dumps(out, indent=2))
     return 0
 

@@ -4,6 +4,8 @@
     build(cfg, resolution, n_classes) -> (G, D)
     ModelConfigError         a setting that cannot be built; the message names the key
     param_count(module)      trainable parameters (buffers such as SN u / v / sigma excluded)
+    reference_params(family, resolution)  a reference implementation's G / D parameter counts
+                             (the family Generator's `reference`), or None
 
 Every Generator: G(z (B, z_dim), y (B,) long, class_vec=None) -> (B, 3, R, R) in [-1, 1], with
 G.z_dim, G.n_classes, G.resolution, G.class_embedding(y) -> (B, E), G.shared (the learned class
@@ -19,20 +21,23 @@ regularisation) lives in models.spectral.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Optional
 
 from torch import nn
 
-from . import biggan, dcgan, sagan
+from . import biggan, biggan_deep, dcgan, sagan
 from .checks import ModelConfigError
 from .norms import convert_sync_bn
 from .spectral import reg_modules, sigma_stats, spectral_modules, weight_modules
 from .svd import weight_matrix
 
 __all__ = ["REGISTRY", "build", "ModelConfigError", "convert_sync_bn", "param_count",
-           "reg_modules", "sigma_stats", "spectral_modules", "weight_matrix", "weight_modules"]
+           "reference_params", "reg_modules", "sigma_stats", "spectral_modules", "weight_matrix",
+           "weight_modules"]
 
 REGISTRY: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "biggan": (biggan.Generator, biggan.Discriminator),
+    "biggan_deep": (biggan_deep.Generator, biggan_deep.Discriminator),
     "dcgan": (dcgan.Generator, dcgan.Discriminator),
     "sagan": (sagan.Generator, sagan.Discriminator),
 }
@@ -53,3 +58,17 @@ def build(cfg: Mapping, resolution: int, n_classes: int) -> tuple[nn.Module, nn.
 def param_count(m: nn.Module) -> int:
     """Trainable parameters of `m` (buffers excluded)."""
     return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def reference_params(family: str, resolution: int) -> Optional[dict]:
+    """A reference implementation's parameter counts for `family` at `resolution`, or None when
+    the family's Generator declares none (its class attribute `reference`: {"source",
+    "settings", "params": {resolution: {"G", "D"}}}). Returns {"G": int, "D": int, "source":
+    str, "settings": {model key: value, ..., "n_classes": int}}: the counts hold for those
+    settings only; compare them with param_count of G and D built with the same ones."""
+    G_cls = REGISTRY.get(family, (None, None))[0]
+    ref = getattr(G_cls, "reference", None)
+    if not ref or resolution not in ref["params"]:
+        return None
+    return {**ref["params"][resolution], "source": ref["source"],
+            "settings": dict(ref["settings"])}

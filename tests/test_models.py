@@ -57,7 +57,7 @@ def test_shapes_every_family_and_resolution(family, res):
 
 
 def test_registry_and_build_types():
-    assert sorted(models.REGISTRY) == ["biggan", "dcgan", "sagan"]
+    assert sorted(models.REGISTRY) == ["biggan", "biggan_deep", "dcgan", "sagan"]
     for family, (G_cls, D_cls) in models.REGISTRY.items():
         G, D = build(small_cfg(family), 32, 3)
         assert type(G) is G_cls and type(D) is D_cls
@@ -109,7 +109,7 @@ def test_biggan_128_parameter_counts():
 
 
 def test_bad_family_names_key():
-    with pytest.raises(ModelConfigError, match=r"model\.family='foo'.*biggan, dcgan, sagan"):
+    with pytest.raises(ModelConfigError, match=r"model\.family='foo'.*biggan, biggan_deep, dcgan, sagan"):
         build(small_cfg("foo"), 32, 3)
 
 
