@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench import rundir
 from bench.config import compose
+from bench.errors import is_user_error
 
 USAGE = """usage: bench <command> [key=value ...]
 
@@ -34,18 +35,6 @@ examples:
 
 class UsageError(ValueError):
     pass
-
-
-# The user-error classes by module: a raised one's module is loaded, so bad input never imports torch.
-USER_ERRORS = (("bench.config", "ConfigError"), ("bench.data.format", "DataError"),
-               ("models.checks", "ModelConfigError"), ("bench.eval.errors", "EvalError"))
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    loaded = [getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules]
-    if getattr(exc, "user_error", False):  # bench.train.ranks.RankFailed: another rank's bad input
-        return True
-    return isinstance(exc, (UsageError, rundir.RunLocked, *loaded))
 
 
 def _world_size() -> int:
@@ -271,6 +260,20 @@ def cmd_inspect(args: list[str]) -> int:
         out["reference_params"] = {**ref, "same_settings": same,
                                    "G_diff_pct": 100 * (out["G_params"] - ref["G"]) / ref["G"],
                                    "D_diff_pct": 100 * (out["D_params"] - ref["D"]) / ref["D"]}
+    # Multi-node on paper (bench/scaling.py): weak scaling of this model's real step at the per-device batch.
+    from bench import scaling
+    from bench.device import GPU_PEAK_TFLOPS
+
+    t, c = cfg.train, cfg.cluster
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    dev, peak, precision = scaling.pick_device(gpu, GPU_PEAK_TFLOPS, t.precision)
+    base = scaling.ScalingInputs(
+        flop_per_step=(flops["D_step"] * t.d_steps + flops["G_step"]) * t.batch_size * t.accumulate,
+        peak_tflops=peak, grad_bytes=4 * (t.d_steps * out["D_params"] + out["G_params"]), calls=2 * (t.d_steps + 1))
+    out["scaling"] = {"batch_per_device": t.batch_size * t.accumulate, "flop_per_step_per_device": base.flop_per_step,
+                      **scaling.assumptions(base, dev, precision),
+                      **scaling.projection(base, (c.nodes, c.gpus_per_node or c.tasks_per_node, c.link_gbps),
+                                            grid_per_node=c.gpus_per_node or 8)}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -375,10 +378,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted ({cmd}); a run keeps its newest complete checkpoint", file=sys.stderr)
         return 130
     except Exception as exc:
-        if not _is_user_error(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if is_user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if _is_rank_failure(exc):  # another rank failed, or a peer died: one line, like the failing rank
+            print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+            return 3
+        raise
+
+
+def _is_rank_failure(exc: BaseException) -> bool:
+    ranks = sys.modules.get("bench.train.ranks")
+    return ranks is not None and (isinstance(exc, ranks.RankFailed) or ranks.is_comm_error(exc))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     check_telemetry(cfg)
     check_cluster(cfg.cluster)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("dist.rank0_timeout_s", cfg.dist.rank0_timeout_s)
     _choice("throughput.data", cfg.throughput.data, ("fake", "shards"))
     _all_positive(cfg, ("throughput.steps", "throughput.repeats"), ("throughput.warmup", "model.mbdisc", "model.mbstd"))
     if cfg.model.mbstd and cfg.train.batch_size % min(cfg.model.mbstd, cfg.train.batch_size):
@@ -301,6 +302,10 @@ def validate_eval(cfg: DictConfig) -> None:
                               f"coverage take the 5th nearest of the other real samples, k = 5)")
     if e.truncation is not None:
         _positive("eval.truncation", e.truncation)
+    repeats = OmegaConf.select(cfg, "eval.repeats", default=1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ConfigError(f"eval.repeats={repeats!r}: use an integer >= 1 (independent sample sets per evaluation, "
+                          f"seeds eval.seed .. eval.seed + repeats - 1)")
     for psi in e.psi_sweep:
         if psi is not None and (not isinstance(psi, (int, float)) or isinstance(psi, bool) or not psi > 0):
             raise ConfigError(f"eval.psi_sweep={list(e.psi_sweep)}: use positive numbers (null = no truncation)")
@@ -319,7 +324,7 @@ def check_cluster(cluster) -> None:
     """The cluster profile's sizes and formats (bench.launch translates them; docs/architecture.md)."""
     c = OmegaConf.create({"cluster": OmegaConf.to_container(cluster, resolve=True)})
     _all_positive(c, ("cluster.nodes", "cluster.tasks_per_node", "cluster.cpus_per_task",
-                      "cluster.array_parallelism"),
+                      "cluster.array_parallelism", "cluster.link_gbps"),
                   ("cluster.gpus_per_node", "cluster.max_requeue", "cluster.signal_delay_s"))
     m = re.fullmatch(MEM_RE, str(cluster.mem), re.I)
     if not m or m.group(1).count(".") > 1 or not float(m.group(1).strip(".") or 0) > 0:

@@ -58,6 +58,11 @@ FIDELITY_KEYS = {m.fidelity_key: m.name for m in METRICS if m.fidelity_key}  # t
 COST_FIELDS = ("cost/sample_s_per_1k", "cost/features_s_per_1k", "cost/real_features_s", "cost/metrics_s")
 DIAGNOSTIC_FIELDS = ("fid_imag_residue",) + COST_FIELDS
 
+# eval.repeats > 1 (bench/eval/metrics.py summarise_repeats): eval/<metric> is the mean over the K sample sets,
+# eval/<metric>_ci95 its 95% bootstrap interval [lo, hi], and these keys hold the rest
+CI_SUFFIX = "_ci95"
+REPEAT_FIELDS = ("repeats", "repeat_seeds", "repeat_values")
+
 EXTRACTORS = ("domain", "inception")        # eval.extractor
 TRUNC_MODES = ("resample", "clip", "scale")  # eval.trunc_mode
 

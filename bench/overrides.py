@@ -15,6 +15,9 @@ def sweep_values(override: str) -> list[str]:
     key, _, value = override.partition("=")
     if not is_sweep_value(value):
         return [override]
+    if value.startswith("glob("):
+        raise ConfigError(f"{key}={value}: glob() sweeps are expanded by Hydra when `bench train -m` launches; "
+                          "list the values here (a,b,c)")
     try:
         parsed = OverridesParser.create().parse_overrides([override])[0]
     except HydraException as exc:
@@ -23,9 +26,16 @@ def sweep_values(override: str) -> list[str]:
 
 
 def is_sweep_value(value: str) -> bool:
-    """Whether an override's value sweeps (a top-level comma, or one of Hydra's sweep functions)."""
-    depth = 0
+    """Whether an override's value sweeps (a comma outside brackets and quotes, or one of Hydra's sweep
+    functions): `a=1,2` sweeps, `a='x,y'` and `a=[1,2]` do not."""
+    depth, quote = 0, None
     for ch in value:
+        if quote:
+            quote = None if ch == quote else quote
+            continue
+        if ch in "'\"":
+            quote = ch
+            continue
         depth += ch in "[({"
         depth -= ch in "])}"
         if ch == "," and depth == 0:
@@ -36,12 +46,13 @@ def is_sweep_value(value: str) -> bool:
 def grid(args: list[str], experiment_params: dict) -> list[list[str]]:
     """A sweep's swept keys, each as its list of single overrides: an experiment's hydra.sweeper.params,
     where the command line's sweeps replace them and its fixed values remove them, as in Hydra."""
-    swept = {k: f"{k}={v}" for k, v in experiment_params.items() if is_sweep_value(str(v))}
+    swept = {k: f"{k}={v}" for k, v in experiment_params.items()
+             if is_sweep_value(str(v)) and not str(v).startswith("glob(")}
     for a in args:
         k, _, v = a.partition("=")
         if k.startswith("hydra"):
             continue
-        if is_sweep_value(v):
+        if is_sweep_value(v) and not v.startswith("glob("):  # glob(): Hydra expands it at launch
             swept[k] = a
         else:
             swept.pop(k, None)

@@ -130,6 +130,7 @@ class EvalCfg:
     cache_dir: Optional[str] = None
     classifier_path: Optional[str] = None
     seed: int = 0
+    repeats: int = 1
     verbose: bool = False
 
 
@@ -170,11 +171,13 @@ class ClusterCfg:
     max_requeue: int = 3
     signal_delay_s: int = 30
     array_parallelism: int = 4
+    link_gbps: float = 100.0  # a node's inter-node bandwidth, Gb/s (bench inspect's scaling projection)
 
 
 @dataclass
 class DistCfg:
     timeout_s: int = 300
+    rank0_timeout_s: int = 21600
 
 
 @dataclass

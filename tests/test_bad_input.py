@@ -39,6 +39,9 @@ CASES = [
     _train("loss.clip=-0.01"),
     _train("cluster.cpus_per_task=0"),
     _train("dist.timeout_s=0"),
+    _train("dist.rank0_timeout_s=-1"),
+    _train("cluster.link_gbps=0"),
+    _train("eval.repeats=0"),
     # a sweep: every swept value is checked before any job is submitted
     Case("train:-m batch", ("train", "-m", "train.batch_size=4,-1", "run.root={root}"), "train.batch_size", "-1"),
     Case("train:-m experiment", ("train", "-m", "+experiment=stability_ablation", "reg.r1_gamma=0,-1", "run.root={root}"),

@@ -234,6 +234,8 @@ def test_eval_settings_from_cfg():
                                                           "classifier_path": "/x/c.pt"}}))
     assert s == replace(EvalSettings(), num_samples=80, truncation=0.5, classifier_path="/x/c.pt")
     assert EvalSettings.from_cfg(OmegaConf.create({"eval": {"verbose": True}})).verbose is True
+    assert EvalSettings.from_cfg(OmegaConf.create({"eval": {"repeats": "3"}})).repeats == 3
+    assert EvalSettings().repeats == 1
 
 
 def test_format_table_uses_the_registry_formats():

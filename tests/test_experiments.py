@@ -113,8 +113,19 @@ def test_multirun_driver_indexes_every_job_and_leaves_sys_argv_alone(tmp_path, t
 
 
 @pytest.mark.parametrize("value, sweeps", [("1,2", True), ("[1,2]", False), ("range(3)", True),
-                                           ("{a:1,b:2}", False), ("ratio:1.5", False)])
+                                           ("{a:1,b:2}", False), ("ratio:1.5", False), ("'x,y'", False),
+                                           ('"a,b",c', True)])
 def test_is_sweep_value(value, sweeps):
     from bench.overrides import is_sweep_value
 
     assert is_sweep_value(value) == sweeps
+
+
+def test_sweep_values_are_hydras():
+    from bench.overrides import grid, sweep_values
+
+    assert sweep_values("train.batch_size=range(8,33,8)") == [f"train.batch_size={b}" for b in (8, 16, 24, 32)]
+    assert sweep_values("run.name='x,y'") == ["run.name='x,y'"]  # quoted: one value
+    # the command line's sweep replaces the experiment's, its fixed value removes it; glob() is left to Hydra
+    assert grid(["a=1,2", "b=3", "model=glob(*)"], {"a": "5,6", "b": "7,8", "c": "x,y"}) == [
+        ["a=1", "a=2"], ["c=x", "c=y"]]

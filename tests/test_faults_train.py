@@ -373,7 +373,13 @@ def test_a_resume_drops_a_best_pt_from_steps_it_no_longer_has(tmp_path, capsys):
     best = ckpts.reconcile_best(_evals((2, 3.0), (4, 9.0)), _eval_cfg(), resume_step=4)  # step 6's record is gone
     assert best["step"] == 2 and best["value"] == 3.0
     assert "best.pt (step 6) is not the best evaluation kept" in capsys.readouterr().err
-    assert load_weights(ckpts.dir / rundir.BEST_CKPT)["step"] == 2  # the best step's own checkpoint
+    kept = load_weights(ckpts.dir / rundir.BEST_CKPT)
+    assert kept["step"] == 2 and kept["best"] == best  # the best step's own checkpoint, knowing its evaluation
+    # missing (killed between the evaluation and best.pt) or unreadable: restored from the best step's checkpoint
+    for damage, said in ((lambda p: p.unlink(), "(missing)"), (lambda p: p.write_bytes(b"junk"), "(unreadable)")):
+        damage(ckpts.dir / rundir.BEST_CKPT)
+        ckpts.reconcile_best(_evals((2, 3.0), (4, 9.0)), _eval_cfg(), resume_step=4)
+        assert said in capsys.readouterr().err and load_weights(ckpts.dir / rundir.BEST_CKPT)["step"] == 2
     # with ckpt-2 pruned too, nothing can stand in for it: no best.pt rather than a wrong one
     (ckpts.dir / rundir.ckpt_name(2)).unlink()
     rundir.atomic_write(ckpts.dir / rundir.BEST_CKPT, write=lambda f: torch.save({"step": 6, "best": {}}, f))
@@ -404,3 +410,32 @@ def test_temp_files_of_a_killed_save_are_removed_at_resume(tmp_path, capsys):
     state, path = ckpts.for_resume()
     assert state["step"] == 1 and not cut.exists() and mine.exists()
     assert f"removed {cut.name}" in capsys.readouterr().err
+
+
+def test_an_fp16_skip_backs_the_scale_off_and_the_next_step_runs():
+    """A non-finite step with a GradScaler (fp16): the update is skipped, the scale backs off, and the next
+    phase's unscale_ works (without scaler.update() on the skip it raises)."""
+    from bench.train.phases import Phase, PhaseRunner
+    from bench.train.telemetry import Stopwatch
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    skipped, poison = [], [True]
+
+    def step(mb, backward):
+        loss = net(torch.ones(2, 3)).sum() * (float("inf") if poison[0] else 1.0)
+        backward(loss)
+        return loss.detach()
+
+    runner = PhaseRunner(accumulate=1, batch_size=2, accumulate_ctx=torch.enable_grad,
+                         latents=lambda n: (torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)),
+                         device=torch.device("cpu"), on_nonfinite=skipped.append)
+    phase = Phase("D", net, opt, scaler, step, reads_data=False)
+    before = net.weight.detach().clone()
+    runner.run(phase, Stopwatch(torch.device("cpu")), lambda: None, 0)
+    assert skipped == ["D"] and torch.equal(net.weight, before) and scaler.get_scale() == 512.0
+    poison[0] = False
+    runner.run(phase, Stopwatch(torch.device("cpu")), lambda: None, 1)
+    assert skipped == ["D"] and not torch.equal(net.weight, before)

@@ -95,7 +95,7 @@ def sweep(tmp_path_factory):
 
 def test_import_pulls_in_neither_torch_nor_matplotlib():
     code = ("import sys, bench.report, bench.report.collect, bench.report.tables, bench.report.plots, "
-            "bench.report.render; "
+            "bench.report.render, bench.report.groups; "
             "print(sorted(m for m in ('torch', 'matplotlib', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

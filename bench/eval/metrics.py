@@ -31,6 +31,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -54,7 +55,7 @@ from bench.eval.safeload import first_line, load_weights
 from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extract_features, extractor_settings,
                                  inception_weights, register_sampler)
 from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
-from bench.eval.stats import DC_NEIGHBOURS, density_coverage, frechet_distance
+from bench.eval.stats import DC_NEIGHBOURS, bootstrap_ci, density_coverage, frechet_distance
 
 MIN_SAMPLES = max(MIN_EVAL_SAMPLES, DC_NEIGHBOURS + 1)  # density / coverage: the k-th of the other real samples
 RECORD_KEYS = ("fid_imag_residue", "extractor", "num_samples", "num_real", "truncation", "trunc_mode",
@@ -171,7 +172,8 @@ class EvalSettings:
     num_real: Optional[int] = None     # real images (None: num_samples, capped at the dataset size)
     cache_dir: Optional[str] = None    # real-side feature cache (None: <cache root>/eval)
     classifier_path: Optional[str] = None  # domain classifier file (None: beside the shards)
-    seed: int = 0                      # latents and labels
+    seed: int = 0                      # latents and labels (sample set i of `repeats`: seed + i)
+    repeats: int = 1                   # independent sample sets per evaluation; the record's value is their mean
     train_classifier: bool = True      # train the domain classifier when it is missing
     verbose: bool = False              # also torch-fidelity's own prints (progress bars, "Recall: ...")
 
@@ -245,6 +247,8 @@ def _checked(s: EvalSettings) -> EvalSettings:
         raise EvalError(f"eval.num_samples={s.num_samples}: use at least {MIN_SAMPLES} (KID / precision-recall / "
                         f"density-coverage need neighbours)")
     check_trunc_mode(s.trunc_mode)
+    if not isinstance(s.repeats, int) or isinstance(s.repeats, bool) or s.repeats < 1:
+        raise EvalError(f"eval.repeats={s.repeats!r}: use an integer >= 1")
     if s.precision not in EVAL_PRECISIONS:
         raise EvalError(f"eval.precision={s.precision!r}: choose {', '.join(EVAL_PRECISIONS[:-1])} or "
                         f"{EVAL_PRECISIONS[-1]}")
@@ -302,6 +306,67 @@ def _write_sidecar(cache_dir: Path, key: str, ident: dict) -> None:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, indent=2))
 
 
+@dataclass(frozen=True)
+class _RealSide:
+    """What every sample set of one evaluation shares: the real images and where their features are cached,
+    the extractor's weights, the class_acc judge, the autocast and the device."""
+    images: ImageDataset
+    count: int
+    cache_dir: Path
+    cache_name: str
+    weights_path: Optional[str]
+    clf: Optional[nn.Module]
+    amp: object
+    device: torch.device
+
+
+def _one_sample_set(Gs: nn.Module, s: EvalSettings, seed: int, n_classes: int, real: _RealSide,
+                    progress: bool) -> dict:
+    """The metrics of one sample set of Gs (latents and labels from `seed`) against the real side."""
+    # Every latent and label first, in one pass: the i-th sample is the same whatever eval.batch_size.
+    z, y = eval_latents(int(s.num_samples), Gs.z_dim, n_classes, truncation=s.truncation, trunc_mode=s.trunc_mode,
+                        seed=seed)
+    sampler = Sampler(Gs, z, y, autocast=real.amp, classifier=real.clf)
+    if progress and not s.verbose:
+        what = "" if int(s.repeats) == 1 else f" (sample set {seed - int(s.seed) + 1} of {s.repeats})"
+        sampler.progress = ProgressLine(f"gan-bench eval: sampling + features{what}", int(s.num_samples))
+        real.images.progress = ProgressLine("gan-bench eval: real features (cached afterwards)", real.count)
+    out = compute_metrics(sampler, real.images, MetricSettings(
+        extractor=s.extractor, weights_path=real.weights_path, batch_size=s.batch_size,
+        num_samples=int(s.num_samples), num_real=real.count, cache_dir=real.cache_dir,
+        input2_cache_name=real.cache_name, seed=seed, verbose=s.verbose), device=real.device, progress=progress)
+    if sampler.cursor != int(s.num_samples):
+        raise EvalError(f"sampler: torch-fidelity drew {sampler.cursor} of eval.num_samples={s.num_samples} samples")
+    if sampler.count:
+        out["eval/class_acc"] = sampler.class_acc()
+    return out
+
+
+def summarise_repeats(per_repeat: list[dict], seed: int) -> dict:
+    """One record of K sample sets' results: every metric all of them have as the mean of the K values, with
+    eval/<metric>_ci95 = [lo, hi] (bench.eval.stats.bootstrap_ci over the K values), repeat_values =
+    {metric: [K values]}, repeats = K and repeat_seeds; fid_imag_residue the largest; cost/* per 1k images
+    the mean, the others summed (the real features are computed once, then read from the cache)."""
+    k = len(per_repeat)
+    out: dict = {}
+    values = {}
+    for name in registry.EVAL_METRICS:
+        vals = [r.get(name) for r in per_repeat]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+            values[name] = [float(v) for v in vals]
+            out[name] = float(sum(values[name]) / k)
+            out[f"{name}{registry.CI_SUFFIX}"] = list(bootstrap_ci(values[name]))
+    residues = [r["fid_imag_residue"] for r in per_repeat if r.get("fid_imag_residue") is not None]
+    if residues:
+        out["fid_imag_residue"] = max(residues)
+    for name in registry.COST_FIELDS:
+        vals = [r[name] for r in per_repeat if r.get(name) is not None]
+        if vals:
+            out[name] = round(sum(vals) / len(vals) if name.endswith("_per_1k") else sum(vals), 4)
+    out.update(repeats=k, repeat_seeds=[seed + i for i in range(k)], repeat_values=values)
+    return out
+
+
 def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_classes: int | None = None,
                        device=None, progress: bool = True) -> dict:
     """IS / FID / KID / precision-recall / density-coverage (and class_acc) of generator G against the shards, as
@@ -340,9 +405,6 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
         print(f"gan-bench eval: {s.extractor} features ({fe_name}), {s.num_samples} generated vs {n_real} real "
               f"images{psi}", file=sys.stderr, flush=True)
     amp = autocast(eval_precision(s.precision, device), device)
-    # Every latent and label first, in one pass: the i-th sample is the same whatever eval.batch_size.
-    z, y = eval_latents(int(s.num_samples), G.z_dim, n_classes, truncation=s.truncation, trunc_mode=s.trunc_mode,
-                        seed=int(s.seed))
     was_training = G.training
     # A copy where G would change: standing stats rewrite BatchNorm buffers; another device moves it.
     copy_G = int(s.standing_stats or 0) > 0 or device != g_device
@@ -353,20 +415,12 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
             standing_stats(Gs, n_classes, int(s.standing_stats or 0), batch_size=int(s.batch_size),
                            truncation=s.truncation, trunc_mode=s.trunc_mode, autocast=amp,
                            generator=torch.Generator(device=device).manual_seed(int(s.seed) + 1))
-        sampler = Sampler(Gs, z, y, autocast=amp, classifier=clf)
-        if progress and not s.verbose:
-            sampler.progress = ProgressLine("gan-bench eval: sampling + features", int(s.num_samples))
-            real.progress = ProgressLine("gan-bench eval: real features (cached afterwards)", n_real)
-        out = compute_metrics(sampler, real, MetricSettings(
-            extractor=s.extractor, weights_path=weights_path, batch_size=s.batch_size,
-            num_samples=int(s.num_samples), num_real=n_real, cache_dir=cache_dir,
-            input2_cache_name=f"real-{key}", seed=s.seed, verbose=s.verbose), device=device, progress=progress)
+        side = _RealSide(real, n_real, cache_dir, f"real-{key}", weights_path, clf, amp, device)
+        per_repeat = [_one_sample_set(Gs, s, int(s.seed) + i, n_classes, side, progress)
+                      for i in range(int(s.repeats))]
     finally:
         G.train(was_training)
-    if sampler.cursor != int(s.num_samples):
-        raise EvalError(f"sampler: torch-fidelity drew {sampler.cursor} of eval.num_samples={s.num_samples} samples")
-    if sampler.count:
-        out["eval/class_acc"] = sampler.class_acc()
+    out = per_repeat[0] if len(per_repeat) == 1 else summarise_repeats(per_repeat, int(s.seed))
     _write_sidecar(cache_dir, key, {
         "shards": str(shards_spec), "manifest_hash": manifest_hash(shards_spec), "num_real": n_real,
         "resolution": resolution, "extractor": s.extractor, "extractor_id": fe_id})
@@ -397,12 +451,20 @@ def append_eval(run_dir, step: int, metrics: Mapping, **extra) -> dict:
 def format_table(rec: Mapping, title: str | None = None) -> str:
     """A plain-text table of an evaluation record: its metrics (names, order and formats from
     bench.metrics_registry), then RECORD_KEYS."""
-    rows = [(name, registry.format_value(name, rec[name])) for name in registry.EVAL_METRICS
+    rows = [(name, registry.format_value(name, rec[name]) + _ci_text(name, rec)) for name in registry.EVAL_METRICS
             if rec.get(name) is not None]
-    rows += [(key, str(rec[key])) for key in RECORD_KEYS if rec.get(key) not in (None, "")]
+    rows += [(key, str(rec[key])) for key in RECORD_KEYS + ("repeats",) if rec.get(key) not in (None, "")]
     w = max(len(k) for k, _ in rows) if rows else 10
     lines = [title] if title else []
     lines.append("-" * (w + 16))
     lines += [f"{k:<{w}}  {v}" for k, v in rows]
     lines.append("-" * (w + 16))
     return "\n".join(lines)
+
+
+def _ci_text(name: str, rec: Mapping) -> str:
+    """'  [lo, hi] 95% CI' when the record has the metric's interval (eval.repeats > 1), else ''."""
+    ci = rec.get(f"{name}{registry.CI_SUFFIX}")
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
+        return ""
+    return f"  [{registry.format_value(name, ci[0])}, {registry.format_value(name, ci[1])}] 95% CI"

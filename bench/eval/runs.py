@@ -273,6 +273,11 @@ def _sweep_point(run: dict, settings: EvalSettings, out: Path, progress: bool) -
     record = {"step": run["step"], **{k: rundir.json_value(v) for k, v in m.items()}}
     row = {"psi": psi, **{c: m.get(f"eval/{c}") for c in SWEEP_COLUMNS}, "extractor": m["extractor"],
            "num_samples": m["num_samples"], "step": run["step"]}
+    if m.get("repeats"):  # eval.repeats > 1: the mean above, and each metric's 95% bootstrap interval
+        row["repeats"] = m["repeats"]
+        for c in SWEEP_COLUMNS:
+            lo, hi = m.get(f"eval/{c}{registry.CI_SUFFIX}") or (None, None)
+            row.update({f"{c}_ci_lo": lo, f"{c}_ci_hi": hi})
     # Sample strip: the same base seed for every psi, classes 0..cols-1.
     cols = min(n, 10)
     z = truncated_normal((cols, G.z_dim), psi, settings.trunc_mode, torch.Generator().manual_seed(777))
@@ -301,7 +306,8 @@ def truncation_sweep(run_dir, psis: Sequence, overrides_cfg=None, which="best", 
     (None / "off" = no truncation), written to run_dir/truncation/ (or out_dir):
 
         truncation.csv           psi, SWEEP_COLUMNS (IS, FID, KID, precision, recall, density, coverage,
-                                 class_acc), extractor, num_samples, step
+                                 class_acc), extractor, num_samples, step; with eval.repeats > 1 also
+                                 repeats and <column>_ci_lo / <column>_ci_hi (the 95% bootstrap interval)
         is_vs_fid.png            IS against FID, one labelled point per psi
         precision_recall.png     precision against recall, one labelled point per psi
         density_coverage.png     density against coverage, one labelled point per psi

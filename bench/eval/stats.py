@@ -6,23 +6,46 @@
     density_coverage   density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics
                        for Generative Models") with k nearest neighbours, on the features precision and
                        recall use
+    bootstrap_ci       the percentile-bootstrap 95% interval of a mean (repeated evaluations of one run,
+                       eval.repeats; and the seeds of one configuration in `bench report`)
 
 Features are (N, D) tensors or arrays, one row per image; nothing here knows about images or extractors.
+torch is imported where it is used, so `bench report` (torch-free) can use bootstrap_ci.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from bench.eval.errors import EvalError
 
 FID_IMAG_TOL = 1e-3   # largest imaginary part of sqrt(sigma1 sigma2)'s eigenvalues, relative to its trace
 DC_NEIGHBOURS = 5     # k of density / coverage (the paper's choice)
 DIST_BLOCK_BYTES = 1 << 27  # a block of the pairwise distance matrix: at most 128 MiB of float64
+BOOTSTRAP_RESAMPLES = 2000  # B of bootstrap_ci
+BOOTSTRAP_SEED = 0          # its fixed seed: the same values always give the same interval
+CI_LEVEL = 0.95
+
+
+def bootstrap_ci(values, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 level: float = CI_LEVEL) -> tuple[float, float]:
+    """(lo, hi): the percentile-bootstrap interval of the mean of `values` (K finite numbers). Draws
+    n_resamples index sets of size K with replacement (numpy's default_rng(seed).integers, one
+    (n_resamples, K) array), takes each resample's mean, and returns the (1 - level) / 2 and
+    (1 + level) / 2 quantiles of those means (np.percentile, linear). K = 1 gives (value, value)."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"bootstrap_ci needs finite values, got {list(x)}")
+    if x.size == 1:
+        return float(x[0]), float(x[0])
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(int(n_resamples), x.size))
+    means = x[idx].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(lo), float(hi)
 
 
 def _float64(features) -> np.ndarray:
-    x = features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features)
+    x = features.detach().cpu().numpy() if hasattr(features, "detach") else np.asarray(features)
     x = x.astype(np.float64, copy=False)
     if x.ndim != 2 or x.shape[0] < 2:
         raise EvalError(f"features must be (N >= 2, D); got shape {tuple(x.shape)}")
@@ -71,11 +94,13 @@ def frechet_distance(features1, features2) -> tuple[float, float]:
     return frechet_from_statistics(*feature_statistics(features1), *feature_statistics(features2))
 
 
-def _distance_blocks(a: torch.Tensor, b: torch.Tensor):
+def _distance_blocks(a: "torch.Tensor", b: "torch.Tensor"):
     """Yield (row slice, Euclidean distances of a[rows] to all of b) in blocks of rows, in float64 through
     matrix products (|a|^2 + |b|^2 - 2 a.b: BLAS speed; relative error ~1e-16 of the squared norms). One
     function and one blocking compute every distance, so equal inputs give bit-equal distances (a set
     against itself ties exactly at the k-th neighbour)."""
+    import torch
+
     rows = max(1, DIST_BLOCK_BYTES // (8 * max(1, b.shape[0])))
     for start in range(0, a.shape[0], rows):
         stop = min(start + rows, a.shape[0])
@@ -85,6 +110,8 @@ def _distance_blocks(a: torch.Tensor, b: torch.Tensor):
 def knn_radii(real: torch.Tensor, k: int) -> torch.Tensor:
     """NND_k: each real point's distance to its k-th nearest other real point (itself excluded by index;
     a duplicate of it counts as a neighbour at distance 0)."""
+    import torch
+
     out = torch.empty(real.shape[0], dtype=real.dtype)
     for rows, d in _distance_blocks(real, real):
         d[torch.arange(d.shape[0]), torch.arange(rows.start, rows.stop)] = float("inf")
@@ -100,6 +127,8 @@ def density_coverage(real_features, fake_features, k: int = DC_NEIGHBOURS) -> tu
 
     Distances in float64. Identical distributions give E[density] = 1 and E[coverage] close to
     1 - (1/2)^k for N = M."""
+    import torch
+
     real = torch.from_numpy(_float64(real_features))
     fake = torch.from_numpy(_float64(fake_features))
     if real.shape[1] != fake.shape[1]:

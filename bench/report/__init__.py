@@ -8,6 +8,8 @@ running.
     collect.py  finding run and sweep directories and reading them into `Run`s; run status
     tables.py   labels, one row per run, the derived tables, text forms, the output writer
     plots.py    the PNG figures (matplotlib, imported when drawn)
+    groups.py   runs that differ only in train.seed as one configuration: mean ± 95% bootstrap interval and
+                n in the tables, bands and error bars in the figures, "not separable from best" (≈)
     render.py   report.md, the order of the work, and `main` (what `bench report` calls)
 
 DIR may be

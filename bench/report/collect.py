@@ -85,6 +85,9 @@ def _read_truncation(path: Path) -> list[dict]:
                "extractor": r.get("extractor") or "?", "num_samples": num(r.get("num_samples")),
                "step": num(r.get("step"))}
         row.update({k: num(r.get(k)) for k in TRUNC_COLUMNS})
+        if r.get("repeats"):  # eval.repeats > 1: each column's 95% interval over the sample sets
+            row["repeats"] = num(r["repeats"])
+            row.update({f"{k}_ci{e}": num(r.get(f"{k}_ci{e}")) for k in TRUNC_COLUMNS for e in ("_lo", "_hi")})
         out.append(row)
     return out
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from bench import metrics_registry as registry
 from bench import rundir
+from bench.report import groups as G
 from bench.report.collect import Run, finite, natural_key
 from bench.report.tables import (REPORT_METRICS, Writer, collapse_info, fmt, natural, psi_order, short,
                                  short_keys)
@@ -267,9 +268,11 @@ def _layer_colors(n: int):
     return [cmap(0.05 + 0.9 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def plot_evals(runs: list[Run], records: list[dict], w: Writer) -> tuple[str | None, str | None]:
+def plot_evals(runs: list[Run], records: list[dict], w: Writer, groups=None) -> tuple[str | None, str | None]:
     """Metrics against step: one row of panels per feature extractor (numbers from different
-    extractors are not comparable, so they never share an axis), one line per run."""
+    extractors are not comparable, so they never share an axis), one line per run; a configuration run
+    from several seeds: its runs thin, their mean with a 95% band; a run evaluated with eval.repeats > 1:
+    error bars."""
     if not records:
         return None, "no evals.jsonl records (eval.every = 0 and no `bench eval`)"
     extractors = sorted({e["extractor"] for e in records})
@@ -277,7 +280,9 @@ def plot_evals(runs: list[Run], records: list[dict], w: Writer) -> tuple[str | N
     if not metrics:
         return None, "evals.jsonl records hold none of " + ", ".join(REPORT_METRICS)
     labels = [r.label for r in runs if r.evals]
-    colors = dict(zip(labels, _colors(len(labels))))
+    sgroups = [g for g in (groups or [G.SeedGroup(r.label, [r]) for r in runs]) if any(r.evals for r in g.runs)]
+    colors = {r.label: c for g, c in zip(sgroups, _colors(len(sgroups))) for r in g.runs}
+    seeded = {r.label for g in sgroups if len(g.runs) > 1 for r in g.runs}
     ncol = min(3, len(metrics))
     per_ext = -(-len(metrics) // ncol)  # rows of panels per extractor
     fig = _figure(4.0 * ncol + 2.5, 3.0 * per_ext * len(extractors) + 0.4)
@@ -297,7 +302,11 @@ def plot_evals(runs: list[Run], records: list[dict], w: Writer) -> tuple[str | N
                     xs, ys = [e["step"] for e in g], [e[key] for e in g]
                     allv += ys
                     name = label if psi is None else f"{label} (psi={short(psi)})"
-                    ax.plot(xs, ys, "o-" if psi is None else "x:", color=colors[label], ms=4, lw=1.2, label=name)
+                    thin = label in seeded
+                    ax.plot(xs, ys, "o-" if psi is None else "x:", color=colors[label], ms=2 if thin else 4,
+                            lw=0.7 if thin else 1.2, alpha=0.35 if thin else 1.0, label=None if thin else name)
+            for sg in sgroups:
+                G.draw_series(ax, G.step_series(sg, records, key, ext), colors[sg.runs[0].label], sg)
             if not allv:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
             elif registry.lower_is_better(key):
@@ -319,14 +328,15 @@ def plot_evals(runs: list[Run], records: list[dict], w: Writer) -> tuple[str | N
     return "evals.png", None
 
 
-def plot_truncation(records: list[dict], w: Writer) -> tuple[str | None, str | None]:
+def plot_truncation(records: list[dict], w: Writer, gtrunc=None) -> tuple[str | None, str | None]:
     """IS against FID, precision against recall and density against coverage, points labelled by psi; one
-    row per extractor."""
+    row per extractor. Error bars: a configuration's mean over its seeds with 95% intervals in both
+    directions (groups.group_truncation), or one run's intervals over its repeated sample sets."""
     if not records:
         return None, "no truncation/truncation.csv in any run (`bench truncation run=DIR` writes one)"
     extractors = sorted({t["extractor"] for t in records})
     labels = list(dict.fromkeys(t["run"] for t in records))
-    colors = dict(zip(labels, _colors(len(labels))))
+    colors, seeded = G.shared_colors(labels, gtrunc or [], _colors)  # a configuration's seeds: one colour
     pairs = (("FID", "IS"), ("recall", "precision"), ("coverage", "density"))
     fig = _figure(18, 4.6 * len(extractors) + 0.4)
     axes = fig.subplots(len(extractors), len(pairs), squeeze=False)
@@ -337,10 +347,13 @@ def plot_truncation(records: list[dict], w: Writer) -> tuple[str | None, str | N
                               and finite(t.get(xk)) and finite(t.get(yk))), key=lambda t: psi_order(t["psi"]))
                 if not pts:
                     continue
-                ax.plot([t[xk] for t in pts], [t[yk] for t in pts], "o-", color=colors[label], ms=5, label=label)
-                for t in pts:
+                thin = label in seeded
+                ax.plot([t[xk] for t in pts], [t[yk] for t in pts], "o-", color=colors[label], ms=3 if thin else 5,
+                        lw=0.7 if thin else 1.5, alpha=0.4 if thin else 1.0, label=None if thin else label)
+                for t in pts if not thin else ():
                     ax.annotate("off" if t["psi"] is None else f"{t['psi']:g}", (t[xk], t[yk]),
                                 textcoords="offset points", xytext=(5, 4), fontsize=7, color=colors[label])
+            G.draw_truncation(ax, [t for t in gtrunc or [] if t["extractor"] == ext], xk, yk, colors)
             ax.margins(0.1)
             _no_offset(ax)
             ax.set_xlabel(xk + (" (lower is better)" if registry.lower_is_better(f"eval/{xk}") else ""))
@@ -418,8 +431,8 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
     mid = (shown.min() + shown.max()) / 2 if shown.size else 0
     for (rl, cl), (a, *_) in m.cells.items():
         i, j = rlabels.index(rl), clabels.index(cl)
-        lines = [f"{metric.split('/')[-1]} {fmt(a['value'])}",
-                 f"collapse {fmt(a['collapse_step'])}",
+        lines = [f"{metric.split('/')[-1]} {G.cell_text(a)}",
+                 f"collapse {fmt(a['collapse_step'])}" + (f" ({a['collapsed']})" if a.get("collapsed") else ""),
                  f"{fmt(a['img_per_s'], 3)} img/s"]
         if a["status"] != rundir.COMPLETED:
             lines.append(f"[{a['status']}]")
@@ -440,7 +453,10 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
         better = "" if metric.startswith("loss/") else f" ({'lower' if lower else 'higher'} is better)"
         fig.colorbar(im, ax=ax, label=metric + better, shrink=0.9)
     title = abl[0]["metric"]
-    ax.set_title(f"Ablation: {title}, collapse step, throughput", fontsize=10)
+    marks = any(a.get("vs_best") for a in abl)
+    ax.set_title(f"Ablation: {title}, collapse step, throughput" + (
+        f"\n± : 95% interval (n seeds); {G.NOT_SEPARABLE}: not separable from the best cell" if marks else ""),
+        fontsize=10)
     w.figure("ablation.png", fig)
     return "ablation.png", None
 

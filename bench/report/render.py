@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench import metrics_registry as registry
 from bench import rundir
+from bench.report import groups as G
 from bench.report import plots
 from bench.report.collect import MAX_DEPTH, REPORT_DIR, STALLED_AFTER_S, TRUNC_COLUMNS, Run, discover, finite
 from bench.report.tables import (LEDGER, REPORT_METRICS, ForeignFile, Ledger, Writer, ablation_rows, assign_labels, best_eval_rows,
@@ -39,10 +40,13 @@ class ReportData:
     scaling: list[dict]            # scaling.csv
     records: list[dict]            # evals.csv
     trunc: list[dict]              # truncation.csv
-    abl: list[dict]                # ablation.csv
+    abl: list[dict]                # ablation.csv: one row per configuration (its seeds grouped)
     written: set[str]              # names of the files written
     sigma_files: list[str]         # sigma.png, sigma-2.png, ...
     skipped: dict[str, str]        # plot -> why it was not written
+    groups: list = None            # [groups.SeedGroup]: runs that differ only in train.seed
+    abl_keys: list = None          # the ablation's keys (the swept keys without train.seed)
+    gtrunc: list = None            # truncation points per configuration (groups.group_truncation)
 
 
 # ---- the work ---------------------------------------------------------------------------------------
@@ -97,18 +101,22 @@ def build_report(root: Path, out: Path) -> dict:
     records = eval_records(runs)
     if records:
         w.csv("evals.csv", records)
-    plot("evals.png", plots.plot_evals, runs, records, w)
+    groups = G.group_runs(runs, keys)
+    plot("evals.png", plots.plot_evals, runs, records, w, groups)
     trunc = truncation_records(runs)
     if trunc:
         w.csv("truncation.csv", trunc)
-    plot("truncation.png", plots.plot_truncation, trunc, w)
+    gtrunc = G.group_truncation(groups, trunc, TRUNC_COLUMNS)
+    plot("truncation.png", plots.plot_truncation, trunc, w, gtrunc)
     abl, metric = ablation_rows(runs, rows, keys)
+    abl, abl_keys = G.grouped_ablation(groups, abl, keys, metric)
     if len(abl) >= 2:
-        w.csv("ablation.csv", abl)
-    plot("ablation.png", plots.plot_ablation, abl, keys, metric, w)
+        w.csv("ablation.csv", G.csv_rows(abl))
+    plot("ablation.png", plots.plot_ablation, abl, abl_keys, metric, w)
     written_names = {p.name for p in w.written} | {"report.md"}
     w.text("report.md", render_markdown(ReportData(root, runs, rows, keys, key_source, scaling, records, trunc,
-                                                   abl, written_names, sigma_files, plot.skipped)))
+                                                   abl, written_names, sigma_files, plot.skipped, groups, abl_keys,
+                                                   gtrunc)))
     ledger.finish({p.name for p in w.written})
     return {"runs": runs, "rows": rows, "written": w.written, "skipped": plot.skipped, "keys": keys}
 
@@ -162,6 +170,12 @@ def _md_runs(d: ReportData) -> list[str]:
          "`img_per_s_overall` in `runs.csv` is summary.json's images / wall seconds, evaluations and "
          "checkpoints included). best: the best evaluation by the run's `eval.best_metric` (summary.json, "
          "else evals.jsonl; the rule of checkpoints/best.pt). All columns: `runs.csv`.", ""]
+    seeds = G.seed_table(d.groups or [], d.abl)
+    if seeds:
+        L += ["Seeds: runs whose config.yaml differs only in `train.seed` are one configuration; its numbers "
+              "below are mean ± the half-width of the 95% bootstrap interval over the seeds, with n = the "
+              "number of runs:", "", md_table(["configuration", "n", "train.seed", d.abl[0]["metric"] if d.abl
+                                               else "metric"], seeds), ""]
     errors = [(row["run"], row["error"]) for row in d.rows if row.get("error")]
     if errors:
         L += ["Errors:", ""] + [f"- {name}: `{err}`" for name, err in errors] + [""]
@@ -208,9 +222,12 @@ def _md_losses_sigma(d: ReportData) -> list[str]:
 def _md_evals(d: ReportData) -> list[str]:
     L = ["## Evaluations", ""]
     best_rows = best_eval_rows(d.runs, d.records) if d.records else []
+    best_rows = G.group_best_rows(d.groups or [], best_rows, d.records, REPORT_METRICS)
     if best_rows:
-        L += ["Best evaluation per run and feature extractor, by the run's `eval.best_metric` (column `by`; "
-              "the rule of checkpoints/best.pt; numbers from different extractors are not comparable):", "",
+        L += ["Best evaluation per configuration and feature extractor, by the run's `eval.best_metric` (column "
+              "`by`; the rule of checkpoints/best.pt; numbers from different extractors are not comparable). "
+              "Several seeds: mean ± 95% interval (n seeds); one run evaluated with eval.repeats > 1: its "
+              "interval over the sample sets:", "",
               md_table(["run", "extractor", "by", "samples", "step", "evals"]
                        + [registry.BY_NAME[k].short for k in REPORT_METRICS], best_rows), "",
               "Every record: `evals.csv`.", ""]
@@ -219,23 +236,24 @@ def _md_evals(d: ReportData) -> list[str]:
 
 def _md_truncation(d: ReportData) -> list[str]:
     L = ["## Truncation trade-off", ""]
-    if d.trunc:
+    if d.gtrunc:
         L += [md_table(["run", "extractor", "psi", *TRUNC_COLUMNS, "samples", "step"],
                        [[t["run"], t["extractor"], "off" if t["psi"] is None else t["psi"],
-                         *[t[k] for k in TRUNC_COLUMNS], t["num_samples"], t["step"]]
-                        for t in sorted(d.trunc, key=lambda t: (t["run"], t["extractor"], psi_order(t["psi"])))]),
-              "", "`truncation.csv`.", ""]
+                         *[t[k].text() if t[k] else None for k in TRUNC_COLUMNS], t["num_samples"], t["step"]]
+                        for t in sorted(d.gtrunc, key=lambda t: (t["run"], t["extractor"], psi_order(t["psi"])))]),
+              "", "`truncation.csv` (every run's points).", ""]
     return L + _img(d, "truncation.png")
 
 
 def _md_ablation(d: ReportData) -> list[str]:
-    abl, keys = d.abl, d.keys
+    abl, keys = d.abl, (d.abl_keys if d.abl_keys is not None else d.keys)
     L = ["## Ablation matrix", ""]
     if len(abl) >= 2:
-        L += [md_table(["run", *keys, "status", abl[0]["metric"], "collapse step", "img/s"],
-                       [[a["run"], *[a[k] for k in keys], status_cell(a["status"]), a["value"], a["collapse_step"],
-                         a["img_per_s"]] for a in abl]), "", "`ablation.csv`.", ""]
-        if len(keys) == 2 and len({(a[keys[0]], a[keys[1]]) for a in abl}) == len(abl):  # one run per cell
+        L += [md_table(["run", *keys, "status", abl[0]["metric"], "vs best", "n", "collapse step", "img/s"],
+                       [[a["run"], *[a[k] for k in keys], status_cell(a["status"]), a.get("value_text", a["value"]),
+                         a.get("vs_best"), a.get("n"), a["collapse_step"], a["img_per_s"]] for a in abl]), "",
+              G.SEPARABILITY_NOTE + " `ablation.csv`.", ""]
+        if len(keys) == 2 and len({(a[keys[0]], a[keys[1]]) for a in abl}) == len(abl):  # one row per cell
             L += _pivot(abl, keys)
     return L + _img(d, "ablation.png")
 
@@ -257,7 +275,7 @@ def _pivot(abl: list[dict], keys: list[str]) -> list[str]:
         line = [f"{rk}={rv}"]
         for cv in cvals:
             a = cell.get((rv, cv))
-            line.append("" if a is None else f"{fmt(a['value'])} / {fmt(a['collapse_step'])} / {fmt(a['img_per_s'], 3)}")
+            line.append("" if a is None else f"{G.cell_text(a)} / {fmt(a['collapse_step'])} / {fmt(a['img_per_s'], 3)}")
         body.append(line)
     return [f"{abl[0]['metric']} / collapse step / img/s:", "",
             md_table([f"{rk} \\ {ck}"] + [f"{ck}={c}" for c in cvals], body), ""]

@@ -258,6 +258,10 @@ def eval_records(runs: list[Run]) -> list[dict]:
                    "num_samples": e.get("num_samples"), "truncation": e.get("truncation"),
                    "source": e.get("source") or "training", "checkpoint": e.get("checkpoint")}
             row.update({k: e.get(k) for k in EVAL_COLUMNS + registry.DIAGNOSTIC_FIELDS})
+            for k in EVAL_COLUMNS:  # eval.repeats > 1: the 95% interval over the sample sets, and K
+                ci = e.get(f"{k}{registry.CI_SUFFIX}")
+                if isinstance(ci, list) and len(ci) == 2:
+                    row[f"{k}_ci_lo"], row[f"{k}_ci_hi"], row["repeats"] = ci[0], ci[1], e.get("repeats")
             rows.append(row)
     return rows
 
@@ -293,7 +297,8 @@ def truncation_records(runs: list[Run]) -> list[dict]:
     for r in runs:
         for t in r.truncation:
             out.append({"run": r.label, "dir": str(r.path), **{k: t.get(k) for k in
-                        ("psi",) + TRUNC_COLUMNS + ("extractor", "num_samples", "step")}})
+                        ("psi",) + TRUNC_COLUMNS + ("extractor", "num_samples", "step")},
+                        **{k: v for k, v in t.items() if k == "repeats" or k.endswith(("_ci_lo", "_ci_hi"))}})
     return out
 
 

@@ -148,6 +148,8 @@ class PhaseRunner:
         # own, so every rank must agree on the skip (one all-reduce), or their weights would part.
         if self.any_rank(not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device)))):
             opt.zero_grad(set_to_none=True)
+            if phase.scaler is not None:
+                phase.scaler.update()  # backs the scale off; without it the next unscale_ raises
             self.on_nonfinite(phase.name)
             return
         if phase.scaler is not None:

@@ -10,8 +10,9 @@
   the first error in summary.json (`Ranks.first_error`), and every rank exits non-zero.
 
 `injected_fault` is the fault tests' hook: GAN_BENCH_FAULT=<rank>:<step>[:<where>] makes that rank raise
-at that step (where: step, the default, or checkpoint), or hang there (hang). Nothing sets it outside the
-tests.
+at that step (where: step, the default, or checkpoint), hang at that step (hang), or stall inside that
+step's checkpoint write, its bytes in the temp file (stall), or take 8 s more over that step's
+evaluation (slow). Nothing sets it outside the tests.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from bench import rundir
+from bench.errors import is_user_error
 
 T = TypeVar("T")
 FAULT_ENV = "GAN_BENCH_FAULT"
@@ -42,11 +44,6 @@ class RankFailed(RuntimeError):
         self.user_error = user_error
 
 
-def is_user_error(exc: BaseException) -> bool:
-    from bench.config import ConfigError
-    from bench.data.format import DataError
-
-    return isinstance(exc, (ConfigError, DataError, rundir.RunLocked)) or getattr(exc, "user_error", False)
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -78,8 +75,10 @@ def injected_fault(rank: int, step: int, where: str = "step") -> None:
     kind = parts[2] if len(parts) > 2 else "step"
     if int(parts[0]) != rank or int(parts[1]) != step:
         return
-    if kind == "hang" and where == "step":
-        time.sleep(10**6)  # a rank that stops answering: its peers wait dist.timeout_s, then fail
+    if (kind, where) in (("hang", "step"), ("stall", "checkpoint_write")):
+        time.sleep(10**6)  # a rank that stops answering (its peers wait dist.timeout_s), or a save cut mid-write
+    if (kind, where) == ("slow", "eval"):
+        time.sleep(8)  # rank-0 work that outlasts a short dist.timeout_s
     if kind == where:
         raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) on rank {rank} at step {step} during {where}")
 
@@ -87,11 +86,18 @@ def injected_fault(rank: int, step: int, where: str = "step") -> None:
 class Ranks:
     """The run's processes as one: agreement after rank-0 work, shared decisions, and failure records."""
 
-    def __init__(self, world: int, rank: int, device: torch.device, run_dir: Path):
+    def __init__(self, world: int, rank: int, device: torch.device, run_dir: Path, rank0_timeout_s: float = 0):
         self.world, self.rank, self.device = world, rank, device
         self.errors_dir = Path(run_dir) / rundir.ERRORS
         self.broken = False  # a rank failed: no more collectives
         self.started = time.time()
+        # Agreements after rank-0 work (an evaluation, a checkpoint) wait on their own gloo group, whose
+        # timeout is dist.rank0_timeout_s: the others wait that long for rank 0's work, while the training
+        # collectives keep dist.timeout_s. A collective call: every rank builds its Ranks at once.
+        self.group = None
+        if world > 1 and rank0_timeout_s:
+            self.group = torch.distributed.new_group(backend="gloo",
+                                                     timeout=datetime.timedelta(seconds=rank0_timeout_s))
 
     @property
     def is_main(self) -> bool:
@@ -102,13 +108,18 @@ class Ranks:
         """Every rank says whether its part of `what` worked (one all_gather). Raises on every rank when
         one failed: the failing rank its own exception, the others RankFailed naming it."""
         if self.world > 1 and not self.broken:
-            errors = [None] * self.world
-            mine = (first_line(error), is_user_error(error)) if error is not None else None
-            torch.distributed.all_gather_object(errors, mine)
-            bad = [(r, e) for r, e in enumerate(errors) if e]
-            if bad and error is None:
-                r, (line, user) = bad[0]
-                raise RankFailed(f"rank {r} failed while {what}: {line}", user_error=user)
+            reports = [None] * self.world
+            mine = (what, first_line(error) if error is not None else None, is_user_error(error) if error else False)
+            torch.distributed.all_gather_object(reports, mine, group=self.group)
+            if any(not isinstance(r, tuple) or r[0] != what for r in reports):  # a bug, not a fault to hide
+                self.broken = True
+                raise RankFailed(f"ranks out of step while {what}: they answered {[r for r in reports]!r}")
+            bad = [(r, line, user) for r, (_, line, user) in enumerate(reports) if line]
+            if bad:
+                self.broken = True  # every rank leaves without another collective
+                if error is None:
+                    r, line, user = bad[0]
+                    raise RankFailed(f"rank {r} failed while {what}: {line}", user_error=user)
         if error is not None:
             raise error
 
@@ -141,7 +152,7 @@ class Ranks:
         if self.world == 1:
             return obj
         box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     # ---- failures -------------------------------------------------------------------------------------

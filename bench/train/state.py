@@ -19,6 +19,7 @@ import torch
 
 from bench import rundir
 from bench.config import ConfigError
+from bench.train.ranks import injected_fault
 from bench.train.objectives import objective_of
 
 
@@ -178,7 +179,12 @@ class Checkpoints:
         if self.is_main:
             path = self.dir / rundir.ckpt_name(step)
             obj = state()
-            rundir.atomic_write(path, write=lambda f: torch.save(obj, f))
+
+            def write(f) -> None:
+                torch.save(obj, f)
+                injected_fault(0, step, "checkpoint_write")  # the fault tests' hook (ranks.py)
+
+            rundir.atomic_write(path, write=write)
             # the new checkpoint's rename is durable before any older one goes (atomic_write fsyncs the
             # directory too; this keeps the order explicit here, where the pruning is)
             rundir.fsync_dir(self.dir)
@@ -206,27 +212,35 @@ class Checkpoints:
     def reconcile_best(self, evals: list, eval_cfg, resume_step: int) -> Optional[dict]:
         """At a resume, after evals.jsonl lost the evaluations past `resume_step`: the run's best is
         recomputed from what is kept, and best.pt must be that evaluation's checkpoint. A best.pt from a
-        dropped step (or chosen by another eval.best_metric) goes; the best step's own checkpoint takes
-        its place while it is still there. Returns the best (rank 0 calls this)."""
+        dropped step, from another eval.best_metric or extractor, or unreadable, goes; the best step's own
+        checkpoint takes its place (carrying that evaluation as its `best`) while it is still there, also
+        when best.pt is missing. Returns the best (rank 0 calls this)."""
         from bench.eval.safeload import load_weights
 
         best, path = self.best_of(evals, eval_cfg), self.dir / rundir.BEST_CKPT
-        if not path.exists():
-            return best
-        try:
-            kept = load_weights(path)
-            step, kept_best = int(kept["step"]), kept.get("best") or {}
-        except Exception:  # unreadable: replaced below like a stale one
-            step, kept_best = None, {}
-        if best is not None and step == best["step"] and kept_best.get("metric", best["metric"]) == best["metric"]:
-            return best
-        path.unlink()
+        kept = "missing"
+        if path.exists():
+            try:
+                state = load_weights(path)
+                step, kb = int(state["step"]), state.get("best") or {}
+                kept = f"step {step}"
+                if best is not None and step == best["step"] and all(
+                        kb.get(k, best[k]) == best[k] for k in ("metric", "extractor")):
+                    return best
+            except Exception:  # unreadable: replaced like a stale one
+                kept = "unreadable"
         source = self.dir / rundir.ckpt_name(best["step"]) if best else None
         if source is not None and source.exists():
-            rundir.atomic_write(path, source.read_bytes())
-        print(f"note: {rundir.CHECKPOINTS}/{rundir.BEST_CKPT} (step {step}) is not the best evaluation kept at the "
-              f"resume from step {resume_step}; " + (f"replaced by the checkpoint of step {best['step']}"
-                                                    if path.exists() else "removed until a new best"), file=sys.stderr)
+            state = {**load_weights(source), "best": best}
+            rundir.atomic_write(path, write=lambda f: torch.save(state, f))
+            what = f"replaced by the checkpoint of step {best['step']}"
+        elif path.exists():
+            path.unlink()
+            what = "removed until a new best"
+        else:
+            return best
+        print(f"note: {rundir.CHECKPOINTS}/{rundir.BEST_CKPT} ({kept}) is not the best evaluation kept at the resume "
+              f"from step {resume_step}; {what}", file=sys.stderr)
         return best
 
     def load_newest(self) -> tuple[Optional[dict], Optional[Path]]:
@@ -372,6 +386,26 @@ class NonfiniteGuard:
         self.rollbacks = int(s.get("rollbacks", 0))
 
 
+def agreed_load(ranks, what: str, pick: Callable[[], tuple]) -> tuple[Optional[dict], Optional[Path]]:
+    """Rank 0 picks a checkpoint (`pick()` -> (state, path), e.g. Checkpoints.for_resume) and names it to
+    the others (broadcast), who read that file: every rank loads the same step. A rank that cannot read it
+    fails the load on every rank (ranks.Ranks.all_ok). (None, None) when there is none."""
+    from bench.eval.safeload import load_weights
+
+    state, path = ranks.rank0(what, pick) or (None, None)
+    path = ranks.broadcast(str(path) if path is not None else None)
+    if path is None:
+        return None, None
+    error = None
+    if not ranks.is_main:
+        try:
+            state = load_weights(Path(path))
+        except Exception as exc:  # handed to every rank by all_ok
+            error = exc
+    ranks.all_ok(error, f"reading {path}")
+    return state, Path(path)
+
+
 def roll_back(trainer) -> None:
     """The trainer's rollback, when NonfiniteGuard asks for one: reload nets, EMA and optimisers from
     the newest complete checkpoint, keep counting forward (no record is rewritten), and take a
@@ -380,7 +414,7 @@ def roll_back(trainer) -> None:
 
     t = trainer.cfg.train
     n = trainer.guard.start_rollback()
-    state, path = trainer.checkpoints.for_rollback()
+    state, path = agreed_load(trainer.ranks, "reading the checkpoint to roll back to", trainer.checkpoints.for_rollback)
     keep = (trainer.step, trainer.images_seen, trainer.train_seconds, trainer.data_skipped, trainer.guard.state_dict(),
             trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason)
     trainer.load_state_dict(state)

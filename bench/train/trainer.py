@@ -30,7 +30,8 @@ from bench.train.phases import Phase, PhaseRunner, WeightRegs, plan
 from bench.train.ranks import RankFailed, Ranks, injected_fault, is_comm_error, is_user_error, process_group_kwargs
 from bench.train.records import Records, gather_hosts, now, run_facts, save_samples, summary_of
 from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopRequest, TrainingParts, all_finite,
-                               config_changes, ema_update, param_checksum, roll_back)
+                               agreed_load, config_changes, ema_update, param_checksum,
+                               roll_back)
 from bench.train.telemetry import CollapseDetector, Collector, Mfu, Stopwatch, TickClock
 from models import spectral
 
@@ -85,7 +86,7 @@ class Trainer:
             raise RuntimeError(f"accelerate sees {self.world} processes but WORLD_SIZE={env_world}; "
                                "build the Accelerator after exporting the distributed environment")
         self.is_main = self.acc.is_main_process
-        self.ranks = Ranks(self.world, self.rank, self.device, self.run_dir)
+        self.ranks = Ranks(self.world, self.rank, self.device, self.run_dir, self.cfg.dist.rank0_timeout_s)
         self.eff_batch = effective_batch(self.cfg.train, self.world)
 
     def _setup_data(self) -> None:
@@ -219,8 +220,8 @@ class Trainer:
             status = self._end_status()
         except Diverged as exc:
             status = self._diverged(exc)
-        except KeyboardInterrupt:
-            status = rundir.INTERRUPTED
+        except KeyboardInterrupt:  # a second Ctrl-C: leave now, without another collective
+            status, self.ranks.broken = rundir.INTERRUPTED, self.world > 1
             raise
         except Exception as exc:  # this rank failed, or a peer did: recorded, every rank exits non-zero
             self._failed(exc)
@@ -239,8 +240,9 @@ class Trainer:
         t = self.cfg.train
         watch = Stopwatch(self.device)
         collector = Collector(self.device, self.ranks.all_reduce if self.world > 1 else None)
-        if self.is_main:
-            self.mfu.budget()  # FLOP count and device peak for perf/mfu, outside the timed ticks
+        # FLOP count and device peak for perf/mfu, outside the timed ticks (a first CPU-peak measurement
+        # takes a while: the others wait under dist.rank0_timeout_s)
+        self.ranks.rank0("counting FLOPs and measuring the device peak", self.mfu.budget)
         self.restart_data()
         clock = TickClock(self.train_seconds)
         self._announce()
@@ -329,7 +331,8 @@ class Trainer:
         row["stability/collapse"] = 1.0 if reason else 0.0
         if reason and self.is_main and not self.quiet:
             print(f"collapse detected at step {self.step}: {reason}", flush=True)
-        if self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse:
+        # an FID-flagged collapse is known on rank 0 only: every rank must stop at the same step
+        if self.ranks.any(self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse):
             self.stop.collapse()
         self.last_row = row
         self.ranks.rank0(f"writing the metrics of step {self.step}", lambda: self.records.metrics(row))
@@ -380,19 +383,9 @@ class Trainer:
     def maybe_resume(self) -> int:
         """Rank 0 picks the newest checkpoint that reads and names it to the others (broadcast), so every
         rank resumes from the same step; a rank that cannot read it fails the resume on every rank."""
-        from bench.eval.safeload import load_weights
-
-        state, path = self.ranks.rank0("reading the newest checkpoint", self.checkpoints.for_resume) or (None, None)
-        path = self.ranks.broadcast(str(path) if path is not None else None)
+        state, path = agreed_load(self.ranks, "reading the newest checkpoint", self.checkpoints.for_resume)
         if path is None:
             return 0
-        error = None
-        if not self.is_main:
-            try:
-                state = load_weights(Path(path))
-            except Exception as exc:  # handed to every rank by all_ok
-                error = exc
-        self.ranks.all_ok(error, f"reading {path}")
         self.config_changes = config_changes(state.get("config"), OmegaConf.to_container(self.cfg, resolve=True))
         try:
             self.load_state_dict(state)
@@ -411,6 +404,7 @@ class Trainer:
         from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator
 
         def evaluate() -> dict:
+            injected_fault(self.rank, self.step, "eval")  # the fault tests' hook (ranks.py)
             t0 = time.perf_counter()
             metrics = evaluate_generator(self.G_ema, EvalSettings.from_cfg(self.cfg), shards_spec=self.shards_spec,
                                          n_classes=self.n_data_classes, device=self.device, progress=not self.quiet)

@@ -1,0 +1,19 @@
+"""Which exceptions are the user's bad input (one line on stderr, exit 2) rather than a fault: THE list,
+read by the CLI and by the ranks of a multi-process run (bench/train/ranks.py). Torch-free: a class is
+checked only when its module is already loaded, so bad input never imports torch.
+"""
+from __future__ import annotations
+
+import sys
+
+USER_ERRORS = (("bench.config", "ConfigError"), ("bench.data.format", "DataError"),
+               ("models.checks", "ModelConfigError"), ("bench.eval.errors", "EvalError"),
+               ("bench.rundir", "RunLocked"), ("bench.cli", "UsageError"))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """`exc` is bad input: one of USER_ERRORS, or another rank's bad input (ranks.RankFailed.user_error)."""
+    if getattr(exc, "user_error", False) is True:
+        return True
+    loaded = tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules)
+    return bool(loaded) and isinstance(exc, loaded)
