@@ -49,7 +49,9 @@ def test_precision_auto_is_resolved_and_explicit_kept(monkeypatch):
     from bench import config as C
     from bench import device
 
-    assert C.TrainCfg().precision == "auto" and C.compose([]).train.precision == "auto"
+    from bench.schema import TrainCfg
+
+    assert TrainCfg().precision == "auto" and C.compose([]).train.precision == "auto"
     want = "bf16" if torch.cuda.is_available() or device.cpu_has_fast_bf16() else "fp32"
     assert C.validate(C.compose([])).train.precision == want
     for fast, expected in ((True, "bf16"), (False, "bf16" if torch.cuda.is_available() else "fp32")):
