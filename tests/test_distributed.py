@@ -89,16 +89,29 @@ def test_sweep_is_one_job_array(slurm_cluster, tmp_path, tiny_shards):
 
 
 def test_failed_sweep_job_is_reported_and_others_finish(tmp_path, tiny_shards):
-    sweep = tmp_path / "sweep"
-    proc = bench(["train", "-m", "hydra/launcher=submitit_local", "model.attn=[8],[48]", "train.steps=2",
-                  "train.batch_size=4", f"hydra.sweep.dir={sweep}", f"data.shards={tiny_shards}", *COMMON],
+    """A job that fails while it runs (its shards are not there: nothing a config check can see) is
+    recorded with its error; the other job completes."""
+    sweep, missing = tmp_path / "sweep", tmp_path / "no-shards"
+    proc = bench(["train", "-m", "hydra/launcher=submitit_local", f"data.shards={tiny_shards},{missing}",
+                  "train.steps=2", "train.batch_size=4", f"hydra.sweep.dir={sweep}", *COMMON],
                  cwd=tmp_path, check=False)
     assert proc.returncode == 1
     jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
     states = {tuple(j["overrides"])[0]: j for j in jobs}
-    assert states["model.attn=[8]"]["state"] == "completed"
-    assert states["model.attn=[48]"]["state"] == "failed" and "model.attn" in states["model.attn=[48]"]["error"]
+    assert states[f"data.shards={tiny_shards}"]["state"] == "completed"
+    failed = states[f"data.shards={missing}"]
+    assert failed["state"] == "failed" and "no-shards" in failed["error"], failed
     assert "error: " in proc.stdout
+
+
+def test_a_bad_swept_value_is_refused_before_any_job(tmp_path, tiny_shards):
+    sweep = tmp_path / "sweep"
+    proc = bench(["train", "-m", "hydra/launcher=submitit_local", "model.attn=[8],[48]", "train.steps=2",
+                  "train.batch_size=4", f"hydra.sweep.dir={sweep}", f"data.shards={tiny_shards}", *COMMON],
+                 cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and not sweep.exists()
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "model.attn" in err[0] and "48" in err[0], proc.stderr
 
 
 @pytest.mark.slurm
