@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench import rundir
 from bench.config import compose
-from bench.errors import is_user_error
+from bench.errors import UsageError, is_user_error
 
 USAGE = """usage: bench <command> [key=value ...]
 
@@ -31,10 +31,6 @@ examples:
   bench inspect model=biggan_128
   bench data make-shards source=shapes out=/tmp/s data.resolution=32
 """
-
-
-class UsageError(ValueError):
-    pass
 
 
 def _world_size() -> int:

@@ -8,7 +8,11 @@ import sys
 
 USER_ERRORS = (("bench.config", "ConfigError"), ("bench.data.format", "DataError"),
                ("models.checks", "ModelConfigError"), ("bench.eval.errors", "EvalError"),
-               ("bench.rundir", "RunLocked"), ("bench.cli", "UsageError"))
+               ("bench.rundir", "RunLocked"), ("bench.errors", "UsageError"))
+
+
+class UsageError(ValueError):
+    """A command's arguments are wrong (bench <command> ...): one line, exit 2."""
 
 
 def is_user_error(exc: BaseException) -> bool:
