@@ -95,7 +95,7 @@ def sweep(tmp_path_factory):
 
 def test_import_pulls_in_neither_torch_nor_matplotlib():
     code = ("import sys, bench.report, bench.report.collect, bench.report.tables, bench.report.plots, "
-            "bench.report.render, bench.report.groups; "
+            "bench.report.render, bench.report.groups, bench.report.plots_extra; "
             "print(sorted(m for m in ('torch', 'matplotlib', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -457,3 +457,80 @@ def test_report_touches_only_the_files_it_wrote(sweep, tmp_path, capsys):
     assert "sigma-9.png" in capsys.readouterr().err
     assert (out / "sigma-9.png").read_bytes() == b"the user's own figure"
     assert (out / "ablation-old.png").read_bytes() == b"user"
+
+
+# ---- ADA's p (ada_p.png) from fabricated run directories ----------------------------------------------------
+
+def ada_run(root: Path, name: str, seed: int, policy: list, target, ps: list | None) -> Path:
+    """A finished run directory as training leaves it, written through bench.rundir: config.yaml, run.json,
+    metrics.jsonl (with `aug/p` per tick when `ps` is given), summary.json, evals.jsonl."""
+    import yaml
+
+    from bench import rundir
+
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"train": {"seed": seed, "batch_size": 16, "steps": 30}, "aug": {"policy": policy, "ada_target": target},
+           "eval": {"extractor": "domain", "best_metric": "eval/FID"}, "run": {"name": name, "dir": str(d)}}
+    rundir.atomic_write(d / rundir.CONFIG, yaml.safe_dump(cfg))
+    rundir.write_json(d / rundir.RUN_JSON, {"status": "completed", "world_size": 1, "batch_size": 16})
+    for i in range(3):
+        row = {"step": 10 * (i + 1), "kimg": 0.16 * (i + 1), "loss/D": 1.0, "loss/G": 0.5,
+               "throughput/img_per_s": 100.0}
+        if ps is not None:
+            row["aug/p"] = ps[i]
+        rundir.append_jsonl(d / rundir.METRICS, row)
+    rundir.write_json(d / rundir.SUMMARY, {"status": "completed", "steps": 30, "collapse_step": None})
+    rundir.append_jsonl(d / rundir.EVALS, {"step": 30, "eval/FID": 50.0 + seed, "extractor": "domain",
+                                           "num_samples": 40})
+    return d
+
+
+ADA_P = {0: [0.0, 0.004, 0.012], 1: [0.0, 0.002, 0.001]}  # seed -> p per tick
+
+
+def test_ada_p_plot_has_one_line_per_ada_run(tmp_path, monkeypatch):
+    from bench.report import plots_extra
+
+    root = tmp_path / "runs"
+    ops = ["color", "translation", "cutout"]
+    for seed, ps in ADA_P.items():
+        ada_run(root, f"ada-s{seed}", seed, ops, 0.6, ps)
+    ada_run(root, "diffaug-s0", 0, ops, None, None)
+    ada_run(root, "baseline-s0", 0, [], None, None)
+    figures = {}
+    original = tables.Writer.figure
+    monkeypatch.setattr(tables.Writer, "figure", lambda w, name, fig: figures.setdefault(name, fig) and original(w, name, fig))
+    out = tmp_path / "out"
+    assert main(["report", str(root), f"out={out}"]) == 0
+    assert_png(out / "ada_p.png")
+    md = (out / "report.md").read_text()
+    assert "## ADA augmentation probability" in md and "![ada_p.png](ada_p.png)" in md
+    assert "ada_p.png" in json.loads((out / tables.LEDGER).read_text())["written"]
+    # the drawn figure: one labelled line per ADA run, p against kimg as written, the two seeds of the one ADA
+    # configuration in its one colour, told apart by line style
+    (ax,) = figures["ada_p.png"].axes
+    lines = [l for l in ax.get_lines() if not l.get_label().startswith("_")]
+    assert len(lines) == 2
+    by_seed = {int(l.get_label().split("seed=")[1].split()[0]): l for l in lines}
+    assert set(by_seed) == {0, 1}
+    for seed, line in by_seed.items():
+        assert list(line.get_ydata()) == pytest.approx(ADA_P[seed])
+        assert list(line.get_xdata()) == pytest.approx([0.16, 0.32, 0.48])
+        assert "target r_t 0.6" in line.get_label()
+    assert by_seed[0].get_color() == by_seed[1].get_color()
+    assert by_seed[0].get_linestyle() != by_seed[1].get_linestyle()
+    assert ax.get_xlabel().startswith("kimg")
+    series = plots_extra.ada_series(collect.discover(root))
+    assert sorted(s.xs[-1] for s in series) == pytest.approx([0.48, 0.48]) and len(series) == 2
+
+    # the same folder without the ADA runs: no figure, no section, nothing listed as not written; the stale
+    # ada_p.png of the first report is removed (the ledger lists it as ours)
+    for seed in ADA_P:
+        shutil.rmtree(root / f"ada-s{seed}")
+    figures.clear()
+    assert main(["report", str(root), f"out={out}"]) == 0
+    assert "ada_p.png" not in figures and not (out / "ada_p.png").exists()
+    md = (out / "report.md").read_text()
+    assert "ada_p.png" not in md and "ADA augmentation" not in md
+    assert (out / "losses.png").is_file()  # the rest of the report is still there

@@ -11,14 +11,14 @@ from pathlib import Path
 from bench import metrics_registry as registry
 from bench import rundir
 from bench.report import groups as G
-from bench.report import plots
+from bench.report import plots, plots_extra
 from bench.report.collect import MAX_DEPTH, REPORT_DIR, STALLED_AFTER_S, TRUNC_COLUMNS, Run, discover, finite
 from bench.report.tables import (LEDGER, REPORT_METRICS, ForeignFile, Ledger, Writer, ablation_rows, assign_labels, best_eval_rows,
                                  eval_records, fmt, md_table, natural, psi_order, run_row, scaling_table,
                                  status_cell, swept_keys, text_table, truncation_records)
 
 OUR_FILES = re.compile(r"^(report\.md|(runs|scaling|evals|truncation|ablation)\.csv|"
-                       r"(throughput|losses|sigma(-\d+)?|evals|truncation|ablation)\.png)$")
+                       r"(throughput|losses|sigma(-\d+)?|evals|truncation|ablation|ada_p)\.png)$")
 RUN_TABLE = [("run", "run"), ("status", "status"), ("steps", "steps"), ("eff. batch", "effective_batch"),
              ("world", "world_size"), ("img/s", "img_per_s"), ("ms/step", "step_ms"), ("peak GB", "peak_mem_gb"),
              ("loss/D", "loss_D"), ("loss/G", "loss_G"), ("best", "best_metric"), ("value", "best_value"),
@@ -102,6 +102,8 @@ def build_report(root: Path, out: Path) -> dict:
     if records:
         w.csv("evals.csv", records)
     groups = G.group_runs(runs, keys)
+    if plots_extra.ada_series(runs):  # only reports with an ADA run have (or miss) this figure
+        plot(plots_extra.ADA_FILE, plots_extra.plot_ada_p, runs, w, groups)
     plot("evals.png", plots.plot_evals, runs, records, w, groups)
     trunc = truncation_records(runs)
     if trunc:
@@ -133,8 +135,8 @@ def _refuse_foreign(out: Path, ledger: Ledger) -> None:
 # ---- report.md ---------------------------------------------------------------------------------------
 
 def render_markdown(d: ReportData) -> str:
-    sections = (_md_head, _md_runs, _md_throughput, _md_losses_sigma, _md_evals, _md_truncation, _md_ablation,
-                _md_tail)
+    sections = (_md_head, _md_runs, _md_throughput, _md_losses_sigma, _md_ada, _md_evals, _md_truncation,
+                _md_ablation, _md_tail)
     return "\n".join(line for section in sections for line in section(d))
 
 
@@ -217,6 +219,16 @@ def _md_losses_sigma(d: ReportData) -> list[str]:
                        [[r["run"], r["collapse_step"], r["collapse_reason"], r["collapse_ticks"]] for r in collapsed]),
               ""]
     return L
+
+
+def _md_ada(d: ReportData) -> list[str]:
+    name = plots_extra.ADA_FILE
+    if name not in d.written and name not in d.skipped:
+        return []  # no run used ADA
+    return ["## ADA augmentation probability", "",
+            f"p (`{plots_extra.ADA_P}` in metrics.jsonl) per tick of every run with `aug.ada_target` set: ADA raises "
+            "p while r_t = E[sign D(real)] is above the target, i.e. while D is overconfident on the reals.", ""
+            ] + _img(d, name)
 
 
 def _md_evals(d: ReportData) -> list[str]:
