@@ -189,10 +189,10 @@ def test_best_checkpoint_follows_the_one_rule(tmp_path):
 
     def evaluated(step, fid, **extra):
         evals.append({"step": step, "eval/FID": fid, "extractor": "domain", "truncation": None, **extra})
-        return ckpts.keep_if_best(step, evals, ev, lambda: {"step": step})
+        return ckpts.keep_if_best(step, evals, ev, lambda best: {"step": step, "best": best})
 
     assert evaluated(10, 50.0) == {"metric": "eval/FID", "value": 50.0, "step": 10, "extractor": "domain"}
-    assert torch.load(best)["step"] == 10
+    assert torch.load(best)["step"] == 10 and torch.load(best)["best"]["step"] == 10  # knows its evaluation
     assert evaluated(20, 50.0) is None  # equal: the earlier one stays the best
     assert evaluated(25, 1.0, source="bench eval") is None  # `bench eval`'s records do not compete
     assert evaluated(26, 1.0, truncation=0.5) is None  # nor truncated ones
