@@ -7,7 +7,7 @@ from bench.cli import main
 
 
 def test_inspect_biggan_128_matches_the_paper(capsys):
-    assert main(["inspect", "model=biggan_128"]) == 0
+    assert main(["inspect", "model=biggan_128", "model.init=N02"]) == 0  # the init does not change counts; ortho is slow to draw
     out = json.loads(capsys.readouterr().out)
     assert out["G_params"] == pytest.approx(70.4e6, rel=0.005)
     assert out["D_params"] == pytest.approx(88.0e6, rel=0.005)
