@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .biggan import G_ARCH, BigGANConfig, _check_resolution
+from .biggan import G_ARCH, BigGANConfig, _check_resolution, g_resolutions
 from .checks import ModelConfigError, check_attn, check_positive, g_bn_kind
 from .layers import (ConditionalBatchNorm2d, MinibatchDiscrimination, MinibatchStdDev,
                      SelfAttention, SNConv2d, SNEmbedding, SNLinear, init_weights)
@@ -89,11 +89,6 @@ class BigGANDeepConfig(BigGANConfig):
         check_positive("depth", self.depth)
 
 
-def g_resolutions(resolution: int) -> list[int]:
-    """Output resolution of each G stage."""
-    return [BOTTOM * 2 ** (i + 1) for i in range(len(G_ARCH[resolution][0]))]
-
-
 def d_resolutions(resolution: int) -> list[int]:
     """Output resolution of each D stage."""
     out, r = [], resolution
@@ -106,6 +101,14 @@ def d_resolutions(resolution: int) -> list[int]:
 def attn_choices(resolution: int) -> list[int]:
     """Resolutions where both G and D have a stage output (valid model.attn entries)."""
     return sorted(set(g_resolutions(resolution)) & set(d_resolutions(resolution)))
+
+
+def _checked_common(net: nn.Module, cfg, resolution: int, n_classes: int) -> None:
+    """What G and D check and keep alike: the resolution, the attention resolutions, the class count."""
+    _check_resolution(net.family, resolution, net.resolutions)
+    net.attn_res = check_attn(cfg.attn, net.family, resolution, attn_choices(resolution))
+    check_positive("n_classes", n_classes)
+    net.cfg, net.resolution, net.n_classes = cfg, resolution, n_classes
 
 
 def _hidden(width: int, what: str) -> int:
@@ -212,10 +215,7 @@ class Generator(VirtualBatchNormReference, nn.Module):
     def __init__(self, cfg: BigGANDeepConfig = BigGANDeepConfig(), resolution: int = 128,
                  n_classes: int = 1000):
         super().__init__()
-        _check_resolution(self.family, resolution, self.resolutions)
-        self.attn_res = check_attn(cfg.attn, self.family, resolution, attn_choices(resolution))
-        check_positive("n_classes", n_classes)
-        self.cfg, self.resolution, self.n_classes = cfg, resolution, n_classes
+        _checked_common(self, cfg, resolution, n_classes)
         self.z_dim, self.hier, self.depth = cfg.z_dim, cfg.hier, cfg.depth
         sn = SNSettings(cfg.g_sn, cfg.sn_iters, cfg.sn_eps)
         self.shared = nn.Embedding(n_classes, cfg.shared_dim) if cfg.shared_dim > 0 else None
@@ -295,10 +295,7 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: BigGANDeepConfig = BigGANDeepConfig(), resolution: int = 128,
                  n_classes: int = 1000):
         super().__init__()
-        _check_resolution(self.family, resolution, self.resolutions)
-        self.attn_res = check_attn(cfg.attn, self.family, resolution, attn_choices(resolution))
-        check_positive("n_classes", n_classes)
-        self.cfg, self.resolution, self.n_classes = cfg, resolution, n_classes
+        _checked_common(self, cfg, resolution, n_classes)
         self.depth = cfg.depth
         sn = SNSettings(cfg.d_sn, cfg.sn_iters, cfg.sn_eps)
         in_mult, out_mult, downs = D_ARCH[resolution]
