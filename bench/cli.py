@@ -22,6 +22,9 @@ commands:
   throughput [overrides]            img/s, step-time split, TFLOP/s, MFU, memory (JSON); -m sweeps
   eval train-classifier [data.shards=DIR]   train the offline domain feature extractor beside the shards
   eval run=DIR [which=best|last|STEP] [data.shards=DIR] [eval.*]   IS / FID / KID / precision-recall / density-coverage of a run's EMA G
+  eval watch run=DIR [poll=10] [once=true] [timeout=S] [data.shards=DIR] [eval.*]
+                                    evaluate each new checkpoint of a (running) run as it appears: evals.jsonl,
+                                    checkpoints/best.pt; eval.async=true in bench train submits it as a job
   truncation run=DIR psi=[...] [eval.*]     truncation trade-off: metrics per psi, CSV + PNG plots
   report DIR [out=DIR]              Markdown/CSV tables and PNG plots for a run or a sweep directory
 
@@ -72,13 +75,32 @@ def run_training(cfg, run_dir: Path) -> int:
         return 0
     stop = StopRequest()
     stop.install()  # before set-up and resume: a signal then stops the run before its first step
+    watcher = None
     try:
         trainer = Trainer(cfg, run_dir, stop=stop)
-        summary = trainer.run()
+        if trainer.is_main and cfg.eval.get("async"):  # evaluation in its own job (bench eval watch)
+            from bench.eval import watch
+
+            try:
+                watcher = watch.submit(cfg, run_dir, watch_job, world=trainer.world)
+            except Exception as exc:  # noqa: BLE001 - sbatch refused it, submitit missing, ...: before any step
+                text = str(exc).strip().splitlines()
+                print(f"error: eval.async=true: the evaluation job could not be submitted ({type(exc).__name__}: "
+                      f"{text[-1][:200] if text else ''}); nothing was trained", file=sys.stderr, flush=True)
+                return 3
+        try:
+            summary = trainer.run()
+        finally:
+            if watcher is not None and not watch.started_since(run_dir, watcher["since"]):
+                watcher["job"].cancel()  # the training never started: the watcher would wait for it forever
+                watcher = None
     finally:
         stop.restore()
     if trainer.is_main:
         print_summary(summary, run_dir)
+        if watcher is not None and watcher["record"]["executor"] == "local":
+            _wait_for_watcher(watcher)
+            summary = rundir.read_json(run_dir / rundir.SUMMARY) or summary  # with the watcher's best
         if cfg.eval.psi_sweep and summary.get("status") in (rundir.COMPLETED, rundir.COLLAPSED):
             from bench.eval.runs import truncation_sweep
 
@@ -86,6 +108,28 @@ def run_training(cfg, run_dir: Path) -> int:
     if summary.get("error"):
         print(f"error: {summary['error']}", file=sys.stderr)
     return 0 if summary.get("status") in (rundir.COMPLETED, rundir.COLLAPSED, rundir.INTERRUPTED, None) else 3
+
+
+def watch_job(args: list[str]) -> int:
+    """The submitit job of eval.async=true: `bench eval watch` with `args` (run=, wait=, since=)."""
+    return main(["eval", "watch", *args])
+
+
+def _wait_for_watcher(watcher: dict) -> None:
+    """A local training waits for its evaluation job to finish the checkpoints left (Ctrl-C leaves it running)."""
+    job, rec = watcher["job"], watcher["record"]
+    print(f"evaluation: waiting for job {rec['job_id']} to evaluate the remaining checkpoints (log {rec['stdout']}; "
+          f"Ctrl-C leaves it running)", flush=True)
+    try:
+        rc = job.result()
+    except KeyboardInterrupt:
+        print(f"evaluation job {rec['job_id']} left running; its log: {rec['stdout']}", file=sys.stderr, flush=True)
+        return
+    except Exception as exc:  # noqa: BLE001 - the job's own log says why
+        rc = f"failed ({str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__})"
+    if rc != 0:
+        print(f"warning: evaluation job {rec['job_id']} ended with {rc}; see {rec['stderr']}", file=sys.stderr,
+              flush=True)
 
 
 def cmd_throughput(args: list[str]) -> int:
@@ -135,6 +179,8 @@ def cmd_eval(args: list[str]) -> int:
         print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "class_names"},
                          indent=2, default=str))
         return 0
+    if args and args[0] == "watch":
+        return cmd_eval_watch(args[1:])
     special, rest = _split_run_args(args, ("run", "which"))
     run_dir = _existing_run(special, "eval")
     _check_overrides_are_eval(rest, "eval")
@@ -144,6 +190,30 @@ def cmd_eval(args: list[str]) -> int:
 
     eval_run(run_dir, rest, which=special.get("which", "best"))
     return 0
+
+
+def cmd_eval_watch(args: list[str]) -> int:
+    """`bench eval watch run=DIR [poll=S] [once=true] [timeout=S] [data.shards=DIR] [eval.*=...]`
+    (bench/eval/watch.py). Exit 0; 2 for bad input or a second watcher; 3 when an evaluation failed."""
+    from bench.eval import watch
+
+    special, rest = _split_run_args(args, watch.WATCH_KEYS)
+    for o in rest:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not (key == "data.shards" or key.startswith("eval.")):
+            raise UsageError(f"bench eval watch: {o!r} is not a valid argument; valid keys: "
+                             f"{', '.join(watch.WATCH_KEYS)}, data.shards, eval.*")
+    settings = watch.settings_from_args(special)
+    if "run" not in special:
+        raise UsageError("bench eval watch needs run=DIR (a run directory written by bench train)")
+    if settings.since is not None and not watch.wait_for_start(Path(special["run"]), settings):
+        return 3
+    run_dir = _existing_run(special, "eval watch")
+    _check_overrides_are_eval(rest, "eval watch")
+    _check_run_eval_cfg(run_dir, rest)
+    from bench.train.state import Checkpoints  # best.pt by training's own rule (bench.eval never imports it)
+
+    return watch.watch(run_dir, rest, settings, keeper=Checkpoints(run_dir, keep=1, is_main=True))
 
 
 def _check_overrides_are_eval(rest: list[str], command: str) -> None:
@@ -263,9 +333,12 @@ def cmd_inspect(args: list[str]) -> int:
     t, c = cfg.train, cfg.cluster
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     dev, peak, precision = scaling.pick_device(gpu, GPU_PEAK_TFLOPS, t.precision)
+    overlap, calls = scaling.sync_inputs(cfg.dist.grad_sync, cfg.dist.bucket_mb, 4 * out["D_params"],
+                                         4 * out["G_params"], t.d_steps)
     base = scaling.ScalingInputs(
         flop_per_step=(flops["D_step"] * t.d_steps + flops["G_step"]) * t.batch_size * t.accumulate,
-        peak_tflops=peak, grad_bytes=4 * (t.d_steps * out["D_params"] + out["G_params"]), calls=2 * (t.d_steps + 1))
+        peak_tflops=peak, grad_bytes=4 * (t.d_steps * out["D_params"] + out["G_params"]), calls=calls,
+        overlap=overlap)
     out["scaling"] = {"batch_per_device": t.batch_size * t.accumulate, "flop_per_step_per_device": base.flop_per_step,
                       **scaling.assumptions(base, dev, precision),
                       **scaling.projection(base, (c.nodes, c.gpus_per_node or c.tasks_per_node, c.link_gbps),

@@ -183,6 +183,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     check_cluster(cfg.cluster)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     _positive("dist.rank0_timeout_s", cfg.dist.rank0_timeout_s)
+    _choice("dist.grad_sync", cfg.dist.grad_sync, ("overlap", "flat"))
+    every, ckpt = cfg.eval.every, cfg.train.ckpt_every
+    if cfg.eval.get("async") and every and (not ckpt or every % ckpt):
+        raise ConfigError(f"eval.async=true evaluates checkpoints: eval.every={every} must be a multiple of "
+                          f"train.ckpt_every={ckpt} (> 0)")
+    if cfg.dist.bucket_mb is not None:
+        _positive("dist.bucket_mb", cfg.dist.bucket_mb)
     _choice("throughput.data", cfg.throughput.data, ("fake", "shards"))
     _all_positive(cfg, ("throughput.steps", "throughput.repeats"), ("throughput.warmup", "model.mbdisc", "model.mbstd"))
     if cfg.model.mbstd and cfg.train.batch_size % min(cfg.model.mbstd, cfg.train.batch_size):
@@ -309,6 +316,11 @@ def validate_eval(cfg: DictConfig) -> None:
     for psi in e.psi_sweep:
         if psi is not None and (not isinstance(psi, (int, float)) or isinstance(psi, bool) or not psi > 0):
             raise ConfigError(f"eval.psi_sweep={list(e.psi_sweep)}: use positive numbers (null = no truncation)")
+    from bench.eval.intra_check import config_problem  # eval.intra_fid's rules (torch-free)
+
+    intra_problem = config_problem(cfg)
+    if intra_problem:
+        raise ConfigError(intra_problem)
 
 
 def check_telemetry(cfg: DictConfig) -> None:

@@ -32,6 +32,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("eval/IS_std", None, fidelity_key="inception_score_std"),
     # FID: computed in float64 by bench.eval.stats (torch-fidelity's key names the same quantity)
     Metric("eval/FID", True, "{:.3f}", best_metric=True, fidelity_key="frechet_inception_distance", headline=True),
+    # intra-class FID (eval.intra_fid, bench.eval.intra): the mean over classes of each class's FID against that
+    # class's real images, from FID's features; per-class values and counts in INTRA_FIELDS
+    Metric("eval/intra_FID", True, "{:.3f}", best_metric=True),
     Metric("eval/KID", True, "{:.5f}", best_metric=True, fidelity_key="kernel_inception_distance_mean",
            headline=True),
     Metric("eval/KID_std", None, "{:.5f}", fidelity_key="kernel_inception_distance_std"),
@@ -62,6 +65,10 @@ DIAGNOSTIC_FIELDS = ("fid_imag_residue",) + COST_FIELDS
 # eval/<metric>_ci95 its 95% bootstrap interval [lo, hi], and these keys hold the rest
 CI_SUFFIX = "_ci95"
 REPEAT_FIELDS = ("repeats", "repeat_seeds", "repeat_values")
+
+# eval.intra_fid (bench/eval/intra.py): {class name: FID}, {class name: [generated, real]} and the largest
+# imaginary residue of the per-class square roots, beside eval/intra_FID
+INTRA_FIELDS = ("intra_fid_per_class", "intra_fid_counts", "intra_fid_imag_residue")
 
 EXTRACTORS = ("domain", "inception")        # eval.extractor
 TRUNC_MODES = ("resample", "clip", "scale")  # eval.trunc_mode

@@ -13,7 +13,7 @@ The model, and every assumption in it:
   ASSUMED achieved fraction of that peak, 0.4 by default, not a measurement.
 - Bytes per step B = 4 x (d_steps x D params + G params): fp32 gradients (autocast keeps the weights
   and their gradients in fp32), each D phase all-reduces D's gradients and the G phase G's
-  (bench/train/phases.py, `PhaseRunner.sync_grads`). G's backward runs through the frozen D, whose
+  (bench/train/gradsync.py). G's backward runs through the frozen D, whose
   weight gradients are not computed nor reduced.
 - The all-reduce is a hierarchical ring, as NCCL runs it on a multi-node job of n nodes x g GPUs:
     intra-node reduce-scatter + all-gather: 2 (g-1)/g x B / intra-node bandwidth + 2 (g-1) latencies;
@@ -26,14 +26,17 @@ The model, and every assumption in it:
   300 GB/s is a conservative achieved figure). The bandwidth and latency terms add (no pipelining of
   the intra- and inter-node stages: pessimistic).
 - Latency: `latency_s` per ring hop (default 5 us, an InfiniBand-class hop with software overhead),
-  paid by every all-reduce call: `calls` per step, default 2 x (d_steps + 1) = each phase's gradient
-  all-reduce and its one-float agreement on a non-finite step (bench/train/ranks.py, `Ranks.any`). The
+  paid by every all-reduce call: `calls` per step (`sync_inputs`), e.g. 2 x (d_steps + 1) with flat sync =
+  each phase's gradient all-reduce and its one-float agreement on a non-finite step (bench/train/ranks.py,
+  `Ranks.any`). The
   telemetry's one all-reduce per tick (every `train.tick_every` steps) is left out.
 - Overlap: exposed = max(0, T_comm - overlap x T_backward), T_backward = 2/3 of T_compute (a backward
   costs about twice its forward). `overlap` is the share of the backward that all-reduce traffic can
-  hide behind: 0 today, because `PhaseRunner.sync_grads` all-reduces one flat buffer after the whole
-  backward of a phase; 1 is the bucketed all-reduce of DDP at its best. The formula pools the phases:
-  each phase's all-reduce can really only hide behind its own backward.
+  hide behind (`sync_inputs`): with `dist.grad_sync=flat` 0 (one buffer after the whole backward); with
+  `overlap` (bench/train/gradsync.py) a phase of n buckets can start sending once its first bucket is
+  complete, after about 1/n of its backward, so overlap = 1 - 1/n per phase, pooled over the phases by
+  bytes. The formula pools the phases: each phase's all-reduce can really only hide behind its own
+  backward. Calls: one per bucket per phase plus the one-float agreement per phase.
 - Not modelled: data loading, stragglers, the extra memory traffic of reductions, congestion and the
   switch topology (a non-blocking fat tree is assumed), and the fp16 scaler's unscale.
 """
@@ -65,7 +68,7 @@ class ScalingInputs:
     intra_gbytes_per_s: float = DEFAULT_INTRA_GBYTES  # intra-node bandwidth, GB/s
     latency_s: float = DEFAULT_LATENCY_S  # per ring hop
     calls: int = 4  # all-reduce calls per step: 2 x (d_steps + 1)
-    overlap: float = 0.0  # share of T_backward that communication can hide behind; 0 today
+    overlap: float = 0.0  # share of T_backward that communication can hide behind (sync_inputs)
 
     def __post_init__(self):
         positive = {"flop_per_step": self.flop_per_step, "peak_tflops": self.peak_tflops, "mfu": self.mfu,
@@ -81,6 +84,31 @@ class ScalingInputs:
     @property
     def gpus(self) -> int:
         return self.nodes * self.gpus_per_node
+
+
+AUTO_BUCKETS = 8  # dist.bucket_mb=null: about this many buckets per net ...
+AUTO_MIN_MB, AUTO_MAX_MB = 0.25, 25.0  # ... each between these sizes (25 MiB: DDP's default bucket)
+
+
+def auto_bucket_mb(net_bytes: float) -> float:
+    """dist.bucket_mb=null (bench/train/gradsync.py): an eighth of a net's gradient bytes, in [0.25, 25] MiB."""
+    return min(AUTO_MAX_MB, max(AUTO_MIN_MB, net_bytes / AUTO_BUCKETS / 2**20))
+
+
+def sync_inputs(grad_sync: str, bucket_mb, d_bytes: float, g_bytes: float, d_steps: int) -> tuple[float, int]:
+    """(overlap, all-reduce calls per step) of `dist.grad_sync` with buckets of `bucket_mb` MiB (None:
+    `auto_bucket_mb` per net), for phases of `d_bytes` (each of the d_steps D phases) and `g_bytes` (the G
+    phase) of gradients."""
+    phases = [d_bytes] * d_steps + [g_bytes]
+    if grad_sync == "flat":
+        return 0.0, 2 * len(phases)
+
+    def cap(b: float) -> float:
+        return (bucket_mb if bucket_mb is not None else auto_bucket_mb(b)) * 2**20
+    buckets = [max(1, math.ceil(b / cap(b))) for b in phases]
+    total = sum(phases)
+    overlap = sum(b * (1 - 1 / n) for b, n in zip(phases, buckets)) / total if total else 0.0
+    return overlap, sum(buckets) + len(phases)
 
 
 def ring_bytes(nbytes: float, ranks: int) -> float:
@@ -173,6 +201,7 @@ def assumptions(base: ScalingInputs, device: str, precision: str) -> dict:
             "allreduce_calls_per_step": base.calls, "overlap": base.overlap,
             "backward_share": round(BACKWARD_SHARE, 4),
             "notes": "weak scaling (per-device batch fixed); hierarchical ring all-reduce; fp32 gradients; "
-                     "overlap 0 today: PhaseRunner.sync_grads all-reduces after the whole backward; "
+                     "overlap = the share of each phase's backward left once its first bucket is complete "
+                     "(dist.grad_sync=overlap: 1 - 1/buckets; flat: 0); "
                      "efficiency = T_compute / (T_compute + max(0, T_comm - overlap x 2/3 T_compute)); "
                      "see bench/scaling.py"}

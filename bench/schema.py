@@ -131,7 +131,23 @@ class EvalCfg:
     classifier_path: Optional[str] = None
     seed: int = 0
     repeats: int = 1
+    intra_fid: bool = False          # intra-class FID (bench/eval/intra.py)
+    intra_min_per_class: int = 50    # = bench.eval.intra_check.DEFAULT_MIN_PER_CLASS
     verbose: bool = False
+    async_: bool = False  # the user's key is eval.async (a Python keyword): renamed below
+
+
+def _rename_field(cls, old: str, new: str) -> None:
+    """Give dataclass field `old` the config key `new`, which Python cannot spell as an attribute (eval.async).
+    OmegaConf reads the name from the dataclass's fields; the schema is only merged, never instantiated."""
+    f = cls.__dataclass_fields__.pop(old)
+    f.name = new
+    cls.__dataclass_fields__[new] = f
+    cls.__annotations__[new] = cls.__annotations__.pop(old)
+    setattr(cls, new, f.default)  # what OmegaConf reads from an instance (getattr accepts any name)
+
+
+_rename_field(EvalCfg, "async_", "async")
 
 
 @dataclass
@@ -178,6 +194,8 @@ class ClusterCfg:
 class DistCfg:
     timeout_s: int = 300
     rank0_timeout_s: int = 21600
+    grad_sync: str = "overlap"
+    bucket_mb: Optional[float] = None
 
 
 @dataclass

@@ -35,6 +35,10 @@ def check_distributed_run(run_dir, world, steps, batch, nodes):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(2, steps + 1, 2))
     assert all(r["batch/effective"] == batch * world and r["dist/world_size"] == world for r in rows)
+    # gradient communication per G step (bench/train/gradsync.py): D's and G's gradients, overlapped
+    assert all(r["time/allreduce_ms"] > 0 and r["comm/bytes_per_step"] > 0 and 0 <= r["comm/hidden_frac"] <= 1
+               and r["time/allreduce_exposed_ms"] >= 0 for r in rows)
+    assert len({r["comm/bytes_per_step"] for r in rows}) == 1  # the same gradients every step
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps
     # G and D parameters identical on every rank after the run
@@ -66,6 +70,25 @@ def test_submitit_local_two_tasks(tmp_path, tiny_shards):
     bench(["train", "hydra/launcher=submitit_local", "cluster.tasks_per_node=2", "train.steps=4",
            "train.batch_size=4", f"run.dir={run_dir}", f"run.root={tmp_path}", f"data.shards={tiny_shards}",
            *COMMON], cwd=tmp_path)
+    check_distributed_run(run_dir, world=2, steps=4, batch=4, nodes=1)
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_shards):
+    """`accelerate launch --multi_gpu --num_processes 2 -m bench.cli train ...` is a launcher for users with no
+    Slurm: on a CPU-only machine it starts two torchrun ranks (gloo) that train as one run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "acc"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "--main_process_port", str(port), "-m", "bench.cli", "train",
+           "train.steps=4", "train.batch_size=4", f"run.dir={run_dir}", f"data.shards={tiny_shards}", *COMMON]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     check_distributed_run(run_dir, world=2, steps=4, batch=4, nodes=1)
 
 

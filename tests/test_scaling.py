@@ -117,7 +117,7 @@ def test_inspect_prints_the_projection(capsys):
     from conftest import TINY
 
     args = [*TINY, "train.batch_size=4", "train.accumulate=2", "train.d_steps=2", "cluster.nodes=2",
-            "cluster.gpus_per_node=4", "cluster.link_gbps=200"]
+            "cluster.gpus_per_node=4", "cluster.link_gbps=200", "dist.grad_sync=flat"]  # flat: overlap 0, 6 calls
     assert main(["inspect", *args]) == 0
     import json
 
@@ -147,3 +147,19 @@ def test_link_bandwidth_must_be_positive():
 
     with pytest.raises(ConfigError, match="cluster.link_gbps"):
         validate(compose(["cluster.link_gbps=0"]))
+
+
+def test_sync_inputs_follow_the_buckets():
+    mib = 2**20
+    # flat: nothing hidden; one gradient all-reduce and one agreement per phase (2 D phases + G)
+    assert scaling.sync_inputs("flat", 4.0, 10 * mib, 6 * mib, 2) == (0.0, 6)
+    # overlap, 4 MiB buckets: D (10 MiB) in 3 buckets, G (6 MiB) in 2; by bytes: (2 x 10 x 2/3 + 6 x 1/2) / 26
+    overlap, calls = scaling.sync_inputs("overlap", 4.0, 10 * mib, 6 * mib, 2)
+    assert overlap == pytest.approx((2 * 10 * (2 / 3) + 6 * 0.5) / 26) and calls == 3 + 3 + 2 + 3
+    # one bucket per phase hides nothing: communication starts only once the whole backward is done
+    assert scaling.sync_inputs("overlap", 64.0, 10 * mib, 6 * mib, 1)[0] == 0.0
+    # dist.bucket_mb=null: an eighth of each net's bytes within [0.25, 25] MiB: 8 buckets per phase here
+    assert scaling.auto_bucket_mb(10 * mib) == 10 / 8 and scaling.auto_bucket_mb(1e12) == 25.0
+    assert scaling.auto_bucket_mb(1000) == 0.25
+    overlap, calls = scaling.sync_inputs("overlap", None, 10 * mib, 6 * mib, 2)
+    assert overlap == pytest.approx(7 / 8) and calls == 3 * 8 + 3

@@ -21,7 +21,8 @@ Metric names, their directions and formats come from bench.metrics_registry; rec
 fid_imag_residue (the imaginary part left by FID's matrix square root, relative to its trace), extractor,
 num_samples, num_real, truncation, trunc_mode, standing_stats, the cost/* timings (seconds per 1k
 generated images for sampling and for features, seconds for the real features and for the metrics)
-and seconds.
+and seconds. With eval.intra_fid, eval/intra_FID and its per-class fields come from FID's features and both
+sides' labels (bench.eval.intra; compute_metrics' `intra`).
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ from bench.eval.errors import ClassifierError, EvalError
 from bench.eval.safeload import first_line, load_weights
 from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extract_features, extractor_settings,
                                  inception_weights, register_sampler)
+from bench.eval.intra import IntraFID, RealImages, summarise_intra
+from bench.eval.intra_check import DEFAULT_MIN_PER_CLASS
 from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
 from bench.eval.stats import DC_NEIGHBOURS, bootstrap_ci, density_coverage, frechet_distance
 
@@ -108,7 +111,7 @@ def metrics_from_features(features1: dict, features2: dict, layers: dict, wanted
 
 
 def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(), *, device="cpu",
-                    progress: bool = False) -> dict:
+                    progress: bool = False, intra=None) -> dict:
     """settings.metrics of input1 against input2 with gan-bench's settings: torch-fidelity extracts the
     features once (metrics_from_features computes every metric from them); returns eval/* keys,
     fid_imag_residue and the cost/* timings (per 1k evaluated images; cost/metrics_s in all).
@@ -117,6 +120,8 @@ def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(),
              ImageDataset of uint8 images, or a generative model (then settings.num_samples is needed;
              its `seconds`, when it has them, are reported as sampling and taken out of the features')
     input2   the reference side (real images), an ImageDataset
+    intra    None, or a function of (input1's, input2's FID features) -> more record fields (intra-class FID:
+             bench.eval.intra.IntraFID.bind)
     """
     s = settings
     register_sampler()
@@ -145,6 +150,8 @@ def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(),
         features1, features2, t1, t2 = extract_features(kw, used)
     t0 = time.perf_counter()
     out = metrics_from_features(features1, features2, layers, wanted, kw)
+    if intra is not None:
+        out.update(intra(features1[layers["fid"]], features2[layers["fid"]]))
     sample_s = float(getattr(input1, "seconds", 0.0))
     out.update({"cost/sample_s_per_1k": round(1000.0 * sample_s / n1, 4),
                 "cost/features_s_per_1k": round(1000.0 * (t1 - sample_s) / n1, 4),
@@ -174,6 +181,8 @@ class EvalSettings:
     classifier_path: Optional[str] = None  # domain classifier file (None: beside the shards)
     seed: int = 0                      # latents and labels (sample set i of `repeats`: seed + i)
     repeats: int = 1                   # independent sample sets per evaluation; the record's value is their mean
+    intra_fid: bool = False            # also intra-class FID (bench.eval.intra) from the same features
+    intra_min_per_class: int = DEFAULT_MIN_PER_CLASS  # intra_fid: samples per class asked of each side
     train_classifier: bool = True      # train the domain classifier when it is missing
     verbose: bool = False              # also torch-fidelity's own prints (progress bars, "Recall: ...")
 
@@ -272,17 +281,19 @@ def _classifier_files(s: EvalSettings, shards_spec, resolution: int, progress: b
     return s.weights_path, clf_file
 
 
-def _real_side(s: EvalSettings, shards_spec, resolution: int, progress: bool) -> tuple[ImageDataset, int]:
-    """The real images (read from the shards only if their features are not cached) and their count."""
+def _real_side(s: EvalSettings, shards_spec, resolution: int, progress: bool) -> tuple[ImageDataset, int, RealImages]:
+    """The real images (read from the shards only if their features are not cached), their count and their
+    loader (which keeps the labels it read)."""
     _, n_available, _ = dataset_info(shards_spec)
     n_real = int(s.num_real or s.num_samples)
     if n_available:
         n_real = min(n_real, int(n_available))
     limit = n_real
-    real = ImageDataset(lambda: load_images(shards_spec, resolution, limit=limit, seed=0, progress=progress)[0])
+    loader = RealImages(lambda: load_images(shards_spec, resolution, limit=limit, seed=0, progress=progress))
+    real = ImageDataset(loader)
     if not n_available:  # no manifest: count by reading (the cache key needs the true count)
         n_real = len(real)
-    return real, n_real
+    return real, n_real, loader
 
 
 def check_real_cache(cache_dir: Path, key: str) -> None:
@@ -318,6 +329,7 @@ class _RealSide:
     clf: Optional[nn.Module]
     amp: object
     device: torch.device
+    intra: Optional[IntraFID] = None  # eval.intra_fid
 
 
 def _one_sample_set(Gs: nn.Module, s: EvalSettings, seed: int, n_classes: int, real: _RealSide,
@@ -334,7 +346,8 @@ def _one_sample_set(Gs: nn.Module, s: EvalSettings, seed: int, n_classes: int, r
     out = compute_metrics(sampler, real.images, MetricSettings(
         extractor=s.extractor, weights_path=real.weights_path, batch_size=s.batch_size,
         num_samples=int(s.num_samples), num_real=real.count, cache_dir=real.cache_dir,
-        input2_cache_name=real.cache_name, seed=seed, verbose=s.verbose), device=real.device, progress=progress)
+        input2_cache_name=real.cache_name, seed=seed, verbose=s.verbose), device=real.device, progress=progress,
+        intra=real.intra.bind(y) if real.intra is not None else None)
     if sampler.cursor != int(s.num_samples):
         raise EvalError(f"sampler: torch-fidelity drew {sampler.cursor} of eval.num_samples={s.num_samples} samples")
     if sampler.count:
@@ -363,6 +376,7 @@ def summarise_repeats(per_repeat: list[dict], seed: int) -> dict:
         vals = [r[name] for r in per_repeat if r.get(name) is not None]
         if vals:
             out[name] = round(sum(vals) / len(vals) if name.endswith("_per_1k") else sum(vals), 4)
+    out.update(summarise_intra(per_repeat))
     out.update(repeats=k, repeat_seeds=[seed + i for i in range(k)], repeat_values=values)
     return out
 
@@ -378,8 +392,8 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
     n_classes    labels are drawn uniformly from [0, n_classes); None = the dataset's classes
     device       where sampling and features run (None = G's device; another one: a copy of G)
 
-    Returns flat keys: the eval/* metrics (eval/class_acc when a domain classifier is available),
-    fid_imag_residue, extractor, num_samples, num_real, truncation, trunc_mode, standing_stats, cost/*,
+    Returns flat keys: the eval/* metrics (eval/class_acc when a domain classifier is available; eval/intra_FID
+    and bench.metrics_registry.INTRA_FIELDS with eval.intra_fid), fid_imag_residue, extractor, num_samples, num_real, truncation, trunc_mode, standing_stats, cost/*,
     seconds.
     """
     if not _is_rank0():
@@ -391,10 +405,11 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
     resolution = int(getattr(G, "resolution"))
     class_names, _, _ = dataset_info(shards_spec)
     n_classes = int(n_classes or (len(class_names) if class_names else G.n_classes))
+    real, n_real, loader = _real_side(s, shards_spec, resolution, progress)
+    names = IntraFID.check(s, class_names, n_classes, n_real) if s.intra_fid else None  # before any slow work
     weights_path, clf_file = _classifier_files(s, shards_spec, resolution, progress)
     fe_name, _, _, fe_id = extractor_settings(s.extractor, weights_path)
     clf = load_classifier(clf_file, device)[0] if clf_file is not None else None
-    real, n_real = _real_side(s, shards_spec, resolution, progress)
     key = real_cache_key(shards_spec, n_real, resolution, fe_id)
     cache_dir = Path(s.cache_dir) if s.cache_dir is not None else rundir.cache_root() / "eval"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -415,7 +430,8 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
             standing_stats(Gs, n_classes, int(s.standing_stats or 0), batch_size=int(s.batch_size),
                            truncation=s.truncation, trunc_mode=s.trunc_mode, autocast=amp,
                            generator=torch.Generator(device=device).manual_seed(int(s.seed) + 1))
-        side = _RealSide(real, n_real, cache_dir, f"real-{key}", weights_path, clf, amp, device)
+        intra = IntraFID(names, loader, cache_dir / f"real-{key}-labels.json", n_real) if names else None
+        side = _RealSide(real, n_real, cache_dir, f"real-{key}", weights_path, clf, amp, device, intra)
         per_repeat = [_one_sample_set(Gs, s, int(s.seed) + i, n_classes, side, progress)
                       for i in range(int(s.repeats))]
     finally:

@@ -29,6 +29,7 @@ Outputs (default DIR/report/), each written through rundir.atomic_write:
   evals.csv       every evaluation record, with its feature extractor: every registry metric (density and
                   coverage included), FID's imaginary residue and the evaluation's cost/* timings
   truncation.csv  every run's truncation curve (the headline metrics per psi)
+  intra_fid.csv   every per-class intra-FID value (eval.intra_fid): run, step, extractor, class, FID, counts
   ablation.csv    one row per run: its swept values, headline metric, collapse step, img/s
   throughput.png  losses.png  sigma.png (sigma-2.png ...)  evals.png  truncation.png  ablation.png
   ada_p.png       ADA's p against kimg, one line per run with aug.ada_target set (only when one has aug/p)

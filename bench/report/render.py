@@ -11,13 +11,13 @@ from pathlib import Path
 from bench import metrics_registry as registry
 from bench import rundir
 from bench.report import groups as G
-from bench.report import plots, plots_extra
+from bench.report import per_class, plots, plots_extra
 from bench.report.collect import MAX_DEPTH, REPORT_DIR, STALLED_AFTER_S, TRUNC_COLUMNS, Run, discover, finite
 from bench.report.tables import (LEDGER, REPORT_METRICS, ForeignFile, Ledger, Writer, ablation_rows, assign_labels, best_eval_rows,
                                  eval_records, fmt, md_table, natural, psi_order, run_row, scaling_table,
                                  status_cell, swept_keys, text_table, truncation_records)
 
-OUR_FILES = re.compile(r"^(report\.md|(runs|scaling|evals|truncation|ablation)\.csv|"
+OUR_FILES = re.compile(r"^(report\.md|(runs|scaling|evals|truncation|ablation|intra_fid)\.csv|"
                        r"(throughput|losses|sigma(-\d+)?|evals|truncation|ablation|ada_p)\.png)$")
 RUN_TABLE = [("run", "run"), ("status", "status"), ("steps", "steps"), ("eff. batch", "effective_batch"),
              ("world", "world_size"), ("img/s", "img_per_s"), ("ms/step", "step_ms"), ("peak GB", "peak_mem_gb"),
@@ -101,6 +101,9 @@ def build_report(root: Path, out: Path) -> dict:
     records = eval_records(runs)
     if records:
         w.csv("evals.csv", records)
+    intra_rows = per_class.records(runs)
+    if intra_rows:
+        w.csv(per_class.INTRA_CSV, intra_rows)
     groups = G.group_runs(runs, keys)
     if plots_extra.ada_series(runs):  # only reports with an ADA run have (or miss) this figure
         plot(plots_extra.ADA_FILE, plots_extra.plot_ada_p, runs, w, groups)
@@ -135,8 +138,8 @@ def _refuse_foreign(out: Path, ledger: Ledger) -> None:
 # ---- report.md ---------------------------------------------------------------------------------------
 
 def render_markdown(d: ReportData) -> str:
-    sections = (_md_head, _md_runs, _md_throughput, _md_losses_sigma, _md_ada, _md_evals, _md_truncation,
-                _md_ablation, _md_tail)
+    sections = (_md_head, _md_runs, _md_throughput, _md_losses_sigma, _md_ada, _md_evals, _md_intra,
+                _md_truncation, _md_ablation, _md_tail)
     return "\n".join(line for section in sections for line in section(d))
 
 
@@ -244,6 +247,10 @@ def _md_evals(d: ReportData) -> list[str]:
                        + [registry.BY_NAME[k].short for k in REPORT_METRICS], best_rows), "",
               "Every record: `evals.csv`.", ""]
     return L + _img(d, "evals.png")
+
+
+def _md_intra(d: ReportData) -> list[str]:
+    return per_class.md_section(d.runs, d.written)
 
 
 def _md_truncation(d: ReportData) -> list[str]:

@@ -7,9 +7,10 @@ it runs, the weight-only regularisers added after the gradient all-reduce, and t
 after the optimiser step (the objective's: WGAN clipping, ADA's p update, LeCam's anchors; and the sigma0
 clamp). `PhaseRunner.run` is the same code for every phase: it never asks which net it steps.
 
-Each micro-batch runs inside ONE `accelerator.accumulate(G, D)` context. Nets are not wrapped in DDP:
-after a phase's micro-batches the gradients of the stepped net are all-reduced once (a flat buffer),
-which keeps the G phase (D frozen) and the D phase (G under no_grad) free of DDP pitfalls.
+Each micro-batch runs inside ONE `accelerator.accumulate(G, D)` context. Nets are not wrapped in DDP: the
+stepped net's gradients are averaged by its `gradsync.GradSync`, in buckets all-reduced during the backward
+of the phase's last micro-batch (dist.grad_sync=overlap) or as one buffer after it (flat). Why not DDP:
+docs/architecture.md, "Gradient sync".
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from bench.config import RegSpecs
 from bench.train import telemetry
+from bench.train.gradsync import CommStats, GradSync, step_record
 from bench.train.objectives import HistoricalAverage, MicroBatch
 from models import spectral
 
@@ -96,6 +98,9 @@ class PhaseRunner:
     world: int = 1
     on_nonfinite: Callable[[str], None] = field(default=lambda name: None)  # a skipped update
     any_rank: Callable[[bool], bool] = field(default=lambda flag: flag)  # ranks.Ranks.any: agreed on every rank
+    grad_sync: str = "overlap"  # dist.grad_sync: overlap | flat (bench/train/gradsync.py)
+    bucket_mb: Optional[float] = None  # dist.bucket_mb (None: gradsync.auto_bucket_mb)
+    _syncs: dict = field(default_factory=dict)  # id(net) -> its GradSync, made on the net's first phase
 
     def backward(self, scaler: Optional[torch.amp.GradScaler], loss: torch.Tensor) -> None:
         loss = loss / self.accumulate
@@ -103,29 +108,36 @@ class PhaseRunner:
             loss = scaler.scale(loss)
         loss.backward()
 
-    def sync_grads(self, net: torch.nn.Module) -> None:
-        """Average gradients over ranks: one all-reduce of a flat buffer."""
+    def sync_of(self, net: torch.nn.Module) -> GradSync:
+        if id(net) not in self._syncs:
+            self._syncs[id(net)] = GradSync(net, self.world, self.grad_sync, self.bucket_mb)
+        return self._syncs[id(net)]
+
+    def comm_record(self) -> dict[str, float]:
+        """The gradient communication since the last call (one G step: all its phases), as tick-record
+        fields; {} in a single process."""
         if self.world == 1:
-            return
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(s)
+            return {}
+        total = CommStats()
+        for sync in self._syncs.values():
+            total.add(sync.take_stats())
+        return step_record(total)
 
     def _micro_batches(self, phase: Phase, watch, batches, reg_index: int) -> torch.Tensor:
         backward = functools.partial(self.backward, phase.scaler)
         for net in phase.frozen:
             net.requires_grad_(False)
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accumulate):
+        sync = self.sync_of(phase.net)
+        for i in range(self.accumulate):
             real = y_real = None
             if phase.reads_data:
                 watch.start("data")
                 real, y_real = batches()
             watch.start(phase.name)
             z, y_fake = self.latents(self.batch_size)
+            if i == self.accumulate - 1:
+                sync.arm()  # the last micro-batch's backward all-reduces each bucket as it completes
             with self.accumulate_ctx():
                 loss_sum += phase.step(MicroBatch(real, y_real, z, y_fake, reg_index), backward)
         for net in phase.frozen:
@@ -136,9 +148,9 @@ class PhaseRunner:
         """`batches()` -> (real, labels) on the device; `reg_index` numbers the phase over the run."""
         loss_sum = self._micro_batches(phase, watch, batches, reg_index)
         opt = phase.opt
+        self.sync_of(phase.net).finish()  # (fp16: the scaled gradients; every rank then unscales the same mean)
         if phase.scaler is not None:
             phase.scaler.unscale_(opt)
-        self.sync_grads(phase.net)
         watch.start("reg")
         for regulariser in phase.regularisers:
             regulariser()

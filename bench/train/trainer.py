@@ -142,7 +142,8 @@ class Trainer:
         self.runner = PhaseRunner(accumulate=t.accumulate, batch_size=t.batch_size,
                                   accumulate_ctx=lambda: self.acc.accumulate(self.G, self.D),
                                   latents=self._latents, device=self.device, world=self.world,
-                                  on_nonfinite=self._nonfinite_step, any_rank=self.ranks.any)
+                                  on_nonfinite=self._nonfinite_step, any_rank=self.ranks.any,
+                                  grad_sync=cfg.dist.grad_sync, bucket_mb=cfg.dist.bucket_mb)
         self.guard = NonfiniteGuard(t.nonfinite_rollback, t.max_rollbacks)
         tc = cfg.telemetry
         loss_gap = math.inf if self.objective.loss.gap_unbounded else tc.collapse_loss_gap
@@ -278,6 +279,8 @@ class Trainer:
         injected_fault(self.rank, self.step + 1)  # the fault tests' hook (ranks.py); nothing unless asked
         for phase in self.phases:
             self.runner.run(phase, watch, batches, self.step * t.d_steps + phase.index)
+        for key, value in self.runner.comm_record().items():  # time/allreduce_ms, ... (several ranks only)
+            telemetry.report(key, value)
         if self.guard.end_of_step():
             roll_back(self)
         watch.start("reg")
@@ -301,7 +304,8 @@ class Trainer:
                 self.restart_data()  # keeps resumed runs on the same data stream
         if not interrupted and ((t.sample_every and self.step % t.sample_every == 0) or last):
             self.save_samples()
-        if not interrupted and ((ev.every and self.step % ev.every == 0) or (last and (ev.every or ev.final))):
+        if not interrupted and not ev.get("async") and (  # eval.async: `bench eval watch` evaluates beside training
+                (ev.every and self.step % ev.every == 0) or (last and (ev.every or ev.final))):
             self.run_eval()
 
     def _announce(self) -> None:

@@ -1,0 +1,216 @@
+"""Gradient averaging over ranks, overlapped with backward (docs/architecture.md, "Gradient sync").
+
+One `GradSync` per net. `dist.grad_sync=overlap` (the default): the net's parameters are cut into buckets
+of about `dist.bucket_mb` MiB (null: bench/scaling.py `auto_bucket_mb`), in reverse registration order (roughly the order in which backward produces
+their gradients). A hook on every parameter counts the gradients as autograd accumulates them; when a bucket
+is complete its gradients are flattened and all-reduced asynchronously, while backward goes on through the
+earlier layers. Buckets are launched strictly in index order on every rank, so the ranks issue their
+collectives in the same order whatever order autograd finishes them in. `dist.grad_sync=flat` all-reduces one
+flat buffer after the whole backward (the harness's previous behaviour, kept to measure the difference).
+
+The hooks only act while the sync is armed: during the backward of a phase's LAST micro-batch. Earlier
+micro-batches accumulate locally (gradient accumulation syncs once per optimiser step); weight-only
+regularisers whose own backward runs after the sync (the sigma0 penalty) are not reduced, as before;
+a frozen net (D in the G phase) gets no gradients and so fires no hook; and G under no_grad in the D phase
+builds no graph. Parameters that received no gradient in the phase are left out, as the flat path does.
+
+Measured per phase (`take_stats`): the bytes all-reduced, the communication time (the union of the
+intervals in which some bucket's all-reduce was in flight, launch to completion) and the exposed time (what
+the training thread spent in `finish`: launching the leftovers, waiting, averaging and copying back). The
+trainer records, per G step, `time/allreduce_ms`, `time/allreduce_exposed_ms`, `comm/hidden_frac` (the share
+of the communication time not exposed) and `comm/bytes_per_step`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from bench.scaling import auto_bucket_mb
+
+MODES = ("overlap", "flat")
+
+
+@dataclass
+class _Bucket:
+    params: list  # in the order their gradients are expected
+    ready: int = 0
+    launched: bool = False
+    work: object = None
+    flat: Optional[torch.Tensor] = None
+    grads: list = field(default_factory=list)
+    t_launch: float = 0.0
+    t_done: Optional[float] = None
+
+
+@dataclass
+class CommStats:
+    """Sums over the phases since the last `take_stats`."""
+    bytes: int = 0
+    comm_s: float = 0.0
+    exposed_s: float = 0.0
+    phases: int = 0
+
+    def add(self, other: "CommStats") -> None:
+        self.bytes += other.bytes
+        self.comm_s += other.comm_s
+        self.exposed_s += other.exposed_s
+        self.phases += other.phases
+
+
+def make_buckets(params: list, bucket_bytes: int) -> list[list]:
+    """Parameters (those that take gradients) in reverse registration order, cut into buckets of at most
+    `bucket_bytes` (a parameter bigger than that is a bucket of its own)."""
+    buckets, cur, size = [], [], 0
+    for p in reversed([p for p in params if p.requires_grad]):
+        nbytes = p.numel() * p.element_size()
+        if cur and size + nbytes > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += nbytes
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+class GradSync:
+    """Averages one net's gradients over `world` ranks of the default process group."""
+
+    def __init__(self, net: torch.nn.Module, world: int, mode: str = "overlap", bucket_mb: Optional[float] = None):
+        if mode not in MODES:
+            raise ValueError(f"dist.grad_sync={mode!r}: use one of {', '.join(MODES)}")
+        self.net, self.world, self.mode = net, world, mode
+        self.armed = False
+        self.stats = CommStats()
+        self._lock = threading.Lock()  # future callbacks run on the communication thread
+        self._handles = []
+        self.buckets: list[_Bucket] = []
+        if world > 1 and mode == "overlap":
+            if bucket_mb is None:
+                bucket_mb = auto_bucket_mb(sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad))
+            self.buckets = [_Bucket(b) for b in make_buckets(list(net.parameters()), int(bucket_mb * 2**20))]
+            for i, bucket in enumerate(self.buckets):
+                for p in bucket.params:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(i)))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ---- overlap ---------------------------------------------------------------------------------------
+    def arm(self) -> None:
+        """Before the backward of the phase's last micro-batch: from now on a complete bucket is reduced."""
+        if not self.buckets:
+            return
+        for b in self.buckets:
+            b.ready, b.launched, b.work, b.flat, b.grads, b.t_done = 0, False, None, None, [], None
+        self.armed = True
+
+    def _hook(self, index: int):
+        def hook(_param: torch.Tensor) -> None:
+            if not self.armed:
+                return
+            bucket = self.buckets[index]
+            bucket.ready += 1
+            if bucket.ready == len(bucket.params):
+                self._launch_ready()
+        return hook
+
+    def _launch(self, bucket: _Bucket) -> None:
+        bucket.grads = [p.grad for p in bucket.params if p.grad is not None]
+        bucket.launched = True
+        if not bucket.grads:
+            return
+        bucket.flat = torch._utils._flatten_dense_tensors(bucket.grads)
+        bucket.t_launch = time.perf_counter()
+        bucket.work = dist.all_reduce(bucket.flat, async_op=True)
+
+        def done(_fut, bucket=bucket) -> None:
+            with self._lock:
+                bucket.t_done = time.perf_counter()
+        try:
+            bucket.work.get_future().then(done)
+        except (RuntimeError, AttributeError):  # a backend without futures: completion is timed at wait()
+            pass
+
+    def _launch_ready(self) -> None:
+        """Launch, in index order, every complete bucket whose predecessors are all launched."""
+        for b in self.buckets:
+            if b.launched:
+                continue
+            if b.ready < len(b.params):
+                return
+            self._launch(b)
+
+    # ---- both modes -------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """After backward: every gradient of the net is the mean over ranks."""
+        if self.world == 1:
+            return
+        if self.mode == "flat":
+            self._finish_flat()
+            return
+        self.armed = False
+        t0 = time.perf_counter()
+        for b in self.buckets:  # buckets with a parameter that got no gradient: launched now, in order
+            if not b.launched:
+                self._launch(b)
+        nbytes, intervals, waited = 0, [], time.perf_counter() - t0
+        for b in self.buckets:
+            if b.work is None:
+                continue
+            t1 = time.perf_counter()
+            b.work.wait()
+            end = time.perf_counter()
+            waited += end - t1
+            with self._lock:
+                t_done = b.t_done if b.t_done is not None else end
+            intervals.append((b.t_launch, min(t_done, end)))
+            b.flat /= self.world
+            for g, s in zip(b.grads, torch._utils._unflatten_dense_tensors(b.flat, b.grads)):
+                g.copy_(s)
+            nbytes += b.flat.numel() * b.flat.element_size()
+            b.work, b.flat, b.grads = None, None, []
+        self.stats.add(CommStats(nbytes, _union_seconds(intervals), waited, 1))
+
+    def _finish_flat(self) -> None:
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if not grads:
+            self.stats.add(CommStats(0, 0.0, 0.0, 1))
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        t0 = time.perf_counter()
+        dist.all_reduce(flat)
+        spent = time.perf_counter() - t0
+        flat /= self.world
+        for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(s)
+        self.stats.add(CommStats(flat.numel() * flat.element_size(), spent, spent, 1))
+
+    def take_stats(self) -> CommStats:
+        out, self.stats = self.stats, CommStats()
+        return out
+
+
+def step_record(stats: CommStats) -> dict[str, float]:
+    """The tick-record fields of one G step's communication (all phases together)."""
+    comm_ms, exposed_ms = 1000.0 * stats.comm_s, 1000.0 * stats.exposed_s
+    hidden = max(0.0, 1.0 - exposed_ms / comm_ms) if comm_ms > 0 else 0.0
+    return {"time/allreduce_ms": comm_ms, "time/allreduce_exposed_ms": exposed_ms,
+            "comm/hidden_frac": hidden, "comm/bytes_per_step": float(stats.bytes)}

@@ -1,0 +1,124 @@
+"""Gradient averaging in buckets overlapped with backward (bench/train/gradsync.py), on two real gloo
+processes: the averaged gradients against an independent computation, the phase rules (accumulation
+syncs once, a frozen net is not reduced, a post-sync backward is not reduced), and the records."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.train.gradsync import GradSync, _union_seconds, make_buckets, step_record
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+def _data(rank: int, micro: int):
+    g = torch.Generator().manual_seed(100 * rank + micro)
+    return torch.randn(4, 3, 6, 6, generator=g)
+
+
+def _phase(G, D, sync, rank, accumulate, extra_backward):
+    """A G phase: D frozen, `accumulate` micro-batches, the sync armed for the last one; then a weight-only
+    penalty whose backward runs after the sync (it must stay local, like the sigma0 penalty)."""
+    D.requires_grad_(False)
+    for i in range(accumulate):
+        if i == accumulate - 1:
+            sync.arm()
+        loss = D(G(_data(rank, i))).square().mean() / accumulate
+        loss.backward()
+    launched_in_backward = sum(b.launched for b in sync.buckets)
+    sync.finish()
+    D.requires_grad_(True)
+    if extra_backward:
+        (G.a.weight.square().sum() * (rank + 1)).backward()
+    return launched_in_backward
+
+
+def _worker(rank, init_file, out_dir, mode):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    G, D = _Net(), _Net()
+    G.head = torch.nn.Linear(8, 3 * 6 * 6)  # G: image -> image (a stand-in; only the gradient flow matters)
+    G.forward = lambda x: G.head(torch.relu(G.b(torch.relu(G.a(x)))).mean((2, 3))).view(-1, 3, 6, 6)
+    sync = GradSync(G, 2, mode, bucket_mb=0.001)  # ~1 KiB: several buckets
+    launched = _phase(G, D, sync, rank, accumulate=2, extra_backward=True)
+    grads = {n: p.grad.clone() for n, p in G.named_parameters()}
+    d_grads = [p.grad for p in D.parameters()]
+    torch.save({"grads": grads, "launched": launched, "buckets": len(sync.buckets), "d_grads": d_grads,
+                "stats": sync.take_stats()}, f"{out_dir}/{mode}-{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # skip gloo's teardown, which can abort when the peer exits first
+
+
+def _expected(rank: int) -> dict:
+    """The same phase on one process: the mean over both ranks' micro-batches, then this rank's penalty."""
+    torch.manual_seed(0)
+    G, D = _Net(), _Net()
+    G.head = torch.nn.Linear(8, 3 * 6 * 6)
+    G.forward = lambda x: G.head(torch.relu(G.b(torch.relu(G.a(x)))).mean((2, 3))).view(-1, 3, 6, 6)
+    D.requires_grad_(False)
+    for r in (0, 1):
+        for i in range(2):
+            (D(G(_data(r, i))).square().mean() / 2 / 2).backward()
+    (G.a.weight.square().sum() * (rank + 1)).backward()
+    return {n: p.grad.clone() for n, p in G.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["overlap", "flat"])
+def test_two_ranks_average_like_one_process(tmp_path, mode):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), mode), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        got, want = torch.load(tmp_path / f"{mode}-{rank}.pt", weights_only=False), _expected(rank)
+        for name, g in want.items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-6, msg=f"{mode} rank {rank} {name}")
+        assert all(g is None for g in got["d_grads"]), "the frozen D must get no gradient and no reduction"
+        stats = got["stats"]
+        n_bytes = sum(g.numel() * 4 for g in want.values())
+        assert stats.bytes == n_bytes and stats.phases == 1
+        assert stats.comm_s > 0 and 0 <= stats.exposed_s
+        if mode == "overlap":
+            # buckets complete during the last backward: all of them are in flight before finish() is called
+            assert got["buckets"] >= 3 and got["launched"] == got["buckets"]
+        else:
+            assert got["buckets"] == 0 and stats.exposed_s == stats.comm_s
+
+
+def test_buckets_follow_reverse_order_and_size():
+    net = _Net()
+    params = list(net.parameters())
+    buckets = make_buckets(params, bucket_bytes=8 * 8 * 9 * 4)  # exactly b.weight's size
+    flat = [p for b in buckets for p in b]
+    assert flat == list(reversed(params))
+    for b in buckets:  # no bucket over the cap unless it is one parameter on its own
+        assert len(b) == 1 or sum(p.numel() * 4 for p in b) <= 8 * 8 * 9 * 4
+    net.head.requires_grad_(False)
+    assert all(p is not net.head.weight for b in make_buckets(list(net.parameters()), 1 << 20) for p in b)
+
+
+def test_single_process_and_records():
+    net = _Net()
+    sync = GradSync(net, 1, "overlap")
+    assert sync.buckets == [] and sync._handles == []
+    net(torch.randn(2, 3, 6, 6)).sum().backward()
+    before = [p.grad.clone() for p in net.parameters()]
+    sync.finish()
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, net.parameters()))
+    assert _union_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
+    rec = step_record(type(sync.stats)(bytes=400, comm_s=0.010, exposed_s=0.0025, phases=2))
+    assert rec == pytest.approx({"time/allreduce_ms": 10.0, "time/allreduce_exposed_ms": 2.5,
+                                 "comm/hidden_frac": 0.75, "comm/bytes_per_step": 400.0})
+    with pytest.raises(ValueError, match="dist.grad_sync='ddp'"):
+        GradSync(net, 2, "ddp")
