@@ -330,6 +330,14 @@ def check_telemetry(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not (isinstance(value, (int, float)) and value > 1.0):
             raise ConfigError(f"{key}={value!r} must be > 1 (a factor over the minimum / best so far)")
+    _all_positive(cfg, ("telemetry.diversity_samples", "telemetry.collapse_patience"), ("telemetry.diversity_every",))
+    if OmegaConf.select(cfg, "telemetry.diversity_samples") < 2:
+        raise ConfigError(f"telemetry.diversity_samples={OmegaConf.select(cfg, 'telemetry.diversity_samples')!r} must "
+                          f"be >= 2 (pairwise distances need two samples per class)")
+    for key in ("telemetry.collapse_diversity_factor", "telemetry.collapse_recall_factor"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ConfigError(f"{key}={value!r} must be in [0, 1) (a fraction of the best so far; 0 = off)")
 
 
 def check_cluster(cluster) -> None:

@@ -97,7 +97,8 @@ def test_collapse_detector_state_round_trip_and_old_checkpoints():
     det.update(_row(10, s0=1.0))
     det.update_fid(10, 30.0)
     state = det.state_dict()
-    assert set(state) == {"sigma_hist", "best_fid", "collapse_step", "reason"}
+    assert set(state) == {"sigma_hist", "best_fid", "collapse_step", "reason", "best_div", "low_div", "best_recall",
+                          "low_recall"}
     again = CollapseDetector()
     # a checkpoint written before gap_hist was removed still loads; the key is ignored
     again.load_state_dict({**state, "gap_hist": [(10, 0.5)]})

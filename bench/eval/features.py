@@ -2,7 +2,8 @@
 
     ImageDataset       uint8 images (a tensor, or a loader called on first access) as an input
     Sampler            G as a torch-fidelity generative model (latents and labels drawn beforehand)
-    extract_features   torch-fidelity's features of both inputs (the reference side from its cache)
+    extract_features   torch-fidelity's features of both inputs (the reference side from its cache);
+                       feature_extractor and features_of: one input's (bench.eval.spread: a rank's share)
     extractor_settings the torch-fidelity extractor, its feature layers, weights and cache identity
                        for eval.extractor = domain (bench.eval.classifier) | inception (the user's file)
 
@@ -150,18 +151,29 @@ def register_sampler() -> None:
         GenerativeModelBase.register(Sampler)
 
 
-def extract_features(kw: dict, layers) -> tuple[dict, dict, float, float]:
-    """(features of input1, features of input2, seconds of each): torch-fidelity's featuresdicts
-    ({layer: (N, D) float tensor on the CPU}) for these layers, with the settings `kw` of
-    torch_fidelity.calculate_metrics (input2 comes from torch-fidelity's cache when kw names one)."""
-    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+def feature_extractor(kw: dict, layers):
+    """torch-fidelity's feature extractor of `kw` (calculate_metrics' settings) for these layers."""
+    from torch_fidelity.utils import create_feature_extractor
 
-    extractor = create_feature_extractor(kw["feature_extractor"], sorted(set(layers)), **kw)
+    return create_feature_extractor(kw["feature_extractor"], sorted(set(layers)), **kw)
+
+
+def features_of(input_id: int, extractor, kw: dict) -> tuple[dict, float]:
+    """(torch-fidelity's featuresdict of kw's input1 or input2 ({layer: (N, D) float tensor on the CPU}; input2
+    from torch-fidelity's cache when kw names one), seconds)."""
+    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
+
     t0 = time.perf_counter()
-    features1 = extract_featuresdict_from_input_id_cached(1, extractor, **kw)
-    t1 = time.perf_counter()
-    features2 = extract_featuresdict_from_input_id_cached(2, extractor, **kw)
-    return features1, features2, t1 - t0, time.perf_counter() - t1
+    return extract_featuresdict_from_input_id_cached(input_id, extractor, **kw), time.perf_counter() - t0
+
+
+def extract_features(kw: dict, layers) -> tuple[dict, dict, float, float]:
+    """(features of input1, features of input2, seconds of each) for these layers, with the settings `kw` of
+    torch_fidelity.calculate_metrics (features_of)."""
+    extractor = feature_extractor(kw, layers)
+    features1, t1 = features_of(1, extractor, kw)
+    features2, t2 = features_of(2, extractor, kw)
+    return features1, features2, t1, t2
 
 
 def check_extractor(extractor: str) -> str:

@@ -2,7 +2,8 @@
 coverage (bench.eval.stats), all from one extraction of the features, and the domain classifier's
 class accuracy (docs/architecture.md, "Evaluation").
 
-Rank 0 only: `evaluate_generator` has torch-fidelity extract the features (`compute_metrics`). The fake
+One process: `evaluate_generator` has torch-fidelity extract the features (`compute_metrics`; several ranks
+share the fake side in training: bench.eval.spread). The fake
 side is G (the EMA G in training) sampled as uint8; every latent and label is drawn before sampling
 (sampling.eval_latents), so the i-th image does not depend on eval.batch_size (torch-fidelity 0.4.0
 crashes for num_classes > 0: the wrapper says num_classes = 0). The real side is N images read
@@ -36,7 +37,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,13 +56,12 @@ from bench.eval.safeload import first_line, load_weights
 from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extract_features, extractor_settings,
                                  inception_weights, register_sampler)
 from bench.eval.intra import IntraFID, RealImages, summarise_intra
+from bench.eval.records import RECORD_KEYS, append_eval, format_table  # noqa: F401 - part of this module's API
 from bench.eval.intra_check import DEFAULT_MIN_PER_CLASS
 from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
 from bench.eval.stats import DC_NEIGHBOURS, bootstrap_ci, density_coverage, frechet_distance
 
 MIN_SAMPLES = max(MIN_EVAL_SAMPLES, DC_NEIGHBOURS + 1)  # density / coverage: the k-th of the other real samples
-RECORD_KEYS = ("fid_imag_residue", "extractor", "num_samples", "num_real", "truncation", "trunc_mode",
-               "standing_stats", "step", "checkpoint", *registry.COST_FIELDS, "seconds")  # the table's rows after the metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,23 +109,10 @@ def metrics_from_features(features1: dict, features2: dict, layers: dict, wanted
     return out
 
 
-def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(), *, device="cpu",
-                    progress: bool = False, intra=None) -> dict:
-    """settings.metrics of input1 against input2 with gan-bench's settings: torch-fidelity extracts the
-    features once (metrics_from_features computes every metric from them); returns eval/* keys,
-    fid_imag_residue and the cost/* timings (per 1k evaluated images; cost/metrics_s in all).
-
-    input1   the evaluated side (precision = fraction of input1 inside input2's manifold): an
-             ImageDataset of uint8 images, or a generative model (then settings.num_samples is needed;
-             its `seconds`, when it has them, are reported as sampling and taken out of the features')
-    input2   the reference side (real images), an ImageDataset
-    intra    None, or a function of (input1's, input2's FID features) -> more record fields (intra-class FID:
-             bench.eval.intra.IntraFID.bind)
-    """
-    s = settings
-    register_sampler()
+def fidelity_kwargs(input1, input2, s: MetricSettings, device: torch.device) -> tuple[dict, dict, list]:
+    """(torch-fidelity's settings `kw` for input1 against input2, the feature layer per metric, the layers the
+    metrics use). n1 is len(input1), or s.num_samples for a generative model; n2 s.num_real, else len(input2)."""
     fe_name, layers, fe_weights, _ = extractor_settings(s.extractor, s.weights_path)
-    device = torch.device(device)
     n1 = len(input1) if isinstance(input1, torch.utils.data.Dataset) else int(s.num_samples)
     n2 = int(s.num_real) if s.num_real is not None else len(input2)
     wanted = tuple(s.metrics)
@@ -145,6 +131,28 @@ def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(),
     if s.input2_cache_name:
         kw["input2_cache_name"] = s.input2_cache_name
     used = [layers[m] for m in ("isc", "fid", "kid", "prc") if m in wanted] + ([layers["prc"]] if "dc" in wanted else [])
+    return kw, layers, used
+
+
+def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(), *, device="cpu",
+                    progress: bool = False, intra=None) -> dict:
+    """settings.metrics of input1 against input2 with gan-bench's settings: torch-fidelity extracts the
+    features once (metrics_from_features computes every metric from them); returns eval/* keys,
+    fid_imag_residue and the cost/* timings (per 1k evaluated images; cost/metrics_s in all).
+
+    input1   the evaluated side (precision = fraction of input1 inside input2's manifold): an
+             ImageDataset of uint8 images, or a generative model (then settings.num_samples is needed;
+             its `seconds`, when it has them, are reported as sampling and taken out of the features')
+    input2   the reference side (real images), an ImageDataset
+    intra    None, or a function of (input1's, input2's FID features) -> more record fields (intra-class FID:
+             bench.eval.intra.IntraFID.bind)
+    """
+    s = settings
+    register_sampler()
+    device = torch.device(device)
+    kw, layers, used = fidelity_kwargs(input1, input2, s, device)
+    n1 = len(input1) if isinstance(input1, torch.utils.data.Dataset) else int(s.num_samples)
+    wanted = tuple(s.metrics)
     ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with ctx:
         features1, features2, t1, t2 = extract_features(kw, used)
@@ -384,8 +392,8 @@ def summarise_repeats(per_repeat: list[dict], seed: int) -> dict:
 def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_classes: int | None = None,
                        device=None, progress: bool = True) -> dict:
     """IS / FID / KID / precision-recall / density-coverage (and class_acc) of generator G against the shards, as
-    `settings` says. Rank 0 only: other ranks return {} at once. G is not modified (standing stats run
-    on a copy).
+    `settings` says. Rank 0 only: other ranks return {} at once (training's evaluation spread over the ranks:
+    bench.eval.spread). G is not modified (standing stats run on a copy).
 
     G            a gan-bench generator (G.z_dim, G.resolution, G(z, y))
     shards_spec  the real data (shard directory / pattern)
@@ -399,9 +407,35 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
     if not _is_rank0():
         return {}
     t0 = time.time()
+    e = eval_setup(G, settings, shards_spec, n_classes, device, progress)
+    was_training = G.training
+    try:
+        Gs = eval_copy(G, e)
+        per_repeat = [_one_sample_set(Gs, e.s, int(e.s.seed) + i, e.n_classes, e.side, progress)
+                      for i in range(int(e.s.repeats))]
+    finally:
+        G.train(was_training)
+    return finish_record(per_repeat, e, t0)
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """One evaluation, set up (eval_setup): checked settings, the class count, the real side, its cache key, the
+    cache sidecar's fields (extractor_id: the extractor's identity) and the domain classifier file (or None)."""
+    s: EvalSettings
+    n_classes: int
+    side: _RealSide
+    key: str
+    ident: dict
+    clf_file: Optional[Path]
+
+
+def eval_setup(G: nn.Module, settings: EvalSettings, shards_spec, n_classes=None, device=None,
+               progress: bool = True) -> EvalSetup:
+    """Everything evaluate_generator does before sampling (bench.eval.spread's rank 0 too): the checks, the domain
+    classifier (trained when missing), the real side and its cache, the autocast."""
     s = _checked(settings)
-    g_device = next(G.parameters()).device
-    device = torch.device(device) if device is not None else g_device
+    device = torch.device(device) if device is not None else next(G.parameters()).device
     resolution = int(getattr(G, "resolution"))
     class_names, _, _ = dataset_info(shards_spec)
     n_classes = int(n_classes or (len(class_names) if class_names else G.n_classes))
@@ -414,73 +448,39 @@ def evaluate_generator(G: nn.Module, settings: EvalSettings, *, shards_spec, n_c
     cache_dir = Path(s.cache_dir) if s.cache_dir is not None else rundir.cache_root() / "eval"
     cache_dir.mkdir(parents=True, exist_ok=True)
     check_real_cache(cache_dir, key)
-
     if progress:
         psi = f", truncation {s.truncation} ({s.trunc_mode})" if s.truncation is not None else ""
         print(f"gan-bench eval: {s.extractor} features ({fe_name}), {s.num_samples} generated vs {n_real} real "
               f"images{psi}", file=sys.stderr, flush=True)
     amp = autocast(eval_precision(s.precision, device), device)
-    was_training = G.training
-    # A copy where G would change: standing stats rewrite BatchNorm buffers; another device moves it.
-    copy_G = int(s.standing_stats or 0) > 0 or device != g_device
-    Gs = copy.deepcopy(G).to(device) if copy_G else G
-    try:
-        Gs.eval()
-        if Gs is not G:  # standing stats: their own generator (seed + 1), not the evaluation's latents
-            standing_stats(Gs, n_classes, int(s.standing_stats or 0), batch_size=int(s.batch_size),
-                           truncation=s.truncation, trunc_mode=s.trunc_mode, autocast=amp,
-                           generator=torch.Generator(device=device).manual_seed(int(s.seed) + 1))
-        intra = IntraFID(names, loader, cache_dir / f"real-{key}-labels.json", n_real) if names else None
-        side = _RealSide(real, n_real, cache_dir, f"real-{key}", weights_path, clf, amp, device, intra)
-        per_repeat = [_one_sample_set(Gs, s, int(s.seed) + i, n_classes, side, progress)
-                      for i in range(int(s.repeats))]
-    finally:
-        G.train(was_training)
-    out = per_repeat[0] if len(per_repeat) == 1 else summarise_repeats(per_repeat, int(s.seed))
-    _write_sidecar(cache_dir, key, {
+    intra = IntraFID(names, loader, cache_dir / f"real-{key}-labels.json", n_real) if names else None
+    side = _RealSide(real, n_real, cache_dir, f"real-{key}", weights_path, clf, amp, device, intra)
+    return EvalSetup(s, n_classes, side, key, {
         "shards": str(shards_spec), "manifest_hash": manifest_hash(shards_spec), "num_real": n_real,
-        "resolution": resolution, "extractor": s.extractor, "extractor_id": fe_id})
-    out.update(extractor=s.extractor, num_samples=int(s.num_samples), num_real=n_real, truncation=s.truncation,
+        "resolution": resolution, "extractor": s.extractor, "extractor_id": fe_id}, clf_file)
+
+
+def eval_copy(G: nn.Module, e: EvalSetup) -> nn.Module:
+    """G in eval mode, as the evaluation samples it: a copy where G would change (standing stats rewrite BatchNorm
+    buffers; another device moves it). The caller restores G's mode."""
+    s, device = e.s, e.side.device
+    copy_G = int(s.standing_stats or 0) > 0 or device != next(G.parameters()).device
+    Gs = copy.deepcopy(G).to(device) if copy_G else G
+    Gs.eval()
+    if Gs is not G:  # standing stats: their own generator (seed + 1), not the evaluation's latents
+        standing_stats(Gs, e.n_classes, int(s.standing_stats or 0), batch_size=int(s.batch_size),
+                       truncation=s.truncation, trunc_mode=s.trunc_mode, autocast=e.side.amp,
+                       generator=torch.Generator(device=device).manual_seed(int(s.seed) + 1))
+    return Gs
+
+
+def finish_record(per_repeat: list[dict], e: EvalSetup, t0: float) -> dict:
+    """The record of the sample sets' results (summarise_repeats for several) with the settings and the seconds
+    since t0 (time.time()); writes the real cache's sidecar."""
+    s = e.s
+    out = per_repeat[0] if len(per_repeat) == 1 else summarise_repeats(per_repeat, int(s.seed))
+    _write_sidecar(e.side.cache_dir, e.key, e.ident)
+    out.update(extractor=s.extractor, num_samples=int(s.num_samples), num_real=e.side.count, truncation=s.truncation,
                trunc_mode=s.trunc_mode if s.truncation is not None else None, standing_stats=int(s.standing_stats or 0),
                seconds=round(time.time() - t0, 3))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Records
-# ---------------------------------------------------------------------------------------------
-
-def append_eval(run_dir, step: int, metrics: Mapping, **extra) -> dict:
-    """Append one record to run_dir/evals.jsonl: step, the metric values, extractor, num_samples,
-    seconds (from `metrics`), then `extra` (e.g. source="bench eval", checkpoint=...) and the time.
-    Returns the record. Empty `metrics` (a rank other than 0) writes nothing."""
-    if not metrics:
-        return {}
-    rec = {"step": int(step)}
-    rec.update({k: rundir.json_value(v) for k, v in metrics.items()})
-    rec.update({k: rundir.json_value(v) for k, v in extra.items()})
-    rec["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    rundir.append_jsonl(Path(run_dir) / rundir.EVALS, rec)
-    return rec
-
-
-def format_table(rec: Mapping, title: str | None = None) -> str:
-    """A plain-text table of an evaluation record: its metrics (names, order and formats from
-    bench.metrics_registry), then RECORD_KEYS."""
-    rows = [(name, registry.format_value(name, rec[name]) + _ci_text(name, rec)) for name in registry.EVAL_METRICS
-            if rec.get(name) is not None]
-    rows += [(key, str(rec[key])) for key in RECORD_KEYS + ("repeats",) if rec.get(key) not in (None, "")]
-    w = max(len(k) for k, _ in rows) if rows else 10
-    lines = [title] if title else []
-    lines.append("-" * (w + 16))
-    lines += [f"{k:<{w}}  {v}" for k, v in rows]
-    lines.append("-" * (w + 16))
-    return "\n".join(lines)
-
-
-def _ci_text(name: str, rec: Mapping) -> str:
-    """'  [lo, hi] 95% CI' when the record has the metric's interval (eval.repeats > 1), else ''."""
-    ci = rec.get(f"{name}{registry.CI_SUFFIX}")
-    if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
-        return ""
-    return f"  [{registry.format_value(name, ci[0])}, {registry.format_value(name, ci[1])}] 95% CI"

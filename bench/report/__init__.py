@@ -8,7 +8,7 @@ running.
     collect.py  finding run and sweep directories and reading them into `Run`s; run status
     tables.py   labels, one row per run, the derived tables, text forms, the output writer
     plots.py    the PNG figures (matplotlib, imported when drawn)
-    plots_extra.py  the modern stabilisers' figures: ADA's p (ada_p.png)
+    plots_extra.py  the modern stabilisers' figures: ADA's p (ada_p.png); diversity.png
     groups.py   runs that differ only in train.seed as one configuration: mean ± 95% bootstrap interval and
                 n in the tables, bands and error bars in the figures, "not separable from best" (≈)
     render.py   report.md, the order of the work, and `main` (what `bench report` calls)
@@ -33,6 +33,7 @@ Outputs (default DIR/report/), each written through rundir.atomic_write:
   ablation.csv    one row per run: its swept values, headline metric, collapse step, img/s
   throughput.png  losses.png  sigma.png (sigma-2.png ...)  evals.png  truncation.png  ablation.png
   ada_p.png       ADA's p against kimg, one line per run with aug.ada_target set (only when one has aug/p)
+  diversity.png   stability/diversity against step beside D's largest sigma0, one line per run that has it
   .gan-bench-report.json  the names of the files above that bench report wrote into this folder. Only a
                   file it lists is ever replaced or removed (a stale output of an earlier report); a
                   same-named file it does not list is the user's, and the report refuses to touch it

@@ -5,17 +5,21 @@ and hands its figure to the Writer.
     ada_p.png  ADA's augmentation probability p (`aug/p` in metrics.jsonl, one value per tick) against
                kimg, one line per run that has it; the runs of one configuration (its seeds, groups.py)
                share a colour and differ in line style.
+    diversity.png  `stability/diversity` (bench/train/diversity.py; 1 = as diverse as the data) against step, one
+               line per run that has it, beside D's largest sigma0 over layers; collapse steps marked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from bench.report.collect import Run, finite
-from bench.report.plots import MAX_LEGEND, _colors, _figure, _legend_kw, _no_offset
+from bench.report.plots import MAX_LEGEND, _collapse_marks, _colors, _figure, _int_steps, _legend_kw, _no_offset
 from bench.report.tables import Writer
 
 ADA_P = "aug/p"
 ADA_FILE = "ada_p.png"
+DIVERSITY = "stability/diversity"
+DIVERSITY_FILE = "diversity.png"
 SEED_STYLES = ("-", "--", ":", "-.")
 
 
@@ -78,3 +82,50 @@ def _next(seen: dict, config: str) -> int:
     """The index of this run among the runs of its configuration drawn so far (its line style)."""
     seen[config] = seen.get(config, -1) + 1
     return seen[config]
+
+
+def diversity_runs(runs: list[Run]) -> list[Run]:
+    """The runs whose metrics.jsonl has `stability/diversity`."""
+    return [r for r in runs if any(finite(m.get(DIVERSITY)) for m in r.metrics)]
+
+
+def _d_sigma0(r: Run) -> tuple[list, list]:
+    """D's largest sigma0 over its layers, per tick that measured it."""
+    pts = [(m["step"], max(v for k, v in m.items() if k.startswith("sigma/D/") and k.endswith("/s0") and finite(v)))
+           for m in r.metrics if finite(m.get("step")) and any(k.startswith("sigma/D/") and k.endswith("/s0")
+                                                              and finite(v) for k, v in m.items())]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_diversity(runs: list[Run], w: Writer) -> tuple[str | None, str | None]:
+    """diversity.png: stability/diversity against step (left) and D's largest sigma0 (right), one colour per run;
+    dashed lines: collapse steps."""
+    have = diversity_runs(runs)
+    if not have:
+        return None, f"no {DIVERSITY} in any metrics.jsonl (telemetry.diversity_every = 0, or no domain classifier)"
+    fig = _figure(13, 4.5)
+    ax_div, ax_sig = fig.subplots(1, 2)
+    for i, (r, c) in enumerate(zip(have, _colors(len(have)))):
+        pts = [(m["step"], m[DIVERSITY]) for m in r.metrics if finite(m.get(DIVERSITY)) and finite(m.get("step"))]
+        ax_div.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.4, marker="." if len(pts) < 30 else None,
+                    label=r.label)
+        xs, ys = _d_sigma0(r)
+        if xs:
+            ax_sig.plot(xs, ys, color=c, lw=1.2, label=r.label)
+        for ax in (ax_div, ax_sig):
+            _collapse_marks(ax, r, c, offset=i)
+    ax_div.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax_div.set_ylim(bottom=0)
+    ax_div.set_ylabel("diversity (G's per-class spread / the data's)")
+    ax_div.set_title("stability/diversity: 1 = as diverse as the data", fontsize=9)
+    ax_sig.set_ylabel("D's largest sigma0 over layers")
+    ax_sig.set_title("D sigma0 (telemetry.sigma_every)", fontsize=9)
+    for ax in (ax_div, ax_sig):
+        ax.set_xlabel("step")
+        _int_steps(ax)
+        _no_offset(ax)
+        ax.grid(True, alpha=0.3)
+    ax_div.legend(**_legend_kw(len(have) > MAX_LEGEND))
+    fig.suptitle("Diversity and D's sigma0; dashed lines: collapse steps; triangles: flagged ticks", fontsize=10)
+    w.figure(DIVERSITY_FILE, fig)
+    return DIVERSITY_FILE, None

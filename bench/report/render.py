@@ -18,7 +18,7 @@ from bench.report.tables import (LEDGER, REPORT_METRICS, ForeignFile, Ledger, Wr
                                  status_cell, swept_keys, text_table, truncation_records)
 
 OUR_FILES = re.compile(r"^(report\.md|(runs|scaling|evals|truncation|ablation|intra_fid)\.csv|"
-                       r"(throughput|losses|sigma(-\d+)?|evals|truncation|ablation|ada_p)\.png)$")
+                       r"(throughput|losses|sigma(-\d+)?|evals|truncation|ablation|ada_p|diversity)\.png)$")
 RUN_TABLE = [("run", "run"), ("status", "status"), ("steps", "steps"), ("eff. batch", "effective_batch"),
              ("world", "world_size"), ("img/s", "img_per_s"), ("ms/step", "step_ms"), ("peak GB", "peak_mem_gb"),
              ("loss/D", "loss_D"), ("loss/G", "loss_G"), ("best", "best_metric"), ("value", "best_value"),
@@ -107,6 +107,8 @@ def build_report(root: Path, out: Path) -> dict:
     groups = G.group_runs(runs, keys)
     if plots_extra.ada_series(runs):  # only reports with an ADA run have (or miss) this figure
         plot(plots_extra.ADA_FILE, plots_extra.plot_ada_p, runs, w, groups)
+    if plots_extra.diversity_runs(runs):  # only reports with a diversity-measuring run have (or miss) this figure
+        plot(plots_extra.DIVERSITY_FILE, plots_extra.plot_diversity, runs, w)
     plot("evals.png", plots.plot_evals, runs, records, w, groups)
     trunc = truncation_records(runs)
     if trunc:
@@ -138,7 +140,7 @@ def _refuse_foreign(out: Path, ledger: Ledger) -> None:
 # ---- report.md ---------------------------------------------------------------------------------------
 
 def render_markdown(d: ReportData) -> str:
-    sections = (_md_head, _md_runs, _md_throughput, _md_losses_sigma, _md_ada, _md_evals, _md_intra,
+    sections = (_md_head, _md_runs, _md_throughput, _md_losses_sigma, _md_diversity, _md_ada, _md_evals, _md_intra,
                 _md_truncation, _md_ablation, _md_tail)
     return "\n".join(line for section in sections for line in section(d))
 
@@ -232,6 +234,17 @@ def _md_ada(d: ReportData) -> list[str]:
             f"p (`{plots_extra.ADA_P}` in metrics.jsonl) per tick of every run with `aug.ada_target` set: ADA raises "
             "p while r_t = E[sign D(real)] is above the target, i.e. while D is overconfident on the reals.", ""
             ] + _img(d, name)
+
+
+def _md_diversity(d: ReportData) -> list[str]:
+    name = plots_extra.DIVERSITY_FILE
+    if name not in d.written and name not in d.skipped:
+        return []
+    return ["## Diversity", "",
+            f"`{plots_extra.DIVERSITY}` (telemetry.diversity_every): for fixed latents per class, the mean pairwise "
+            "distance of G_ema's samples in the domain classifier's features over the same for real images of the "
+            "class, averaged over classes (1 = as diverse as the data), beside D's largest sigma0. A sustained drop "
+            "is a partial mode collapse (telemetry.collapse_diversity_factor).", ""] + _img(d, name)
 
 
 def _md_evals(d: ReportData) -> list[str]:

@@ -1,6 +1,7 @@
 """Keeping the ranks of one run together when something fails (docs/architecture.md, "Faults").
 
-- Work only rank 0 does (the run lock, the default shards, checkpoints, records, samples, evaluation)
+- Work only rank 0 does (the run lock, the default shards, checkpoints, records, samples, an evaluation's
+  set-up and metrics: bench.eval.spread shares its sampling out)
   runs inside `Ranks.rank0(what, fn)`: every rank then agrees whether it worked, so a failure raises on
   every rank at once instead of leaving the others in a collective.
 - Decisions every rank must share (stop now, skip a non-finite update) go through `Ranks.any`.
@@ -10,9 +11,10 @@
   the first error in summary.json (`Ranks.first_error`), and every rank exits non-zero.
 
 `injected_fault` is the fault tests' hook: GAN_BENCH_FAULT=<rank>:<step>[:<where>] makes that rank raise
-at that step (where: step, the default, or checkpoint), hang at that step (hang), or stall inside that
-step's checkpoint write, its bytes in the temp file (stall), or take 8 s more over that step's
-evaluation (slow). Nothing sets it outside the tests.
+at that step (where: step, the default, checkpoint, or eval: during its part of that step's evaluation,
+its share of the samples with several ranks), hang at that step (hang), or stall inside that step's
+checkpoint write, its bytes in the temp file (stall), or take 8 s more over that step's evaluation (slow).
+Nothing sets it outside the tests.
 """
 from __future__ import annotations
 

@@ -246,19 +246,40 @@ class CollapseDetector:
                   losses stay within a few units in healthy training). inf = off, which is what a
                   loss whose gap is unbounded (the Wasserstein critic's) gets;
       nonfinite:  any loss or logit mean is NaN or inf;
-      fid:        an evaluation's FID exceeds `fid_factor` x the best FID so far.
+      fid:        an evaluation's FID exceeds `fid_factor` x the best FID so far;
+      diversity:  `stability/diversity` (bench/train/diversity.py) stays below `diversity_factor` x its best
+                  value so far, taken as at most 1 (an early G's noise spreads more than the data), for
+                  `patience` measurements in a row (a partial mode collapse: samples of a class become near
+                  copies while the losses and sigma0 look healthy);
+      recall:     an evaluation's recall stays below `recall_factor` x the best recall so far for `patience`
+                  evaluations in a row.
+    A factor of 0 turns its rule off.
     """
 
-    STATE = ("sigma_hist", "best_fid", "collapse_step", "reason")  # what a checkpoint keeps
+    STATE = ("sigma_hist", "best_fid", "collapse_step", "reason",  # what a checkpoint keeps
+             "best_div", "low_div", "best_recall", "low_recall")
 
     def __init__(self, sigma_factor: float = 2.0, window: int = 50, loss_gap: float = 50.0,
-                 fid_factor: float = 1.5, warmup: int = 20):
+                 fid_factor: float = 1.5, warmup: int = 20, *, diversity_factor: float = 0.0,
+                 recall_factor: float = 0.0, patience: int = 3):
         self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
         self.warmup = warmup
+        self.diversity_factor, self.recall_factor, self.patience = diversity_factor, recall_factor, patience
         self.sigma_hist: list[tuple[int, float]] = []
         self.best_fid = float("inf")
+        self.best_div: Optional[tuple[int, float]] = None     # (step, value) of the best diversity so far
+        self.low_div: list[tuple[int, float]] = []            # the measurements in a row below the line
+        self.best_recall: Optional[tuple[int, float]] = None
+        self.low_recall: list[tuple[int, float]] = []
         self.collapse_step: Optional[int] = None
         self.reason: Optional[str] = None
+
+    @classmethod
+    def from_cfg(cls, tc, loss_gap: float) -> "CollapseDetector":
+        """The detector of the config's telemetry.* keys (`loss_gap`: the trainer's, inf for unbounded losses)."""
+        return cls(tc.collapse_sigma_factor, tc.collapse_window, loss_gap, tc.collapse_fid_factor, tc.collapse_warmup,
+                   diversity_factor=tc.collapse_diversity_factor, recall_factor=tc.collapse_recall_factor,
+                   patience=tc.collapse_patience)
 
     def _trim(self, hist, step):
         while hist and hist[0][0] < step - self.window:
@@ -295,7 +316,35 @@ class CollapseDetector:
             gap = abs(row["loss/G"] - row["loss/D"])
             if gap > self.loss_gap:
                 fired = fired or self._flag(step, f"divergence: |loss/G - loss/D| = {gap:.3g} > {self.loss_gap}")
+        div = row.get("stability/diversity")
+        if warm and isinstance(div, float) and math.isfinite(div):
+            fired = fired or self._sustained_drop("diversity", step, div)
         return fired
+
+    def _sustained_drop(self, what: str, step: int, value: float) -> Optional[str]:
+        """The diversity / recall rule: `value` below factor x the best so far for `patience` values in a row."""
+        recall = what == "recall"
+        factor = self.recall_factor if recall else self.diversity_factor
+        best_key, low_key = ("best_recall", "low_recall") if recall else ("best_div", "low_div")
+        best, low = getattr(self, best_key), getattr(self, low_key)
+        # diversity above 1 (more spread than the data: an early G's noise) counts as 1, the data's own level
+        if factor > 0 and best is not None and value < factor * (best[1] if recall else min(best[1], 1.0)):
+            low.append((step, value))
+            if len(low) >= self.patience:
+                kind = "evaluations" if recall else "measurements"
+                return self._flag(step, f"{what}: fell from {best[1]:.3g} (step {best[0]}) to {value:.3g}, below "
+                                        f"{factor} x best for {len(low)} {kind} in a row (since step {low[0][0]})")
+            return None
+        low.clear()
+        if best is None or value > best[1]:
+            setattr(self, best_key, (step, value))
+        return None
+
+    def update_recall(self, step: int, recall) -> Optional[str]:
+        """Feed one evaluation's recall (None or non-finite: ignored); returns the reason if the rule fires."""
+        if not isinstance(recall, (int, float)) or not math.isfinite(recall):
+            return None
+        return self._sustained_drop("recall", step, float(recall))
 
     def update_fid(self, step: int, fid: float) -> Optional[str]:
         if not math.isfinite(fid):

@@ -32,6 +32,7 @@ from bench.train.records import Records, gather_hosts, now, run_facts, save_samp
 from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopRequest, TrainingParts, all_finite,
                                agreed_load, config_changes, ema_update, param_checksum,
                                roll_back)
+from bench.train.diversity import DiversityProbe
 from bench.train.telemetry import CollapseDetector, Collector, Mfu, Stopwatch, TickClock
 from models import spectral
 
@@ -147,8 +148,8 @@ class Trainer:
         self.guard = NonfiniteGuard(t.nonfinite_rollback, t.max_rollbacks)
         tc = cfg.telemetry
         loss_gap = math.inf if self.objective.loss.gap_unbounded else tc.collapse_loss_gap
-        self.collapse = CollapseDetector(tc.collapse_sigma_factor, tc.collapse_window, loss_gap,
-                                         tc.collapse_fid_factor, tc.collapse_warmup)
+        self.collapse = CollapseDetector.from_cfg(tc, loss_gap)
+        self.diversity = DiversityProbe.from_trainer(self)  # stability/diversity (bench/train/diversity.py)
         self.parts = TrainingParts({"G": self.G, "D": self.D, "G_ema": self.G_ema}, self.opt, self.scaler,
                                    self.zgen, self.collapse, self.hist_avg, self.guard, self.objective)
 
@@ -292,6 +293,9 @@ class Trainer:
             watch.start("telemetry")
             for name, net in self.nets.items():
                 telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
+        if self.diversity.due(self.step):  # rank 0 measures, every rank reports its numbers
+            watch.start("telemetry")
+            self.diversity.report(self.ranks, self.G_ema)
         watch.stop()
 
     def _between_steps(self, clock: TickClock, last: bool, interrupted: bool) -> None:
@@ -403,15 +407,14 @@ class Trainer:
     # ---- evaluation and samples ---------------------------------------------------------------------
     def run_eval(self) -> Optional[dict]:
         """Rank 0 evaluates the EMA G, appends to evals.jsonl, keeps checkpoints/best.pt for
-        eval.best_metric (rundir.best_eval decides), and feeds FID to the collapse detector; the
-        other ranks wait."""
-        from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator
+        eval.best_metric (rundir.best_eval decides), and feeds FID to the collapse detector; with several
+        ranks each samples and extracts features for its share first (bench.eval.spread)."""
+        from bench.eval.metrics import EvalSettings, append_eval
+        from bench.eval.spread import EvalJob, evaluate_on_ranks
 
-        def evaluate() -> dict:
-            injected_fault(self.rank, self.step, "eval")  # the fault tests' hook (ranks.py)
-            t0 = time.perf_counter()
-            metrics = evaluate_generator(self.G_ema, EvalSettings.from_cfg(self.cfg), shards_spec=self.shards_spec,
-                                         n_classes=self.n_data_classes, device=self.device, progress=not self.quiet)
+        t0 = time.perf_counter()
+
+        def evaluate(metrics: dict) -> dict:  # rank 0, with the metrics
             rec = append_eval(self.run_dir, self.step, metrics)
             self.best = self.checkpoints.keep_if_best(self.step, self.records.training_evals(), self.cfg.eval,
                                                       lambda best: {**self.state_dict(), "best": best}) or self.best
@@ -419,11 +422,16 @@ class Trainer:
                 reason = self.collapse.update_fid(self.step, metrics[registry.FID])
                 if reason and not self.quiet:
                     print(f"collapse detected at step {self.step}: {reason}", flush=True)
+            if (why := self.collapse.update_recall(self.step, metrics.get("eval/recall"))) and not self.quiet:
+                print(f"collapse detected at step {self.step}: {why}", flush=True)
             if not self.quiet:
                 print(telemetry.eval_line(self.step, metrics, time.perf_counter() - t0), flush=True)
             return rec
 
-        return self.ranks.rank0(f"evaluating step {self.step}", evaluate)
+        job = EvalJob(self.G_ema, EvalSettings.from_cfg(self.cfg), self.shards_spec, self.n_data_classes, self.device,
+                      progress=not self.quiet)
+        return evaluate_on_ranks(job, self.ranks, f"evaluating step {self.step}", evaluate,
+                                 before=lambda: injected_fault(self.rank, self.step, "eval"))  # the fault tests' hook
 
     def save_samples(self) -> Optional[Path]:
         return self.ranks.rank0(f"writing the samples of step {self.step}", lambda: save_samples(

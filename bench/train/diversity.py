@@ -1,0 +1,179 @@
+"""The diversity probe (docs/architecture.md, "Telemetry"): a cheap per-class diversity signal for the
+collapse detector, measured every `telemetry.diversity_every` steps.
+
+For a fixed set of `telemetry.diversity_samples` latents per class (drawn once from a fixed seed, the same in
+every run and on every resume), the EMA generator's samples go through the domain classifier (the evaluation's
+`domain` extractor, bench/eval/classifier.py) and their mean pairwise Euclidean distance in its penultimate
+feature space (`feature_dim` values) is divided by the same quantity for real images of that class (read once
+from the shards and cached in memory). `stability/diversity` is the mean of these ratios over the classes
+(1 = as diverse as the data; 0 = every latent of a class gives the same features); `stability/diversity_min`
+is the smallest class's ratio (a partial collapse of a few classes shows there first).
+
+    pairwise_mean(features) -> float    mean distance over all pairs (unbiased in the count)
+    diversity_ratios(fake, real)        per-class ratios from per-class feature tensors
+    DiversityProbe.from_trainer(t)      the trainer's probe (or an inactive one with diversity_every = 0)
+    probe.due(step) / probe.report(ranks, G)
+
+The probe uses G_ema (what evaluation and the sample grids use; G_ema stays in eval mode, and a net given
+in train mode is put back in train mode). It runs on rank 0 (`Ranks.rank0`) and its numbers are broadcast, so
+every rank reports the same keys and values: the tick's all-reduce keeps every rank's row, and therefore the
+collapse detector's decision, identical.
+
+The domain classifier: `eval.classifier_path`, else the file beside the shards. When it is missing the probe
+trains it on first use (as evaluation does, with its progress lines) only if training evaluates with it anyway
+(`eval.every > 0` or `eval.final`) and `eval.train_classifier` is true; otherwise it says so in one line and
+stays off for the run (train one with `bench eval train-classifier data.shards=...`). With more than
+MAX_CLASSES classes, MAX_CLASSES evenly spaced classes are measured.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Optional
+
+import torch
+
+DIVERSITY = "stability/diversity"
+DIVERSITY_MIN = "stability/diversity_min"
+DIVERSITY_SEED = 20_240_613  # the fixed latents; independent of train.seed so runs compare on the same z
+MAX_CLASSES = 32
+REAL_READ_FACTOR = 4  # real images read: this x diversity_samples x classes (classes are about uniform)
+
+
+def pairwise_mean(features: torch.Tensor) -> float:
+    """Mean Euclidean distance over all unordered pairs of rows of `features` (N, D), in float64."""
+    f = features.double()
+    if f.shape[0] < 2:
+        return float("nan")
+    return float(torch.pdist(f).mean())
+
+
+def diversity_ratios(fake: dict, real: dict) -> dict:
+    """{class: pairwise_mean(fake[c]) / pairwise_mean(real[c])} for the classes in both with >= 2 rows
+    on each side and a real spread above zero."""
+    out = {}
+    for c, f in fake.items():
+        r = real.get(c)
+        if r is None or len(r) < 2 or len(f) < 2:
+            continue
+        ref = pairwise_mean(r)
+        if ref > 0:
+            out[c] = pairwise_mean(f) / ref
+    return out
+
+
+class DiversityProbe:
+    """Built once per run; the classifier and the real side are loaded on the first measurement."""
+
+    def __init__(self, every: int, samples: int, shards_spec, resolution: int, n_classes: int, device, *,
+                 classifier_path=None, train_if_missing: bool = False):
+        from bench.eval.sampling import grid_classes
+
+        self.every, self.samples = int(every), int(samples)
+        self.shards_spec, self.resolution, self.device = shards_spec, int(resolution), device
+        self.classes = grid_classes(n_classes, MAX_CLASSES)
+        self.classifier_path, self.train_if_missing = classifier_path, train_if_missing
+        self.quiet = False           # no progress or skip lines
+        self.net = None              # the domain classifier (eval mode, on `device`)
+        self.real: Optional[dict] = None  # {class: real features}
+        self.off = False             # no classifier: said once, then off for the run
+        self.seconds: list[float] = []  # cost of each measurement (the first includes the set-up)
+
+    @classmethod
+    def from_trainer(cls, t) -> "DiversityProbe":
+        cfg, tc = t.cfg, t.cfg.telemetry
+        evaluates = bool(cfg.eval.every) or bool(cfg.eval.final)
+        probe = cls(tc.diversity_every, tc.diversity_samples, t.shards_spec, cfg.data.resolution, t.n_data_classes,
+                    t.device, classifier_path=cfg.eval.classifier_path,
+                    train_if_missing=evaluates and bool(cfg.eval.get("train_classifier", True)))
+        probe.quiet = t.quiet or not t.is_main
+        return probe
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and not self.off and step % self.every == 0
+
+    def report(self, ranks, G) -> None:
+        """Measure on rank 0, hand the numbers to every rank, report them to the tick (every rank the same)."""
+        from bench.train import telemetry
+
+        values = ranks.broadcast(ranks.rank0("measuring the diversity of G's samples", lambda: self.measure(G)))
+        for key, value in (values or {}).items():
+            telemetry.report(key, value)
+        self.off = self.off or not values  # the same on every rank (broadcast)
+
+    # ---- set-up --------------------------------------------------------------------------------------
+    def _classifier(self):
+        from bench.eval.classifier import classifier_path, load_classifier
+        from bench.eval.errors import EvalError
+        from bench.eval.metrics import ensure_classifier
+
+        path = self.classifier_path or classifier_path(self.shards_spec, self.resolution)
+        try:
+            path = ensure_classifier(self.shards_spec, self.resolution, self.classifier_path,
+                                     train_if_missing=self.train_if_missing, progress=not self.quiet)
+        except EvalError:
+            if not self.quiet:
+                print(f"telemetry.diversity_every={self.every}: no domain classifier at {path}; stability/diversity "
+                      f"is off for this run (train it with `bench eval train-classifier data.shards="
+                      f"{self.shards_spec}`, or evaluate during training: eval.every > 0)", file=sys.stderr,
+                      flush=True)
+            return None
+        return load_classifier(path, self.device)[0]
+
+    def _setup(self) -> bool:
+        from bench.data.shards import dataset_info
+        from bench.eval.classifier import load_images
+
+        self.net = self._classifier()
+        if self.net is None:
+            return False
+        _, n_available, _ = dataset_info(self.shards_spec)
+        limit = REAL_READ_FACTOR * self.samples * len(self.classes)
+        if n_available:
+            limit = min(limit, int(n_available))
+        x, y = load_images(self.shards_spec, self.resolution, limit=limit, seed=0)
+        self.real = {}
+        for c in self.classes:
+            xc = x[y == c][: self.samples]
+            if len(xc) >= 2:
+                self.real[c] = self._features(xc)
+        return True
+
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        return torch.cat([self.net(images[i:i + batch].to(self.device))[0].float().cpu()
+                          for i in range(0, len(images), batch)])
+
+    # ---- measuring -------------------------------------------------------------------------------------
+    def latents(self, z_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed latents (classes x samples, z_dim) and their labels, on the CPU."""
+        g = torch.Generator().manual_seed(DIVERSITY_SEED)
+        z = torch.randn(len(self.classes) * self.samples, z_dim, generator=g)
+        y = torch.tensor(self.classes, dtype=torch.long).repeat_interleave(self.samples)
+        return z, y
+
+    @torch.no_grad()
+    def measure(self, G) -> dict:
+        """{DIVERSITY: mean ratio over classes, DIVERSITY_MIN: smallest class's}; {} when off."""
+        from bench.eval.sampling import sample_images
+
+        t0 = time.perf_counter()
+        if self.real is None and (self.off or not self._setup()):
+            self.off = True
+            return {}
+        was_training = G.training
+        G.eval()
+        try:
+            z, y = self.latents(G.z_dim)
+            images = sample_images(G, z, y, batch_size=256)
+        finally:
+            G.train(was_training)
+        feats = self._features(images)
+        fake = {c: feats[y == c] for c in self.classes}
+        ratios = diversity_ratios(fake, self.real)
+        self.seconds.append(time.perf_counter() - t0)
+        if not ratios:
+            return {}
+        vals = [v for v in ratios.values() if math.isfinite(v)]
+        return {DIVERSITY: sum(vals) / len(vals), DIVERSITY_MIN: min(vals)} if vals else {}
