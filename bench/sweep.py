@@ -366,7 +366,9 @@ class SweepMonitor(threading.Thread):
         self.gone_since: dict[str, float] = {}
         self.labels: dict[str, list[str]] = {}
         self._halt = threading.Event()
-        self.earlier: set[str] = set(self._submitted()) if spec.slurm else set()
+        self.earlier: set[str] = set()  # _submitted() reads it
+        if spec.slurm:  # a later group of one sweep: the earlier groups' jobs are already in .submitit/
+            self.earlier = set(self._submitted())
 
     def run(self) -> None:
         while not self._halt.wait(self.poll_s):

@@ -111,6 +111,19 @@ def test_sweep_is_one_job_array(slurm_cluster, tmp_path, tiny_shards):
     assert "3 job(s)" in proc.stdout
 
 
+@pytest.mark.slurm
+def test_a_node_sweep_is_one_array_per_shape_and_every_group_finishes(slurm_cluster, tmp_path, tiny_shards):
+    """cluster.nodes=1,2 (the batch_scaling study's grid): two arrays in turn, the second monitored apart
+    from the first, both recorded in one sweep.json."""
+    sweep = tmp_path / "sweep"
+    bench(["train", "-m", "hydra/launcher=submitit_slurm", "cluster=local", "cluster.nodes=1,2", "train.batch_size=2",
+           "train.steps=2", f"hydra.sweep.dir={sweep}", f"data.shards={tiny_shards}", *COMMON], cwd=tmp_path)
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    assert len(jobs) == 2 and all(j["state"] == "completed" for j in jobs), jobs
+    assert sorted(j["world_size"] for j in jobs) == [1, 2]
+    assert len({j["slurm_job_id"].split("_")[0] for j in jobs}) == 2  # one array per resource shape
+
+
 def test_failed_sweep_job_is_reported_and_others_finish(tmp_path, tiny_shards):
     """A job that fails while it runs (its shards are not there: nothing a config check can see) is
     recorded with its error; the other job completes."""
