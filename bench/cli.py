@@ -78,11 +78,12 @@ def run_training(cfg, run_dir: Path) -> int:
     watcher = None
     try:
         trainer = Trainer(cfg, run_dir, stop=stop)
-        if trainer.is_main and cfg.eval.get("async"):  # evaluation in its own job (bench eval watch)
+        if cfg.eval.get("async"):  # evaluation in its own job (bench eval watch), submitted by rank 0
             from bench.eval import watch
 
-            try:
-                watcher = watch.submit(cfg, run_dir, watch_job, world=trainer.world)
+            try:  # every rank learns whether it worked: none is left waiting for a rank 0 that returned
+                watcher = trainer.ranks.rank0("submitting the evaluation job", lambda: watch.submit(
+                    cfg, run_dir, watch_job, world=trainer.world))
             except Exception as exc:  # noqa: BLE001 - sbatch refused it, submitit missing, ...: before any step
                 text = str(exc).strip().splitlines()
                 print(f"error: eval.async=true: the evaluation job could not be submitted ({type(exc).__name__}: "

@@ -160,7 +160,7 @@ class TelemetryCfg:
     collapse_loss_gap: float = 50.0
     collapse_warmup: int = 20
     collapse_fid_factor: float = 1.5
-    diversity_every: int = 100
+    diversity_every: int = 0
     diversity_samples: int = 32
     collapse_diversity_factor: float = 0.5
     collapse_recall_factor: float = 0.6

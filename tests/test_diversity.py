@@ -83,6 +83,16 @@ def test_diversity_above_one_counts_as_one():
     assert det.update({"step": 225, DIVERSITY: 0.4}).startswith("diversity: fell from 3.9 (step 50) to 0.4")
 
 
+def test_recall_rule_waits_for_a_recall_worth_losing():
+    """Early recall is tiny and noisy: 0.05 falling to 0.01 is not a collapse (the rule arms at RECALL_FLOOR)."""
+    det = CollapseDetector(recall_factor=0.6, patience=2)
+    for step, r in ((100, 0.05), (200, 0.01), (300, 0.01), (400, 0.02)):
+        assert det.update_recall(step, r) is None
+    assert det.update_recall(500, 0.3) is None  # armed from here
+    assert det.update_recall(600, 0.1) is None
+    assert det.update_recall(700, 0.1).startswith("recall: fell from 0.3 (step 500) to 0.1")
+
+
 def test_detector_flags_a_sustained_recall_drop():
     det = CollapseDetector(recall_factor=0.6, patience=2)
     for step, r in ((300, 0.40), (600, 0.47), (900, 0.30), (1200, 0.44)):

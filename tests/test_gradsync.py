@@ -120,5 +120,7 @@ def test_single_process_and_records():
     rec = step_record(type(sync.stats)(bytes=400, comm_s=0.010, exposed_s=0.0025, phases=2))
     assert rec == pytest.approx({"time/allreduce_ms": 10.0, "time/allreduce_exposed_ms": 2.5,
                                  "comm/hidden_frac": 0.75, "comm/bytes_per_step": 400.0})
+    nan = step_record(type(sync.stats)(bytes=400, comm_s=float("nan"), exposed_s=0.002, phases=2))  # CUDA: no span
+    assert nan["time/allreduce_exposed_ms"] == pytest.approx(2.0) and nan["comm/hidden_frac"] != nan["comm/hidden_frac"]
     with pytest.raises(ValueError, match="dist.grad_sync='ddp'"):
         GradSync(net, 2, "ddp")

@@ -16,8 +16,11 @@ builds no graph. Parameters that received no gradient in the phase are left out,
 
 Measured per phase (`take_stats`): the bytes all-reduced, the communication time (the union of the
 intervals in which some bucket's all-reduce was in flight, launch to completion) and the exposed time (what
-the training thread spent in `finish`: launching the leftovers, waiting, averaging and copying back). The
-trainer records, per G step, `time/allreduce_ms`, `time/allreduce_exposed_ms`, `comm/hidden_frac` (the share
+the training thread spent waiting for it in `finish` after backward: launching leftover buckets and waiting;
+averaging and copying back are not counted, they are the same work in both modes). These timings assume the
+host blocks while a collective runs, as gloo on CPU does. On CUDA (NCCL) a collective returns once queued:
+there `finish` synchronises the stream after each wait and counts it as exposed, and the in-flight span is not
+measured (`time/allreduce_ms` and `comm/hidden_frac` are NaN). The trainer records, per G step, `time/allreduce_ms`, `time/allreduce_exposed_ms`, `comm/hidden_frac` (the share
 of the communication time not exposed) and `comm/bytes_per_step`.
 """
 from __future__ import annotations
@@ -168,6 +171,7 @@ class GradSync:
             return
         self.armed = False
         t0 = time.perf_counter()
+        cuda = any(p.is_cuda for b in self.buckets[:1] for p in b.params)
         for b in self.buckets:  # buckets with a parameter that got no gradient: launched now, in order
             if not b.launched:
                 self._launch(b)
@@ -177,6 +181,8 @@ class GradSync:
                 continue
             t1 = time.perf_counter()
             b.work.wait()
+            if cuda:  # wait() only orders the stream: the host waits here for the collective itself
+                torch.cuda.current_stream().synchronize()
             end = time.perf_counter()
             waited += end - t1
             with self._lock:
@@ -187,7 +193,8 @@ class GradSync:
                 g.copy_(s)
             nbytes += b.flat.numel() * b.flat.element_size()
             b.work, b.flat, b.grads = None, None, []
-        self.stats.add(CommStats(nbytes, _union_seconds(intervals), waited, 1))
+        span = _union_seconds(intervals) if not cuda else float("nan")  # NCCL futures complete when queued
+        self.stats.add(CommStats(nbytes, span, waited, 1))
 
     def _finish_flat(self) -> None:
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
@@ -197,6 +204,8 @@ class GradSync:
         flat = torch._utils._flatten_dense_tensors(grads)
         t0 = time.perf_counter()
         dist.all_reduce(flat)
+        if flat.is_cuda:  # NCCL returns once queued
+            torch.cuda.current_stream().synchronize()
         spent = time.perf_counter() - t0
         flat /= self.world
         for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
@@ -211,6 +220,9 @@ class GradSync:
 def step_record(stats: CommStats) -> dict[str, float]:
     """The tick-record fields of one G step's communication (all phases together)."""
     comm_ms, exposed_ms = 1000.0 * stats.comm_s, 1000.0 * stats.exposed_s
-    hidden = max(0.0, 1.0 - exposed_ms / comm_ms) if comm_ms > 0 else 0.0
+    if comm_ms != comm_ms:  # NaN: the span is not measured (CUDA)
+        hidden = float("nan")
+    else:
+        hidden = max(0.0, 1.0 - exposed_ms / comm_ms) if comm_ms > 0 else 0.0
     return {"time/allreduce_ms": comm_ms, "time/allreduce_exposed_ms": exposed_ms,
             "comm/hidden_frac": hidden, "comm/bytes_per_step": float(stats.bytes)}

@@ -32,7 +32,7 @@ from bench.errors import is_user_error
 
 T = TypeVar("T")
 FAULT_ENV = "GAN_BENCH_FAULT"
-COMM_WORDS = ("gloo", "nccl", "timed out", "timeout", "pair closure", "connection", "broken pipe", "socket")
+COMM_WORDS = ("gloo", "nccl", "timed out", "application timeout", "pair closure", "connection", "broken pipe", "socket")
 # How long rank 0 looks for a failed peer's error file after its own collective broke.
 PEER_ERROR_WAIT_S = 10.0
 

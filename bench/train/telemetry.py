@@ -19,6 +19,7 @@ import torch
 from bench import device as bdevice
 
 _active: Optional["Collector"] = None
+RECALL_FLOOR = 0.1  # the recall collapse rule waits until some evaluation's recall reaches this
 
 
 def report(name: str, value) -> None:
@@ -328,7 +329,9 @@ class CollapseDetector:
         best_key, low_key = ("best_recall", "low_recall") if recall else ("best_div", "low_div")
         best, low = getattr(self, best_key), getattr(self, low_key)
         # diversity above 1 (more spread than the data: an early G's noise) counts as 1, the data's own level
-        if factor > 0 and best is not None and value < factor * (best[1] if recall else min(best[1], 1.0)):
+        # recall: armed once the best reaches RECALL_FLOOR (an early 0.05 falling to 0.02 is noise, not collapse)
+        armed = best is not None and (not recall or best[1] >= RECALL_FLOOR)
+        if factor > 0 and armed and value < factor * (best[1] if recall else min(best[1], 1.0)):
             low.append((step, value))
             if len(low) >= self.patience:
                 kind = "evaluations" if recall else "measurements"
