@@ -100,7 +100,7 @@ def test_best_eval_one_rule():
 
 
 def test_registry_is_consistent():
-    assert registry.LOWER_IS_BETTER == {"eval/FID", "eval/KID"}
+    assert registry.LOWER_IS_BETTER == {"eval/FID", "eval/KID", "eval/intra_FID"}
     assert set(registry.BEST_METRICS) <= set(registry.EVAL_METRICS)
     assert registry.FIDELITY_KEYS["frechet_inception_distance"] == "eval/FID"
     assert registry.is_better("eval/FID", 1.0, 2.0) and not registry.is_better("eval/IS", 1.0, 2.0)
