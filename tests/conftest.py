@@ -163,3 +163,28 @@ def slurm_cluster() -> SlurmCluster:
     return SlurmCluster(partition=PARTITION, nodes=NODES)
 
 
+
+
+def classified_shards(root: Path, num_samples: int = 300, per_shard: int = 100) -> Path:
+    """Built-in shards at root/shapes32 with a quickly trained domain classifier beside them (width 8, 2 epochs:
+    epochs, not the clock, set its length), for the evaluation tests."""
+    from bench.data.shards import ShardSetSpec, make_shards
+    from bench.eval import classifier as C
+
+    shards = root / "shapes32"
+    make_shards(shards, ShardSetSpec(source="shapes", resolution=32, num_samples=num_samples,
+                                     samples_per_shard=per_shard, seed=0), progress=False)
+    C.train_classifier(shards, settings=C.ClassifierSettings(epochs=2, max_seconds=600, width=8, holdout=0.2,
+                                                             precision="fp32"), progress=False)
+    return shards
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (CPU convolutions differ in the last bits across thread counts)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,7 +1,6 @@
 """Evaluation a paper can trust: density / coverage against a brute-force reference, the float64 Frechet
 distance against torch-fidelity's own, its imaginary residue, and sampling that does not depend on
 eval.batch_size (in-process and through `python -m bench.cli eval`). Tiny data; about a minute on 2 CPUs."""
-import json
 import math
 import os
 import subprocess
@@ -14,14 +13,13 @@ import torch
 
 from bench import metrics_registry as registry
 from bench import rundir
-from bench.data.shards import ShardSetSpec, make_shards
 from bench.eval import classifier as C
 from bench.eval import metrics as M
 from bench.eval import runs as R
 from bench.eval import sampling as S
 from bench.eval import stats
 from bench.eval.errors import EvalError
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, classified_shards
 
 K = 5  # density / coverage neighbours (the paper's k)
 
@@ -159,26 +157,13 @@ def test_an_imaginary_square_root_is_one_evalerror():
 
 # ---- sampling that does not depend on eval.batch_size ---------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """One torch thread in this process (a shared 2-core machine), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """Tiny shards with a quickly trained domain classifier beside them, and a 2-step `bench train` run."""
     from bench.cli import main
 
     root = tmp_path_factory.mktemp("rigour")
-    shards = root / "shapes32"
-    make_shards(shards, ShardSetSpec(source="shapes", resolution=32, num_samples=300, samples_per_shard=100, seed=0),
-                progress=False)
-    C.train_classifier(shards, settings=C.ClassifierSettings(epochs=2, max_seconds=600, width=8, holdout=0.2,
-                                                             precision="fp32"), progress=False)
+    shards = classified_shards(root)
     run = root / "run"
     rc = main(["train", f"data.shards={shards}", f"run.dir={run}", *TINY, "train.steps=2", "train.batch_size=4",
                "train.ckpt_every=2", "train.sample_every=0", "telemetry.mfu=false", "telemetry.sigma_every=0",

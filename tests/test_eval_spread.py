@@ -16,12 +16,11 @@ import torch
 import models
 from bench import metrics_registry as registry
 from bench import rundir
-from bench.data.shards import ShardSetSpec, make_shards
 from bench.eval import classifier as C
 from bench.eval import metrics as M
 from bench.eval import sampling as S
 from bench.eval.spread import share_rows
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, classified_shards
 
 TINY_MODEL = {"family": "biggan", "ch": 8, "d_ch": 8, "z_dim": 32, "shared_dim": 16, "attn": [], "hier": True}
 N_CLASSES = 10
@@ -35,20 +34,8 @@ SETTINGS = [dict(num_samples=70, batch_size=16, repeats=2, precision="fp32"),
 def data(tmp_path_factory):
     """Tiny shards with a quickly trained domain classifier beside them (epochs, not the clock, set its length)."""
     root = tmp_path_factory.mktemp("spread")
-    shards = root / "shapes32"
-    make_shards(shards, ShardSetSpec(source="shapes", resolution=32, num_samples=300, samples_per_shard=100, seed=0),
-                progress=False)
-    C.train_classifier(shards, settings=C.ClassifierSettings(epochs=2, max_seconds=600, width=8, holdout=0.2,
-                                                             precision="fp32"), progress=False)
+    shards = classified_shards(root)
     return root, shards
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_G(seed=0):

@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from bench import rundir
-from bench.data.shards import ShardSetSpec, make_shards
-from bench.eval import classifier as C
 from bench.eval.watch import JOBS, PINS, SOURCE_WATCH, WATCH_LOCK
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, classified_shards
 
 EVAL = ["eval.num_samples=40", "eval.batch_size=20"]
 TRAIN = [*TINY, "train.steps=6", "train.batch_size=4", "train.ckpt_every=2", "train.ckpt_keep=10",
@@ -50,11 +48,7 @@ def trained(tmp_path_factory):
     """Shards with a quickly trained domain classifier, and a 6-step run that evaluated itself every 2 steps
     in training (the reference the watcher's records are compared with)."""
     root = tmp_path_factory.mktemp("watch")
-    shards = root / "shapes32"
-    make_shards(shards, ShardSetSpec(source="shapes", resolution=32, num_samples=240, samples_per_shard=60, seed=0),
-                progress=False)
-    C.train_classifier(shards, settings=C.ClassifierSettings(epochs=2, max_seconds=600, width=8, holdout=0.2,
-                                                             precision="fp32"), progress=False)
+    shards = classified_shards(root, num_samples=240, per_shard=60)
     run = root / "sync"
     bench("train", f"data.shards={shards}", f"run.dir={run}", *TRAIN, "eval.every=2")
     assert [r["step"] for r in evals(run)] == [2, 4, 6]

@@ -14,7 +14,6 @@ from bench import metrics_registry as registry
 from bench import rundir
 from bench.config import ConfigError, EvalCfg, validate_eval
 from bench.data.shapes import SHAPES_CLASSES
-from bench.data.shards import ShardSetSpec, make_shards
 from bench.eval import classifier as C
 from bench.eval import intra as I
 from bench.eval import intra_check
@@ -23,7 +22,7 @@ from bench.eval import runs as R
 from bench.eval import sampling as S
 from bench.eval import stats
 from bench.eval.errors import EvalError
-from conftest import TINY
+from conftest import TINY, classified_shards
 
 
 # ---- an independent reference ------------------------------------------------------------------------
@@ -167,25 +166,13 @@ def trained_run(tmp_path_factory):
     from bench.cli import main
 
     root = tmp_path_factory.mktemp("intra")
-    shards = root / "shapes32"
-    make_shards(shards, ShardSetSpec(source="shapes", resolution=32, num_samples=300, samples_per_shard=100, seed=0),
-                progress=False)
-    C.train_classifier(shards, settings=C.ClassifierSettings(epochs=2, max_seconds=600, width=8, holdout=0.2,
-                                                             precision="fp32"), progress=False)
+    shards = classified_shards(root)
     run = root / "run"
     rc = main(["train", f"data.shards={shards}", f"run.dir={run}", *TINY, "train.steps=2", "train.batch_size=4",
                "train.ckpt_every=2", "train.sample_every=0", "telemetry.mfu=false", "telemetry.sigma_every=0",
                "eval.every=0"])
     assert rc == 0
     return run, shards
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_the_run_time_rule_counts_the_dataset_before_any_work(trained_run, tmp_path):
