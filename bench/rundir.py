@@ -277,6 +277,9 @@ class RunLocked(RuntimeError):
     """Another live process holds the run directory."""
 
 
+LOCK_RETRY_S = 2.0  # RunLock.acquire retries this long: a watcher holds the lock for moments (a probe, a write)
+
+
 class RunLock:
     """An exclusive flock on <run dir>/.lock for the whole life of the writer (rank 0 of a run).
 
@@ -295,9 +298,15 @@ class RunLock:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + LOCK_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:  # a brief holder (a watcher's probe, its summary update)
+                    time.sleep(0.05)
+                    continue
             holder = self.holder()
             os.close(fd)
             who = (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"

@@ -163,3 +163,18 @@ def test_bad_diversity_keys_are_one_line_errors(tmp_path, capsys, override, need
     assert main(["train", override, f"run.dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_real_images_are_kept_per_class_in_the_shards_order_and_reading_stops_when_all_are_full(tiny_shards):
+    """The probe's real side: each class's first images in load_images' order, at most `per_class` of them (a
+    frequent class cannot crowd out the rest), and no more reading once every class is full."""
+    from bench.eval.classifier import load_images
+    from bench.train.diversity import real_per_class
+
+    x, y = load_images(tiny_shards, 32, seed=0)
+    kept, read = real_per_class(tiny_shards, 32, list(range(10)), per_class=3, limit=10_000)
+    assert sorted(kept) == list(range(10)) and read < len(y)  # stopped before the end (240 images)
+    for c in range(10):
+        assert torch.equal(kept[c], x[y == c][:3]), c
+    few, read = real_per_class(tiny_shards, 32, [0, 1], per_class=500, limit=100)
+    assert read >= 100 and read < len(y) and all(torch.equal(few[c], x[:read][y[:read] == c]) for c in (0, 1))

@@ -222,3 +222,20 @@ def test_pins_keep_seen_checkpoints_through_rotation_and_a_removed_one_is_skippe
     assert watcher.run() == 0  # the lock is free: training has ended; 4 and 6 from their pins, then 8
     assert [r["step"] for r in evals(run)] == [4, 6, 8] and watcher.skipped == [2]
     assert not (ckpts / PINS).exists()
+
+
+def test_an_unexpected_error_on_one_checkpoint_is_reported_and_the_others_are_evaluated(trained, tmp_path):
+    """Not only the evaluation's own errors: a checkpoint whose generator does not fit the run's config (here a
+    weight of the wrong shape) fails with its traceback and type, and the watcher goes on to the next one."""
+    ref, _ = trained
+    run = unevaluated_copy(ref, tmp_path / "run")
+    path = run / rundir.CHECKPOINTS / rundir.ckpt_name(4)
+    state = torch.load(path, weights_only=False)
+    name = next(k for k, v in state["G_ema"].items() if v.dim() == 4)
+    state["G_ema"][name] = torch.zeros(1, 1, 1, 1)
+    torch.save(state, path)
+    proc = bench("eval", "watch", f"run={run}", "poll=0.2", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "error: step 4: RuntimeError:" in proc.stderr and "Traceback" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(r["step"] for r in evals(run)) == [2, 6]
+    assert "evaluated 2 checkpoint(s) [2, 6]" in proc.stdout and "failed [4]" in proc.stdout

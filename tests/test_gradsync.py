@@ -96,6 +96,46 @@ def test_two_ranks_average_like_one_process(tmp_path, mode):
             assert got["buckets"] == 0 and stats.exposed_s == stats.comm_s
 
 
+def _unused_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = _Net()
+    net.head.unused = torch.nn.Parameter(torch.zeros(5))  # the head's last: the first bucket in reverse order
+    sync = GradSync(net, 2, "overlap", bucket_mb=0.001)
+    for step in range(2):  # warned once, not every step
+        net.zero_grad(set_to_none=True)
+        sync.arm()
+        net(_data(rank, step)).square().mean().backward()
+        launched = sum(b.launched for b in sync.buckets)
+        sync.finish()
+    torch.save({"grads": {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None},
+                "launched": launched, "warned": sync.warned}, f"{out_dir}/unused-{rank}.pt")
+    dist.barrier()
+    os._exit(0)
+
+
+def test_a_parameter_without_gradient_holds_the_buckets_and_is_named_once(tmp_path, capfd):
+    """Correct gradients still, but the overlap is lost: rank 0 says so once, naming the parameter."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_unused_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    got = [torch.load(tmp_path / f"unused-{r}.pt", weights_only=False) for r in (0, 1)]
+    torch.manual_seed(0)
+    ref = _Net()
+    ref.head.unused = torch.nn.Parameter(torch.zeros(5))
+    for r in (0, 1):  # the mean over both ranks' last step
+        (ref(_data(r, 1)).square().mean() / 2).backward()
+    for r in (0, 1):
+        assert got[r]["launched"] == 0 and got[r]["warned"]  # every bucket waits behind the first
+        assert set(got[r]["grads"]) == {n for n, p in ref.named_parameters() if p.grad is not None}
+        for name, g in got[r]["grads"].items():
+            torch.testing.assert_close(g, dict(ref.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
+    err = capfd.readouterr().err
+    assert err.count("dist.grad_sync=overlap") == 1 and "head.unused got no gradient" in err and "none hidden" in err, err
+
+
 def test_buckets_follow_reverse_order_and_size():
     net = _Net()
     params = list(net.parameters())

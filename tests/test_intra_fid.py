@@ -257,3 +257,19 @@ def test_bench_eval_records_per_class_fid_and_the_report_shows_it(trained_run, t
     with open(report / "evals.csv") as f:
         evals = list(csv.DictReader(f))
     assert float(evals[-1]["eval/intra_FID"]) == pytest.approx(rec2["eval/intra_FID"], rel=1e-9)
+
+
+def test_a_class_the_drawn_labels_leave_short_is_an_error_before_any_image_is_made():
+    """40 samples over 10 classes pass the rule at eval.intra_min_per_class=4, but the labels are drawn per sample:
+    eval.seed 2 and 3 give every class >= 2, seed 4 leaves one with none. The check counts the drawn labels (they
+    come from the seed before any image), so the second set fails now, naming its seed and class."""
+    names = [str(c) for c in range(10)]
+    ok = M.EvalSettings(num_samples=40, intra_fid=True, intra_min_per_class=4, seed=2, repeats=2)
+    assert I.IntraFID.check(ok, names, 10, 1000, z_dim=8) == names
+    short = M.EvalSettings(num_samples=40, intra_fid=True, intra_min_per_class=4, seed=3, repeats=2)
+    with pytest.raises(EvalError) as info:
+        I.IntraFID.check(short, names, 10, 1000, z_dim=8)
+    counts = np.bincount(S.eval_latents(40, 8, 10, seed=4)[1].numpy(), minlength=10)
+    c = int(counts.argmin())
+    assert counts[c] < 2 and f"eval.seed=4 give class '{c}' {counts[c]} of eval.num_samples=40" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -168,3 +168,25 @@ def test_fsync_tree_syncs_every_file_and_directory(tmp_path, monkeypatch):
     rundir.fsync_tree(tmp_path / "set")
     assert set(synced) == {"set/a.tar", "set/sub/b.tar", "set/manifest.json", "set/sub", "set"}
     assert synced.index("set/sub") < synced.index("set")  # deepest directory first, the top last
+
+
+PROBE = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # what a watcher's probe takes, here held for a moment
+    print("held", flush=True)
+    time.sleep(0.5)
+""")
+
+
+def test_a_brief_holder_such_as_a_watchers_probe_is_waited_for_not_refused(tmp_path):
+    """A training starting in the instant `bench eval watch` probes the run lock gets it (RunLock retries for
+    rundir.LOCK_RETRY_S) instead of exiting 2."""
+    (tmp_path / rundir.LOCK).write_text("")
+    p = subprocess.Popen([sys.executable, "-c", PROBE, str(tmp_path / rundir.LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with rundir.RunLock(tmp_path) as lock:
+            assert lock.holder()["pid"] == os.getpid()
+    finally:
+        p.wait()

@@ -41,6 +41,25 @@ def _labels(y) -> np.ndarray:
     return (y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)).astype(np.int64).ravel()
 
 
+def _drawn_labels_check(s, names: Sequence[str], z_dim: int) -> None:
+    """Labels are drawn per sample, so the rule's num_samples / n_classes is only their mean: with a small
+    eval.intra_min_per_class a class can get fewer than the 2 samples a covariance needs. Every latent and label
+    comes from the seed before any image (sampling.eval_latents), so each sample set's labels are counted here and
+    a short class is an EvalError now, not after the sampling."""
+    from bench.eval.sampling import eval_latents
+
+    for i in range(int(s.repeats)):
+        seed = int(s.seed) + i
+        _, y = eval_latents(int(s.num_samples), int(z_dim), len(names), truncation=s.truncation,
+                            trunc_mode=s.trunc_mode, seed=seed)
+        counts = np.bincount(_labels(y), minlength=len(names))
+        c = int(counts.argmin())
+        if counts[c] < 2:
+            raise EvalError(f"intra-class FID: the labels of eval.seed={seed} give class {names[c]!r} {counts[c]} of "
+                            f"eval.num_samples={s.num_samples} samples, a covariance needs 2; raise eval.num_samples "
+                            f"(or eval.intra_min_per_class with it), or set eval.intra_fid=false")
+
+
 def _class_rows(features: np.ndarray, labels: np.ndarray, names: Sequence[str], side: str) -> list:
     """[(count, rows)] per class; an EvalError naming the key to raise when a class has < 2. (Rows, not
     covariances: a D x D covariance per class would be 33 GB for 1000 classes of Inception features.)"""
@@ -114,10 +133,12 @@ class IntraFID:
         self._real_rows = None
 
     @staticmethod
-    def check(s, class_names: Optional[Sequence[str]], n_classes: int, n_real: int) -> list[str]:
+    def check(s, class_names: Optional[Sequence[str]], n_classes: int, n_real: int,
+              z_dim: Optional[int] = None) -> list[str]:
         """The names of the n_classes classes an evaluation samples (the manifest's, else "0", "1", ...) after
         the sample-count rule of bench.eval.intra_check with the run's class count and real images (an
-        EvalError in its words; n_real below the asked count is the dataset's size, and the message says so)."""
+        EvalError in its words; n_real below the asked count is the dataset's size, and the message says so).
+        With G's z_dim, also the labels themselves (_drawn_labels_check), before any image is generated."""
         names = list(class_names) if class_names and len(class_names) == n_classes else [str(c) for c in
                                                                                         range(n_classes)]
         capped = n_real < int(s.num_real or s.num_samples)
@@ -126,6 +147,8 @@ class IntraFID:
                    or samples_problem(int(s.num_samples), n_real, n_classes, int(s.intra_min_per_class), source))
         if problem:
             raise EvalError(problem)
+        if z_dim is not None:
+            _drawn_labels_check(s, names, z_dim)
         return names
 
     def bind(self, fake_labels):

@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -266,12 +267,17 @@ class Watcher:
             run = load_run(self.run_dir, self.overrides, which=str(path), device=self.device)
             metrics = evaluate_generator(run["G"], EvalSettings.from_cfg(run["cfg"]), shards_spec=run["shards"],
                                          n_classes=run["n_classes"], device=run["device"], progress=True)
-        except EvalError as exc:
+        except Exception as exc:  # noqa: BLE001 - one checkpoint failed (bad input, out of memory, a bug): the next goes on
             if not path.exists():
                 return self.skip(step, "its checkpoint was removed (train.ckpt_keep) before it was evaluated")
             self.failed.append(step)
             self.given_up.add(step)
-            say(f"error: step {step}: {str(exc).splitlines()[0]}", err=True)
+            if not isinstance(exc, EvalError):  # not a message written for the user: keep where it came from
+                traceback.print_exc()
+            kept = (f"; its pin {path.relative_to(self.run_dir)} stays, so a restarted watcher tries it again"
+                    if path.parent == self.pins else "")
+            say(f"error: step {step}: {type(exc).__name__ + ': ' if not isinstance(exc, EvalError) else ''}"
+                f"{(str(exc).strip().splitlines() or [''])[0]}{kept}", err=True)
             return
         append_eval(self.run_dir, step, metrics, source=SOURCE_WATCH,
                     checkpoint=f"{rundir.CHECKPOINTS}/{rundir.ckpt_name(step)}")

@@ -38,7 +38,8 @@ DIVERSITY = "stability/diversity"
 DIVERSITY_MIN = "stability/diversity_min"
 DIVERSITY_SEED = 20_240_613  # the fixed latents; independent of train.seed so runs compare on the same z
 MAX_CLASSES = 32
-REAL_READ_FACTOR = 4  # real images read: this x diversity_samples x classes (classes are about uniform)
+REAL_READ_FACTOR = 8  # real images read at most: this x diversity_samples x classes (the read stops when every
+                      # measured class has diversity_samples; a class beyond that is not kept)
 
 
 def pairwise_mean(features: torch.Tensor) -> float:
@@ -61,6 +62,31 @@ def diversity_ratios(fake: dict, real: dict) -> dict:
         if ref > 0:
             out[c] = pairwise_mean(f) / ref
     return out
+
+
+def real_per_class(shards_spec, resolution: int, classes: list, per_class: int, limit: int) -> tuple[dict, int]:
+    """({class: up to per_class real images (uint8, as bench.eval.classifier.load_images gives them)}, images
+    read): the shards in load_images' fixed order, kept per class (a class already full takes no more, so a
+    frequent class cannot crowd out the others), stopping when every class is full or `limit` images were read."""
+    from bench.data.loader import LoaderSettings, ShardLoader
+
+    want = set(classes)
+    kept: dict = {c: [] for c in classes}
+    have, read = dict.fromkeys(classes, 0), 0
+    loader = ShardLoader(str(shards_spec), batch_size=64, resolution=int(resolution),  # small: stops soon after full
+                         settings=LoaderSettings(num_workers=0, shuffle_buffer=0, seed=0, resampled=False))
+    with loader:
+        for x, y in loader:
+            x = x.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)  # [-1, 1] back to the shard's uint8
+            for c in set(y.tolist()) & want:
+                take = x[y == c][: per_class - have[c]]
+                if len(take):
+                    kept[c].append(take)
+                    have[c] += len(take)
+            read += len(y)
+            if read >= limit or all(have[c] >= per_class for c in classes):
+                break
+    return {c: torch.cat(v) for c, v in kept.items() if v}, read
 
 
 class DiversityProbe:
@@ -123,7 +149,6 @@ class DiversityProbe:
 
     def _setup(self) -> bool:
         from bench.data.shards import dataset_info
-        from bench.eval.classifier import load_images
 
         self.net = self._classifier()
         if self.net is None:
@@ -132,12 +157,13 @@ class DiversityProbe:
         limit = REAL_READ_FACTOR * self.samples * len(self.classes)
         if n_available:
             limit = min(limit, int(n_available))
-        x, y = load_images(self.shards_spec, self.resolution, limit=limit, seed=0)
-        self.real = {}
-        for c in self.classes:
-            xc = x[y == c][: self.samples]
-            if len(xc) >= 2:
-                self.real[c] = self._features(xc)
+        per_class, read = real_per_class(self.shards_spec, self.resolution, self.classes, self.samples, limit)
+        self.real = {c: self._features(x) for c, x in per_class.items() if len(x) >= 2}
+        short = [c for c in self.classes if c not in self.real]
+        if short:
+            print(f"diversity: {len(short)} of {len(self.classes)} measured classes have fewer than 2 real images "
+                  f"among the {read} read (classes {short[:8]}{' ...' if len(short) > 8 else ''}; shards sorted by "
+                  f"class?); {DIVERSITY} covers the other {len(self.real)}", file=sys.stderr, flush=True)
         return True
 
     @torch.no_grad()

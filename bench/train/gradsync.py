@@ -25,6 +25,7 @@ of the communication time not exposed) and `comm/bytes_per_step`.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class GradSync:
         self.stats = CommStats()
         self._lock = threading.Lock()  # future callbacks run on the communication thread
         self._handles = []
+        self.warned = False  # the one warning of a bucket left to finish()
         self.buckets: list[_Bucket] = []
         if world > 1 and mode == "overlap":
             if bucket_mb is None:
@@ -172,9 +174,11 @@ class GradSync:
         self.armed = False
         t0 = time.perf_counter()
         cuda = any(p.is_cuda for b in self.buckets[:1] for p in b.params)
-        for b in self.buckets:  # buckets with a parameter that got no gradient: launched now, in order
-            if not b.launched:
-                self._launch(b)
+        late = [i for i, b in enumerate(self.buckets) if not b.launched]
+        if late and not self.warned:
+            self._warn_late(late)
+        for i in late:  # buckets with a parameter that got no gradient (and those after them): launched now, in order
+            self._launch(self.buckets[i])
         nbytes, intervals, waited = 0, [], time.perf_counter() - t0
         for b in self.buckets:
             if b.work is None:
@@ -195,6 +199,21 @@ class GradSync:
             b.work, b.flat, b.grads = None, None, []
         span = _union_seconds(intervals) if not cuda else float("nan")  # NCCL futures complete when queued
         self.stats.add(CommStats(nbytes, span, waited, 1))
+
+    def _warn_late(self, late: list) -> None:
+        """Once per net (rank 0): a bucket was still incomplete when backward ended, so it and every later one
+        were sent after backward (correct, but nothing of them hidden). Names what held it."""
+        self.warned = True
+        if dist.get_rank() != 0:
+            return
+        first = self.buckets[late[0]]
+        names = {id(p): n for n, p in self.net.named_parameters()}
+        held = [names.get(id(p), "?") for p in first.params if p.grad is None] or ["a parameter"]
+        print(f"warning: dist.grad_sync=overlap: {type(self.net).__name__}'s gradient bucket {late[0] + 1} of "
+              f"{len(self.buckets)} was incomplete at the end of backward ({', '.join(held[:3])}"
+              f"{f' and {len(held) - 3} more' if len(held) > 3 else ''} got no gradient), so {len(late)} bucket(s) "
+              f"were sent after backward, none hidden behind it; set requires_grad=False on parameters a step does "
+              f"not use, or use dist.grad_sync=flat", file=sys.stderr, flush=True)
 
     def _finish_flat(self) -> None:
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
