@@ -169,6 +169,7 @@ def test_bench_train_with_eval_async_evaluates_in_its_own_job(trained, tmp_path)
     assert job["executor"] == "local" and job["job_id"].isdigit()
     log = Path(job["stdout"]).read_text()
     assert "eval watch: training ended (completed at step 6); evaluated 3 checkpoint(s) [2, 4, 6]" in log
+    assert not any("%" in p.name for p in (run / "eval-watch").rglob("*"))  # no literal %j folder
 
 
 @pytest.mark.parametrize("args, needle", [

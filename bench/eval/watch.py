@@ -437,7 +437,7 @@ def submit(cfg, run_dir: Path, job: Callable[[list], int], world: int = 1) -> di
     run_dir = Path(run_dir).resolve()
     since = time.time()
     args = [f"run={run_dir}", "wait=true", f"since={since:.6f}"]
-    folder = run_dir / "eval-watch" / "%j"
+    folder = run_dir / "eval-watch"  # <job id>_* files; a %j pattern would leave a literal "%j" folder (submitit)
     if os.environ.get("SLURM_JOB_ID"):
         c = cfg.cluster
         ex = submitit.SlurmExecutor(folder)
