@@ -13,7 +13,7 @@ import torch
 
 from bench import rundir
 from bench.eval.watch import JOBS, PINS, SOURCE_WATCH, WATCH_LOCK
-from conftest import ROOT, TINY, classified_shards
+from conftest import ROOT, TINY, classified_shards, wait_until_gone
 
 EVAL = ["eval.num_samples=40", "eval.batch_size=20"]
 TRAIN = [*TINY, "train.steps=6", "train.batch_size=4", "train.ckpt_every=2", "train.ckpt_keep=10",
@@ -170,6 +170,23 @@ def test_bench_train_with_eval_async_evaluates_in_its_own_job(trained, tmp_path)
     log = Path(job["stdout"]).read_text()
     assert "eval watch: training ended (completed at step 6); evaluated 3 checkpoint(s) [2, 4, 6]" in log
     assert not any("%" in p.name for p in (run / "eval-watch").rglob("*"))  # no literal %j folder
+
+
+def test_eval_async_inside_a_slurm_job_submits_the_watcher_to_slurm(slurm_cluster, trained, tmp_path):
+    """On the real local cluster: the training job submits the watcher as a Slurm job of its own, which evaluates
+    every due checkpoint and writes best.pt and summary.json's best once training has ended."""
+    _, shards = trained
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "train", "hydra/launcher=submitit_slurm", "cluster=local",
+                           f"data.shards={shards}", f"run.dir={run}", f"hydra.sweep.dir={sweep}", *TRAIN, "eval.every=2",
+                           "eval.async=true"], cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    job = rundir.read_json(run / JOBS)["jobs"][-1]
+    assert job["executor"] == "slurm" and job["job_id"].isdigit()
+    assert not wait_until_gone([job["job_id"]], timeout=600)  # the watcher follows training, then leaves
+    assert_evaluated_once_with_best(run)
+    assert "evaluated 3 checkpoint(s) [2, 4, 6]" in Path(job["stdout"]).read_text()
 
 
 @pytest.mark.parametrize("args, needle", [
