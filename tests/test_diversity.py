@@ -2,6 +2,7 @@
 import itertools
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -178,3 +179,29 @@ def test_real_images_are_kept_per_class_in_the_shards_order_and_reading_stops_wh
         assert torch.equal(kept[c], x[y == c][:3]), c
     few, read = real_per_class(tiny_shards, 32, [0, 1], per_class=500, limit=100)
     assert read >= 100 and read < len(y) and all(torch.equal(few[c], x[:read][y[:read] == c]) for c in (0, 1))
+
+
+def test_the_measurement_is_kept_out_of_the_ticks_img_per_s(tiny_shards, tmp_path, monkeypatch):
+    """Diversity is telemetry, not training: a measurement made 5 s longer shows in the run's wall time but not
+    in the tick's img/s (whose seconds are images / img/s)."""
+    from bench.eval.classifier import ClassifierSettings, train_classifier
+
+    clf = tmp_path / "clf.pt"
+    train_classifier(tiny_shards, out=clf, settings=ClassifierSettings(epochs=1, max_seconds=20, width=8,
+                                                                         holdout=0.0), progress=False)
+    real_measure = DiversityProbe.measure
+
+    def slow_measure(self, G):
+        time.sleep(5)
+        return real_measure(self, G)
+
+    monkeypatch.setattr(DiversityProbe, "measure", slow_measure)
+    run_dir = tmp_path / "run"
+    assert main(["train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.steps=4",
+                 "train.batch_size=4", "train.tick_every=2", "telemetry.diversity_every=4", "telemetry.mfu=false",
+                 "telemetry.diversity_samples=4", "train.sample_every=0", f"eval.classifier_path={clf}"]) == 0
+    first, second = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][:2]
+    assert DIVERSITY in second and DIVERSITY not in first
+    wall = second["time/wall_s"] - first["time/wall_s"]
+    tick_s = 2 * 4 / second["throughput/img_per_s"]
+    assert wall >= 5 and tick_s < wall - 4.5, (wall, tick_s)

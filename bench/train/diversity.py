@@ -119,14 +119,18 @@ class DiversityProbe:
     def due(self, step: int) -> bool:
         return self.every > 0 and not self.off and step % self.every == 0
 
-    def report(self, ranks, G) -> None:
-        """Measure on rank 0, hand the numbers to every rank, report them to the tick (every rank the same)."""
+    def report(self, ranks, G) -> float:
+        """Measure on rank 0, hand the numbers to every rank, report them to the tick (every rank the same).
+        Returns the seconds it took: the training loop sets them aside, so they stay out of the tick's img/s."""
         from bench.train import telemetry
+
+        t0 = time.perf_counter()
 
         values = ranks.broadcast(ranks.rank0("measuring the diversity of G's samples", lambda: self.measure(G)))
         for key, value in (values or {}).items():
             telemetry.report(key, value)
         self.off = self.off or not values  # the same on every rank (broadcast)
+        return time.perf_counter() - t0
 
     # ---- set-up --------------------------------------------------------------------------------------
     def _classifier(self):

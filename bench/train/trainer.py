@@ -256,6 +256,8 @@ class Trainer:
                 self.train_step(watch, self.next_batch)
                 self.trained = True
                 clock.steps += 1
+                if self.diversity.due(self.step):  # before the tick that reports it; not training: kept out of img/s
+                    clock.set_aside(self.diversity.report(self.ranks, self.G_ema))
                 self.stop.agree(self.ranks.any)
                 interrupted = self.stop.requested
                 last = self.step >= t.steps or interrupted
@@ -293,9 +295,6 @@ class Trainer:
             watch.start("telemetry")
             for name, net in self.nets.items():
                 telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
-        if self.diversity.due(self.step):  # rank 0 measures, every rank reports its numbers
-            watch.start("telemetry")
-            self.diversity.report(self.ranks, self.G_ema)
         watch.stop()
 
     def _between_steps(self, clock: TickClock, last: bool, interrupted: bool) -> None:
