@@ -172,6 +172,7 @@ def test_bench_train_with_eval_async_evaluates_in_its_own_job(trained, tmp_path)
     assert not any("%" in p.name for p in (run / "eval-watch").rglob("*"))  # no literal %j folder
 
 
+@pytest.mark.slurm
 def test_eval_async_inside_a_slurm_job_submits_the_watcher_to_slurm(slurm_cluster, trained, tmp_path):
     """On the real local cluster: the training job submits the watcher as a Slurm job of its own, which evaluates
     every due checkpoint and writes best.pt and summary.json's best once training has ended."""

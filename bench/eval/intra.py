@@ -55,9 +55,10 @@ def _drawn_labels_check(s, names: Sequence[str], z_dim: int) -> None:
         counts = np.bincount(_labels(y), minlength=len(names))
         c = int(counts.argmin())
         if counts[c] < 2:
-            raise EvalError(f"intra-class FID: the labels of eval.seed={seed} give class {names[c]!r} {counts[c]} of "
-                            f"eval.num_samples={s.num_samples} samples, a covariance needs 2; raise eval.num_samples "
-                            f"(or eval.intra_min_per_class with it), or set eval.intra_fid=false")
+            which = f" (sample set {i + 1} of eval.repeats={s.repeats}: seed {seed})" if int(s.repeats) > 1 else ""
+            raise EvalError(f"intra-class FID: the labels of eval.seed={s.seed}{which} give class {names[c]!r} "
+                            f"{counts[c]} of eval.num_samples={s.num_samples} samples, a covariance needs 2; raise "
+                            f"eval.num_samples (or eval.intra_min_per_class with it), or set eval.intra_fid=false")
 
 
 def _class_rows(features: np.ndarray, labels: np.ndarray, names: Sequence[str], side: str) -> list:

@@ -38,8 +38,8 @@ DIVERSITY = "stability/diversity"
 DIVERSITY_MIN = "stability/diversity_min"
 DIVERSITY_SEED = 20_240_613  # the fixed latents; independent of train.seed so runs compare on the same z
 MAX_CLASSES = 32
-REAL_READ_FACTOR = 8  # real images read at most: this x diversity_samples x classes (the read stops when every
-                      # measured class has diversity_samples; a class beyond that is not kept)
+REAL_READ_FACTOR = 8  # real images read at most: this x diversity_samples x the data's classes (the read stops
+                      # when every measured class has diversity_samples; a class beyond that is not kept)
 
 
 def pairwise_mean(features: torch.Tensor) -> float:
@@ -98,6 +98,7 @@ class DiversityProbe:
 
         self.every, self.samples = int(every), int(samples)
         self.shards_spec, self.resolution, self.device = shards_spec, int(resolution), device
+        self.n_classes = int(n_classes)
         self.classes = grid_classes(n_classes, MAX_CLASSES)
         self.classifier_path, self.train_if_missing = classifier_path, train_if_missing
         self.quiet = False           # no progress or skip lines
@@ -158,16 +159,17 @@ class DiversityProbe:
         if self.net is None:
             return False
         _, n_available, _ = dataset_info(self.shards_spec)
-        limit = REAL_READ_FACTOR * self.samples * len(self.classes)
+        limit = REAL_READ_FACTOR * self.samples * self.n_classes  # all the data's classes, of which some are measured
         if n_available:
             limit = min(limit, int(n_available))
         per_class, read = real_per_class(self.shards_spec, self.resolution, self.classes, self.samples, limit)
         self.real = {c: self._features(x) for c, x in per_class.items() if len(x) >= 2}
         short = [c for c in self.classes if c not in self.real]
-        if short:
+        if short and not self.quiet:
             print(f"diversity: {len(short)} of {len(self.classes)} measured classes have fewer than 2 real images "
-                  f"among the {read} read (classes {short[:8]}{' ...' if len(short) > 8 else ''}; shards sorted by "
-                  f"class?); {DIVERSITY} covers the other {len(self.real)}", file=sys.stderr, flush=True)
+                  f"among the {read} read for telemetry.diversity_samples={self.samples} (classes {short[:8]}"
+                  f"{' ...' if len(short) > 8 else ''}; shards sorted by class?); {DIVERSITY} covers the other "
+                  f"{len(self.real)}", file=sys.stderr, flush=True)
         return True
 
     @torch.no_grad()

@@ -43,6 +43,7 @@ MODES = ("overlap", "flat")
 class _Bucket:
     params: list  # in the order their gradients are expected
     ready: int = 0
+    fired: set = field(default_factory=set)  # ids of the parameters whose gradient this backward produced
     launched: bool = False
     work: object = None
     flat: Optional[torch.Tensor] = None
@@ -125,14 +126,16 @@ class GradSync:
             return
         for b in self.buckets:
             b.ready, b.launched, b.work, b.flat, b.grads, b.t_done = 0, False, None, None, [], None
+            b.fired = set()
         self.armed = True
 
     def _hook(self, index: int):
-        def hook(_param: torch.Tensor) -> None:
+        def hook(param: torch.Tensor) -> None:
             if not self.armed:
                 return
             bucket = self.buckets[index]
             bucket.ready += 1
+            bucket.fired.add(id(param))
             if bucket.ready == len(bucket.params):
                 self._launch_ready()
         return hook
@@ -208,7 +211,7 @@ class GradSync:
             return
         first = self.buckets[late[0]]
         names = {id(p): n for n, p in self.net.named_parameters()}
-        held = [names.get(id(p), "?") for p in first.params if p.grad is None] or ["a parameter"]
+        held = [names.get(id(p), "?") for p in first.params if id(p) not in first.fired] or ["a parameter"]
         print(f"warning: dist.grad_sync=overlap: {type(self.net).__name__}'s gradient bucket {late[0] + 1} of "
               f"{len(self.buckets)} was incomplete at the end of backward ({', '.join(held[:3])}"
               f"{f' and {len(held) - 3} more' if len(held) > 3 else ''} got no gradient), so {len(late)} bucket(s) "

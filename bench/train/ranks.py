@@ -92,17 +92,30 @@ class Ranks:
     def __init__(self, world: int, rank: int, device: torch.device, run_dir: Path, rank0_timeout_s: float = 0):
         self.world, self.rank, self.device = world, rank, device
         self.errors_dir = Path(run_dir) / rundir.ERRORS
-        self.broken = False  # a rank failed: no more collectives
+        self._broken = False  # a rank failed: no more collectives
         self.started = time.time()
         # Agreements after rank-0 work (an evaluation, a checkpoint) wait on their own gloo group, whose
         # timeout is dist.rank0_timeout_s: the others wait that long for rank 0's work, while the training
         # collectives keep dist.timeout_s. A collective call: every rank builds its Ranks at once.
         self.group = None
-        if world > 1:
-            atexit.register(self.leave)
+        if world > 1 and not Ranks._leave_registered:  # once per process (a sweep trains several times in one)
+            atexit.register(Ranks.leave)
+            Ranks._leave_registered = True
         if world > 1 and rank0_timeout_s:
             self.group = torch.distributed.new_group(backend="gloo",
                                                      timeout=datetime.timedelta(seconds=rank0_timeout_s))
+
+    _leave_registered = False
+    _failed_in_process = False  # some Ranks of this process saw a failure: Ranks.leave then does nothing
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self._broken = bool(value)
+        Ranks._failed_in_process = Ranks._failed_in_process or bool(value)
 
     @property
     def is_main(self) -> bool:
@@ -160,16 +173,17 @@ class Ranks:
         torch.distributed.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def leave(self) -> None:
-        """At the process's exit (atexit, registered when the Ranks are made): its process groups destroyed while
-        Python is still whole. Left to interpreter teardown, gloo's threads can abort a process whose run worked
-        ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489): 12 of 40 two-process
-        runs here. At exit, not after the run: a sweep or `bench throughput` trains several times in one process.
-        Not after a failure (`broken`): a hung peer's pending collective would be waited for, and the process
+    @staticmethod
+    def leave() -> None:
+        """At the process's exit (atexit, registered by the first multi-rank Ranks): all its process groups destroyed
+        while Python is still whole. Left to interpreter teardown, gloo's threads can abort a process whose run
+        worked ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489): 12 of 40
+        two-process runs here (NCCL asks for the same: torch warns when it is not done). At exit, not after the
+        run: a sweep or `bench throughput` trains several times in one process. Not after a failure anywhere in
+        the process (`broken` on any Ranks): a hung peer's pending collective would be waited for, and the process
         exits non-zero anyway."""
-        if self.world > 1 and not self.broken and torch.distributed.is_initialized():
+        if not Ranks._failed_in_process and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-            self.group = None
 
     # ---- failures -------------------------------------------------------------------------------------
     def failed(self, exc: BaseException) -> str:
