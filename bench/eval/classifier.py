@@ -111,26 +111,32 @@ def classifier_path(shards_spec, resolution: int) -> Path:
     return shard_dir(shards_spec) / CLASSIFIER_FILE.format(res=int(resolution))
 
 
-def load_images(shards_spec, resolution: int, limit: int | None = None, seed: int = 0,
-                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read up to `limit` images (all when None) from the shards, in a fixed order for a fixed seed
-    (shards in a seeded shuffled order, samples in shard order). Returns uint8 (N, 3, R, R) and
-    int64 labels (N,)."""
-    loader = ShardLoader(str(shards_spec), batch_size=256, resolution=int(resolution),
+def read_uint8(shards_spec, resolution: int, seed: int = 0, batch_size: int = 256):
+    """(uint8 (B, 3, R, R), int64 labels (B,)) batches of the shards in a fixed order for a fixed seed (shards in a
+    seeded shuffled order, samples in shard order), one pass; stop iterating to stop reading."""
+    loader = ShardLoader(str(shards_spec), batch_size=int(batch_size), resolution=int(resolution),
                          settings=LoaderSettings(num_workers=0, shuffle_buffer=0, seed=seed, resampled=False))
-    xs, ys, n = [], [], 0
-    t0 = last = time.time()
     with loader:
         for x, y in loader:
             # float [-1, 1] (exactly u / 127.5 - 1) back to the shard's uint8 values
-            xs.append(x.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8))
-            ys.append(y)
-            n += len(y)
-            if progress and time.time() - last > 5:
-                last = time.time()
-                print(f"reading shards: {n} images ({n / (last - t0):.0f} img/s)", file=sys.stderr, flush=True)
-            if limit is not None and n >= limit:
-                break
+            yield x.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8), y
+
+
+def load_images(shards_spec, resolution: int, limit: int | None = None, seed: int = 0,
+                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read up to `limit` images (all when None) from the shards in read_uint8's order. Returns uint8
+    (N, 3, R, R) and int64 labels (N,)."""
+    xs, ys, n = [], [], 0
+    t0 = last = time.time()
+    for x, y in read_uint8(shards_spec, resolution, seed):
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        if progress and time.time() - last > 5:
+            last = time.time()
+            print(f"reading shards: {n} images ({n / (last - t0):.0f} img/s)", file=sys.stderr, flush=True)
+        if limit is not None and n >= limit:
+            break
     if not xs:
         raise ClassifierError(f"data.shards={str(shards_spec)!r}: no readable images")
     x, y = torch.cat(xs), torch.cat(ys)

@@ -68,24 +68,20 @@ def real_per_class(shards_spec, resolution: int, classes: list, per_class: int, 
     """({class: up to per_class real images (uint8, as bench.eval.classifier.load_images gives them)}, images
     read): the shards in load_images' fixed order, kept per class (a class already full takes no more, so a
     frequent class cannot crowd out the others), stopping when every class is full or `limit` images were read."""
-    from bench.data.loader import LoaderSettings, ShardLoader
+    from bench.eval.classifier import read_uint8
 
     want = set(classes)
     kept: dict = {c: [] for c in classes}
     have, read = dict.fromkeys(classes, 0), 0
-    loader = ShardLoader(str(shards_spec), batch_size=64, resolution=int(resolution),  # small: stops soon after full
-                         settings=LoaderSettings(num_workers=0, shuffle_buffer=0, seed=0, resampled=False))
-    with loader:
-        for x, y in loader:
-            x = x.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)  # [-1, 1] back to the shard's uint8
-            for c in set(y.tolist()) & want:
-                take = x[y == c][: per_class - have[c]]
-                if len(take):
-                    kept[c].append(take)
-                    have[c] += len(take)
-            read += len(y)
-            if read >= limit or all(have[c] >= per_class for c in classes):
-                break
+    for x, y in read_uint8(shards_spec, resolution, seed=0, batch_size=64):  # small batches: stops soon after full
+        for c in set(y.tolist()) & want:
+            take = x[y == c][: per_class - have[c]]
+            if len(take):
+                kept[c].append(take)
+                have[c] += len(take)
+        read += len(y)
+        if read >= limit or all(have[c] >= per_class for c in classes):
+            break
     return {c: torch.cat(v) for c, v in kept.items() if v}, read
 
 
@@ -126,7 +122,6 @@ class DiversityProbe:
         from bench.train import telemetry
 
         t0 = time.perf_counter()
-
         values = ranks.broadcast(ranks.rank0("measuring the diversity of G's samples", lambda: self.measure(G)))
         for key, value in (values or {}).items():
             telemetry.report(key, value)

@@ -42,7 +42,6 @@ MODES = ("overlap", "flat")
 @dataclass
 class _Bucket:
     params: list  # in the order their gradients are expected
-    ready: int = 0
     fired: set = field(default_factory=set)  # ids of the parameters whose gradient this backward produced
     launched: bool = False
     work: object = None
@@ -125,8 +124,7 @@ class GradSync:
         if not self.buckets:
             return
         for b in self.buckets:
-            b.ready, b.launched, b.work, b.flat, b.grads, b.t_done = 0, False, None, None, [], None
-            b.fired = set()
+            b.fired, b.launched, b.work, b.flat, b.grads, b.t_done = set(), False, None, None, [], None
         self.armed = True
 
     def _hook(self, index: int):
@@ -134,9 +132,8 @@ class GradSync:
             if not self.armed:
                 return
             bucket = self.buckets[index]
-            bucket.ready += 1
             bucket.fired.add(id(param))
-            if bucket.ready == len(bucket.params):
+            if len(bucket.fired) == len(bucket.params):
                 self._launch_ready()
         return hook
 
@@ -162,7 +159,7 @@ class GradSync:
         for b in self.buckets:
             if b.launched:
                 continue
-            if b.ready < len(b.params):
+            if len(b.fired) < len(b.params):
                 return
             self._launch(b)
 
