@@ -4,6 +4,7 @@ checkpoint files, and resuming under a changed config (docs/architecture.md, "Ru
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,9 +41,15 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, tiny_shards):
             assert first.poll() is None, first.communicate()[1][-2000:]
             assert time.time() < deadline
             time.sleep(0.2)
-        second = subprocess.run(_bench(*args, "train.steps=2"), env=_env(), capture_output=True, text=True,
-                                timeout=300)
-        assert first.poll() is None, "the first run ended before the second tried: raise its train.steps"
+        # Pause the first run so it cannot finish before the second has tried (the second waits out
+        # rundir.LOCK_RETRY_S after its own start-up). A stopped process still holds its lock.
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = subprocess.run(_bench(*args, "train.steps=2"), env=_env(), capture_output=True, text=True,
+                                    timeout=300)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert first.poll() is None, "the first run ended before the second tried"
         err = second.stderr.strip()
         assert second.returncode == 2, err[-2000:]
         assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -220,7 +227,7 @@ def test_a_group_signal_checkpoints_and_stops_with_one_line(tmp_path, tiny_shard
     run_dir = tmp_path / "group"
     args = ("train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.batch_size=4",
             "train.precision=fp32", "train.ckpt_every=1000", "train.sample_every=1000", "data.num_workers=2")
-    proc = subprocess.Popen(_bench(*args, "train.steps=200"), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_bench(*args, "train.steps=5000"), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         metrics = run_dir / rundir.METRICS
@@ -239,13 +246,13 @@ def test_a_group_signal_checkpoints_and_stops_with_one_line(tmp_path, tiny_shard
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     summary = json.loads((run_dir / rundir.SUMMARY).read_text())
     step = summary["steps"]
-    assert summary["status"] == rundir.INTERRUPTED and 2 <= step < 200
+    assert summary["status"] == rundir.INTERRUPTED and 2 <= step < 5000
     assert err.strip().splitlines() == [f"stopped by {signame} at step {step}: checkpoint written; run the same "
                                         "command to resume"], err
     assert [p.name for _, p in rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)] == [rundir.ckpt_name(step)]
     assert not list((run_dir / rundir.SAMPLES).glob("*.png"))  # the interrupted step wrote no samples
     assert not (run_dir / rundir.EVALS).exists()
-    # and it resumes from the stop step (train.steps raised by 2: a compatible change)
+    # and it resumes from the stop step (train.steps set to 2 past it: a compatible change)
     resumed = subprocess.run(_bench(*args, f"train.steps={step + 2}"), env=_env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0 and f"resuming from {run_dir / 'checkpoints' / rundir.ckpt_name(step)}" in \
