@@ -442,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    code = None
     try:
-        return COMMANDS[cmd](args)
+        code = COMMANDS[cmd](args)
+        return code
     except KeyboardInterrupt:  # a second Ctrl-C (the first stops training cleanly at the end of a step)
         print(f"error: interrupted ({cmd}); a run keeps its newest complete checkpoint", file=sys.stderr)
         return 130
@@ -455,6 +457,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}".splitlines()[0], file=sys.stderr)
             return 3
         raise
+    finally:
+        if code != 0:
+            _leave_without_collectives()
+
+
+def _leave_without_collectives() -> None:
+    """A command that failed or was interrupted skips the exit hook that destroys process groups
+    (Ranks.leave): a failure outside a training loop (a throughput window, a final gather) sets no
+    `broken`, and a hung peer's pending collective would be waited for at exit."""
+    ranks = sys.modules.get("bench.train.ranks")
+    if ranks is not None:
+        ranks.Ranks._failed_in_process = True
 
 
 def _is_rank_failure(exc: BaseException) -> bool:

@@ -232,3 +232,24 @@ def test_ranks_whose_work_succeeded_exit_with_status_zero(tmp_path):
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         failures += [(attempt, rc, err[-300:]) for rc, err in _finish(procs, timeout=120) if rc != 0]
     assert not failures, failures
+
+
+def test_a_failed_command_leaves_its_process_groups_alone_at_exit(tmp_path, monkeypatch):
+    """After a command that failed (exit code not 0), the exit hook must not destroy process groups: a failure
+    outside the training loop sets no `broken`, and a hung peer's pending collective would be waited for."""
+    from bench import cli
+    from bench.train.ranks import Ranks
+
+    monkeypatch.setattr(Ranks, "_failed_in_process", False)
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert cli.main(["train", "train.steps=-3"]) == 2  # refused by the validator: a failed command
+        Ranks.leave()
+        assert torch.distributed.is_initialized()  # left alone
+        monkeypatch.setattr(Ranks, "_failed_in_process", False)
+        Ranks.leave()  # the same hook after a healthy process destroys them
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
