@@ -189,8 +189,9 @@ JobCompType=jobcomp/none
 JobRequeue=1
 ReturnToService=2
 
-# Fast turnaround for tests.
-KillWait=5
+# Fast turnaround for tests. KillWait stays Slurm's default: a cancelled or requeued job gets 30 s after
+# SIGTERM to finish its step and write its checkpoint before SIGKILL, even on a slow, busy machine.
+KillWait=30
 MinJobAge=60
 InactiveLimit=0
 Waittime=0

@@ -13,6 +13,7 @@ import torch
 
 from bench import rundir
 from bench.eval.watch import JOBS, PINS, SOURCE_WATCH, WATCH_LOCK
+from bench.faults import FAULT_ENV
 from conftest import ROOT, TINY, classified_shards, wait_until_gone
 
 EVAL = ["eval.num_samples=40", "eval.batch_size=20"]
@@ -30,9 +31,10 @@ def bench(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
-def start_watcher(run: Path, *args) -> subprocess.Popen:
+def start_watcher(run: Path, *args, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bench.cli", "eval", "watch", f"run={run}", *args], cwd=ROOT,
-                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, **ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def evals(run: Path) -> list:
@@ -112,18 +114,20 @@ def test_watcher_evaluates_each_checkpoint_once_like_training(trained, tmp_path)
 def test_a_killed_watcher_restarts_without_evaluating_a_step_twice(trained, tmp_path):
     ref, _ = trained
     run = unevaluated_copy(ref, tmp_path / "run")
-    slow = "eval.num_samples=240"  # slower evaluations: the kill lands while the second one runs
-    proc = start_watcher(run, "poll=0.2", slow)
+    # the fault hook stalls the watcher inside step 4's evaluation, so the kill lands there on any machine
+    proc = start_watcher(run, "poll=0.2", env={FAULT_ENV: "0:4:stall"})
     deadline = time.monotonic() + 300
     while not evals(run) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(1.0)  # into step 4's evaluation, where it stays
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     first = [r["step"] for r in evals(run)]
     assert first == [2], first  # killed mid-way: one step done, the others not
     assert (run / rundir.CHECKPOINTS / PINS).is_dir()  # its pins outlive it
 
-    out = bench("eval", "watch", f"run={run}", "poll=0.2", slow).stdout
+    out = bench("eval", "watch", f"run={run}", "poll=0.2").stdout
     assert "evaluated 2 checkpoint(s) [4, 6]" in out
     assert_evaluated_once_with_best(run)
 

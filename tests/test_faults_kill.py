@@ -106,7 +106,12 @@ def test_kill_9_during_a_checkpoint_write(tmp_path, tiny_shards):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         temps = list((run_dir / "checkpoints").glob(".ckpt-0000008.pt.tmp-*")) if (run_dir / "checkpoints").exists() else []
         time.sleep(0.05)
-    time.sleep(0.5)
+    sizes = [-1]
+    while not (sizes[-1] > 0 and sizes[-1] == sizes[0]):  # the bytes are in and no more come: the stall
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        sizes = [temps[0].stat().st_size]
+        time.sleep(0.3)
+        sizes.append(temps[0].stat().st_size)
     _kill_group(proc)
     cut = temps[0]
     assert cut.exists() and cut.stat().st_size > 0  # a large, half-published file is left behind

@@ -89,6 +89,8 @@ def test_cancelled_job_is_recorded_and_the_others_complete(submitter, tiny_shard
     long = s.wait_for(lambda: next((r for r in s.index() if "train.steps=2000" in r["overrides"]
                                     and _training(r.get("run_dir"))), None), "the long job to train")
     job_id = long["slurm_job_id"]
+    s.wait_for(lambda: f"job {job_id} (train.steps=2000): PENDING -> RUNNING" in s.output(),
+               "the submitter to see the long job running")  # its poll must see RUNNING before the cancel
     subprocess.run(["scancel", job_id], check=True, capture_output=True, timeout=60)
     rc = s.finish()
     out = s.output()

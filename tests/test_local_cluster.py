@@ -41,7 +41,7 @@ def test_refuses_beside_a_foreign_slurmctld(tmp_path):
     fake = tmp_path / "slurmctld"  # a process whose command name is slurmctld, not named by our pidfiles
     shutil.copy("/bin/sleep", fake)
     (tmp_path / "hosts").write_text("")
-    proc = subprocess.Popen([str(fake), "60"])
+    proc = subprocess.Popen([str(fake), "3600"])  # outlives a slow install; killed below
     try:
         assert _script(tmp_path, "install").returncode == 0
         out = _script(tmp_path, "start")

@@ -40,6 +40,7 @@ from typing import Callable, Optional, Protocol
 from bench import metrics_registry as registry
 from bench import rundir
 from bench.errors import UsageError
+from bench.faults import injected_fault
 
 SOURCE_WATCH = "bench eval watch"     # evals.jsonl records written by the watcher (they count for best)
 WATCH_LOCK = ".eval-watch.lock"        # <run>/.eval-watch.lock: one watcher per run
@@ -263,6 +264,7 @@ class Watcher:
         say(f"step {step}: evaluating {path.relative_to(self.run_dir) if path.is_relative_to(self.run_dir) else path}"
             + (f" ({left} more waiting)" if left else ""))
         t0 = time.perf_counter()
+        injected_fault(0, step, "watch")  # the fault tests' hook; nothing unless asked
         try:
             run = load_run(self.run_dir, self.overrides, which=str(path), device=self.device)
             metrics = evaluate_generator(run["G"], EvalSettings.from_cfg(run["cfg"]), shards_spec=run["shards"],

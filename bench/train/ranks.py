@@ -10,11 +10,7 @@
   (or NCCL's) error when the peer exits, or after `dist.timeout_s` when it hangs; rank 0 then names
   the first error in summary.json (`Ranks.first_error`), and every rank exits non-zero.
 
-`injected_fault` is the fault tests' hook: GAN_BENCH_FAULT=<rank>:<step>[:<where>] makes that rank raise
-at that step (where: step, the default, checkpoint, or eval: during its part of that step's evaluation,
-its share of the samples with several ranks), hang at that step (hang), or stall inside that step's
-checkpoint write, its bytes in the temp file (stall), or take 8 s more over that step's evaluation (slow).
-Nothing sets it outside the tests.
+The fault tests' hook, `injected_fault`, lives in bench.faults.
 """
 from __future__ import annotations
 
@@ -32,7 +28,6 @@ from bench import rundir
 from bench.errors import is_user_error
 
 T = TypeVar("T")
-FAULT_ENV = "GAN_BENCH_FAULT"
 COMM_WORDS = ("gloo", "nccl", "timed out", "application timeout", "pair closure", "connection", "broken pipe", "socket")
 # How long rank 0 looks for a failed peer's error file after its own collective broke.
 PEER_ERROR_WAIT_S = 10.0
@@ -67,23 +62,6 @@ def process_group_kwargs(timeout_s: int) -> list:
     from accelerate import InitProcessGroupKwargs
 
     return [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=int(timeout_s)))]
-
-
-def injected_fault(rank: int, step: int, where: str = "step") -> None:
-    """Raise when GAN_BENCH_FAULT names this rank, this (1-based) step and this place."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    kind = parts[2] if len(parts) > 2 else "step"
-    if int(parts[0]) != rank or int(parts[1]) != step:
-        return
-    if (kind, where) in (("hang", "step"), ("stall", "checkpoint_write")):
-        time.sleep(10**6)  # a rank that stops answering (its peers wait dist.timeout_s), or a save cut mid-write
-    if (kind, where) == ("slow", "eval"):
-        time.sleep(8)  # rank-0 work that outlasts a short dist.timeout_s
-    if kind == where:
-        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) on rank {rank} at step {step} during {where}")
 
 
 class Ranks:

@@ -19,7 +19,7 @@ import torch
 
 from bench import rundir
 from bench.config import ConfigError
-from bench.train.ranks import injected_fault
+from bench.faults import injected_fault
 from bench.train.objectives import objective_of
 
 
@@ -182,7 +182,7 @@ class Checkpoints:
 
             def write(f) -> None:
                 torch.save(obj, f)
-                injected_fault(0, step, "checkpoint_write")  # the fault tests' hook (ranks.py)
+                injected_fault(0, step, "checkpoint_write")  # the fault tests' hook (bench.faults)
 
             rundir.atomic_write(path, write=write)
             # the new checkpoint's rename is durable before any older one goes (atomic_write fsyncs the

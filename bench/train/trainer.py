@@ -27,7 +27,8 @@ from bench.data.shards import configured_shards, resolve_shards
 from bench.train import telemetry
 from bench.train.objectives import GANObjective, HistoricalAverage, make_optimizer
 from bench.train.phases import Phase, PhaseRunner, WeightRegs, plan
-from bench.train.ranks import RankFailed, Ranks, injected_fault, is_comm_error, is_user_error, process_group_kwargs
+from bench.faults import injected_fault
+from bench.train.ranks import RankFailed, Ranks, is_comm_error, is_user_error, process_group_kwargs
 from bench.train.records import Records, gather_hosts, now, run_facts, save_samples, summary_of
 from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopRequest, TrainingParts, all_finite,
                                agreed_load, config_changes, ema_update, param_checksum,
@@ -279,7 +280,7 @@ class Trainer:
     def train_step(self, watch: Stopwatch, batches: Batches) -> None:
         """One G step: the D phases and the G phase, the EMA update, and the sigma telemetry."""
         cfg, t = self.cfg, self.cfg.train
-        injected_fault(self.rank, self.step + 1)  # the fault tests' hook (ranks.py); nothing unless asked
+        injected_fault(self.rank, self.step + 1)  # the fault tests' hook (bench.faults); nothing unless asked
         for phase in self.phases:
             self.runner.run(phase, watch, batches, self.step * t.d_steps + phase.index)
         for key, value in self.runner.comm_record().items():  # time/allreduce_ms, ... (several ranks only)
