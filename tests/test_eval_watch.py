@@ -262,3 +262,26 @@ def test_an_unexpected_error_on_one_checkpoint_is_reported_and_the_others_are_ev
     assert "error: step 4: RuntimeError:" in proc.stderr and "Traceback" in proc.stderr, proc.stderr[-3000:]
     assert sorted(r["step"] for r in evals(run)) == [2, 6]
     assert "evaluated 2 checkpoint(s) [2, 6]" in proc.stdout and "failed [4]" in proc.stdout
+
+
+def test_the_same_error_on_three_checkpoints_in_a_row_stops_the_watcher(trained, tmp_path):
+    """While training runs the watcher would wait for more checkpoints; when every one fails with the same
+    error (here all three carry the same wrong-shaped weight, as a broken device or a lost file would fail
+    each), it stops after three with one line naming the steps and the error, and exits 3."""
+    ref, _ = trained
+    run = unevaluated_copy(ref, tmp_path / "run")
+    for step in (2, 4, 6):
+        path = run / rundir.CHECKPOINTS / rundir.ckpt_name(step)
+        state = torch.load(path, weights_only=False)
+        name = next(k for k, v in state["G_ema"].items() if v.dim() == 4)
+        state["G_ema"][name] = torch.zeros(1, 1, 1, 1)
+        torch.save(state, path)
+    training = rundir.RunLock(run).acquire()  # training still "runs": only the repeated error stops the watcher
+    try:
+        proc = bench("eval", "watch", f"run={run}", "poll=0.2", check=False, timeout=300)
+    finally:
+        training.release()
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    stops = [line for line in proc.stderr.splitlines() if "checkpoints in a row" in line]
+    assert len(stops) == 1 and "the same error on 3 checkpoints in a row (steps [2, 4, 6]): RuntimeError:" in stops[0]
+    assert not evals(run) and "failed [2, 4, 6]" in proc.stdout

@@ -19,7 +19,9 @@ one line.
 
 The watcher stops when the training has ended (its run lock, rundir.RunLock, is free) and nothing due is
 left; `once=true` stops when nothing due is left now; `timeout=S` after S seconds with nothing to
-evaluate. One watcher per run: <run>/.eval-watch.lock (a second one is refused, exit 2, unless it was
+evaluate; and after SAME_ERROR_STOP checkpoints in a row failed with the same error line (a broken device,
+a missing feature file: every later one would fail the same way), exit 3. A failure on one checkpoint only
+is reported and the next one goes on. One watcher per run: <run>/.eval-watch.lock (a second one is refused, exit 2, unless it was
 started by `bench train` with wait=true, when it waits for the first). `since=T` (set by `bench train`):
 the run's training started at or after time T; until run.json says so the watcher waits, so a
 summary.json or a free lock left by an earlier training is not taken for this one's end.
@@ -45,6 +47,7 @@ from bench.faults import injected_fault
 SOURCE_WATCH = "bench eval watch"     # evals.jsonl records written by the watcher (they count for best)
 WATCH_LOCK = ".eval-watch.lock"        # <run>/.eval-watch.lock: one watcher per run
 PINS = ".eval-watch"                  # <run>/checkpoints/.eval-watch/: hard links to due checkpoints
+SAME_ERROR_STOP = 3  # this many checkpoints in a row failing with one error (a broken device, a missing file): stop
 JOBS = "eval-watch.json"               # <run>/eval-watch.json: the watcher jobs `bench train` submitted
 FINAL_STATUSES = (rundir.COMPLETED, rundir.COLLAPSED)  # the statuses after which training evaluates its last step
 
@@ -191,6 +194,7 @@ class Watcher:
         self.skipped: list[int] = []
         self.failed: list[int] = []
         self.given_up: set[int] = set()
+        self.same_error: tuple[str, list[int]] = ("", [])  # the last failure's line and the steps in a row it ended
         if every > 0 and ckpt_every and every % ckpt_every:
             say(f"note: eval.every={every} is not a multiple of train.ckpt_every={ckpt_every}: only steps that "
                 f"are multiples of both have a checkpoint to evaluate", err=True)
@@ -278,9 +282,13 @@ class Watcher:
                 traceback.print_exc()
             kept = (f"; its pin {path.relative_to(self.run_dir)} stays, so a restarted watcher tries it again"
                     if path.parent == self.pins else "")
-            say(f"error: step {step}: {type(exc).__name__ + ': ' if not isinstance(exc, EvalError) else ''}"
-                f"{(str(exc).strip().splitlines() or [''])[0]}{kept}", err=True)
+            line = f"{type(exc).__name__ + ': ' if not isinstance(exc, EvalError) else ''}" \
+                   f"{(str(exc).strip().splitlines() or [''])[0]}"
+            say(f"error: step {step}: {line}{kept}", err=True)
+            last, steps = self.same_error
+            self.same_error = (line, steps + [step] if line == last else [step])
             return
+        self.same_error = ("", [])
         append_eval(self.run_dir, step, metrics, source=SOURCE_WATCH,
                     checkpoint=f"{rundir.CHECKPOINTS}/{rundir.ckpt_name(step)}")
         best = self.keep_best(step, path)
@@ -338,6 +346,11 @@ class Watcher:
             if todo:
                 self.evaluate(*todo[0], left=len(todo) - 1)
                 idle_since = time.monotonic()
+                if len(self.same_error[1]) >= SAME_ERROR_STOP:
+                    say(f"error: the same error on {len(self.same_error[1])} checkpoints in a row (steps "
+                        f"{self.same_error[1]}): {self.same_error[0]}; stopping: mend it and run `bench eval watch "
+                        f"run={self.run_dir}` again: it tries the failed steps again", err=True)
+                    break
                 continue
             if ended or s.once:
                 break
