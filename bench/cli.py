@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench import rundir
 from bench.config import compose
-from bench.errors import UsageError, is_user_error
+from bench.errors import UsageError, is_user_error, process_failed
 
 USAGE = """usage: bench <command> [key=value ...]
 
@@ -442,14 +442,18 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"error: unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    code = None
     try:
-        code = COMMANDS[cmd](args)
-        return code
+        return COMMANDS[cmd](args)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            process_failed()
+        raise
     except KeyboardInterrupt:  # a second Ctrl-C (the first stops training cleanly at the end of a step)
+        process_failed()
         print(f"error: interrupted ({cmd}); a run keeps its newest complete checkpoint", file=sys.stderr)
         return 130
     except Exception as exc:
+        process_failed()  # not a run that ended diverged or a sweep with a failed job: those return their code
         if is_user_error(exc):
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -457,18 +461,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}".splitlines()[0], file=sys.stderr)
             return 3
         raise
-    finally:
-        if code != 0:
-            _leave_without_collectives()
-
-
-def _leave_without_collectives() -> None:
-    """A command that failed or was interrupted skips the exit hook that destroys process groups
-    (Ranks.leave): a failure outside a training loop (a throughput window, a final gather) sets no
-    `broken`, and a hung peer's pending collective would be waited for at exit."""
-    ranks = sys.modules.get("bench.train.ranks")
-    if ranks is not None:
-        ranks.Ranks._failed_in_process = True
 
 
 def _is_rank_failure(exc: BaseException) -> bool:

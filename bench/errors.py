@@ -15,6 +15,15 @@ class UsageError(ValueError):
     """A command's arguments are wrong (bench <command> ...): one line, exit 2."""
 
 
+def process_failed() -> None:
+    """Something in this process failed (an exception left a command or a Slurm job's run): the exit hook
+    that destroys process groups (bench/train/ranks.py, Ranks.leave) must then not run, since a hung peer's
+    pending collective would be waited for. Nothing to do when no rank was ever made here."""
+    ranks = sys.modules.get("bench.train.ranks")
+    if ranks is not None:
+        ranks.Ranks._failed_in_process = True
+
+
 def is_user_error(exc: BaseException) -> bool:
     """`exc` is bad input: one of USER_ERRORS, or another rank's bad input (ranks.RankFailed.user_error)."""
     if getattr(exc, "user_error", False) is True:

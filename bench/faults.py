@@ -3,8 +3,8 @@ makes that rank, at that (1-based) step:
 - raise (kind step, the default; checkpoint; or eval: during its part of that step's evaluation, its share of
   the samples with several ranks);
 - hang in the step (hang), as a rank that stops answering: its peers wait dist.timeout_s;
-- stall inside that step's checkpoint write, its bytes in the temp file (stall), or inside the evaluation
-  watcher's evaluation of that step (stall; rank 0), so a test can kill it there;
+- stall inside that step's checkpoint write, its bytes in the temp file (stall), or, as the evaluation
+  watcher, inside its evaluation of that step (watchstall; rank 0), so a test can kill it there;
 - take longer over that step's evaluation (slow: 8 s, or the seconds given).
 Nothing sets it outside the tests. A module of its own: training and the evaluation watcher both call it, and
 bench.eval never imports bench.train.
@@ -15,7 +15,7 @@ import os
 import time
 
 FAULT_ENV = "GAN_BENCH_FAULT"
-STALLS = {("hang", "step"), ("stall", "checkpoint_write"), ("stall", "watch")}
+STALLS = {("hang", "step"), ("stall", "checkpoint_write"), ("watchstall", "watch")}
 
 
 def injected_fault(rank: int, step: int, where: str = "step") -> None:

@@ -28,6 +28,7 @@ from typing import Callable
 
 from bench import rundir
 from bench.config import CONFIG_DIR, ConfigError, check_group_choices, compose
+from bench.errors import process_failed
 from bench.overrides import check_grid, grid, is_sweep_value, sweep_values
 
 INDEX = "index"
@@ -157,6 +158,7 @@ def run_job(cfg, ctx: JobContext) -> str:
         if summary.get("error"):
             entry["error"] = summary["error"]
     except Exception as exc:  # recorded, not raised
+        process_failed()  # and this process leaves its process groups to the exit (bench.errors)
         entry["state"] = rundir.FAILED
         entry["error"] = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         traceback.print_exc()

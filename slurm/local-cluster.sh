@@ -189,9 +189,10 @@ JobCompType=jobcomp/none
 JobRequeue=1
 ReturnToService=2
 
-# Fast turnaround for tests. KillWait stays Slurm's default: a cancelled or requeued job gets 30 s after
-# SIGTERM to finish its step and write its checkpoint before SIGKILL, even on a slow, busy machine.
-KillWait=30
+# Fast turnaround for tests. KillWait: a cancelled or requeued job gets 15 s after SIGTERM to finish its
+# step and write its checkpoint before SIGKILL, even on a slow, busy machine (Slurm's default is 30 s; a
+# process that ignores SIGTERM, as submitit's own job wrapper does, is killed only after it).
+KillWait=15
 MinJobAge=60
 InactiveLimit=0
 Waittime=0

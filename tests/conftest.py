@@ -43,7 +43,7 @@ def tiny_shards(tmp_path_factory):
 # ---- the local Slurm cluster (slurm/local-cluster.sh) -------------------------------------------------
 CLUSTER_SCRIPT = ROOT / "slurm" / "local-cluster.sh"
 SUBMITTED_SUFFIX = "_submitted.pkl"  # submitit's pickle in each job's folder: <folder>/<job id>_submitted.pkl
-CANCEL_WAIT_S = 60
+CANCEL_WAIT_S = 90  # scancel, then up to KillWait (15 s, slurm/local-cluster.sh) before SIGKILL, on a busy machine
 
 
 def _local_slurm_conf() -> None:

@@ -115,7 +115,7 @@ def test_a_killed_watcher_restarts_without_evaluating_a_step_twice(trained, tmp_
     ref, _ = trained
     run = unevaluated_copy(ref, tmp_path / "run")
     # the fault hook stalls the watcher inside step 4's evaluation, so the kill lands there on any machine
-    proc = start_watcher(run, "poll=0.2", env={FAULT_ENV: "0:4:stall"})
+    proc = start_watcher(run, "poll=0.2", env={FAULT_ENV: "0:4:watchstall"})
     deadline = time.monotonic() + 300
     while not evals(run) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -264,24 +264,32 @@ def test_an_unexpected_error_on_one_checkpoint_is_reported_and_the_others_are_ev
     assert "evaluated 2 checkpoint(s) [2, 6]" in proc.stdout and "failed [4]" in proc.stdout
 
 
-def test_the_same_error_on_three_checkpoints_in_a_row_stops_the_watcher(trained, tmp_path):
-    """While training runs the watcher would wait for more checkpoints; when every one fails with the same
-    error (here all three carry the same wrong-shaped weight, as a broken device or a lost file would fail
-    each), it stops after three with one line naming the steps and the error, and exits 3."""
+@pytest.mark.parametrize("same", [True, False], ids=["same-error", "different-errors"])
+def test_the_same_error_on_three_checkpoints_in_a_row_stops_the_watcher(trained, tmp_path, same):
+    """While training runs the watcher waits for more checkpoints. When three in a row fail with the same error
+    (here each carries the same wrong-shaped weight, as a wrong override would make every one fail) it stops with
+    one line naming the steps and the error, and exits 3. Errors that differ (per-checkpoint faults) do not stop
+    it: it goes on watching until its idle timeout."""
     ref, _ = trained
     run = unevaluated_copy(ref, tmp_path / "run")
-    for step in (2, 4, 6):
+    for i, step in enumerate((2, 4, 6)):
         path = run / rundir.CHECKPOINTS / rundir.ckpt_name(step)
         state = torch.load(path, weights_only=False)
         name = next(k for k, v in state["G_ema"].items() if v.dim() == 4)
-        state["G_ema"][name] = torch.zeros(1, 1, 1, 1)
+        state["G_ema"][name] = torch.zeros(1, 1, 1, 1 if same else i + 1)
         torch.save(state, path)
-    training = rundir.RunLock(run).acquire()  # training still "runs": only the repeated error stops the watcher
+    training = rundir.RunLock(run).acquire()  # training still "runs": the watcher would keep waiting
     try:
-        proc = bench("eval", "watch", f"run={run}", "poll=0.2", check=False, timeout=300)
+        proc = bench("eval", "watch", f"run={run}", "poll=0.2", "timeout=5", check=False, timeout=300)
     finally:
         training.release()
     assert proc.returncode == 3, proc.stderr[-3000:]
     stops = [line for line in proc.stderr.splitlines() if "checkpoints in a row" in line]
-    assert len(stops) == 1 and "the same error on 3 checkpoints in a row (steps [2, 4, 6]): RuntimeError:" in stops[0]
     assert not evals(run) and "failed [2, 4, 6]" in proc.stdout
+    if same:
+        assert len(stops) == 1 and "the same error on 3 checkpoints in a row (steps [2, 4, 6]): RuntimeError:" \
+            in stops[0], proc.stderr[-3000:]
+        assert "stopped after the same error on 3 checkpoints in a row" in proc.stdout
+        assert "(timeout)" not in proc.stderr
+    else:
+        assert not stops and "(timeout)" in proc.stderr, proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """One failing rank must not hang the others (docs/architecture.md, "Faults"): two real `bench train`
 processes joined by torch.distributed (gloo), and a two-rank job on the real local Slurm cluster. A
-rank is made to fail through GAN_BENCH_FAULT (bench/train/ranks.py), the fault tests' only hook.
+rank is made to fail through GAN_BENCH_FAULT (bench/faults.py), the fault tests' only hook.
 """
 import json
 import os

@@ -194,7 +194,9 @@ class Watcher:
         self.skipped: list[int] = []
         self.failed: list[int] = []
         self.given_up: set[int] = set()
-        self.same_error: tuple[str, list[int]] = ("", [])  # the last failure's line and the steps in a row it ended
+        # the last failure (its whole message, the checkpoint's name masked: a per-checkpoint fault differs,
+        # a wrong override or a broken device does not) and the steps in a row that ended with it
+        self.same_error: tuple[str, list[int]] = ("", [])
         if every > 0 and ckpt_every and every % ckpt_every:
             say(f"note: eval.every={every} is not a multiple of train.ckpt_every={ckpt_every}: only steps that "
                 f"are multiples of both have a checkpoint to evaluate", err=True)
@@ -286,7 +288,8 @@ class Watcher:
                    f"{(str(exc).strip().splitlines() or [''])[0]}"
             say(f"error: step {step}: {line}{kept}", err=True)
             last, steps = self.same_error
-            self.same_error = (line, steps + [step] if line == last else [step])
+            key = f"{type(exc).__name__}: {exc}".replace(str(path), "<ckpt>").replace(path.name, "<ckpt>")
+            self.same_error = (key, steps + [step] if key == last else [step])
             return
         self.same_error = ("", [])
         append_eval(self.run_dir, step, metrics, source=SOURCE_WATCH,
@@ -339,17 +342,19 @@ class Watcher:
         say(f"{self.run_dir} | evaluating {self.rule} | {self.extractor} features, {self.cfg.eval.num_samples} "
             f"samples | polling every {s.poll_s:g} s" + (" | once" if s.once else ""))
         self.reconcile_best()
-        idle_since = time.monotonic()
+        idle_since, stopped = time.monotonic(), None
         while True:
             ended = not training_running(self.run_dir)  # read before listing: the final checkpoint comes first
             todo = self.pending(final_step(self.run_dir) if ended else None)
             if todo:
                 self.evaluate(*todo[0], left=len(todo) - 1)
                 idle_since = time.monotonic()
-                if len(self.same_error[1]) >= SAME_ERROR_STOP:
-                    say(f"error: the same error on {len(self.same_error[1])} checkpoints in a row (steps "
-                        f"{self.same_error[1]}): {self.same_error[0]}; stopping: mend it and run `bench eval watch "
-                        f"run={self.run_dir}` again: it tries the failed steps again", err=True)
+                error, steps = self.same_error
+                if len(steps) >= SAME_ERROR_STOP:
+                    say(f"error: the same error on {len(steps)} checkpoints in a row (steps {steps}): "
+                        f"{error.splitlines()[0]}; stopping: mend it and run `bench eval watch run={self.run_dir}` "
+                        "again: it tries the failed steps again", err=True)
+                    stopped = f"stopped after the same error on {len(steps)} checkpoints in a row"
                     break
                 continue
             if ended or s.once:
@@ -358,18 +363,19 @@ class Watcher:
                 say(f"nothing to evaluate for {s.timeout_s:g} s (timeout) while training runs; stopping", err=True)
                 break
             time.sleep(s.poll_s)
-        self.finish(ended)
+        self.finish(ended, stopped)
         return 3 if self.failed else 0
 
-    def finish(self, ended: bool) -> None:
+    def finish(self, ended: bool, stopped: Optional[str] = None) -> None:
         if self.pins.is_dir() and not any(self.pins.iterdir()):
             self.pins.rmdir()
         summary = rundir.read_json(self.run_dir / rundir.SUMMARY)
         best = rundir.best_eval(None, self.training_evals(), self.cfg.eval.best_metric, self.extractor)
         if ended and summary is not None and best is not None:
             self.update_summary(best)
-        why = (f"training ended ({summary.get('status')} at step {summary.get('steps')})" if ended and summary
-               else "training is not running and wrote no summary.json" if ended else "stopping")
+        why = stopped or (f"training ended ({summary.get('status')} at step {summary.get('steps')})"
+                          if ended and summary else
+                          "training is not running and wrote no summary.json" if ended else "stopping")
         best_text = (f"; best {best['metric']} {registry.format_value(best['metric'], best['value'])} at step "
                      f"{best['step']}" if best else "")
         say(f"{why}; evaluated {len(self.evaluated)} checkpoint(s) {self.evaluated}, skipped {self.skipped}"
