@@ -15,13 +15,20 @@ class UsageError(ValueError):
     """A command's arguments are wrong (bench <command> ...): one line, exit 2."""
 
 
+_FAILED = False  # something in this process failed (process_failed); read at exit by ranks.Ranks.leave
+
+
 def process_failed() -> None:
-    """Something in this process failed (an exception left a command or a Slurm job's run): the exit hook
-    that destroys process groups (bench/train/ranks.py, Ranks.leave) must then not run, since a hung peer's
-    pending collective would be waited for. Nothing to do when no rank was ever made here."""
-    ranks = sys.modules.get("bench.train.ranks")
-    if ranks is not None:
-        ranks.Ranks._failed_in_process = True
+    """Something in this process failed: an exception left a command or a Slurm job's run, or a rank broke
+    (ranks.Ranks.broken). The exit hook that destroys process groups (bench/train/ranks.py, Ranks.leave) then
+    does not run, since a hung peer's pending collective would be waited for."""
+    global _FAILED
+    _FAILED = True
+
+
+def failed_in_process() -> bool:
+    """process_failed() was called in this process."""
+    return _FAILED
 
 
 def is_user_error(exc: BaseException) -> bool:

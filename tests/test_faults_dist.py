@@ -238,19 +238,19 @@ def test_ranks_whose_work_succeeded_exit_with_status_zero(tmp_path):
 def test_a_failed_command_leaves_its_process_groups_alone_at_exit(tmp_path, monkeypatch):
     """After a command that failed (exit code not 0), the exit hook must not destroy process groups: a failure
     outside the training loop sets no `broken`, and a hung peer's pending collective would be waited for."""
-    from bench import cli
+    from bench import cli, errors
     from bench.train.ranks import Ranks
 
-    monkeypatch.setattr(Ranks, "_failed_in_process", False)
+    monkeypatch.setattr(errors, "_FAILED", False)
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         monkeypatch.setitem(cli.COMMANDS, "inspect", lambda args: 3)  # a command that ends with its own code,
-        assert cli.main(["inspect"]) == 3 and not Ranks._failed_in_process  # as a diverged run does: not a failure
+        assert cli.main(["inspect"]) == 3 and not errors.failed_in_process()  # as a diverged run does: not a failure
         assert cli.main(["train", "train.steps=-3"]) == 2  # refused by the validator: a failed command
         Ranks.leave()
         assert torch.distributed.is_initialized()  # left alone
-        monkeypatch.setattr(Ranks, "_failed_in_process", False)
+        monkeypatch.setattr(errors, "_FAILED", False)
         Ranks.leave()  # the same hook after a healthy process destroys them
         assert not torch.distributed.is_initialized()
     finally:

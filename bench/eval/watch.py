@@ -19,12 +19,13 @@ one line.
 
 The watcher stops when the training has ended (its run lock, rundir.RunLock, is free) and nothing due is
 left; `once=true` stops when nothing due is left now; `timeout=S` after S seconds with nothing to
-evaluate; and after SAME_ERROR_STOP checkpoints in a row failed with the same error line (a broken device,
-a missing feature file: every later one would fail the same way), exit 3. A failure on one checkpoint only
-is reported and the next one goes on. One watcher per run: <run>/.eval-watch.lock (a second one is refused, exit 2, unless it was
-started by `bench train` with wait=true, when it waits for the first). `since=T` (set by `bench train`):
-the run's training started at or after time T; until run.json says so the watcher waits, so a
-summary.json or a free lock left by an earlier training is not taken for this one's end.
+evaluate; and after SAME_ERROR_STOP checkpoints in a row failed with the same error (its whole message,
+the checkpoint's name masked: a broken device or a missing feature file fails every later one the same
+way), exit 3. A failure on one checkpoint only is reported and the next one goes on. One watcher per run:
+<run>/.eval-watch.lock (a second one is refused, exit 2, unless it was started by `bench train` with
+wait=true, when it waits for the first). `since=T` (set by `bench train`): the run's training started at or
+after time T; until run.json says so the watcher waits, so a summary.json or a free lock left by an
+earlier training is not taken for this one's end.
 """
 from __future__ import annotations
 

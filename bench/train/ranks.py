@@ -25,6 +25,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 
 from bench import rundir
+from bench import errors
 from bench.errors import is_user_error
 
 T = TypeVar("T")
@@ -84,7 +85,6 @@ class Ranks:
                                                      timeout=datetime.timedelta(seconds=rank0_timeout_s))
 
     _leave_registered = False
-    _failed_in_process = False  # some Ranks of this process saw a failure: Ranks.leave then does nothing
 
     @property
     def broken(self) -> bool:
@@ -93,7 +93,8 @@ class Ranks:
     @broken.setter
     def broken(self, value: bool) -> None:
         self._broken = bool(value)
-        Ranks._failed_in_process = Ranks._failed_in_process or bool(value)
+        if value:
+            errors.process_failed()  # and Ranks.leave, at exit, leaves the process groups alone
 
     @property
     def is_main(self) -> bool:
@@ -158,9 +159,9 @@ class Ranks:
         worked ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489): 12 of 40
         two-process runs here (NCCL asks for the same: torch warns when it is not done). At exit, not after the
         run: a sweep or `bench throughput` trains several times in one process. Not after a failure anywhere in
-        the process (`broken` on any Ranks): a hung peer's pending collective would be waited for, and the process
-        exits non-zero anyway."""
-        if not Ranks._failed_in_process and torch.distributed.is_initialized():
+        the process (`broken` on any Ranks, or bench.errors.process_failed): a hung peer's pending collective
+        would be waited for, and the process exits non-zero anyway."""
+        if not errors.failed_in_process() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
     # ---- failures -------------------------------------------------------------------------------------
