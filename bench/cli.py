@@ -27,6 +27,8 @@ commands:
                                     checkpoints/best.pt; eval.async=true in bench train submits it as a job
   truncation run=DIR psi=[...] [eval.*]     truncation trade-off: metrics per psi, CSV + PNG plots
   report DIR [out=DIR]              Markdown/CSV tables and PNG plots for a run or a sweep directory
+  sample run=DIR n=N out=FILE.npz|DIR [psi=] [class=] [which=best|last] [seed=] [eval.*]
+                                    images of a run's EMA G (npz: x, z, y; or PNG files + labels.csv)
 
 examples:
   bench train
@@ -294,6 +296,44 @@ def cmd_truncation(args: list[str]) -> int:
     return 0
 
 
+SAMPLE_KEYS = ("run", "n", "psi", "class", "which", "seed", "out")
+
+
+def cmd_sample(args: list[str]) -> int:
+    """`bench sample run=DIR n=N [psi=] [class=] [which=best|last] [seed=] out=FILE.npz|DIR [eval.*]`
+    (bench/eval/export.py): images of a run's EMA G with the latents and labels that made them."""
+    special, rest = _split_run_args(args, SAMPLE_KEYS)
+    for o in rest:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not (key == "data.shards" or key.startswith("eval.")):
+            raise UsageError(f"bench sample: {o!r} is not a valid argument; valid keys: {', '.join(SAMPLE_KEYS)}, "
+                             f"data.shards, eval.*")
+    run_dir = _existing_run(special, "sample")
+    _check_overrides_are_eval(rest, "sample")
+    for key in ("n", "out"):
+        if key not in special:
+            raise UsageError(f"bench sample needs {key}=" + ("N (images to write)" if key == "n" else
+                                                             "FILE.npz or out=DIR (PNG files + labels.csv)"))
+    from bench.eval import export
+
+    export.out_kind(special["out"])  # bad input is one line before anything is loaded
+    export.parse_int("n", special["n"], 1)
+    if "class" in special:
+        export.parse_int("class", special["class"], 0)
+    if "seed" in special:
+        export.parse_int("seed", special["seed"], 0)
+    psi = _parse_psis(special["psi"])[0] if "psi" in special else None
+    if "psi" in special and psi is None:
+        psi = "off"
+    _check_run_eval_cfg(run_dir, rest)
+    _check_which(special.get("which", "best"))
+    info = export.sample_run(run_dir, special["n"], special["out"], psi=psi, label=special.get("class"),
+                             which=special.get("which", "best"), seed=special.get("seed"), overrides=rest)
+    export.print_summary(info)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def cmd_inspect(args: list[str]) -> int:
     import torch
     from omegaconf import OmegaConf
@@ -430,7 +470,7 @@ def cmd_report(args: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "data": cmd_data, "throughput": cmd_throughput,
-            "eval": cmd_eval, "truncation": cmd_truncation, "report": cmd_report}
+            "eval": cmd_eval, "truncation": cmd_truncation, "report": cmd_report, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

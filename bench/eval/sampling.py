@@ -167,11 +167,17 @@ def generate_uint8(G: nn.Module, z: torch.Tensor, y: torch.Tensor, autocast=None
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
 
 
-def sample_images(G: nn.Module, z: torch.Tensor, y: torch.Tensor, batch_size: int, autocast=None) -> torch.Tensor:
-    """uint8 (N, 3, R, R) images (on the CPU) of the latents z and labels y, batch_size at a time on G's device."""
+def sample_images(G: nn.Module, z: torch.Tensor, y: torch.Tensor, batch_size: int, autocast=None,
+                  progress=None) -> torch.Tensor:
+    """uint8 (N, 3, R, R) images (on the CPU) of the latents z and labels y, batch_size at a time on G's device.
+    progress: None, or an object whose add(n) is called after each batch (bench.eval.features.ProgressLine)."""
     device = next(G.parameters()).device
-    return torch.cat([generate_uint8(G, z[i:i + batch_size].to(device), y[i:i + batch_size].to(device), autocast).cpu()
-                      for i in range(0, z.shape[0], int(batch_size))])
+    out = []
+    for i in range(0, z.shape[0], int(batch_size)):
+        out.append(generate_uint8(G, z[i:i + batch_size].to(device), y[i:i + batch_size].to(device), autocast).cpu())
+        if progress is not None:
+            progress.add(out[-1].shape[0])
+    return torch.cat(out)
 
 
 def batchnorms(G: nn.Module) -> list[nn.Module]:
