@@ -1,7 +1,9 @@
-"""Seeds and confidence intervals: the percentile bootstrap (bench.eval.stats.bootstrap_ci) against an
-independent computation, eval.repeats through `bench eval`, and `bench report` grouping runs that differ
-only in train.seed (mean ± 95% interval, n, the "not separable from best" mark). Fabricated run directories
-for the report; one tiny evaluation for eval.repeats (about 30 s on 2 CPUs)."""
+"""Seeds and confidence intervals: the percentile bootstrap (bench.eval.stats.bootstrap_ci, kept for
+quantities over many samples) against an independent computation, eval.repeats through `bench eval` (its
+Student-t interval over the sample sets), and `bench report` grouping runs that differ only in train.seed
+(mean ± Student-t 95% interval, n, the t-test marks against the best cell). Fabricated run directories for
+the report; one tiny evaluation for eval.repeats (about 30 s on 2 CPUs). The intervals' coverage, the tests,
+the variance split and the power table: tests/test_intervals.py."""
 import csv
 import json
 import math
@@ -17,7 +19,9 @@ from bench import metrics_registry as registry
 from bench import rundir
 from bench.cli import main
 from bench.config import ConfigError, validate_eval
-from bench.eval.stats import bootstrap_ci
+from scipy import stats as sps
+
+from bench.eval.stats import bootstrap_ci, t_interval
 from bench.report import groups as G
 
 # ---- the bootstrap ------------------------------------------------------------------------------------
@@ -104,7 +108,9 @@ def test_summarise_repeats_against_a_hand_computation():
              "cost/sample_s_per_1k": 2.0, "cost/real_features_s": 0.0}]
     out = summarise_repeats(reps, seed=5)
     assert out["eval/FID"] == pytest.approx(13.0) and out["eval/IS"] == pytest.approx(8.0 / 3)
-    assert out["eval/FID_ci95"] == pytest.approx(list(bootstrap_ci([10.0, 14.0, 15.0])))
+    assert out["eval/FID_ci95"] == pytest.approx(list(t_interval([10.0, 14.0, 15.0])))
+    half = 4.302652729911275 * math.sqrt(7.0 / 3.0)  # t_{2, .975} s / sqrt(3), s^2 = (9 + 1 + 4) / 2
+    assert out["eval/FID_ci95"] == pytest.approx([13.0 - half, 13.0 + half])
     assert out["eval/FID_ci95"][0] <= 13.0 <= out["eval/FID_ci95"][1]
     assert "eval/KID" not in out and "eval/KID" not in out["repeat_values"]  # not in every sample set
     assert out["repeat_values"] == {"eval/FID": [10.0, 14.0, 15.0], "eval/IS": [2.0, 2.5, 3.5]}
@@ -161,7 +167,7 @@ def test_bench_eval_with_three_repeats(tmp_path, capsys):
         assert rec[name] == pytest.approx(sum(vals) / 3, rel=1e-12), name
         lo, hi = rec[f"{name}{registry.CI_SUFFIX}"]
         assert lo <= rec[name] <= hi, name
-        assert (lo, hi) == pytest.approx(bootstrap_ci(vals)), name
+        assert (lo, hi) == pytest.approx(sps.t.interval(0.95, 2, loc=np.mean(vals), scale=sps.sem(vals))), name
     fids = rec["repeat_values"]["eval/FID"]
     assert len(set(fids)) == 3  # independent sample sets, not one set three times
     # the first sample set is the plain evaluation's (seed eval.seed): evaluate again with repeats=1
@@ -180,7 +186,7 @@ def test_bench_eval_with_three_repeats(tmp_path, capsys):
     assert row["repeats"] == "2" and len(record["repeat_values"]["eval/FID"]) == 2
     assert float(row["FID_ci_lo"]) <= float(row["FID"]) <= float(row["FID_ci_hi"])
     assert (float(row["FID_ci_lo"]), float(row["FID_ci_hi"])) == pytest.approx(
-        bootstrap_ci(record["repeat_values"]["eval/FID"]))
+        t_interval(record["repeat_values"]["eval/FID"]))
 
 
 # ---- the report ---------------------------------------------------------------------------------------
@@ -219,8 +225,8 @@ def seeded(tmp_path):
 
 
 def _ablation_md_rows(md: str) -> dict:
-    section = md.split("## Ablation matrix", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| sigma_clamp=")]
+    table = md.split("## Ablation matrix", 1)[1].split("\n\n")[1]  # the matrix, not the tables below it
+    rows = [line for line in table.splitlines() if line.startswith("| sigma_clamp=")]
     return {line.split("|")[1].strip(): line for line in rows}
 
 
@@ -236,20 +242,33 @@ def test_report_groups_seeds_with_mean_interval_and_n(seeded, tmp_path, capsys):
     assert set(by_clamp) == set(FIDS)
     for clamp, fids in FIDS.items():
         a = by_clamp[clamp]
-        lo, hi = bootstrap_ci(fids)
+        lo, hi = sps.t.interval(0.95, 2, loc=np.mean(fids), scale=sps.sem(fids))
         assert a["n"] == "3" and a["seeds"] == "0,1,2"
         assert float(a["value"]) == pytest.approx(sum(fids) / 3)
         assert (float(a["ci_lo"]), float(a["ci_hi"])) == pytest.approx((lo, hi))
         half = max(sum(fids) / 3 - lo, hi - sum(fids) / 3)
         assert a["value_text"] == f"{sum(fids) / 3:.4g} ± {half:.2g} (n=3)"
         assert a["value_text"] in md
-    # the best cell is the lowest mean FID; the overlapping one is marked, the far one is not
+    # the best cell is the lowest mean FID; every cell has the best's seeds 0, 1, 2: paired t-tests of the
+    # per-seed differences, Holm over the two. ratio:1.5 (+2, +2, -1) is not separable, ratio:3 (+50, +43, +48) is
+    p = {c: float(sps.ttest_rel(FIDS[c], FIDS["null"]).pvalue) for c in ("ratio:1.5", "ratio:3")}
+    assert p["ratio:3"] < p["ratio:1.5"]
+    holm = {"ratio:3": 2 * p["ratio:3"], "ratio:1.5": max(2 * p["ratio:3"], p["ratio:1.5"])}
+    assert holm["ratio:3"] <= 0.05 < holm["ratio:1.5"]
     assert (by_clamp["null"]["vs_best"], by_clamp["ratio:1.5"]["vs_best"], by_clamp["ratio:3"]["vs_best"]) == \
-        (G.BEST_MARK, G.NOT_SEPARABLE, "")
+        (G.BEST_MARK, G.NOT_SEPARABLE, G.DIFFERENT)
+    for c in p:
+        assert by_clamp[c]["test"] == G.PAIRED
+        assert (float(by_clamp[c]["p"]), float(by_clamp[c]["p_holm"])) == pytest.approx((p[c], holm[c]), rel=1e-9)
+        d = np.subtract(FIDS[c], FIDS["null"])
+        assert float(by_clamp[c]["paired_diff"]) == pytest.approx(d.mean())
+        assert (float(by_clamp[c]["paired_lo"]), float(by_clamp[c]["paired_hi"])) == pytest.approx(
+            sps.t.interval(0.95, 2, loc=d.mean(), scale=sps.sem(d)))
     rows = _ablation_md_rows(md)
-    assert f"| {G.NOT_SEPARABLE} |" in rows["sigma_clamp=ratio:1.5"]
-    assert G.NOT_SEPARABLE not in rows["sigma_clamp=ratio:3"] and "n=3" in rows["sigma_clamp=ratio:3"]
-    assert "not separable from best" in md  # the legend line
+    assert f"| {G.NOT_SEPARABLE} | paired | {p['ratio:1.5']:.3g} | {holm['ratio:1.5']:.3g} |" in rows["sigma_clamp=ratio:1.5"]
+    assert f"| {G.DIFFERENT} | paired | {p['ratio:3']:.3g} | {holm['ratio:3']:.3g} |" in rows["sigma_clamp=ratio:3"]
+    assert "n=3" in rows["sigma_clamp=ratio:3"]
+    assert "not separable from best" in md and "Holm" in md  # the legend line
     # the other tables: the seeds table and the best-evaluation table show mean ± interval and n
     assert "Seeds:" in md and "| sigma_clamp=null | 3 | 0, 1, 2 |" in md
     evals = md.split("## Evaluations", 1)[1].split("\n## ", 1)[0]
@@ -280,7 +299,7 @@ def test_truncation_curves_of_seeds_are_grouped(seeded, tmp_path, capsys):
     assert len(rows) == 6  # three configurations x two psi, not nine runs x two
     for (name, psi), fids in fid_at.items():
         mean = sum(fids) / 3
-        lo, hi = bootstrap_ci(fids)
+        lo, hi = t_interval(fids)
         text = f"{mean:.4g} ± {max(mean - lo, hi - mean):.2g} (n=3)"
         assert any(text in line and f"| {psi} |" in line for line in rows), (name, psi, text)
     assert (out / "truncation.png").stat().st_size > 10_000
@@ -306,8 +325,9 @@ def test_runs_differing_in_more_than_the_seed_stay_apart(tmp_path):
 
 
 def test_one_run_with_repeats_shows_its_own_interval_and_separability(tmp_path, capsys):
-    """n = 1 per configuration: the record's eval.repeats interval is the cell's; [50 ± 1] and [51 ± 1] overlap,
-    [60 ± 1] does not."""
+    """n = 1 per configuration: the cell's interval is the Student-t interval over the record's sample sets
+    (49, 50, 51: ± t_{2, .975} / sqrt(3)), and no cell is tested against the best: one run has no seed spread
+    (its sample sets say nothing of it), so they are marked untested however far apart they are."""
     root = tmp_path / "runs"
     for clamp, fid in (("null", 50.0), ("ratio:1.5", 51.0), ("ratio:3", 60.0)):
         fake_run(root, f"c{clamp.replace(':', '')}", 0, clamp, fid, repeats=1.0)
@@ -316,9 +336,11 @@ def test_one_run_with_repeats_shows_its_own_interval_and_separability(tmp_path, 
     capsys.readouterr()
     with open(out / "ablation.csv", newline="") as f:
         abl = {a["reg.sigma_clamp"]: a for a in csv.DictReader(f)}
-    assert abl["null"]["value_text"] == "50 ± 1 (n=1, 3 repeats)"
+    assert abl["null"]["value_text"] == f"50 ± {4.302652729911275 / math.sqrt(3):.2g} (n=1, 3 repeats)" == \
+        "50 ± 2.5 (n=1, 3 repeats)"
     assert (abl["null"]["vs_best"], abl["ratio:1.5"]["vs_best"], abl["ratio:3"]["vs_best"]) == \
-        (G.BEST_MARK, G.NOT_SEPARABLE, "")
+        (G.BEST_MARK, G.UNTESTED, G.UNTESTED)
+    assert abl["ratio:3"]["p"] == abl["ratio:3"]["p_holm"] == "" and abl["ratio:3"]["test"] == ""
     with open(out / "evals.csv", newline="") as f:
         recs = [r for r in csv.DictReader(f) if r["step"] == "10"]
     assert {(float(r["eval/FID_ci_lo"]), float(r["eval/FID_ci_hi"])) for r in recs} == \
@@ -330,7 +352,7 @@ def test_one_run_with_repeats_shows_its_own_interval_and_separability(tmp_path, 
     assert main(["report", str(plain), f"out={tmp_path / 'out2'}"]) == 0
     with open(tmp_path / "out2" / "ablation.csv", newline="") as f:
         abl = {a["reg.sigma_clamp"]: a for a in csv.DictReader(f)}
-    assert abl["ratio:3"]["value_text"] == "60" and abl["ratio:3"]["vs_best"] == ""
+    assert abl["ratio:3"]["value_text"] == "60" and abl["ratio:3"]["vs_best"] == G.UNTESTED
     assert "±" not in (tmp_path / "out2" / "report.md").read_text().split("## Ablation matrix")[1].split("`≈`")[0]
 
 

@@ -59,7 +59,7 @@ from bench.eval.intra import IntraFID, RealImages, summarise_intra
 from bench.eval.records import RECORD_KEYS, append_eval, format_table  # noqa: F401 - part of this module's API
 from bench.eval.intra_check import DEFAULT_MIN_PER_CLASS
 from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
-from bench.eval.stats import DC_NEIGHBOURS, bootstrap_ci, density_coverage, frechet_distance
+from bench.eval.stats import DC_NEIGHBOURS, density_coverage, frechet_distance, t_interval
 
 MIN_SAMPLES = max(MIN_EVAL_SAMPLES, DC_NEIGHBOURS + 1)  # density / coverage: the k-th of the other real samples
 
@@ -365,7 +365,7 @@ def _one_sample_set(Gs: nn.Module, s: EvalSettings, seed: int, n_classes: int, r
 
 def summarise_repeats(per_repeat: list[dict], seed: int) -> dict:
     """One record of K sample sets' results: every metric all of them have as the mean of the K values, with
-    eval/<metric>_ci95 = [lo, hi] (bench.eval.stats.bootstrap_ci over the K values), repeat_values =
+    eval/<metric>_ci95 = [lo, hi] (bench.eval.stats.t_interval over the K values), repeat_values =
     {metric: [K values]}, repeats = K and repeat_seeds; fid_imag_residue the largest; cost/* per 1k images
     the mean, the others summed (the real features are computed once, then read from the cache)."""
     k = len(per_repeat)
@@ -376,7 +376,7 @@ def summarise_repeats(per_repeat: list[dict], seed: int) -> dict:
         if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
             values[name] = [float(v) for v in vals]
             out[name] = float(sum(values[name]) / k)
-            out[f"{name}{registry.CI_SUFFIX}"] = list(bootstrap_ci(values[name]))
+            out[f"{name}{registry.CI_SUFFIX}"] = list(t_interval(values[name]))
     residues = [r["fid_imag_residue"] for r in per_repeat if r.get("fid_imag_residue") is not None]
     if residues:
         out["fid_imag_residue"] = max(residues)

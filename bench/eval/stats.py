@@ -8,13 +8,27 @@
     density_coverage   density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics
                        for Generative Models") with k nearest neighbours, on the features precision and
                        recall use
-    bootstrap_ci       the percentile-bootstrap 95% interval of a mean (repeated evaluations of one run,
-                       eval.repeats; and the seeds of one configuration in `bench report`)
+    t_interval         the Student-t 95% interval of a mean of K >= 2 values: the interval of every mean over a
+                       handful of values (the sample sets of one evaluation, eval.repeats; the seeds of one
+                       configuration in `bench report`)
+    welch_test, paired_test, holm
+                       two-sided p-values of a difference of means (Welch's unequal-variance t-test; the paired
+                       t-test of per-seed differences) and Holm's step-down adjustment over several of them
+    variance_split     one-way random-effects ANOVA of runs x repeated sample sets: seed-to-seed and sample-set
+                       variance
+    power, seeds_for_power
+                       the two-sample t-test's power from the noncentral t, and the seeds per cell it needs
+    bootstrap_ci       the percentile-bootstrap interval of a mean: kept for quantities over many samples only;
+                       at K = 3 it covers ~76% at nominal 95% (tests/test_intervals.py), so no mean over seeds or
+                       sample sets uses it
 
 Features are (N, D) tensors or arrays, one row per image; nothing here knows about images or extractors.
-torch is imported where it is used, so `bench report` (torch-free) can use bootstrap_ci.
+torch is imported where it is used, scipy.stats inside the functions that need it, so `bench report`
+(torch-free) can use the interval and test functions.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -26,11 +40,138 @@ DIST_BLOCK_BYTES = 1 << 27  # a block of the pairwise distance matrix: at most 1
 BOOTSTRAP_RESAMPLES = 2000  # B of bootstrap_ci
 BOOTSTRAP_SEED = 0          # its fixed seed: the same values always give the same interval
 CI_LEVEL = 0.95
+ALPHA = 0.05                # the level of the separability test (two-sided, after Holm)
+POWER = 0.8                 # the power seeds_for_power asks for
+MAX_SEEDS = 10_000          # seeds_for_power gives up (None) beyond this many seeds per cell
+
+
+def _finite_values(values, what: str) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0 or not np.isfinite(x).all():
+        raise ValueError(f"{what} needs finite values, got {list(x)}")
+    return x
+
+
+def t_interval(values, level: float = CI_LEVEL) -> tuple[float, float]:
+    """(lo, hi): the Student-t interval of the mean of `values` (K finite numbers),
+    mean -/+ t_{K-1, (1 + level) / 2} * s / sqrt(K) with s the sample SD (K - 1 in the denominator). Exact
+    coverage for normal values at any K >= 2; K = 1 gives (value, value): one value has no spread to
+    estimate."""
+    from scipy import stats as sps
+
+    x = _finite_values(values, "t_interval")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean
+    half = float(sps.t.ppf((1.0 + level) / 2.0, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean - half, mean + half
+
+
+def _t_p_value(diff: float, se: float, df: float) -> float:
+    """Two-sided p of t = diff / se on df degrees of freedom; se = 0 (no spread on either side): 1.0 for a
+    zero difference, 0.0 for any other (the values differ without noise)."""
+    from scipy import stats as sps
+
+    if se == 0.0:
+        return 1.0 if diff == 0.0 else 0.0
+    return float(2.0 * sps.t.sf(abs(diff / se), df))
+
+
+def welch_test(a, b) -> tuple[float, float, float]:
+    """(t, df, p): Welch's two-sided t-test of mean(a) = mean(b), unequal variances, each side >= 2 values.
+    t = (mean(a) - mean(b)) / sqrt(va / na + vb / nb), df by Welch-Satterthwaite."""
+    x, y = _finite_values(a, "welch_test"), _finite_values(b, "welch_test")
+    if x.size < 2 or y.size < 2:
+        raise ValueError(f"welch_test needs at least two values per side, got {x.size} and {y.size}")
+    qa, qb = float(x.var(ddof=1)) / x.size, float(y.var(ddof=1)) / y.size
+    diff = float(x.mean() - y.mean())
+    se = math.sqrt(qa + qb)
+    df = (qa + qb) ** 2 / (qa ** 2 / (x.size - 1) + qb ** 2 / (y.size - 1)) if se > 0 else float(x.size + y.size - 2)
+    return (diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))), df, _t_p_value(diff, se, df)
+
+
+def paired_test(diffs) -> tuple[float, float, float]:
+    """(t, df, p): the two-sided paired t-test of mean(diffs) = 0 (diffs: per-seed differences, >= 2)."""
+    d = _finite_values(diffs, "paired_test")
+    if d.size < 2:
+        raise ValueError(f"paired_test needs at least two differences, got {d.size}")
+    mean, se, df = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(d.size), float(d.size - 1)
+    return (mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))), df, _t_p_value(mean, se, df)
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order: with p_(1) <= ... <= p_(m) sorted,
+    adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where adjusted <= alpha keeps
+    the family-wise error rate at alpha over the m tests."""
+    p = [float(v) for v in p_values]
+    m = len(p)
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def variance_split(per_run: list) -> dict:
+    """One-way random-effects ANOVA of a configuration's runs (seeds), each with R_i >= 2 repeated sample-set
+    values: {within, between, runs, repeats}. within: the pooled sample-set variance, sum over runs of the
+    squared deviations from the run's mean over sum(R_i - 1). between (seed to seed): the variance of the run
+    means less what the sample sets put into them, var(run means) - within * mean(1 / R_i) (= within / R for
+    equal R), floored at 0. repeats: the mean R. Needs two runs or more."""
+    runs = [_finite_values(v, "variance_split") for v in per_run]
+    if len(runs) < 2 or any(r.size < 2 for r in runs):
+        raise ValueError("variance_split needs two runs or more, each with two repeated values or more")
+    ss = math.fsum(float(((r - r.mean()) ** 2).sum()) for r in runs)
+    within = ss / sum(r.size - 1 for r in runs)
+    means = np.array([r.mean() for r in runs])
+    between = max(0.0, float(means.var(ddof=1)) - within * float(np.mean([1.0 / r.size for r in runs])))
+    return {"within": within, "between": between, "runs": len(runs), "repeats": float(np.mean([r.size for r in runs]))}
+
+
+def power(n: int, delta: float, sd: float, alpha: float = ALPHA) -> float:
+    """The power of the two-sided two-sample t-test (equal variances, n per group) to detect a difference of
+    means `delta` when each value has SD `sd`: with df = 2n - 2, ncp = delta / (sd sqrt(2 / n)) and c the
+    1 - alpha/2 quantile of t_df, P(|T| > c) for T noncentral t(df, ncp) = 1 - F(c) + F(-c)."""
+    from scipy import stats as sps
+
+    if n < 2:
+        raise ValueError(f"power needs n >= 2 per group, got {n}")
+    if sd <= 0:
+        return 1.0 if delta != 0 else alpha
+    df = 2 * n - 2
+    ncp = abs(delta) / (sd * math.sqrt(2.0 / n))
+    c = float(sps.t.ppf(1.0 - alpha / 2.0, df))
+    return float(sps.nct.sf(c, df, ncp) + sps.nct.cdf(-c, df, ncp))
+
+
+def seeds_for_power(delta: float, sd: float, target: float = POWER, alpha: float = ALPHA) -> int | None:
+    """The smallest n (seeds per cell, >= 2) whose two-sample t-test has power >= target for a difference
+    `delta` at SD `sd` (see power); None past MAX_SEEDS. Starts from the normal approximation
+    2 ((z_{1-alpha/2} + z_target) sd / delta)^2 and walks to the exact noncentral-t answer."""
+    from scipy import stats as sps
+
+    if sd <= 0:
+        return 2
+    if delta == 0:
+        return None
+    z = float(sps.norm.ppf(1.0 - alpha / 2.0) + sps.norm.ppf(target))
+    n = max(2, math.ceil(2.0 * (z * sd / abs(delta)) ** 2))
+    if n > MAX_SEEDS:
+        return None
+    while n > 2 and power(n - 1, delta, sd, alpha) >= target:
+        n -= 1
+    while power(n, delta, sd, alpha) < target:
+        n += 1
+        if n > MAX_SEEDS:
+            return None
+    return n
 
 
 def bootstrap_ci(values, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                  level: float = CI_LEVEL) -> tuple[float, float]:
-    """(lo, hi): the percentile-bootstrap interval of the mean of `values` (K finite numbers). Draws
+    """(lo, hi): the percentile-bootstrap interval of the mean of `values` (K finite numbers), for quantities
+    over many samples only (at small K it is too narrow: see the module docstring). Draws
     n_resamples index sets of size K with replacement (numpy's default_rng(seed).integers, one
     (n_resamples, K) array), takes each resample's mean, and returns the (1 - level) / 2 and
     (1 + level) / 2 quantiles of those means (np.percentile, linear). K = 1 gives (value, value)."""

@@ -455,7 +455,8 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
     title = abl[0]["metric"]
     marks = any(a.get("vs_best") for a in abl)
     ax.set_title(f"Ablation: {title}, collapse step, throughput" + (
-        f"\n± : 95% interval (n seeds); {G.NOT_SEPARABLE}: not separable from the best cell" if marks else ""),
+        f"\n± : Student-t 95% interval (n seeds); {G.NOT_SEPARABLE} / {G.DIFFERENT}: not separable from / different "
+        f"from the best cell (t-test, Holm, α = {G.ALPHA:g})" if marks else ""),
         fontsize=10)
     w.figure("ablation.png", fig)
     return "ablation.png", None

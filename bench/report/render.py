@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench import metrics_registry as registry
 from bench import rundir
+from bench.eval import stats
 from bench.report import groups as G
 from bench.report import per_class, plots, plots_extra
 from bench.report.collect import MAX_DEPTH, REPORT_DIR, STALLED_AFTER_S, TRUNC_COLUMNS, Run, discover, finite
@@ -47,6 +48,7 @@ class ReportData:
     groups: list = None            # [groups.SeedGroup]: runs that differ only in train.seed
     abl_keys: list = None          # the ablation's keys (the swept keys without train.seed)
     gtrunc: list = None            # truncation points per configuration (groups.group_truncation)
+    abl_metric: str = None         # the ablation's headline metric (registry name, or loss/D)
 
 
 # ---- the work ---------------------------------------------------------------------------------------
@@ -123,7 +125,7 @@ def build_report(root: Path, out: Path) -> dict:
     written_names = {p.name for p in w.written} | {"report.md"}
     w.text("report.md", render_markdown(ReportData(root, runs, rows, keys, key_source, scaling, records, trunc,
                                                    abl, written_names, sigma_files, plot.skipped, groups, abl_keys,
-                                                   gtrunc)))
+                                                   gtrunc, metric)))
     ledger.finish({p.name for p in w.written})
     return {"runs": runs, "rows": rows, "written": w.written, "skipped": plot.skipped, "keys": keys}
 
@@ -180,7 +182,7 @@ def _md_runs(d: ReportData) -> list[str]:
     seeds = G.seed_table(d.groups or [], d.abl)
     if seeds:
         L += ["Seeds: runs whose config.yaml differs only in `train.seed` are one configuration; its numbers "
-              "below are mean ± the half-width of the 95% bootstrap interval over the seeds, with n = the "
+              "below are mean ± the half-width of the Student-t 95% interval over the seeds, with n = the "
               "number of runs:", "", md_table(["configuration", "n", "train.seed", d.abl[0]["metric"] if d.abl
                                                else "metric"], seeds), ""]
     errors = [(row["run"], row["error"]) for row in d.rows if row.get("error")]
@@ -254,8 +256,8 @@ def _md_evals(d: ReportData) -> list[str]:
     if best_rows:
         L += ["Best evaluation per configuration and feature extractor, by the run's `eval.best_metric` (column "
               "`by`; the rule of checkpoints/best.pt; numbers from different extractors are not comparable). "
-              "Several seeds: mean ± 95% interval (n seeds); one run evaluated with eval.repeats > 1: its "
-              "interval over the sample sets:", "",
+              "Several seeds: mean ± Student-t 95% interval (n seeds); one run evaluated with eval.repeats > 1: its "
+              "t-interval over the sample sets:", "",
               md_table(["run", "extractor", "by", "samples", "step", "evals"]
                        + [registry.BY_NAME[k].short for k in REPORT_METRICS], best_rows), "",
               "Every record: `evals.csv`.", ""]
@@ -281,13 +283,64 @@ def _md_ablation(d: ReportData) -> list[str]:
     abl, keys = d.abl, (d.abl_keys if d.abl_keys is not None else d.keys)
     L = ["## Ablation matrix", ""]
     if len(abl) >= 2:
-        L += [md_table(["run", *keys, "status", abl[0]["metric"], "vs best", "n", "collapse step", "img/s"],
+        L += [md_table(["run", *keys, "status", abl[0]["metric"], "vs best", "test", "p", "p (Holm)", "n",
+                        "collapse step", "img/s"],
                        [[a["run"], *[a[k] for k in keys], status_cell(a["status"]), a.get("value_text", a["value"]),
-                         a.get("vs_best"), a.get("n"), a["collapse_step"], a["img_per_s"]] for a in abl]), "",
+                         a.get("vs_best"), a.get("test"), _p(a.get("p")), _p(a.get("p_holm")), a.get("n"),
+                         a["collapse_step"], a["img_per_s"]] for a in abl]), "",
               G.SEPARABILITY_NOTE + " `ablation.csv`.", ""]
         if len(keys) == 2 and len({(a[keys[0]], a[keys[1]]) for a in abl}) == len(abl):  # one row per cell
             L += _pivot(abl, keys)
+        L += _md_paired(abl) + _md_variance(abl) + _md_power(abl, d.abl_metric)
     return L + _img(d, "ablation.png")
+
+
+def _p(p) -> str | None:
+    """A p-value as printed: 3 significant digits, '< 1e-06' below that."""
+    if p is None:
+        return None
+    return "< 1e-06" if p < 1e-6 else f"{p:.3g}"
+
+
+def _md_paired(abl: list[dict]) -> list[str]:
+    rows = G.paired_rows(abl)
+    if not rows:
+        return []
+    best = next(a for a in abl if a["vs_best"] == G.BEST_MARK)
+    return [f"Paired differences to the best cell ({best['run']}), over the train.seed values both hold (same "
+            "initialisation, data order and latents, so the seed's share of the noise cancels): mean of (cell − best) "
+            "per seed ± the half-width of its Student-t 95% interval, and the interval:", "",
+            md_table(["run", "seeds paired", "of n", "cell − best", "95% interval"],
+                     [[a["run"], a["paired_n"], a["n"], f"{fmt(a['paired_diff'])} ± "
+                       f"{fmt((a['paired_hi'] - a['paired_lo']) / 2, 2)}",
+                       f"[{fmt(a['paired_lo'])}, {fmt(a['paired_hi'])}]"] for a in rows]), ""]
+
+
+def _md_variance(abl: list[dict]) -> list[str]:
+    rows = G.variance_rows(abl)
+    if not rows:
+        return []
+    return ["Where the variance comes from (cells whose runs were all evaluated with eval.repeats >= 2; one-way "
+            "random-effects ANOVA): sample-set SD = the spread of one sample set's value around its run's mean "
+            "(pooled within runs); seed SD = sqrt(var(run means) − sample-set variance / R), floored at 0; seed "
+            "share = the seed's part of the variance of a run's value (its R sample sets averaged):", "",
+            md_table(["run", "runs", "sample sets (R)", "seed SD", "sample-set SD", "seed share"],
+                     [[v["run"], v["n"], v["repeats"], v["seed_sd"], v["set_sd"],
+                       None if v["seed_share"] is None else f"{100 * v['seed_share']:.0f}%"] for v in rows]), ""]
+
+
+def _md_power(abl: list[dict], metric: str | None) -> list[str]:
+    if metric not in registry.BY_NAME:
+        return []
+    sd, df, rows = G.power_rows(abl, metric)
+    if not rows:
+        return []
+    short = registry.BY_NAME[metric].short
+    return [f"Seeds needed: seeds per cell at which a two-sided two-sample t-test (α = {G.ALPHA:g}) detects a "
+            f"difference of Δ {short} with {G.POWER:.0%} power (exact noncentral t), from this study's pooled "
+            f"seed-to-seed SD of {short}, {fmt(sd)} ({df} degrees of freedom):", "",
+            md_table([f"Δ {short}", "seeds per cell"],
+                     [[fmt(delta), n if n is not None else f"> {stats.MAX_SEEDS}"] for delta, n in rows]), ""]
 
 
 def _md_tail(d: ReportData) -> list[str]:
