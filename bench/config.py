@@ -210,7 +210,10 @@ def check_data(cfg: DictConfig) -> None:
         cfg.data.resolution = resolution_from_manifest(cfg.data.shards)
     if not isinstance(cfg.data.resolution, int) or not 16 <= cfg.data.resolution <= 256:
         raise ConfigError(f"data.resolution={cfg.data.resolution!r} is out of range; use 16..256")
-    _all_positive(cfg, ("data.samples_per_shard",), ("data.num_workers", "data.shuffle_buffer"))
+    _all_positive(cfg, ("data.samples_per_shard",), ("data.shuffle_buffer",))
+    nw = cfg.data.num_workers
+    if nw != "auto" and (not isinstance(nw, int) or isinstance(nw, bool) or nw < 0):
+        raise ConfigError(f"data.num_workers={nw!r}: use auto or an integer >= 0")
     _positive("data.num_samples", cfg.data.num_samples, allow_zero=cfg.data.name != "shapes")  # folder: 0 = all
 
 

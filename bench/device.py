@@ -65,6 +65,21 @@ def eval_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+@contextlib.contextmanager
+def plain_autograd(grad: bool = True):
+    """The default autograd state whatever the caller is inside: gradients on (or off with grad=False), not in
+    inference mode, no autocast. A resource built lazily on first use (the domain classifier, the real-feature
+    cache, the CPU peak) is built under it, so that a caller's no_grad, inference_mode or autocast cannot reach
+    it (training under no_grad fails; features or a peak under autocast would be the wrong precision)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.set_grad_enabled(grad))
+        stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
+        yield
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -205,7 +220,8 @@ def peak_tflops(device: torch.device, precision: str, remeasure: bool = False) -
     path = rundir.cache_root() / "cpu_peak.json"
     cache = _read_peak_cache(path)
     if remeasure or not _peak_entry_ok(cache.get(key)):
-        m = measure_cpu_peak(precision)
+        with plain_autograd(grad=False):  # a caller's autocast would measure another precision
+            m = measure_cpu_peak(precision)
         old = cache.get(key) if _peak_entry_ok(cache.get(key)) else None
         if old and old["peak"] >= m["peak"]:
             m = old

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -38,7 +38,7 @@ class DataCfg:
     resolution: Optional[int] = 32  # null (data=folder): the shards' manifest.json says
     num_samples: int = 10000
     samples_per_shard: int = 500
-    num_workers: int = 1
+    num_workers: Any = "auto"  # decode workers per process: auto (bench.workers.resolve_workers) or >= 0
     shuffle_buffer: int = 1000
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from bench.data.format import IMAGE_KEYS, DataError, square_resize
 from bench.data.shards import is_remote, load_manifest, no_shards, resolve_shards, shard_counts
+from bench.workers import quiet_child_signals
 
 # Shards are untrusted input: an image whose header claims more pixels than this is skipped (and
 # counted) before any pixel is decoded, so a decompression bomb cannot exhaust a worker's memory.
@@ -66,12 +67,11 @@ class LoaderSettings:
 
 
 def _worker_init(_worker_id: int) -> None:
-    """Decode workers ignore SIGTERM and SIGINT: the training process handles them (a stop request,
-    then a checkpoint) and closes the loader. A Ctrl-C or a scheduler's SIGTERM reaches the whole
-    process group; a worker killed by it would fail the run before it could save. A worker still
-    leaves when its parent shuts the loader down or dies (torch's worker loop watches the parent)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Decode workers ignore SIGTERM, SIGINT and SIGUSR1 (bench.workers.quiet_child_signals): the training
+    process handles them (a stop request, then a checkpoint) and closes the loader. A Ctrl-C or a scheduler's
+    SIGTERM reaches the whole process group; a worker killed by it would fail the run before it could save. A
+    worker still leaves when its parent shuts the loader down or dies (torch's worker loop watches the parent)."""
+    quiet_child_signals()
 
 
 class _SkipCounter:

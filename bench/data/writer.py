@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bench import rundir
+from bench.workers import ordered_map, usable_cpus
 from bench.data import shapes
 from bench.data.format import DEFAULT_NUM_SAMPLES, MANIFEST, SHARD_NAME, DataError, png_bytes, square_resize
 
@@ -176,23 +177,16 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _auto_workers(workers: int | None, work: float) -> int:
     if workers is not None:
         return max(1, int(workers))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cpus, 8) if work > 5e6 else 1  # work ~ output pixels; a pool only pays off when big
+    return min(usable_cpus(), 8) if work > 5e6 else 1  # work ~ output pixels; workers only pay off when big
 
 
 def _pack(tmp: Path, plan: _Plan, samples_per_shard: int, nproc: int, prog: _Progress) -> _Written:
-    """Run the plan's jobs (in a pool when nproc > 1) and write their PNGs into tar shards in `tmp`."""
+    """Run the plan's jobs (in worker processes when nproc > 1: bench.workers, which a stop request cannot
+    hang) and write their PNGs into tar shards in `tmp`."""
     out = _Written()
     tar: tarfile.TarFile | None = None
-    pool = None
+    results = ordered_map(plan.fn, plan.jobs, nproc)
     try:
-        if nproc > 1:
-            import multiprocessing as mp
-
-            pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(nproc)
-            results = pool.imap(plan.fn, plan.jobs, chunksize=64)
-        else:
-            results = map(plan.fn, plan.jobs)
         for j, (png, label, note) in enumerate(results):
             if png is None:
                 out.skipped += 1
@@ -212,10 +206,9 @@ def _pack(tmp: Path, plan: _Plan, samples_per_shard: int, nproc: int, prog: _Pro
             if j % 256 == 0:
                 prog.update(j, len(out.shards))
     finally:
+        results.close()  # stops the workers now (a generator's finally), whether or not all jobs ran
         if tar is not None:
             tar.close()
-        if pool is not None:
-            pool.terminate()
     return out
 
 

@@ -19,10 +19,9 @@ in train mode is put back in train mode). It runs on rank 0 (`Ranks.rank0`) and 
 every rank reports the same keys and values: the tick's all-reduce keeps every rank's row, and therefore the
 collapse detector's decision, identical.
 
-The domain classifier: `eval.classifier_path`, else the file beside the shards. When it is missing the probe
-trains it on first use (as evaluation does, with its progress lines) only if training evaluates with it anyway
-(`eval.every > 0` or `eval.final`) and `eval.train_classifier` is true; otherwise it says so in one line and
-stays off for the run (train one with `bench eval train-classifier data.shards=...`). With more than
+The domain classifier: `eval.classifier_path`, else the file beside the shards. When it is missing, training
+trains it before the first step (Trainer._prepare_classifier) if `eval.train_classifier` is true; otherwise the
+probe says so in one line and stays off for the run (train one with `bench eval train-classifier data.shards=...`). With more than
 MAX_CLASSES classes, MAX_CLASSES evenly spaced classes are measured.
 """
 from __future__ import annotations
@@ -106,10 +105,9 @@ class DiversityProbe:
     @classmethod
     def from_trainer(cls, t) -> "DiversityProbe":
         cfg, tc = t.cfg, t.cfg.telemetry
-        evaluates = bool(cfg.eval.every) or bool(cfg.eval.final)
         probe = cls(tc.diversity_every, tc.diversity_samples, t.shards_spec, cfg.data.resolution, t.n_data_classes,
                     t.device, classifier_path=cfg.eval.classifier_path,
-                    train_if_missing=evaluates and bool(cfg.eval.get("train_classifier", True)))
+                    train_if_missing=bool(cfg.eval.get("train_classifier", True)))
         probe.quiet = t.quiet or not t.is_main
         return probe
 

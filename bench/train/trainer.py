@@ -25,6 +25,7 @@ from bench.config import ConfigError, effective_batch, reg_specs
 from bench.data.loader import LoaderSettings, ShardLoader
 from bench.data.shards import configured_shards, resolve_shards
 from bench.train import telemetry
+from bench.workers import resolve_workers
 from bench.train.objectives import GANObjective, HistoricalAverage, make_optimizer
 from bench.train.phases import Phase, PhaseRunner, WeightRegs, plan
 from bench.faults import injected_fault
@@ -109,6 +110,22 @@ class Trainer:
         self.n_classes = n_classes
         self.class_names = class_names or [str(i) for i in range(n_classes)]
         self.n_data_classes = n_data_classes or n_classes
+        self._prepare_classifier()
+
+    def _prepare_classifier(self) -> None:
+        """Train the domain classifier now, before the first step, when the run will need it and it is missing:
+        the diversity probe, or evaluation with the domain extractor (eval.async: its watcher's). Built on first
+        use instead, it would be trained inside a measurement (its no_grad) and cost a step's time."""
+        cfg = self.cfg
+        evaluates = bool(cfg.eval.every) or bool(cfg.eval.final)
+        needed = cfg.telemetry.diversity_every > 0 or (evaluates and cfg.eval.extractor == "domain")
+        if not needed or not cfg.eval.get("train_classifier", True):
+            return
+        from bench.eval.metrics import ensure_classifier
+
+        self.ranks.rank0("training the domain classifier", lambda: ensure_classifier(
+            self.shards_spec, cfg.data.resolution, cfg.eval.classifier_path, train_if_missing=True,
+            progress=not self.quiet))
 
     def _setup_models(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -171,7 +188,8 @@ class Trainer:
         see the same batches after every checkpoint."""
         cfg = self.cfg
         self.close_data()
-        settings = LoaderSettings(rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
+        settings = LoaderSettings(rank=self.rank, world_size=self.world,
+                                  num_workers=resolve_workers(cfg.data.num_workers),
                                   shuffle_buffer=cfg.data.shuffle_buffer,
                                   seed=cfg.train.seed * 1_000_003 + self.step, resampled=True)
         self.loader = ShardLoader(self.shards, cfg.train.batch_size, cfg.data.resolution, settings)
