@@ -280,3 +280,23 @@ def test_report_power_table(synth_report):
             n += 1
         assert f"| {delta} | {n} |" in table, (delta, n, table)
 
+
+
+def test_marks_where_the_old_overlap_rule_claimed_a_difference():
+    """Three seeds each, 50, 52, 54 against 54.5, 56.5, 58.5 (other seeds): the old percentile-bootstrap
+    intervals do not overlap ([50, 54] and [54.5, 58.5]: "different"), but Welch's test does not reject
+    (p = 0.051, one test so Holm changes nothing): "≈" now."""
+    a, b = [50.0, 52.0, 54.0], [54.5, 56.5, 58.5]
+    assert S.bootstrap_ci(a)[1] < S.bootstrap_ci(b)[0]
+    rows = [{"run": name, "estimate": G.estimate(vals), "_values": vals,
+             "_seed_values": {str(seed + off): v for seed, v in enumerate(vals)}}
+            for name, vals, off in (("a", a, 0), ("b", b, 10))]
+    G.mark_separability(rows, "eval/FID")
+    p = float(sps.ttest_ind(b, a, equal_var=False).pvalue)
+    assert p == pytest.approx(0.05107578485404692, rel=1e-9)
+    assert (rows[0]["vs_best"], rows[1]["vs_best"], rows[1]["test"]) == (G.BEST_MARK, G.NOT_SEPARABLE, G.WELCH)
+    assert rows[1]["p"] == pytest.approx(p, rel=1e-9) and rows[1]["p_holm"] == pytest.approx(p, rel=1e-9)
+    assert rows[1]["paired_n"] is None  # no seed in common
+    # higher is better (IS): the same values, b is now the best and a is tested against it
+    G.mark_separability(rows, "eval/IS")
+    assert (rows[0]["vs_best"], rows[1]["vs_best"]) == (G.NOT_SEPARABLE, G.BEST_MARK)
