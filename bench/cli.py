@@ -22,6 +22,8 @@ commands:
   throughput [overrides]            img/s, step-time split, TFLOP/s, MFU, memory (JSON); -m sweeps
   eval train-classifier [data.shards=DIR]   train the offline domain feature extractor beside the shards
   eval run=DIR [which=best|last|STEP] [data.shards=DIR] [eval.*]   IS / FID / KID / precision-recall / density-coverage of a run's EMA G
+  eval stats data.shards=DIR out=ref.npz [n=N] [eval.extractor=...]   mu / sigma of the real side's FID features
+                                    (for eval.ref_stats=FILE)
   eval watch run=DIR [poll=10] [once=true] [timeout=S] [data.shards=DIR] [eval.*]
                                     evaluate each new checkpoint of a (running) run as it appears: evals.jsonl,
                                     checkpoints/best.pt; eval.async=true in bench train submits it as a job
@@ -184,6 +186,8 @@ def cmd_eval(args: list[str]) -> int:
         return 0
     if args and args[0] == "watch":
         return cmd_eval_watch(args[1:])
+    if args and args[0] == "stats":
+        return cmd_eval_stats(args[1:])
     special, rest = _split_run_args(args, ("run", "which"))
     run_dir = _existing_run(special, "eval")
     _check_overrides_are_eval(rest, "eval")
@@ -195,17 +199,33 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+def cmd_eval_stats(args: list[str]) -> int:
+    """`bench eval stats data.shards=DIR out=ref.npz [n=N] [data.*] [eval.*]` (bench/eval/realstats.py): mu and sigma
+    of the real images' FID features, for eval.ref_stats=FILE."""
+    special, rest = _split_run_args(args, ("out", "n"))
+    _only_keys(rest, "eval stats", ("out", "n"), ("data.", "eval."))
+    from bench.eval.realstats import stats_command
+
+    print(json.dumps(stats_command(special, rest), indent=2))
+    return 0
+
+
+def _only_keys(rest: list[str], command: str, keys, prefixes=("eval.",), exact=("data.shards",)) -> None:
+    """Every argument left is key=value with one of these prefixes (or an exact key): else one UsageError line."""
+    for o in rest:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not (key in exact or key.startswith(tuple(prefixes))):
+            raise UsageError(f"bench {command}: {o!r} is not a valid argument; valid keys: {', '.join(keys)}, "
+                             f"{', '.join(exact)}, {', '.join(p + '*' for p in prefixes)}")
+
+
 def cmd_eval_watch(args: list[str]) -> int:
     """`bench eval watch run=DIR [poll=S] [once=true] [timeout=S] [data.shards=DIR] [eval.*=...]`
     (bench/eval/watch.py). Exit 0; 2 for bad input or a second watcher; 3 when an evaluation failed."""
     from bench.eval import watch
 
     special, rest = _split_run_args(args, watch.WATCH_KEYS)
-    for o in rest:
-        key = o.split("=", 1)[0]
-        if "=" not in o or not (key == "data.shards" or key.startswith("eval.")):
-            raise UsageError(f"bench eval watch: {o!r} is not a valid argument; valid keys: "
-                             f"{', '.join(watch.WATCH_KEYS)}, data.shards, eval.*")
+    _only_keys(rest, "eval watch", watch.WATCH_KEYS)
     settings = watch.settings_from_args(special)
     if "run" not in special:
         raise UsageError("bench eval watch needs run=DIR (a run directory written by bench train)")
@@ -300,104 +320,25 @@ SAMPLE_KEYS = ("run", "n", "psi", "class", "which", "seed", "out")
 
 
 def cmd_sample(args: list[str]) -> int:
-    """`bench sample run=DIR n=N [psi=] [class=] [which=best|last] [seed=] out=FILE.npz|DIR [eval.*]`
+    """`bench sample run=DIR n=N out=FILE.npz|DIR [psi=] [class=] [which=best|last] [seed=] [eval.*]`
     (bench/eval/export.py): images of a run's EMA G with the latents and labels that made them."""
-    special, rest = _split_run_args(args, SAMPLE_KEYS)
-    for o in rest:
-        key = o.split("=", 1)[0]
-        if "=" not in o or not (key == "data.shards" or key.startswith("eval.")):
-            raise UsageError(f"bench sample: {o!r} is not a valid argument; valid keys: {', '.join(SAMPLE_KEYS)}, "
-                             f"data.shards, eval.*")
-    run_dir = _existing_run(special, "sample")
-    _check_overrides_are_eval(rest, "sample")
-    for key in ("n", "out"):
-        if key not in special:
-            raise UsageError(f"bench sample needs {key}=" + ("N (images to write)" if key == "n" else
-                                                             "FILE.npz or out=DIR (PNG files + labels.csv)"))
     from bench.eval import export
 
-    export.out_kind(special["out"])  # bad input is one line before anything is loaded
-    export.parse_int("n", special["n"], 1)
-    if "class" in special:
-        export.parse_int("class", special["class"], 0)
-    if "seed" in special:
-        export.parse_int("seed", special["seed"], 0)
-    psi = _parse_psis(special["psi"])[0] if "psi" in special else None
-    if "psi" in special and psi is None:
-        psi = "off"
+    special, rest = _split_run_args(args, export.SAMPLE_KEYS)
+    _only_keys(rest, "sample", export.SAMPLE_KEYS)
+    run_dir = _existing_run(special, "sample")
+    _check_overrides_are_eval(rest, "sample")
+    kw = export.sample_args(special)  # bad input is one line before anything is loaded
     _check_run_eval_cfg(run_dir, rest)
-    _check_which(special.get("which", "best"))
-    info = export.sample_run(run_dir, special["n"], special["out"], psi=psi, label=special.get("class"),
-                             which=special.get("which", "best"), seed=special.get("seed"), overrides=rest)
-    export.print_summary(info)
-    print(json.dumps(info, indent=2))
+    _check_which(kw["which"])
+    print(json.dumps(export.sample_run(run_dir, overrides=rest, **kw), indent=2))
     return 0
 
 
 def cmd_inspect(args: list[str]) -> int:
-    import torch
-    from omegaconf import OmegaConf
+    from bench.inspection import inspect_command  # parameter counts, GFLOP per image, scaling (JSON)
 
-    import models
-    from bench.config import validate
-    from bench.train.telemetry import step_flops
-
-    cfg = validate(compose(args))
-    n_classes = cfg.model.n_classes or _dataset_classes(cfg)
-    G, D = models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution, n_classes)
-    flops = step_flops(G, D, batch=2, n_classes=n_classes, device=torch.device("cpu"))
-    out = {
-        "model": cfg.model.family,
-        "resolution": cfg.data.resolution,
-        "n_classes": n_classes,
-        "G_params": models.param_count(G),
-        "D_params": models.param_count(D),
-        "GFLOP_per_image": {"D_step": flops["D_step"] / 1e9, "G_step": flops["G_step"] / 1e9,
-                            "total": (flops["D_step"] * cfg.train.d_steps + flops["G_step"]) / 1e9},
-        "d_steps": cfg.train.d_steps,
-        "flop_convention": "torch.utils.flop_counter, multiply-add = 2; D step = G forward (no_grad) + D "
-                           "forward/backward on real and fake; G step = G and D forward, backward into G with "
-                           "D frozen (no D weight gradients); regularisers excluded",
-        "arch": OmegaConf.to_container(cfg.model, resolve=True),
-    }
-    ref = models.reference_params(cfg.model.family, cfg.data.resolution)
-    if ref is not None:  # a reference implementation's counts (BigGAN-deep: BigGAN-PyTorch's), beside ours
-        ours = {**out["arch"], "n_classes": n_classes, "depth": getattr(G, "depth", None)}
-        same = all(ours.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in ref["settings"].items())
-        out["reference_params"] = {**ref, "same_settings": same,
-                                   "G_diff_pct": 100 * (out["G_params"] - ref["G"]) / ref["G"],
-                                   "D_diff_pct": 100 * (out["D_params"] - ref["D"]) / ref["D"]}
-    # Multi-node on paper (bench/scaling.py): weak scaling of this model's real step at the per-device batch.
-    from bench import scaling
-    from bench.device import GPU_PEAK_TFLOPS
-
-    t, c = cfg.train, cfg.cluster
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    dev, peak, precision = scaling.pick_device(gpu, GPU_PEAK_TFLOPS, t.precision)
-    overlap, calls = scaling.sync_inputs(cfg.dist.grad_sync, cfg.dist.bucket_mb, 4 * out["D_params"],
-                                         4 * out["G_params"], t.d_steps)
-    base = scaling.ScalingInputs(
-        flop_per_step=(flops["D_step"] * t.d_steps + flops["G_step"]) * t.batch_size * t.accumulate,
-        peak_tflops=peak, grad_bytes=4 * (t.d_steps * out["D_params"] + out["G_params"]), calls=calls,
-        overlap=overlap)
-    out["scaling"] = {"batch_per_device": t.batch_size * t.accumulate, "flop_per_step_per_device": base.flop_per_step,
-                      **scaling.assumptions(base, dev, precision),
-                      **scaling.projection(base, (c.nodes, c.gpus_per_node or c.tasks_per_node, c.link_gbps),
-                                            grid_per_node=c.gpus_per_node or 8)}
-    print(json.dumps(out, indent=2))
-    return 0
-
-
-def _dataset_classes(cfg) -> int:
-    from bench.data.shapes import SHAPES_CLASSES
-    from bench.data.shards import resolve_shards
-
-    if cfg.data.shards:
-        _, manifest = resolve_shards(cfg.data.shards)
-        if manifest:
-            return len(manifest["class_names"])
-        raise UsageError(f"data.shards={cfg.data.shards!r} has no manifest.json; set model.n_classes")
-    return len(SHAPES_CLASSES)
+    return inspect_command(args)
 
 
 def _parse_kv(args: list[str], allowed: dict[str, str]) -> dict[str, str]:

@@ -305,6 +305,10 @@ def validate_eval(cfg: DictConfig) -> None:
     _choice("eval.trunc_mode", e.trunc_mode, TRUNC_MODES)
     _choice("eval.best_metric", e.best_metric, BEST_METRICS)
     _choice("eval.precision", e.precision, EVAL_PRECISIONS)
+    from bench.eval.protocols import PROTOCOLS, RESIZES  # torch-free
+
+    _choice("eval.protocol", OmegaConf.select(cfg, "eval.protocol", default="domain"), tuple(PROTOCOLS))
+    _choice("eval.resize", OmegaConf.select(cfg, "eval.resize", default="fidelity"), RESIZES)
     _all_positive(cfg, ("eval.batch_size",), ("eval.every", "eval.standing_stats"))
     for key, value in (("eval.num_samples", e.num_samples), ("eval.num_real", e.num_real or e.num_samples)):
         if not isinstance(value, int) or value < MIN_EVAL_SAMPLES:

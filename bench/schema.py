@@ -134,6 +134,9 @@ class EvalCfg:
     intra_fid: bool = False          # intra-class FID (bench/eval/intra.py)
     intra_min_per_class: int = 50    # = bench.eval.intra_check.DEFAULT_MIN_PER_CLASS
     verbose: bool = False
+    protocol: str = "domain"         # bench.eval.protocols: domain | biggan | clean
+    resize: str = "fidelity"         # fidelity | clean (PIL bicubic to 299, clean-fid's)
+    ref_stats: Optional[str] = None  # FID's real side from an npz of mu / sigma (bench.eval.refstats)
     async_: bool = False  # the user's key is eval.async (a Python keyword): renamed below
 
 

@@ -59,6 +59,29 @@ def parse_int(key: str, value, minimum: int) -> int:
     return int(text)
 
 
+SAMPLE_KEYS = ("run", "n", "psi", "class", "which", "seed", "out")
+
+
+def sample_args(special: dict) -> dict:
+    """The keyword arguments of sample_run from `bench sample`'s key=value arguments (run= aside), each checked: one
+    EvalError line for a missing n= / out=, n < 1, a negative class or seed, a bad psi or out path."""
+    for key in ("n", "out"):
+        if key not in special:
+            raise EvalError(f"bench sample needs {key}=" + ("N (images to write)" if key == "n" else
+                                                            "FILE.npz or out=DIR (PNG files + labels.csv)"))
+    out_kind(special["out"])
+    psi = special.get("psi")
+    if psi is not None:
+        try:
+            psi = check_psi(psi) or "off"
+        except EvalError:
+            raise EvalError(f"psi={psi!r} is not valid; give a positive number, or off for no truncation") from None
+    return {"n": parse_int("n", special["n"], 1), "out": special["out"], "psi": psi,
+            "label": parse_int("class", special["class"], 0) if "class" in special else None,
+            "seed": parse_int("seed", special["seed"], 0) if "seed" in special else None,
+            "which": special.get("which", "best")}
+
+
 def draw(n: int, z_dim: int, n_classes: int, *, psi=None, trunc_mode: str = "resample", seed: int = 0,
          label=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(z (n, z_dim) float32, y (n,) int64): an evaluation's latents and labels (eval_latents); label fixes
@@ -105,10 +128,13 @@ def sample_run(run_dir, n, out, *, psi=None, label=None, which: str = "best", se
         write_npz(out, x, z.numpy(), y.numpy())
     else:
         write_png_dir(out, x, y.numpy(), names)
-    return {"out": str(out), "n": n, "resolution": int(x.shape[1]), "step": run["step"], "checkpoint":
+    info = {"out": str(out), "n": n, "resolution": int(x.shape[1]), "step": run["step"], "checkpoint":
             str(run["checkpoint"]), "chosen": run["chosen"], "truncation": psi,
             "trunc_mode": s.trunc_mode if psi is not None else None, "seed": seed, "class": label,
             "standing_stats": int(s.standing_stats or 0)}
+    if progress:
+        print_summary(info)
+    return info
 
 
 def write_npz(path, x: np.ndarray, z: np.ndarray, y: np.ndarray) -> Path:

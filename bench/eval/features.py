@@ -7,8 +7,16 @@
     extractor_settings the torch-fidelity extractor, its feature layers, weights and cache identity
                        for eval.extractor = domain (bench.eval.classifier) | inception (the user's file)
 
-The Inception weights are never downloaded: a missing eval.weights_path is an EvalError that says
-which file is needed and where it goes.
+The Inception weights are never downloaded: eval.weights_path, else the file where torch-fidelity keeps its own
+download (torch.hub's checkpoints directory); when neither exists, an EvalError names the file and both places.
+
+    clean_resize       eval.resize=clean (the `clean` protocol): every image, generated and real, resized to 299 x 299
+                       with PIL's bicubic filter on its uint8 RGB values (rounded back to uint8) before the extractor;
+                       eval.resize=fidelity (default) leaves the resize to torch-fidelity's Inception (TF1-style
+                       bilinear, in float). clean-fid resizes each channel as a float image with the same PIL filter
+                       and keeps the floats; torch-fidelity's extractor takes uint8 only, so this variant differs from
+                       clean-fid's by that rounding (at most half a level per pixel). A 299 x 299 input passes
+                       torch-fidelity's own resize unchanged.
 """
 from __future__ import annotations
 
@@ -24,12 +32,29 @@ from torch import nn
 from bench.eval.classifier import DOMAIN_EXTRACTOR, DOMAIN_LAYERS
 from bench.eval.errors import EvalError
 from bench.eval.sampling import generate_uint8
+from bench.eval.protocols import RESIZES
 from bench.metrics_registry import EXTRACTORS
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_HUB_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name in torch.hub's checkpoints
 INCEPTION_LAYERS = {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}
+INCEPTION_DIM = 2048
+CLEAN_SIZE = 299
+
+
+def clean_resize(images: torch.Tensor, size: int = CLEAN_SIZE) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> uint8 (B, 3, size, size): each image through PIL's bicubic resize of its RGB uint8
+    values (eval.resize=clean; see the module doc). Images already of that size are returned as they are."""
+    import numpy as np
+    from PIL import Image
+
+    if images.shape[-2:] == (size, size):
+        return images
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
+    out = np.stack([np.asarray(Image.fromarray(a, "RGB").resize((size, size), Image.BICUBIC)) for a in arr])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images.device)
 
 
 class ProgressLine:
@@ -61,6 +86,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self._load = None if torch.is_tensor(images) else images
         self.loads = 0
         self.progress = None  # a ProgressLine, counted per image read
+        self.resize = None    # None, or a function of uint8 (B, 3, H, W) images (clean_resize)
         if self._images is not None:
             self._check(self._images)
 
@@ -83,6 +109,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.progress is not None:
             self.progress.add(1)
+        if self.resize is not None:
+            return self.resize(self.images[i][None])[0]
         return self.images[i]
 
 
@@ -118,6 +146,7 @@ class Sampler(nn.Module):
         self.cursor = 0      # samples handed out so far
         self.seconds = 0.0   # time in G
         self.__dict__["progress"] = None  # a ProgressLine, counted per batch
+        self.__dict__["resize"] = None    # None, or a function of the uint8 batch (clean_resize), after class_acc
 
     @torch.no_grad()
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
@@ -137,6 +166,8 @@ class Sampler(nn.Module):
             self.count += n
         if self.progress is not None:
             self.progress.add(n)
+        if self.resize is not None:
+            images = self.resize(images)
         return images
 
     def class_acc(self):
@@ -182,13 +213,22 @@ def check_extractor(extractor: str) -> str:
     return extractor
 
 
+def fidelity_weights_file() -> Path:
+    """Where torch-fidelity keeps its own download of the Inception weights (torch.hub's checkpoints directory)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_HUB_FILE
+
+
 def inception_weights(weights_path) -> Path:
-    """The user's Inception weights file, or an EvalError saying what is needed and where it goes."""
+    """The Inception weights file: eval.weights_path, else torch-fidelity's own copy (fidelity_weights_file), or an
+    EvalError (one line) naming the file, where torch-fidelity expects it and the key to set."""
     need = (f"eval.extractor=inception needs the torch-fidelity FID Inception weights {INCEPTION_FILE} "
             f"({INCEPTION_URL}, about 91 MB; nothing is downloaded here)")
     if weights_path in (None, ""):
-        raise EvalError(f"{need}: copy it to this machine and set eval.weights_path=/path/to/{INCEPTION_FILE}, "
-                        f"or use eval.extractor=domain")
+        hub = fidelity_weights_file()
+        if hub.is_file():
+            return hub
+        raise EvalError(f"{need}: not found where torch-fidelity keeps it ({hub}); copy it there or set "
+                        f"eval.weights_path=/path/to/{INCEPTION_FILE}, or use eval.extractor=domain")
     p = Path(os.path.expanduser(str(weights_path)))
     if not p.is_file():
         raise EvalError(f"{need}: eval.weights_path={str(weights_path)!r} does not exist; copy the file there "
@@ -196,14 +236,42 @@ def inception_weights(weights_path) -> Path:
     return p
 
 
-def extractor_settings(extractor: str, weights_path) -> tuple[str, dict, str, str]:
-    """(torch-fidelity extractor name, feature layer per metric, weights file, identity for cache keys)."""
+def check_resize(resize: str) -> str:
+    if resize not in RESIZES:
+        raise EvalError(f"eval.resize={resize!r}: choose one of {', '.join(RESIZES)}")
+    return resize
+
+
+def resizer(extractor: str, resize: str):
+    """The transform applied to every image before the extractor: clean_resize for eval.resize=clean (Inception
+    only: the domain extractor reads the data's own resolution), else None."""
+    check_resize(resize)
+    if resize == "clean" and extractor != "inception":
+        raise EvalError(f"eval.resize=clean resizes to Inception's 299 x 299; it needs eval.extractor=inception "
+                        f"(got {extractor})")
+    return clean_resize if resize == "clean" else None
+
+
+def feature_dim(extractor: str, weights_path) -> int:
+    """The dimension of the extractor's FID features (2048 for Inception; the domain classifier's width)."""
+    if extractor == "inception":
+        return INCEPTION_DIM
+    from bench.eval.classifier import load_classifier
+
+    net, _ = load_classifier(weights_path, torch.device("cpu"))
+    return int(net.feature_dim)
+
+
+def extractor_settings(extractor: str, weights_path, resize: str = "fidelity") -> tuple[str, dict, str, str]:
+    """(torch-fidelity extractor name, feature layer per metric, weights file, identity for cache keys; the
+    identity names eval.resize=clean, so the real side's cache differs)."""
+    tail = "" if check_resize(resize) == "fidelity" else f":resize-{resize}"
     if extractor == "inception":
         p = inception_weights(weights_path)
-        return "inception-v3-compat", INCEPTION_LAYERS, str(p), f"inception:{p.name}:{p.stat().st_size}"
+        return "inception-v3-compat", INCEPTION_LAYERS, str(p), f"inception:{p.name}:{p.stat().st_size}{tail}"
     if extractor == "domain":
         if not weights_path:
             raise EvalError("extractor=domain needs the classifier file (see ensure_classifier)")
         sha = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]
-        return DOMAIN_EXTRACTOR, DOMAIN_LAYERS, str(weights_path), f"domain:{sha}"
+        return DOMAIN_EXTRACTOR, DOMAIN_LAYERS, str(weights_path), f"domain:{sha}{tail}"
     raise EvalError(f"eval.extractor={extractor!r}: choose one of {', '.join(EXTRACTORS)}")

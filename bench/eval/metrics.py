@@ -30,9 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime as _dt
-import hashlib
-import json
 import math
 import os
 import sys
@@ -48,14 +45,18 @@ from bench import metrics_registry as registry
 from bench import rundir
 from bench.config import EVAL_PRECISIONS, MIN_EVAL_SAMPLES
 from bench.data.shards import dataset_info, manifest_hash
-from bench.device import autocast, eval_precision
+from bench.device import autocast, eval_precision, plain_autograd
 from bench.eval.classifier import classifier_path as default_classifier_path
 from bench.eval.classifier import load_classifier, load_images, train_classifier
 from bench.eval.errors import ClassifierError, EvalError
-from bench.eval.safeload import first_line, load_weights
 from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extract_features, extractor_settings,
                                  inception_weights, register_sampler)
+from bench.eval.features import feature_extractor, features_of, resizer
 from bench.eval.intra import IntraFID, RealImages, summarise_intra
+from bench.eval.protocols import DEFAULT_PROTOCOL, fill_defaults
+from bench.eval.realcache import check_real_cache, real_cache_key  # noqa: F401 - part of this module's API
+from bench.eval.realcache import write_sidecar as _write_sidecar
+from bench.eval.refstats import RefStats, reference_side
 from bench.eval.records import RECORD_KEYS, append_eval, format_table  # noqa: F401 - part of this module's API
 from bench.eval.intra_check import DEFAULT_MIN_PER_CLASS
 from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
@@ -84,11 +85,13 @@ class MetricSettings:
     verbose: bool = False               # torch-fidelity's own prints (progress bars, "Recall: ...")
 
 
-def metrics_from_features(features1: dict, features2: dict, layers: dict, wanted, kw: dict) -> dict:
+def metrics_from_features(features1: dict, features2: dict, layers: dict, wanted, kw: dict,
+                          ref: Optional[RefStats] = None) -> dict:
     """Every metric of the evaluated side's features against the reference side's, in one place
     (featuresdicts {layer: (N, D)} as torch-fidelity extracts them): IS, KID and precision / recall by
     torch-fidelity; the Frechet distance (float64, with its imaginary residue) and density / coverage
-    (k = 5, on precision / recall's features) by bench.eval.stats. Returns eval/* keys and fid_imag_residue."""
+    (k = 5, on precision / recall's features) by bench.eval.stats. Returns eval/* keys and fid_imag_residue.
+    With `ref` (eval.ref_stats), FID's real side is its mu / sigma and features2 is not read (None)."""
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
@@ -101,7 +104,9 @@ def metrics_from_features(features1: dict, features2: dict, layers: dict, wanted
     if "prc" in wanted:
         raw.update(prc_featuresdict_to_metric(features1, features2, layers["prc"], **kw))
     out = {registry.FIDELITY_KEYS[k]: float(v) for k, v in raw.items() if k in registry.FIDELITY_KEYS}
-    if "fid" in wanted:
+    if "fid" in wanted and ref is not None:
+        out["eval/FID"], out["fid_imag_residue"] = ref.frechet(features1[layers["fid"]])
+    elif "fid" in wanted:
         out["eval/FID"], out["fid_imag_residue"] = frechet_distance(features1[layers["fid"]], features2[layers["fid"]])
     if "dc" in wanted:
         out["eval/density"], out["eval/coverage"] = density_coverage(features2[layers["prc"]], features1[layers["prc"]],
@@ -135,7 +140,7 @@ def fidelity_kwargs(input1, input2, s: MetricSettings, device: torch.device) -> 
 
 
 def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(), *, device="cpu",
-                    progress: bool = False, intra=None) -> dict:
+                    progress: bool = False, intra=None, ref: Optional[RefStats] = None) -> dict:
     """settings.metrics of input1 against input2 with gan-bench's settings: torch-fidelity extracts the
     features once (metrics_from_features computes every metric from them); returns eval/* keys,
     fid_imag_residue and the cost/* timings (per 1k evaluated images; cost/metrics_s in all).
@@ -146,18 +151,23 @@ def compute_metrics(input1, input2, settings: MetricSettings = MetricSettings(),
     input2   the reference side (real images), an ImageDataset
     intra    None, or a function of (input1's, input2's FID features) -> more record fields (intra-class FID:
              bench.eval.intra.IntraFID.bind)
+    ref      None, or FID's real side as moments (eval.ref_stats): input2 unread, only FID (against ref) and IS
     """
     s = settings
     register_sampler()
     device = torch.device(device)
+    s, intra = (ref.restrict(s), None) if ref is not None else (s, intra)
     kw, layers, used = fidelity_kwargs(input1, input2, s, device)
     n1 = len(input1) if isinstance(input1, torch.utils.data.Dataset) else int(s.num_samples)
     wanted = tuple(s.metrics)
     ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with ctx:
-        features1, features2, t1, t2 = extract_features(kw, used)
+        if ref is None:
+            features1, features2, t1, t2 = extract_features(kw, used)
+        else:  # only the generated side's features: the real side is ref's moments
+            (features1, t1), features2, t2 = features_of(1, feature_extractor(kw, used), kw), None, 0.0
     t0 = time.perf_counter()
-    out = metrics_from_features(features1, features2, layers, wanted, kw)
+    out = metrics_from_features(features1, features2, layers, wanted, kw, ref=ref)
     if intra is not None:
         out.update(intra(features1[layers["fid"]], features2[layers["fid"]]))
     sample_s = float(getattr(input1, "seconds", 0.0))
@@ -192,6 +202,9 @@ class EvalSettings:
     intra_fid: bool = False            # also intra-class FID (bench.eval.intra) from the same features
     intra_min_per_class: int = DEFAULT_MIN_PER_CLASS  # intra_fid: samples per class asked of each side
     train_classifier: bool = True      # train the domain classifier when it is missing
+    protocol: str = DEFAULT_PROTOCOL   # domain | biggan | clean (bench.eval.protocols: fills the keys it fixes)
+    resize: str = "fidelity"           # fidelity (torch-fidelity's resize) | clean (PIL bicubic to 299, clean-fid's)
+    ref_stats: Optional[str] = None    # FID's real side from this npz (mu, sigma) instead of the shards' features
     verbose: bool = False              # also torch-fidelity's own prints (progress bars, "Recall: ...")
 
     @classmethod
@@ -209,7 +222,8 @@ class EvalSettings:
             elif isinstance(f.default, bool):
                 value = bool(value)
             values[f.name] = value
-        return cls(**values)
+        # eval.protocol's values in the keys still at their defaults (bench.eval.protocols)
+        return cls(**fill_defaults(values, {f.name: f.default for f in dataclasses.fields(cls)}))
 
 
 def ensure_classifier(shards_spec, resolution: int, path=None, *, train_if_missing: bool = True,
@@ -240,16 +254,9 @@ def ensure_classifier(shards_spec, resolution: int, path=None, *, train_if_missi
     if progress:
         print(f"gan-bench eval: the domain classifier {p} {reason}; training it now (once per shard set)",
               file=sys.stderr, flush=True)
-    train_classifier(shards_spec, out=p, resolution=int(resolution), progress=progress)
+    with plain_autograd():  # a caller's no_grad / inference_mode / autocast must not reach the training
+        train_classifier(shards_spec, out=p, resolution=int(resolution), progress=progress)
     return p
-
-
-def real_cache_key(shards_spec, num_real: int, resolution: int, extractor_id: str) -> str:
-    """Cache key of the real side's features: a hash of the shard manifest, N, the resolution and
-    the extractor's identity (its name and weights)."""
-    ident = {"manifest": manifest_hash(shards_spec), "num_real": int(num_real), "resolution": int(resolution),
-             "extractor": extractor_id, "order": "seed0", "version": 1}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _is_rank0() -> bool:
@@ -304,27 +311,6 @@ def _real_side(s: EvalSettings, shards_spec, resolution: int, progress: bool) ->
     return real, n_real, loader
 
 
-def check_real_cache(cache_dir: Path, key: str) -> None:
-    """torch-fidelity reads its cache with weights_only=False: each real-statistics file of this key is
-    first read here with weights_only=True (safeload); a damaged or foreign one is removed with a one-line
-    warning, and torch-fidelity rebuilds it."""
-    for path in sorted(Path(cache_dir).glob(f"real-{key}*.pt")):
-        try:
-            load_weights(path)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged or hostile file
-            print(f"warning: real-statistics cache {path} is unreadable ({first_line(exc)}); rebuilding it",
-                  file=sys.stderr, flush=True)
-            path.unlink(missing_ok=True)
-
-
-def _write_sidecar(cache_dir: Path, key: str, ident: dict) -> None:
-    sidecar = cache_dir / f"real-{key}.json"
-    if not sidecar.exists():
-        rundir.atomic_write(sidecar, json.dumps({
-            "key": key, **ident,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, indent=2))
-
-
 @dataclass(frozen=True)
 class _RealSide:
     """What every sample set of one evaluation shares: the real images and where their features are cached,
@@ -338,6 +324,8 @@ class _RealSide:
     amp: object
     device: torch.device
     intra: Optional[IntraFID] = None  # eval.intra_fid
+    ref: Optional[RefStats] = None    # eval.ref_stats: FID's real side as mu / sigma (images is then empty)
+    resize: object = None             # eval.resize=clean: features.clean_resize on both sides
 
 
 def _one_sample_set(Gs: nn.Module, s: EvalSettings, seed: int, n_classes: int, real: _RealSide,
@@ -347,15 +335,17 @@ def _one_sample_set(Gs: nn.Module, s: EvalSettings, seed: int, n_classes: int, r
     z, y = eval_latents(int(s.num_samples), Gs.z_dim, n_classes, truncation=s.truncation, trunc_mode=s.trunc_mode,
                         seed=seed)
     sampler = Sampler(Gs, z, y, autocast=real.amp, classifier=real.clf)
+    sampler.resize = real.resize  # eval.resize=clean (after class_acc, which reads G's own resolution)
     if progress and not s.verbose:
         what = "" if int(s.repeats) == 1 else f" (sample set {seed - int(s.seed) + 1} of {s.repeats})"
         sampler.progress = ProgressLine(f"gan-bench eval: sampling + features{what}", int(s.num_samples))
         real.images.progress = ProgressLine("gan-bench eval: real features (cached afterwards)", real.count)
-    out = compute_metrics(sampler, real.images, MetricSettings(
-        extractor=s.extractor, weights_path=real.weights_path, batch_size=s.batch_size,
-        num_samples=int(s.num_samples), num_real=real.count, cache_dir=real.cache_dir,
-        input2_cache_name=real.cache_name, seed=seed, verbose=s.verbose), device=real.device, progress=progress,
-        intra=real.intra.bind(y) if real.intra is not None else None)
+    with plain_autograd(grad=False):  # features (and the real side's cache) never in a caller's autocast
+        out = compute_metrics(sampler, real.images, MetricSettings(
+            extractor=s.extractor, weights_path=real.weights_path, batch_size=s.batch_size,
+            num_samples=int(s.num_samples), num_real=real.count, cache_dir=real.cache_dir,
+            input2_cache_name=real.cache_name, seed=seed, verbose=s.verbose), device=real.device, progress=progress,
+            intra=real.intra.bind(y) if real.intra is not None else None, ref=real.ref)
     if sampler.cursor != int(s.num_samples):
         raise EvalError(f"sampler: torch-fidelity drew {sampler.cursor} of eval.num_samples={s.num_samples} samples")
     if sampler.count:
@@ -437,12 +427,15 @@ def eval_setup(G: nn.Module, settings: EvalSettings, shards_spec, n_classes=None
     s = _checked(settings)
     device = torch.device(device) if device is not None else next(G.parameters()).device
     resolution = int(getattr(G, "resolution"))
+    if s.ref_stats:
+        return _ref_setup(G, s, shards_spec, n_classes, device, resolution, progress)
     class_names, _, _ = dataset_info(shards_spec)
     n_classes = int(n_classes or (len(class_names) if class_names else G.n_classes))
     real, n_real, loader = _real_side(s, shards_spec, resolution, progress)
+    real.resize = resizer(s.extractor, s.resize)
     names = IntraFID.check(s, class_names, n_classes, n_real, G.z_dim) if s.intra_fid else None  # before slow work
     weights_path, clf_file = _classifier_files(s, shards_spec, resolution, progress)
-    fe_name, _, _, fe_id = extractor_settings(s.extractor, weights_path)
+    fe_name, _, _, fe_id = extractor_settings(s.extractor, weights_path, s.resize)
     clf = load_classifier(clf_file, device)[0] if clf_file is not None else None
     key = real_cache_key(shards_spec, n_real, resolution, fe_id)
     cache_dir = Path(s.cache_dir) if s.cache_dir is not None else rundir.cache_root() / "eval"
@@ -454,10 +447,24 @@ def eval_setup(G: nn.Module, settings: EvalSettings, shards_spec, n_classes=None
               f"images{psi}", file=sys.stderr, flush=True)
     amp = autocast(eval_precision(s.precision, device), device)
     intra = IntraFID(names, loader, cache_dir / f"real-{key}-labels.json", n_real) if names else None
-    side = _RealSide(real, n_real, cache_dir, f"real-{key}", weights_path, clf, amp, device, intra)
+    side = _RealSide(real, n_real, cache_dir, f"real-{key}", weights_path, clf, amp, device, intra,
+                     resize=real.resize)
     return EvalSetup(s, n_classes, side, key, {
         "shards": str(shards_spec), "manifest_hash": manifest_hash(shards_spec), "num_real": n_real,
         "resolution": resolution, "extractor": s.extractor, "extractor_id": fe_id}, clf_file)
+
+
+def _ref_setup(G: nn.Module, s: EvalSettings, shards_spec, n_classes, device, resolution: int,
+               progress: bool) -> EvalSetup:
+    """eval_setup with eval.ref_stats (bench.eval.refstats.reference_side): FID's real side is the file's moments."""
+    names = dataset_info(shards_spec)[0] if shards_spec else None
+    n_classes = int(n_classes or (len(names) if names else G.n_classes))
+    weights_path, clf_file, ref, fe_id = reference_side(s, shards_spec, resolution, _classifier_files, progress)
+    clf = load_classifier(clf_file, device)[0] if clf_file is not None else None
+    amp = autocast(eval_precision(s.precision, device), device)
+    side = _RealSide(ImageDataset(torch.zeros((0, 3, 1, 1), dtype=torch.uint8)), int(ref.num_real or 0), None, "",
+                     weights_path, clf, amp, device, None, ref=ref, resize=resizer(s.extractor, s.resize))
+    return EvalSetup(s, n_classes, side, "", {"ref_stats": ref.path, "extractor_id": fe_id}, clf_file)
 
 
 def eval_copy(G: nn.Module, e: EvalSetup) -> nn.Module:
@@ -479,8 +486,13 @@ def finish_record(per_repeat: list[dict], e: EvalSetup, t0: float) -> dict:
     since t0 (time.time()); writes the real cache's sidecar."""
     s = e.s
     out = per_repeat[0] if len(per_repeat) == 1 else summarise_repeats(per_repeat, int(s.seed))
-    _write_sidecar(e.side.cache_dir, e.key, e.ident)
-    out.update(extractor=s.extractor, num_samples=int(s.num_samples), num_real=e.side.count, truncation=s.truncation,
+    if e.side.ref is None:
+        _write_sidecar(e.side.cache_dir, e.key, e.ident)
+    else:
+        out.update(ref_stats=e.side.ref.path)
+    if s.protocol != DEFAULT_PROTOCOL or s.resize != "fidelity":
+        out.update(protocol=s.protocol, resize=s.resize)
+    out.update(extractor=s.extractor, num_samples=int(s.num_samples), num_real=e.side.count or None, truncation=s.truncation,
                trunc_mode=s.trunc_mode if s.truncation is not None else None, standing_stats=int(s.standing_stats or 0),
                seconds=round(time.time() - t0, 3))
     return out

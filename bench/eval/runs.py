@@ -30,6 +30,7 @@ from bench.device import channels_last, eval_precision
 from bench.eval.errors import EvalError
 from bench.eval.safeload import first_line, load_weights
 from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator, format_table
+from bench.eval.protocols import protocol_values
 from bench.eval.sampling import check_psi, save_grid, to_uint8, truncated_normal, write_sheets
 
 DEFAULT_BEST_METRIC = registry.DEFAULT_BEST_METRIC
@@ -178,12 +179,14 @@ def _safe_recorded_shards(spec, source: str):
 # Loading a run
 # ---------------------------------------------------------------------------------------------
 
-def _run_shards(cfg, info: dict, overrides, resolution: int) -> str:
+def _run_shards(cfg, info: dict, overrides, resolution: int) -> str | None:
     """The real data: an explicit override, else what the run trained on (run.json), else its config,
     else the built-in shards."""
     shards = OmegaConf.select(merge_overrides(OmegaConf.create(), overrides), "data.shards", default=None)
     shards = shards or _safe_recorded_shards(info.get("shards"), rundir.RUN_JSON) or _safe_recorded_shards(
         OmegaConf.select(cfg, "data.shards", default=None), rundir.CONFIG)
+    if not shards and OmegaConf.select(cfg, "eval.ref_stats", default=None):
+        return None  # FID's real side is the file; no built-in data is made for a run (an import) without shards
     if not shards:
         shards = default_shards(resolution, num_samples=int(OmegaConf.select(
             cfg, "data.num_samples", default=DEFAULT_NUM_SAMPLES)))
@@ -205,6 +208,9 @@ def load_run(run_dir, overrides=None, which="best", device=None) -> dict:
                         f"(runs/<name>) written by `bench train`")
     run_cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     cfg = merge_overrides(run_cfg, overrides)
+    protocol = OmegaConf.select(cfg, "eval.protocol", default=None)
+    if protocol_values(protocol):  # run config < the protocol's values < the command line's (bench.eval.protocols)
+        cfg = merge_overrides(merge_overrides(run_cfg, {"eval": protocol_values(protocol)}), overrides)
     best_metric = str(OmegaConf.select(cfg, "eval.best_metric", default=None) or DEFAULT_BEST_METRIC)
     path, chosen, state = load_checkpoint(run_dir, which, best_metric, EvalSettings.from_cfg(run_cfg).extractor)
     scfg = state.get("config") or {}
@@ -213,7 +219,7 @@ def load_run(run_dir, overrides=None, which="best", device=None) -> dict:
     info = rundir.read_json(run_dir / rundir.RUN_JSON) or {}
 
     shards = _run_shards(cfg, info, overrides, resolution)
-    class_names, _, _ = dataset_info(shards)
+    class_names = dataset_info(shards)[0] if shards else None
     n_model = int(info.get("n_classes") or model_cfg.get("n_classes") or len(class_names or []) or 0)
     if n_model <= 0:
         raise EvalError(f"run={run_dir}: cannot tell the class count (no run.json n_classes, model.n_classes "
