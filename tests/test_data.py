@@ -71,11 +71,10 @@ def _png(arr: np.ndarray) -> bytes:
 # -------------------------------------------------------------------------------- shapes
 
 
-def test_shapes_classes_differ_in_shape_and_colour():
-    assert len(SHAPES_CLASSES) >= 10
-    colours = [c.split("_")[0] for c in SHAPES_CLASSES]
-    shapes = [c.split("_", 1)[1] for c in SHAPES_CLASSES]
-    assert len(set(colours)) == len(colours) and len(set(shapes)) == len(shapes)
+def test_shapes_classes_are_distinct_shapes():
+    # the class is the shape alone (colour is drawn independently: tests/test_shapes_only.py)
+    assert len(SHAPES_CLASSES) >= 10 and len(set(SHAPES_CLASSES)) == len(SHAPES_CLASSES)
+    assert all(name.isalpha() and name.islower() for name in SHAPES_CLASSES)
 
 
 def test_shapes_deterministic_and_varied():
@@ -347,7 +346,7 @@ def test_default_shards_cache_and_race(tmp_path, capsys, monkeypatch):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     results = {q.get(timeout=5), q.get(timeout=5)}
-    out = cache / f"shapes-r{RES}-n40-s0"
+    out = cache / f"shapes-v{shapes.SHAPES_VERSION}-r{RES}-n40-s0"
     assert results == {str(out)}
     assert [p.name for p in cache.iterdir()] == [out.name]  # loser cleaned its temp dir up
     m = load_manifest(str(out))
@@ -361,7 +360,7 @@ def test_default_shards_cache_and_race(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path / "env_cache"))
     got = default_shards(RES, num_samples=10, seed=1)
-    assert got == tmp_path / "env_cache" / f"shapes-r{RES}-n10-s1"
+    assert got == tmp_path / "env_cache" / f"shapes-v{shapes.SHAPES_VERSION}-r{RES}-n10-s1"
     assert "writing the built-in shapes dataset" in capsys.readouterr().err
 
 

@@ -1,5 +1,12 @@
-"""The built-in procedural dataset "shapes": one coloured shape per image, one class per shape/colour
-pair. Deterministic in (seed, index); see `shapes_sample`."""
+"""The built-in procedural dataset "shapes": one shape per image, and the class is the shape alone.
+
+Colour, size, position, rotation, shading, background and noise are drawn independently of the class:
+the two colours of an image (shape and background) come from one distribution and are assigned to shape
+and background at random, and every shape covers the same area on average, so neither the colours nor
+their proportions say which class an image is; only the outline does. Deterministic in (seed, index);
+see `shapes_sample`. SHAPES_VERSION names the generator (the built-in cache directory carries it, so a
+changed generator never reuses shards or classifiers cached by an older one).
+"""
 
 from __future__ import annotations
 
@@ -11,21 +18,12 @@ from PIL import Image, ImageDraw
 
 from bench.data.format import MAX_RESOLUTION, MIN_RESOLUTION, DataError, png_bytes
 
+# 1: one colour per class (red_circle, green_square, ...); 2: the class is the shape only.
+SHAPES_VERSION = 2
 
-# (class name, shape kind, RGB). Every class differs from every other in shape AND colour.
-_SHAPES: list[tuple[str, str, tuple[int, int, int]]] = [
-    ("red_circle", "circle", (220, 30, 30)),
-    ("green_square", "square", (30, 170, 50)),
-    ("blue_triangle", "triangle", (40, 80, 235)),
-    ("yellow_star", "star", (245, 215, 30)),
-    ("magenta_hexagon", "hexagon", (215, 40, 200)),
-    ("cyan_cross", "cross", (30, 215, 225)),
-    ("orange_ring", "ring", (250, 135, 20)),
-    ("purple_pentagon", "pentagon", (125, 50, 190)),
-    ("white_crescent", "crescent", (245, 245, 245)),
-    ("brown_heart", "heart", (140, 80, 35)),
-]
-SHAPES_CLASSES: list[str] = [name for name, _, _ in _SHAPES]
+# The classes, in label order: outlines that stay distinct under rotation at 16-32 px.
+SHAPES_CLASSES: list[str] = ["circle", "square", "triangle", "star", "cross",
+                             "ring", "crescent", "heart", "arrow", "bowtie"]
 
 # Heart outline (classic parametric curve), centred and scaled to unit circumradius.
 _t = np.linspace(0.0, 2.0 * np.pi, 48, endpoint=False)
@@ -33,9 +31,11 @@ _hx = 16.0 * np.sin(_t) ** 3
 _hy = -(13.0 * np.cos(_t) - 5.0 * np.cos(2 * _t) - 2.0 * np.cos(3 * _t) - np.cos(4 * _t))
 _hx, _hy = _hx - (_hx.max() + _hx.min()) / 2, _hy - (_hy.max() + _hy.min()) / 2
 _HEART = np.stack([_hx, _hy], 1) / np.sqrt(_hx**2 + _hy**2).max()
-_w = 0.34  # half-width of the cross's arms, relative to its reach
+_w = 0.3  # half-width of the cross's arms, relative to its reach
 _CROSS = np.array([(_w, 1), (_w, _w), (1, _w), (1, -_w), (_w, -_w), (_w, -1), (-_w, -1),
                    (-_w, -_w), (-1, -_w), (-1, _w), (-_w, _w), (-_w, 1)], dtype=np.float64)
+_ARROW = np.array([(-0.95, -0.3), (0.05, -0.3), (0.05, -0.75), (1.0, 0.0), (0.05, 0.75), (0.05, 0.3), (-0.95, 0.3)])
+_BOWTIE = np.array([(-0.8, -0.8), (0.0, -0.15), (0.8, -0.8), (0.8, 0.8), (0.0, 0.15), (-0.8, 0.8)])
 del _t, _hx, _hy, _w
 
 
@@ -50,7 +50,8 @@ def _regular(n: int, radius: float, inner: float | None = None) -> np.ndarray:
 
 
 def _draw_mask(kind: str, size: int, cx: float, cy: float, r: float, theta: float) -> Image.Image:
-    """Binary mask ('L', size x size) of one shape with circumradius ~r, rotated by theta."""
+    """Mask ('L', size x size, 0 or 255) of one shape of scale r (reach about r) centred at (cx, cy),
+    rotated by theta."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     c, s = math.cos(theta), math.sin(theta)
@@ -71,42 +72,78 @@ def _draw_mask(kind: str, size: int, cx: float, cy: float, r: float, theta: floa
         poly(_regular(3, 1.05 * r))
     elif kind == "star":
         poly(_regular(5, 1.05 * r, inner=0.45))
-    elif kind == "hexagon":
-        poly(_regular(6, 0.95 * r))
-    elif kind == "pentagon":
-        poly(_regular(5, r))
     elif kind == "cross":
         poly(_CROSS * r)
     elif kind == "ring":
-        disc(cx, cy, 0.92 * r, 255)
-        disc(cx, cy, 0.5 * r, 0)
+        disc(cx, cy, 0.95 * r, 255)
+        disc(cx, cy, 0.55 * r, 0)
     elif kind == "crescent":
-        disc(cx, cy, 0.92 * r, 255)
-        disc(cx + 0.45 * r * c, cy + 0.45 * r * s, 0.8 * r, 0)
+        disc(cx, cy, 0.95 * r, 255)
+        disc(cx + 0.5 * r * c, cy + 0.5 * r * s, 0.78 * r, 0)
     elif kind == "heart":
         poly(_HEART * r)
-    else:  # pragma: no cover - _SHAPES is fixed
+    elif kind == "arrow":
+        poly(_ARROW * r)
+    elif kind == "bowtie":
+        poly(_BOWTIE * r)
+    else:  # pragma: no cover - SHAPES_CLASSES is fixed
         raise AssertionError(kind)
     return mask
+
+
+def _unit_geometry(kind: str, size: int = 400) -> tuple[float, float]:
+    """(area, reach) of a shape drawn at r = 1: its area in units of r^2 and the largest distance of
+    its pixels from the centre in units of r (the largest over rotations, measured on a fine raster)."""
+    r = 0.45 * size / 1.1
+    centre = size / 2
+    m = np.asarray(_draw_mask(kind, size, centre, centre, r, 0.0)) > 127
+    yy, xx = np.nonzero(m)
+    reach = float(np.sqrt((xx + 0.5 - centre) ** 2 + (yy + 0.5 - centre) ** 2).max()) / r
+    return float(m.sum()) / r**2, reach
+
+
+# Per class: (area at r = 1, reach at r = 1); shapes_sample scales each class to the same drawn area.
+_GEOMETRY: dict[str, tuple[float, float]] = {k: _unit_geometry(k) for k in SHAPES_CLASSES}
+_MAX_REACH = max(reach / math.sqrt(area) for area, reach in _GEOMETRY.values())  # reach at area 1
+AREA_RANGE = (0.08, 0.18)  # drawn area as a fraction of the image, uniform (the same for every class)
+_BORDER = 0.02            # the shape keeps at least this fraction of the side from the image edge
 
 
 def _luma(rgb: np.ndarray) -> float:
     return float(rgb @ np.array([0.299, 0.587, 0.114]))
 
 
-def _tint(rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
-    """A weakly saturated colour in [0,1]^3 with HSV value in [lo, hi]."""
-    h, s, v = rng.random(), rng.uniform(0.0, 0.35), rng.uniform(lo, hi)
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    """One colour in [0,1]^3: uniform hue, saturation in [0, 1] (more often saturated), value in [0.05, 1]."""
+    h, s, v = rng.random(), math.sqrt(rng.random()), rng.uniform(0.05, 1.0)
     return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
+
+
+_MIN_GAP = 0.3  # luminance gap between the two colours of an image (keeps the outline visible)
+
+
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(shape colour, background colour): two draws of `_colour` at least _MIN_GAP apart in luminance,
+    in random order, so the shape's colour and the background's have the same distribution."""
+    a = _colour(rng)
+    for _ in range(64):
+        b = _colour(rng)
+        if abs(_luma(a) - _luma(b)) >= _MIN_GAP:
+            break
+    else:  # rare: a's luminance is mid-range and no draw was far enough; take black or white
+        b = np.full(3, 0.0 if _luma(a) >= 0.5 else 1.0, dtype=np.float32)
+    return (a, b) if rng.random() < 0.5 else (b, a)
 
 
 def shapes_sample(index: int, seed: int, resolution: int) -> tuple[np.ndarray, int]:
     """One image of the built-in dataset: (uint8 array (R, R, 3), label = index % n_classes).
 
-    Deterministic in (seed, index). Position, size, rotation, colour jitter, shading and background
-    (dark or light tint, optionally a gradient, plus noise) are random, but the background always
-    keeps a luminance gap to the shape so the class stays recognisable. The shape is drawn at 2x or
-    4x and box-downsampled (antialiased).
+    Deterministic in (seed, index). The label only decides the outline. Everything else is random and
+    drawn the same way for every class: the drawn area (AREA_RANGE of the image, each class scaled to
+    it), position (anywhere the largest shape at that area fits), rotation, the two colours (see
+    `_colour_pair`), a gentle shading of the shape, a second background colour near the first for a
+    gradient (half the images), and pixel noise. The shape is drawn at 2x-4x and box-downsampled
+    (antialiased).
     """
     if not isinstance(resolution, (int, np.integer)) or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
         raise DataError(f"shapes: resolution={resolution!r} is unsupported; "
@@ -114,45 +151,37 @@ def shapes_sample(index: int, seed: int, resolution: int) -> tuple[np.ndarray, i
     if index < 0 or seed < 0:
         raise DataError(f"shapes: index={index} and seed={seed} must both be >= 0")
     res = int(resolution)
-    label = int(index) % len(_SHAPES)
-    _, kind, rgb = _SHAPES[label]
-    rng = np.random.default_rng([int(seed), int(index), 0x5EED])
+    label = int(index) % len(SHAPES_CLASSES)
+    kind = SHAPES_CLASSES[label]
+    rng = np.random.default_rng([int(seed), int(index), 0x5EED, SHAPES_VERSION])
 
-    # Shape mask, supersampled then area-averaged.
+    # Geometry: the area fixes the scale of this class; the position range is the same for all classes.
     ss = max(2, min(4, 512 // res))
     size = res * ss
-    r = rng.uniform(0.2, 0.38) * size
-    cx, cy = rng.uniform(1.05 * r, size - 1.05 * r, size=2)
+    area = rng.uniform(*AREA_RANGE) * size * size
+    unit_area, _ = _GEOMETRY[kind]
+    r = math.sqrt(area / unit_area)
+    margin = _MAX_REACH * math.sqrt(area) + _BORDER * size
+    cx, cy = rng.uniform(margin, size - margin, size=2)
     theta = rng.uniform(0.0, 2.0 * np.pi)
     mask = np.asarray(_draw_mask(kind, size, cx, cy, r, theta).reduce(ss), dtype=np.float32)
     mask = (mask * (1.0 / 255.0))[:, :, None]
 
-    # Shape colour: jitter plus a gentle linear shading across the image.
-    colour = np.clip(np.array(rgb) / 255.0 + rng.normal(0.0, 0.04, 3), 0.0, 1.0).astype(np.float32)
-    lum = _luma(colour)
+    # Colours: shape and background from one distribution; shading and gradient are zero-mean.
+    fg_colour, bg_colour = _colour_pair(rng)
     yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) / max(res - 1, 1) - 0.5
     phi = rng.uniform(0.0, 2.0 * np.pi)
     ramp = (xx * np.float32(math.cos(phi)) + yy * np.float32(math.sin(phi)))[:, :, None]  # [-0.71, 0.71]
-    shade = 1.0 + np.float32(rng.uniform(0.0, 0.25)) * ramp
-    fg = np.minimum(colour[None, None, :] * shade, 1.0)
-
-    # Background: dark or light, at least ~0.25 luminance away from the shape.
-    modes = []
-    if lum - 0.25 >= 0.08:
-        modes.append((0.03, min(0.3, lum - 0.25)))
-    if lum + 0.25 <= 0.92:
-        modes.append((max(0.7, lum + 0.25), 0.97))
-    lo, hi = modes[int(rng.integers(len(modes)))]
-    c0 = _tint(rng, lo, hi)
+    fg = fg_colour[None, None, :] * (1.0 + np.float32(rng.uniform(0.0, 0.2)) * ramp)
     if rng.random() < 0.5:
-        c1 = _tint(rng, lo, hi)
+        delta = rng.normal(0.0, 0.06, 3).astype(np.float32)
         psi = rng.uniform(0.0, 2.0 * np.pi)
-        t = (xx * np.float32(math.cos(psi) / 1.42) + yy * np.float32(math.sin(psi) / 1.42))[:, :, None] + 0.5
-        bg = c0 * (1.0 - t) + c1 * t
+        t = (xx * np.float32(math.cos(psi) / 1.42) + yy * np.float32(math.sin(psi) / 1.42))[:, :, None]
+        bg = bg_colour + delta * t  # t in [-0.5, 0.5]
     else:
-        bg = np.broadcast_to(c0, (res, res, 3))
+        bg = np.broadcast_to(bg_colour, (res, res, 3))
 
-    img = bg * (1.0 - mask) + fg * mask  # float32 (res, res, 3) in [0, 1]
+    img = bg * (1.0 - mask) + fg * mask  # float32 (res, res, 3), about [0, 1]
     noise = rng.standard_normal(size=(res, res, 3), dtype=np.float32)
     img += noise * np.float32(rng.uniform(0.005, 0.03))
     img *= 255.0

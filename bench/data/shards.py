@@ -22,6 +22,7 @@ from typing import Iterable
 from bench import rundir
 from bench.data.format import (DEFAULT_NUM_SAMPLES, MAKE_SHARDS_HINT, MANIFEST, SHARD_NAME, DataError,
                                check_resolution)
+from bench.data.shapes import SHAPES_VERSION
 from bench.data.writer import ShardSetSpec, publish, temp_dir_for, write_shard_set
 
 __all__ = [  # the shard format's names and DataError live in format.py; they are part of this API
@@ -317,13 +318,14 @@ def default_shards(resolution: int, cache_dir: str | os.PathLike | None = None,
     """Directory of the built-in shapes shards, written on first use and reused afterwards.
 
     Location: `cache_dir`, else `rundir.cache_root()` ($GAN_BENCH_CACHE, else ~/.cache/gan-bench);
-    subdirectory `shapes-r{resolution}-n{num_samples}-s{seed}`. The set has about 64 shards (fewer when
+    subdirectory `shapes-v{SHAPES_VERSION}-r{resolution}-n{num_samples}-s{seed}` (the generator's version:
+    shards an older generator cached are never reused). The set has about 64 shards (fewer when
     tiny), so up to 64 readers (ranks x workers) can share it. Concurrent first uses are safe: each
     writes its own temporary copy, the first rename wins and the others use the winner's shards.
     """
     resolution = check_resolution(resolution, "data (built-in shapes)")
     root = Path(os.path.expanduser(str(cache_dir))).absolute() if cache_dir else rundir.cache_root()
-    out = root / f"shapes-r{resolution}-n{int(num_samples)}-s{int(seed)}"
+    out = root / f"shapes-v{SHAPES_VERSION}-r{resolution}-n{int(num_samples)}-s{int(seed)}"
     if (out / MANIFEST).is_file():
         resolve_shards(str(out))  # raises DataError naming the first missing shard
         return out
