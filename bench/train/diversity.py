@@ -7,7 +7,11 @@ every run and on every resume), the EMA generator's samples go through the domai
 feature space (`feature_dim` values) is divided by the same quantity for real images of that class (read once
 from the shards and cached in memory). `stability/diversity` is the mean of these ratios over the classes
 (1 = as diverse as the data; 0 = every latent of a class gives the same features); `stability/diversity_min`
-is the smallest class's ratio (a partial collapse of a few classes shows there first).
+is the smallest class's ratio (a partial collapse of a few classes shows there first). From the same samples,
+for the collapse detector's class rule: `stability/class_acc` (share classified as their own label, with
+`stability/class_acc_over_chance` = that x the data's classes) and `stability/class_sep`, the distance between
+the per-class mean features over the within-class spread (class_separation), G's over the real images' (about 0
+when G ignores its class input, about 1 when its classes are as far apart as the data's).
 
     pairwise_mean(features) -> float    mean distance over all pairs (unbiased in the count)
     diversity_ratios(fake, real)        per-class ratios from per-class feature tensors
@@ -35,6 +39,9 @@ import torch
 
 DIVERSITY = "stability/diversity"
 DIVERSITY_MIN = "stability/diversity_min"
+CLASS_ACC = "stability/class_acc"                  # share of the probe's samples the classifier gives their own label
+CLASS_ACC_X = "stability/class_acc_over_chance"    # the same over chance (1 / the data's classes)
+CLASS_SEP = "stability/class_sep"                  # class_separation of G's features over the data's
 DIVERSITY_SEED = 20_240_613  # the fixed latents; independent of train.seed so runs compare on the same z
 MAX_CLASSES = 32
 REAL_READ_FACTOR = 8  # real images read at most: this x diversity_samples x the data's classes (the read stops
@@ -61,6 +68,19 @@ def diversity_ratios(fake: dict, real: dict) -> dict:
         if ref > 0:
             out[c] = pairwise_mean(f) / ref
     return out
+
+
+def class_separation(feats: dict) -> float:
+    """How far apart the classes are: the mean distance between the per-class mean features over the mean
+    within-class pairwise distance (classes with >= 2 rows; nan with fewer than 2 such classes or no spread).
+    A G that ignores its class input gives class means that differ only by sampling noise: about
+    sqrt(2 / samples) x the spread, well under the data's own value."""
+    rows = [f.double() for f in feats.values() if len(f) >= 2]
+    if len(rows) < 2:
+        return float("nan")
+    between = pairwise_mean(torch.stack([f.mean(0) for f in rows]))
+    within = sum(pairwise_mean(f) for f in rows) / len(rows)
+    return between / within if within > 0 else float("nan")
 
 
 def real_per_class(shards_spec, resolution: int, classes: list, per_class: int, limit: int) -> tuple[dict, int]:
@@ -99,6 +119,7 @@ class DiversityProbe:
         self.quiet = False           # no progress or skip lines
         self.net = None              # the domain classifier (eval mode, on `device`)
         self.real: Optional[dict] = None  # {class: real features}
+        self.real_sep = float("nan")      # class_separation of the real features
         self.off = False             # no classifier: said once, then off for the run
         self.seconds: list[float] = []  # cost of each measurement (the first includes the set-up)
 
@@ -157,6 +178,7 @@ class DiversityProbe:
             limit = min(limit, int(n_available))
         per_class, read = real_per_class(self.shards_spec, self.resolution, self.classes, self.samples, limit)
         self.real = {c: self._features(x) for c, x in per_class.items() if len(x) >= 2}
+        self.real_sep = class_separation(self.real)
         short = [c for c in self.classes if c not in self.real]
         if short and not self.quiet:
             print(f"diversity: {len(short)} of {len(self.classes)} measured classes have fewer than 2 real images "
@@ -166,9 +188,10 @@ class DiversityProbe:
         return True
 
     @torch.no_grad()
-    def _features(self, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        return torch.cat([self.net(images[i:i + batch].to(self.device))[0].float().cpu()
-                          for i in range(0, len(images), batch)])
+    def _features(self, images: torch.Tensor, batch: int = 256, logits: bool = False):
+        out = [self.net(images[i:i + batch].to(self.device)) for i in range(0, len(images), batch)]
+        feats = torch.cat([f.float().cpu() for f, _ in out])
+        return (feats, torch.cat([lg.float().cpu() for _, lg in out])) if logits else feats
 
     # ---- measuring -------------------------------------------------------------------------------------
     def latents(self, z_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,11 +217,18 @@ class DiversityProbe:
             images = sample_images(G, z, y, batch_size=256)
         finally:
             G.train(was_training)
-        feats = self._features(images)
+        feats, logits = self._features(images, logits=True)
         fake = {c: feats[y == c] for c in self.classes}
         ratios = diversity_ratios(fake, self.real)
         self.seconds.append(time.perf_counter() - t0)
         if not ratios:
             return {}
         vals = [v for v in ratios.values() if math.isfinite(v)]
-        return {DIVERSITY: sum(vals) / len(vals), DIVERSITY_MIN: min(vals)} if vals else {}
+        out = {DIVERSITY: sum(vals) / len(vals), DIVERSITY_MIN: min(vals)} if vals else {}
+        # the class rule's numbers (CollapseDetector "class"): does G's output follow its class input?
+        acc = float((logits.argmax(1) == y).float().mean())
+        out[CLASS_ACC], out[CLASS_ACC_X] = acc, acc * self.n_classes
+        sep = class_separation({c: f for c, f in fake.items() if c in self.real})
+        if math.isfinite(sep) and math.isfinite(self.real_sep) and self.real_sep > 0:
+            out[CLASS_SEP] = sep / self.real_sep
+        return out

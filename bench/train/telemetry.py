@@ -20,6 +20,7 @@ from bench import device as bdevice
 
 _active: Optional["Collector"] = None
 RECALL_FLOOR = 0.1  # the recall collapse rule waits until some evaluation's recall reaches this
+REAL_WINS = 0.9     # the d_wins rule: D/real_sign_mean at or above this (D calls nearly every real real)
 
 
 def report(name: str, value) -> None:
@@ -236,6 +237,18 @@ def report_sigmas(net_name: str, net, k: int = 3) -> None:
             report(f"sigma/{net_name}/{layer}/{stat}", value)
 
 
+RULES = ("nonfinite", "sigma", "divergence", "fid", "diversity", "recall", "d_wins", "class", "warmup_blowup")
+RULE_KEY = "stability/collapse_rule/"  # + a rule's name: 1.0 in the row of the tick where that rule first fired
+
+
+def rule_of(reason: Optional[str]) -> Optional[str]:
+    """The rule that a detector's reason names (its first word, before the colon); None for None."""
+    if reason is None:
+        return None
+    head = reason.split(":", 1)[0].strip()
+    return head if head in RULES else ("nonfinite" if head.startswith("non") else head)
+
+
 class CollapseDetector:
     """Flags training collapse from the per-tick records.
 
@@ -253,25 +266,51 @@ class CollapseDetector:
                   `patience` measurements in a row (a partial mode collapse: samples of a class become near
                   copies while the losses and sigma0 look healthy);
       recall:     an evaluation's recall stays below `recall_factor` x the best recall so far for `patience`
-                  evaluations in a row.
-    A factor of 0 turns its rule off.
+                  evaluations in a row;
+      d_wins:     D wins outright: D/fake_sign_mean (the share of fakes with a positive logit, i.e. called real)
+                  <= `dwins_level` while D/real_sign_mean >= REAL_WINS (0.9), at `dwins_ticks` ticks in a row
+                  after the warm-up (G gets no useful gradient: the hinge G loss then only pushes every fake
+                  the same way). Off with the loss gap (inf: a Wasserstein critic's sign is an arbitrary offset);
+      class:      the class input is ignored: the probe's class accuracy (`stability/class_acc_over_chance`,
+                  its samples' accuracy under the domain classifier over chance) <= `class_factor`, or its class
+                  separation (`stability/class_sep`: distance between the per-class mean features over the
+                  within-class spread, G's over the data's) <= `class_sep`, for `patience` measurements in a
+                  row after `class_after` steps; or an evaluation's eval/class_acc <= `class_factor` x chance
+                  after `class_after` steps (update_eval);
+      warmup_blowup: the losses or D's logits blew up inside the warm-up (the largest of |loss/G - loss/D| and
+                  |D's mean real / fake logit| above `loss_gap`) and did not come back to the healthy range (all
+                  <= `recover_scale`) within `recover_ticks` ticks after it: the warm-up forgives a transient,
+                  not a blow-up that stays. Off with the loss gap (inf).
+    A factor (level, tick count) of 0 turns its rule off. The rule that fired first is `rule` (also the first word
+    of `reason`); the tick where a rule first fires gets RULE_KEY + rule = 1.0 in its row.
     """
 
     STATE = ("sigma_hist", "best_fid", "collapse_step", "reason",  # what a checkpoint keeps
-             "best_div", "low_div", "best_recall", "low_recall")
+             "best_div", "low_div", "best_recall", "low_recall",
+             "dwins_run", "low_class", "blowup", "blowup_ticks", "fired")
 
     def __init__(self, sigma_factor: float = 2.0, window: int = 50, loss_gap: float = 50.0,
                  fid_factor: float = 1.5, warmup: int = 20, *, diversity_factor: float = 0.0,
-                 recall_factor: float = 0.0, patience: int = 3):
+                 recall_factor: float = 0.0, patience: int = 3, dwins_level: float = 0.0, dwins_ticks: int = 5,
+                 class_factor: float = 0.0, class_sep: float = 0.0, class_after: int = 0,
+                 recover_scale: float = 0.0, recover_ticks: int = 5):
         self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
         self.warmup = warmup
         self.diversity_factor, self.recall_factor, self.patience = diversity_factor, recall_factor, patience
+        self.dwins_level, self.dwins_ticks = dwins_level, dwins_ticks
+        self.class_factor, self.class_sep, self.class_after = class_factor, class_sep, class_after
+        self.recover_scale, self.recover_ticks = recover_scale, recover_ticks
         self.sigma_hist: list[tuple[int, float]] = []
         self.best_fid = float("inf")
         self.best_div: Optional[tuple[int, float]] = None     # (step, value) of the best diversity so far
         self.low_div: list[tuple[int, float]] = []            # the measurements in a row below the line
         self.best_recall: Optional[tuple[int, float]] = None
         self.low_recall: list[tuple[int, float]] = []
+        self.dwins_run: list[int] = []                        # steps of the ticks in a row where D won outright
+        self.low_class: list[int] = []                        # steps of the probe's class measurements in a row below
+        self.blowup: Optional[tuple[int, float]] = None       # (step, gap) of the warm-up's largest unrecovered blow-up
+        self.blowup_ticks = 0                                 # ticks after the warm-up without recovery
+        self.fired: list[str] = []                            # every rule that fired, in order (first time each)
         self.collapse_step: Optional[int] = None
         self.reason: Optional[str] = None
 
@@ -280,7 +319,15 @@ class CollapseDetector:
         """The detector of the config's telemetry.* keys (`loss_gap`: the trainer's, inf for unbounded losses)."""
         return cls(tc.collapse_sigma_factor, tc.collapse_window, loss_gap, tc.collapse_fid_factor, tc.collapse_warmup,
                    diversity_factor=tc.collapse_diversity_factor, recall_factor=tc.collapse_recall_factor,
-                   patience=tc.collapse_patience)
+                   patience=tc.collapse_patience, dwins_level=tc.collapse_dwins_level,
+                   dwins_ticks=tc.collapse_dwins_ticks, class_factor=tc.collapse_class_factor,
+                   class_sep=tc.collapse_class_sep, class_after=tc.collapse_class_after,
+                   recover_scale=tc.collapse_recover_scale, recover_ticks=tc.collapse_recover_ticks)
+
+    @property
+    def rule(self) -> Optional[str]:
+        """The rule of the first flag (None while nothing fired)."""
+        return rule_of(self.reason)
 
     def _trim(self, hist, step):
         while hist and hist[0][0] < step - self.window:
@@ -290,15 +337,31 @@ class CollapseDetector:
         """Record a collapse found outside the detector (a run that diverged); the earliest one is kept."""
         if self.collapse_step is None or step < self.collapse_step:
             self.collapse_step, self.reason = step, reason
+        self._fired(reason)
         return reason
+
+    def _fired(self, reason: str) -> None:
+        rule = rule_of(reason)
+        if rule not in self.fired:
+            self.fired.append(rule)
 
     def _flag(self, step: int, reason: str) -> str:
         if self.collapse_step is None:
             self.collapse_step, self.reason = step, reason
+        self._fired(reason)
         return reason
 
     def update(self, row: dict) -> Optional[str]:
-        """Feed one metrics row; returns the reason if a collapse signal fires at this tick."""
+        """Feed one metrics row; returns the reason if a collapse signal fires at this tick. The row gets
+        RULE_KEY + rule = 1.0 for each rule that fires at this tick for the first time."""
+        before = list(self.fired)
+        fired = self._update(row)
+        for rule in self.fired:
+            if rule not in before:
+                row[RULE_KEY + rule] = 1.0
+        return fired
+
+    def _update(self, row: dict) -> Optional[str]:
         step = int(row["step"])
         watched = [v for k, v in row.items() if k.startswith(("loss/", "D/")) and isinstance(v, float)]
         if any(not math.isfinite(v) for v in watched):
@@ -313,13 +376,91 @@ class CollapseDetector:
             lo = min(v for _, v in self.sigma_hist)
             if warm and lo > 0 and top > self.sigma_factor * lo:
                 fired = self._flag(step, f"sigma: D sigma0 {top:.3g} > {self.sigma_factor} x {lo:.3g}")
-        if warm and "loss/G" in row and "loss/D" in row:
+        if "loss/G" in row and "loss/D" in row:
             gap = abs(row["loss/G"] - row["loss/D"])
-            if gap > self.loss_gap:
+            if warm and gap > self.loss_gap:
                 fired = fired or self._flag(step, f"divergence: |loss/G - loss/D| = {gap:.3g} > {self.loss_gap}")
+        fired = self._warmup_blowup(step, row, warm) or fired
+        fired = self._d_wins(step, row, warm) or fired
         div = row.get("stability/diversity")
         if warm and isinstance(div, float) and math.isfinite(div):
             fired = fired or self._sustained_drop("diversity", step, div)
+        fired = self._class_probe(step, row) or fired
+        return fired
+
+    def _warmup_blowup(self, step: int, row: dict, warm: bool) -> Optional[str]:
+        """A blow-up inside the warm-up (scale > loss_gap) is forgiven once a tick after it is back in the healthy
+        range (scale <= recover_scale); scale = the largest of |loss/G - loss/D|, |D/real_logit_mean| and
+        |D/fake_logit_mean| (a hinge loss clamps: its losses calm down while D's logits stay in the hundreds)."""
+        if self.recover_scale <= 0 or self.recover_ticks <= 0 or not math.isfinite(self.loss_gap):
+            return None
+        parts = [abs(row["loss/G"] - row["loss/D"])] if "loss/G" in row and "loss/D" in row else []
+        parts += [abs(row[k]) for k in ("D/real_logit_mean", "D/fake_logit_mean") if isinstance(row.get(k), float)]
+        if not parts:
+            return None
+        scale = max(parts)
+        if not warm:
+            if scale > self.loss_gap and (self.blowup is None or scale > self.blowup[1]):
+                self.blowup = (step, scale)
+            return None
+        if self.blowup is None:
+            return None
+        if scale <= self.recover_scale:
+            self.blowup, self.blowup_ticks = None, 0  # recovered: the transient is forgiven
+            return None
+        self.blowup_ticks += 1
+        if self.blowup_ticks >= self.recover_ticks:
+            at, peak = self.blowup
+            return self._flag(step, f"warmup_blowup: loss gap / D logit scale {peak:.3g} at step {at} (warm-up) "
+                                    f"not back to <= {self.recover_scale} in {self.blowup_ticks} ticks after it "
+                                    f"(now {scale:.3g})")
+        return None
+
+    def _d_wins(self, step: int, row: dict, warm: bool) -> Optional[str]:
+        fake, real = row.get("D/fake_sign_mean"), row.get("D/real_sign_mean")
+        if (self.dwins_level <= 0 or self.dwins_ticks <= 0 or not math.isfinite(self.loss_gap) or not warm
+                or not isinstance(fake, float) or not isinstance(real, float)):
+            return None
+        if fake <= self.dwins_level and real >= REAL_WINS:
+            self.dwins_run.append(step)
+            if len(self.dwins_run) >= self.dwins_ticks:
+                return self._flag(step, f"d_wins: D/fake_sign_mean {fake:.3g} <= {self.dwins_level} and "
+                                        f"D/real_sign_mean {real:.3g} >= {REAL_WINS} for "
+                                        f"{len(self.dwins_run)} ticks in a row (since step {self.dwins_run[0]})")
+            return None
+        self.dwins_run.clear()
+        return None
+
+    def _class_probe(self, step: int, row: dict) -> Optional[str]:
+        """The class rule on the diversity probe's measurements (patience in a row after class_after)."""
+        acc, sep = row.get("stability/class_acc_over_chance"), row.get("stability/class_sep")
+        acc = acc if isinstance(acc, float) and math.isfinite(acc) else None
+        sep = sep if isinstance(sep, float) and math.isfinite(sep) else None
+        if (acc is None and sep is None) or step <= max(self.warmup, self.class_after):
+            return None
+        low_acc = self.class_factor > 0 and acc is not None and acc <= self.class_factor
+        low_sep = self.class_sep > 0 and sep is not None and sep <= self.class_sep
+        if not (low_acc or low_sep):
+            self.low_class.clear()
+            return None
+        self.low_class.append(step)
+        if len(self.low_class) < self.patience:
+            return None
+        what = (f"class accuracy {acc:.3g} x chance <= {self.class_factor}" if low_acc else
+                f"class separation {sep:.3g} <= {self.class_sep}")
+        return self._flag(step, f"class: the class input is ignored: {what} for {len(self.low_class)} probe "
+                                f"measurements in a row (since step {self.low_class[0]})")
+
+    def update_eval(self, step: int, metrics: dict, n_classes: int) -> Optional[str]:
+        """Feed one evaluation's metrics: its recall (the recall rule) and eval/class_acc (the class rule: at or
+        below class_factor x chance, 1 / n_classes, at an evaluation after class_after steps)."""
+        fired = self.update_recall(step, metrics.get("eval/recall"))
+        acc = metrics.get("eval/class_acc")
+        if (self.class_factor > 0 and n_classes and n_classes > 1 and isinstance(acc, (int, float))
+                and math.isfinite(acc) and step > max(self.warmup, self.class_after)
+                and acc <= self.class_factor / n_classes):
+            fired = fired or self._flag(step, f"class: the class input is ignored: eval/class_acc {acc:.3g} <= "
+                                              f"{self.class_factor} x chance (1/{n_classes})")
         return fired
 
     def _sustained_drop(self, what: str, step: int, value: float) -> Optional[str]:

@@ -440,7 +440,7 @@ class Trainer:
                 reason = self.collapse.update_fid(self.step, metrics[registry.FID])
                 if reason and not self.quiet:
                     print(f"collapse detected at step {self.step}: {reason}", flush=True)
-            if (why := self.collapse.update_recall(self.step, metrics.get("eval/recall"))) and not self.quiet:
+            if (why := self.collapse.update_eval(self.step, metrics, self.n_data_classes)) and not self.quiet:
                 print(f"collapse detected at step {self.step}: {why}", flush=True)
             if not self.quiet:
                 print(telemetry.eval_line(self.step, metrics, time.perf_counter() - t0), flush=True)
