@@ -31,6 +31,8 @@ commands:
   report DIR [out=DIR]              Markdown/CSV tables and PNG plots for a run or a sweep directory
   sample run=DIR n=N out=FILE.npz|DIR [psi=] [class=] [which=best|last] [seed=] [eval.*]
                                     images of a run's EMA G (npz: x, z, y; or PNG files + labels.csv)
+  import biggan-pytorch weights=G_ema.pth [g=G.pth] [d=D.pth] model=biggan_128|biggan_deep_128|biggan_deep_256
+         out=RUN_DIR [model.*=...]  BigGAN-PyTorch's weights as a run directory (bench eval / sample read it)
 
 examples:
   bench train
@@ -335,6 +337,13 @@ def cmd_sample(args: list[str]) -> int:
     return 0
 
 
+def cmd_import(args: list[str]) -> int:
+    from bench.importer import import_command  # BigGAN-PyTorch's state dicts as a run directory
+
+    print(json.dumps(import_command(args), indent=2))
+    return 0
+
+
 def cmd_inspect(args: list[str]) -> int:
     from bench.inspection import inspect_command  # parameter counts, GFLOP per image, scaling (JSON)
 
@@ -411,7 +420,8 @@ def cmd_report(args: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "inspect": cmd_inspect, "data": cmd_data, "throughput": cmd_throughput,
-            "eval": cmd_eval, "truncation": cmd_truncation, "report": cmd_report, "sample": cmd_sample}
+            "eval": cmd_eval, "truncation": cmd_truncation, "report": cmd_report, "sample": cmd_sample,
+            "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,8 +185,8 @@ def _run_shards(cfg, info: dict, overrides, resolution: int) -> str | None:
     shards = OmegaConf.select(merge_overrides(OmegaConf.create(), overrides), "data.shards", default=None)
     shards = shards or _safe_recorded_shards(info.get("shards"), rundir.RUN_JSON) or _safe_recorded_shards(
         OmegaConf.select(cfg, "data.shards", default=None), rundir.CONFIG)
-    if not shards and OmegaConf.select(cfg, "eval.ref_stats", default=None):
-        return None  # FID's real side is the file; no built-in data is made for a run (an import) without shards
+    if not shards and (OmegaConf.select(cfg, "eval.ref_stats", default=None) or info.get("imported_from")):
+        return None  # FID's real side is a file, or an imported run: no built-in data is made for it
     if not shards:
         shards = default_shards(resolution, num_samples=int(OmegaConf.select(
             cfg, "data.num_samples", default=DEFAULT_NUM_SAMPLES)))
@@ -238,6 +238,15 @@ def load_run(run_dir, overrides=None, which="best", device=None) -> dict:
             "resolution": resolution}
 
 
+def _with_real_side(run: dict) -> EvalSettings:
+    """The run's evaluation settings, once it is known there is a real side: shards, or eval.ref_stats."""
+    settings = EvalSettings.from_cfg(run["cfg"])
+    if run["shards"] is None and not settings.ref_stats:
+        raise EvalError("this run records no training data (an imported run): give data.shards=DIR (its training "
+                        "set's shards) or eval.ref_stats=FILE (the real side's mu / sigma, `bench eval stats`)")
+    return settings
+
+
 # ---------------------------------------------------------------------------------------------
 # bench eval
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ def eval_run(run_dir, overrides_cfg=None, which="best", *, device=None, progress
     Returns the record."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, overrides_cfg, which, device)
-    settings = EvalSettings.from_cfg(run["cfg"])
+    settings = _with_real_side(run)
     metrics = evaluate_generator(run["G"], settings, shards_spec=run["shards"], n_classes=run["n_classes"],
                                  device=run["device"], progress=progress)
     ckpt = Path(run["checkpoint"])
@@ -326,7 +335,7 @@ def truncation_sweep(run_dir, psis: Sequence, overrides_cfg=None, which="best", 
     """
     run_dir = Path(run_dir)
     run = load_run(run_dir, overrides_cfg, which, device)
-    settings = EvalSettings.from_cfg(run["cfg"])
+    settings = _with_real_side(run)
     values = [check_psi(p) for p in psis]
     if not values:
         raise EvalError("psi=[]: give the truncation values to sweep, e.g. psi=[0.25,0.5,1.0,2.0]")
