@@ -7,6 +7,7 @@ models/biggan_deep.py); only the names differ. Their state dict -> ours:
 
     blocks.<k>.0.<layer>          blocks.<k>.<layer>          (a residual block)
     blocks.<k>.1.<layer>          attn.<k // depth>.<layer>   (self-attention after the stage's last block)
+    BigGANdeep's D nests its stages: blocks.<s>.<j < depth> -> blocks.<s * depth + j>, blocks.<s>.<depth> -> attn.<s>
     <ccbn>.stored_mean / _var     <ccbn>.bn.running_mean / _var
     output_layer.0.gain / bias / stored_mean / stored_var      out_bn.weight / bias / running_mean / running_var
     output_layer.2.*              out_conv.*
@@ -59,10 +60,14 @@ class ImportError_(EvalError):
     """A file that does not fit the model (one line: the keys, the file)."""
 
 
-def their_to_ours(key: str, depth: int) -> str:
-    """BigGAN-PyTorch's state-dict key -> gan-bench's (module docstring); SN buffers keep their u0 / sv0 names."""
+def their_to_ours(key: str, depth: int, nested: bool = False) -> str:
+    """BigGAN-PyTorch's state-dict key -> gan-bench's (module docstring); SN buffers keep their u0 / sv0 names.
+    nested: BigGANdeep's D, whose blocks.<stage>.<j> holds the stage's `depth` blocks, then its attention."""
     m = re.match(r"^blocks\.(\d+)\.(\d+)\.(.*)$", key)
-    if m:
+    if m and nested:
+        s, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        key = f"blocks.{s * depth + j}.{rest}" if j < depth else f"attn.{s}.{rest}" if j == depth else key
+    elif m:
         k, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
         key = f"blocks.{k}.{rest}" if j == 0 else f"attn.{k // depth}.{rest}" if j == 1 else key
     key = re.sub(r"^output_layer\.0\.gain$", "out_bn.weight", key)
@@ -82,7 +87,7 @@ def _sn_vectors(weight: torch.Tensor, u0: torch.Tensor, eps: float):
     return u.reshape(-1), v.reshape(-1), sigma
 
 
-def convert(theirs: dict, net: torch.nn.Module, depth: int, path) -> dict:
+def convert(theirs: dict, net: torch.nn.Module, depth: int, path, nested: bool = False) -> dict:
     """A state dict for `net` (gan-bench) from BigGAN-PyTorch's `theirs`; ImportError_ naming unknown / missing keys."""
     ours = net.state_dict()
     modules = dict(net.named_modules())
@@ -91,7 +96,7 @@ def convert(theirs: dict, net: torch.nn.Module, depth: int, path) -> dict:
         if not torch.is_tensor(value):
             unknown.append(key)
             continue
-        name = their_to_ours(key, depth)
+        name = their_to_ours(key, depth, nested)
         layer, _, leaf = name.rpartition(".")
         if leaf in _SN_SUFFIXES:
             module = modules.get(layer)
@@ -168,7 +173,7 @@ def import_biggan_pytorch(weights, out, model: str, *, g=None, d=None, overrides
     if g:
         state["G"] = convert(_read(g), G, depth, g)
     if d:
-        state["D"] = convert(_read(d), D, depth, d)
+        state["D"] = convert(_read(d), D, depth, d, nested=depth > 1)  # BigGANdeep's D nests its stages
     G.load_state_dict(state["G_ema"])  # strict: every key ours, every shape right
     if d:
         D.load_state_dict(state["D"])

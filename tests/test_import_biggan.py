@@ -14,15 +14,18 @@ from bench.eval import export
 from bench.eval import runs as R
 from bench.importer import their_to_ours
 
-FIXTURE = Path(__file__).parent / "fixtures" / "biggan_pytorch_tiny.pt"
-# the fixture's G_ch=4, D_ch=4, dim_z=20, shared_dim=16, resolution 64, attention at 16, 10 classes
+FIXTURES = Path(__file__).parent / "fixtures"
+# the fixtures' G_ch=4, D_ch=4, resolution 64, attention at 16, shared_dim 16, 10 classes; dim_z 20 (BigGAN: 5
+# chunks of 4) and 16 (BigGAN-deep, G_depth = D_depth = 2)
 SMALL = ["model.ch=4", "model.d_ch=4", "model.z_dim=20", "model.shared_dim=16", "model.attn=[16]",
          "model.n_classes=10", "data.resolution=64"]
+CASES = {"biggan_128": ("biggan_pytorch_tiny.pt", SMALL),
+         "biggan_deep_128": ("biggan_deep_pytorch_tiny.pt", [*SMALL[:2], "model.z_dim=16", *SMALL[3:]])}
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    return torch.load(FIXTURE, weights_only=True)
+    return torch.load(FIXTURES / CASES["biggan_128"][0], weights_only=True)
 
 
 @pytest.fixture()
@@ -33,18 +36,23 @@ def files(fixture, tmp_path):
     return g, d
 
 
-def imported(files, tmp_path, *extra):
+def imported(files, tmp_path, *extra, model="biggan_128"):
     g, d = files
     out = tmp_path / "imported"
-    assert main(["import", "biggan-pytorch", f"weights={g}", f"g={g}", f"d={d}", "model=biggan_128",
-                 f"out={out}", *SMALL, *extra]) == 0
+    assert main(["import", "biggan-pytorch", f"weights={g}", f"g={g}", f"d={d}", f"model={model}",
+                 f"out={out}", *CASES[model][1], *extra]) == 0
     return out
 
 
-def test_imported_G_reproduces_biggan_pytorch_in_eval_mode(fixture, files, tmp_path, capsys, one_thread):
-    out = imported(files, tmp_path)
+@pytest.mark.parametrize("model", list(CASES))
+def test_imported_G_reproduces_biggan_pytorch_in_eval_mode(model, tmp_path, capsys, one_thread):
+    fixture = torch.load(FIXTURES / CASES[model][0], weights_only=True)
+    g, d = tmp_path / "G_ema.pth", tmp_path / "D.pth"
+    torch.save(fixture["G_state"], g)
+    torch.save(fixture["D_state"], d)
+    out = imported((g, d), tmp_path, model=model)
     record = json.loads(capsys.readouterr().out)
-    assert record["source"] == "biggan-pytorch" and record["model"] == "biggan_128"
+    assert record["source"] == "biggan-pytorch" and record["model"] == model
     info = rundir.read_json(out / rundir.RUN_JSON)
     assert info["imported_from"]["files"]["weights"]["sha256"] and info["n_classes"] == 10
     run = R.load_run(out, which="last", device="cpu")
@@ -53,7 +61,7 @@ def test_imported_G_reproduces_biggan_pytorch_in_eval_mode(fixture, files, tmp_p
     with torch.no_grad():
         x = G.float()(fixture["z"], fixture["y"])
     levels = (x - fixture["x"]).abs().max().item() * 127.5  # in 8-bit pixel levels
-    print(f"largest difference to BigGAN-PyTorch's G: {levels:.3g} pixel levels "
+    print(f"{model}: largest difference to BigGAN-PyTorch's G: {levels:.3g} pixel levels "
           f"({(x - fixture['x']).abs().max().item():.3g} in [-1, 1])")
     assert levels < 1e-3  # float32 rounding (different summation orders), far below one level
     as_uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731 - as bench sample rounds them
@@ -65,6 +73,7 @@ def test_imported_G_reproduces_biggan_pytorch_in_eval_mode(fixture, files, tmp_p
 
     state = load_weights(out / rundir.CHECKPOINTS / "ckpt-0000000.pt")
     _, D = models.build(state["config"]["model"], 64, 10)
+    assert state["config"]["model"]["family"] == ("biggan_deep" if "deep" in model else "biggan")
     D.load_state_dict(state["D"])
     with torch.no_grad():
         logits = D.eval()(fixture["x"], fixture["y"])
@@ -87,6 +96,8 @@ def test_name_mapping():
     assert their_to_ours("output_layer.0.stored_var", 1) == "out_bn.running_var"
     assert their_to_ours("output_layer.2.u0", 1) == "out_conv.u0"
     assert their_to_ours("input_conv.weight", 2) == "stem.weight"
+    assert their_to_ours("blocks.1.1.conv1.weight", 2, nested=True) == "blocks.3.conv1.weight"  # deep D: stages
+    assert their_to_ours("blocks.1.2.gamma", 2, nested=True) == "attn.1.gamma"
 
 
 def test_unknown_and_missing_keys_are_one_line(fixture, tmp_path, capsys):
