@@ -95,6 +95,12 @@ def test_stats_file_of_another_extractor_is_refused(tmp_path):
                                    extractor_id="inception:x", num_real=10)
     with pytest.raises(EvalError, match="made with eval.extractor=inception, this evaluation uses eval.extractor=domain"):
         refstats.load_ref_stats(path, dim=DIM, extractor="domain")
+    path = refstats.save_ref_stats(tmp_path / "r64.npz", np.zeros(DIM), np.eye(DIM), extractor="domain",
+                                   extractor_id="domain:x", num_real=10, resolution=64)
+    with pytest.raises(EvalError, match="made from images at 64x64, this generator makes 32x32; write it with "
+                                        "`bench eval stats ... data.resolution=32`"):
+        refstats.load_ref_stats(path, dim=DIM, extractor="domain", resolution=32)
+    assert refstats.load_ref_stats(path, dim=DIM, extractor="domain", resolution=64).num_real == 10
 
 
 def test_stats_command_bad_input(shards, tmp_path, capsys):

@@ -69,9 +69,11 @@ def _null():
 
 
 def stats_command(special: dict, rest: list) -> dict:
-    """`bench eval stats`: special = {out, n}, rest = data.* / eval.* overrides of the composed config."""
+    """`bench eval stats`: special = {out, n}, rest = data.* / eval.* overrides of the composed config. The images
+    are read at data.resolution when given, else at the shards' own resolution (manifest.json): give the resolution
+    of the generator the file is for (an evaluation reads the real side at G's resolution)."""
     from bench.config import check_data, compose, validate_eval
-    from bench.data.shards import configured_shards, resolution_from_manifest
+    from bench.data.shards import configured_shards, manifest_resolution, resolution_from_manifest
     from bench.eval.export import parse_int
     from bench.eval.metrics import EvalSettings
 
@@ -84,5 +86,7 @@ def stats_command(special: dict, rest: list) -> dict:
     check_data(cfg)
     validate_eval(cfg)
     shards = configured_shards(cfg.data)
-    resolution = int(cfg.data.resolution or resolution_from_manifest(shards))
+    given = any(str(o).split("=", 1)[0] == "data.resolution" for o in rest)  # else the shards' own (manifest)
+    resolution = int(cfg.data.resolution if given and cfg.data.resolution else
+                     (manifest_resolution(shards) or cfg.data.resolution or resolution_from_manifest(shards)))
     return write_ref_stats(shards, special["out"], EvalSettings.from_cfg(cfg), resolution, num_real=n)

@@ -71,7 +71,7 @@ def _scalar(a):
 
 
 def load_ref_stats(path, *, dim: Optional[int] = None, extractor: Optional[str] = None,
-                   extractor_id: Optional[str] = None) -> RefStats:
+                   extractor_id: Optional[str] = None, resolution: Optional[int] = None) -> RefStats:
     """The file's statistics; EvalError (one line naming the file) when it is missing, not an npz with mu and
     sigma, not finite, or of another feature dimension / extractor than this evaluation's."""
     p = Path(str(path)).expanduser()
@@ -105,6 +105,10 @@ def load_ref_stats(path, *, dim: Optional[int] = None, extractor: Optional[str] 
     if layout == "gan-bench" and extractor is not None and meta.get("extractor") not in (None, extractor):
         raise EvalError(f"eval.ref_stats={path}: made with eval.extractor={meta.get('extractor')}, this evaluation "
                         f"uses eval.extractor={extractor}; use statistics made with the same extractor")
+    made_at = meta.get("resolution")
+    if layout == "gan-bench" and resolution is not None and made_at not in (None, "") and int(made_at) != int(resolution):
+        raise EvalError(f"eval.ref_stats={path}: made from images at {made_at}x{made_at}, this generator makes "
+                        f"{resolution}x{resolution}; write it with `bench eval stats ... data.resolution={resolution}`")
     if layout == "gan-bench" and extractor_id is not None and meta.get("extractor_id") not in (None, extractor_id):
         print(f"warning: eval.ref_stats={path} was made with {meta.get('extractor_id')}, this evaluation uses "
               f"{extractor_id} (other weights or resize of the same extractor)", file=sys.stderr, flush=True)
@@ -151,7 +155,7 @@ def reference_side(s, shards_spec, resolution: int, classifier_files, progress: 
         weights_path = s.weights_path if s.extractor == "inception" else clf_file
     fe_name, _, _, fe_id = extractor_settings(s.extractor, weights_path, s.resize)
     ref = load_ref_stats(s.ref_stats, dim=feature_dim(s.extractor, weights_path), extractor=s.extractor,
-                         extractor_id=fe_id)
+                         extractor_id=fe_id, resolution=resolution)
     print(skip_line(s.ref_stats, bool(s.intra_fid)), file=sys.stderr, flush=True)
     if progress:
         print(f"gan-bench eval: {s.extractor} features ({fe_name}), {s.num_samples} generated vs the moments of "
