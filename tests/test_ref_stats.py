@@ -159,3 +159,24 @@ def test_clean_resize_is_pil_bicubic_on_uint8():
     assert torch.equal(same, out.float())
     with pytest.raises(EvalError, match="eval.resize=clean resizes to Inception's 299"):
         F.resizer("domain", "clean")
+
+
+def test_clean_resize_reaches_both_sides_and_the_cache_key(tmp_path):
+    """eval.resize=clean: the real ImageDataset and the Sampler hand 299 x 299 clean-resized images to the extractor,
+    and the extractor's identity (so the real-feature cache key) differs from the default resize's."""
+    import models
+
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    real = F.ImageDataset(x)
+    real.resize = F.resizer("inception", "clean")
+    assert real[1].shape == (3, 299, 299) and torch.equal(real[1], F.clean_resize(x[1:2])[0])
+    torch.manual_seed(0)
+    G, _ = models.build({"family": "biggan", "ch": 8, "d_ch": 8, "z_dim": 32, "shared_dim": 16, "attn": []}, 32, 10)
+    sampler = F.Sampler(G.eval(), torch.randn(2, 32), torch.tensor([1, 2]), autocast=None)
+    sampler.resize = F.clean_resize
+    out = sampler(torch.zeros(2, 32))
+    assert out.shape == (2, 3, 299, 299) and out.dtype == torch.uint8
+    weights = tmp_path / F.INCEPTION_FILE
+    weights.write_bytes(b"x")
+    ids = {r: F.extractor_settings("inception", weights, r)[3] for r in ("fidelity", "clean")}
+    assert ids["clean"] == ids["fidelity"] + ":resize-clean"
