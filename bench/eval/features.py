@@ -246,6 +246,10 @@ def resizer(extractor: str, resize: str):
     """The transform applied to every image before the extractor: clean_resize for eval.resize=clean (Inception
     only: the domain extractor reads the data's own resolution), else None."""
     check_resize(resize)
+    dist = torch.distributed
+    if resize == "clean" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise EvalError("eval.resize=clean is for one-process evaluations (bench eval run=DIR, bench eval watch); "
+                        "a multi-rank training's evaluation shares use torch-fidelity's resize")
     if resize == "clean" and extractor != "inception":
         raise EvalError(f"eval.resize=clean resizes to Inception's 299 x 299; it needs eval.extractor=inception "
                         f"(got {extractor})")
