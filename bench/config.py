@@ -351,7 +351,8 @@ def check_telemetry(cfg: DictConfig) -> None:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 0.5):
         raise ConfigError(f"telemetry.collapse_dwins_level={value!r} must be in [0, 0.5) (a share of fakes D calls "
                           f"real; 0 = off)")
-    for key in ("telemetry.collapse_class_factor", "telemetry.collapse_class_sep", "telemetry.collapse_recover_scale"):
+    for key in ("telemetry.collapse_class_factor", "telemetry.collapse_class_sep", "telemetry.collapse_recover_scale",
+                "telemetry.collapse_logit_scale"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0.0):
             raise ConfigError(f"{key}={value!r} must be a number >= 0 (0 = off)")

@@ -168,13 +168,14 @@ class TelemetryCfg:
     collapse_diversity_factor: float = 0.5
     collapse_recall_factor: float = 0.6
     collapse_patience: int = 3
-    collapse_dwins_level: float = 0.02   # D wins outright: fake sign mean <= this (real sign mean >= 0.9); 0 = off
+    collapse_dwins_level: float = 0.02   # D wins outright: fake sign mean <= this, real >= 0.9 (or <= this: D dead); 0 = off
     collapse_dwins_ticks: int = 5        # ticks in a row (after the warm-up) that D must win outright; 0 = off
     collapse_class_factor: float = 1.5   # class input ignored: class accuracy <= this x chance (probe or evaluation); 0 = off
     collapse_class_sep: float = 0.25     # or the probe's class separation (G's over the data's) <= this; 0 = off
     collapse_class_after: int = 100      # steps before which the class rule waits (G learns classes late)
     collapse_recover_scale: float = 10.0  # a warm-up blow-up is forgiven once loss gap and |D logit means| are <= this; 0 = off
     collapse_recover_ticks: int = 5      # ticks after the warm-up the blow-up has to recover in
+    collapse_logit_scale: float = 50.0   # flag |D's mean real / fake logit| above this after the warm-up; 0 = off
     stop_on_collapse: bool = False
 
 

@@ -98,7 +98,7 @@ def test_collapse_detector_state_round_trip_and_old_checkpoints():
     det.update_fid(10, 30.0)
     state = det.state_dict()
     assert set(state) == {"sigma_hist", "best_fid", "collapse_step", "reason", "best_div", "low_div", "best_recall",
-                          "low_recall", "dwins_run", "low_class", "blowup", "blowup_ticks", "fired"}
+                          "low_recall", "dwins_run", "ddead_run", "low_class", "blowup", "blowup_ticks", "fired"}
     again = CollapseDetector()
     # a checkpoint written before gap_hist was removed still loads; the key is ignored
     again.load_state_dict({**state, "gap_hist": [(10, 0.5)]})

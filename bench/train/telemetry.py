@@ -237,7 +237,8 @@ def report_sigmas(net_name: str, net, k: int = 3) -> None:
             report(f"sigma/{net_name}/{layer}/{stat}", value)
 
 
-RULES = ("nonfinite", "sigma", "divergence", "fid", "diversity", "recall", "d_wins", "class", "warmup_blowup")
+RULES = ("nonfinite", "sigma", "divergence", "fid", "diversity", "recall", "d_wins", "d_dead", "logit_scale", "class",
+         "warmup_blowup")
 RULE_KEY = "stability/collapse_rule/"  # + a rule's name: 1.0 in the row of the tick where that rule first fired
 
 
@@ -271,6 +272,10 @@ class CollapseDetector:
                   <= `dwins_level` while D/real_sign_mean >= REAL_WINS (0.9), at `dwins_ticks` ticks in a row
                   after the warm-up (G gets no useful gradient: the hinge G loss then only pushes every fake
                   the same way). Off with the loss gap (inf: a Wasserstein critic's sign is an arbitrary offset);
+      d_dead:     D rejects everything: D/real_sign_mean and D/fake_sign_mean both <= `dwins_level` at `dwins_ticks`
+                  ticks in a row after the warm-up (a D that collapsed to a constant negative logit; same keys);
+      logit_scale: |D/real_logit_mean| or |D/fake_logit_mean| above `logit_scale` after the warm-up (a hinge loss
+                  clamps, so its losses stay calm while D's logits run into the hundreds). Off with the loss gap;
       class:      the class input is ignored: the probe's class accuracy (`stability/class_acc_over_chance`,
                   its samples' accuracy under the domain classifier over chance) <= `class_factor`, or its class
                   separation (`stability/class_sep`: distance between the per-class mean features over the
@@ -287,19 +292,20 @@ class CollapseDetector:
 
     STATE = ("sigma_hist", "best_fid", "collapse_step", "reason",  # what a checkpoint keeps
              "best_div", "low_div", "best_recall", "low_recall",
-             "dwins_run", "low_class", "blowup", "blowup_ticks", "fired")
+             "dwins_run", "ddead_run", "low_class", "blowup", "blowup_ticks", "fired")
 
     def __init__(self, sigma_factor: float = 2.0, window: int = 50, loss_gap: float = 50.0,
                  fid_factor: float = 1.5, warmup: int = 20, *, diversity_factor: float = 0.0,
                  recall_factor: float = 0.0, patience: int = 3, dwins_level: float = 0.0, dwins_ticks: int = 5,
                  class_factor: float = 0.0, class_sep: float = 0.0, class_after: int = 0,
-                 recover_scale: float = 0.0, recover_ticks: int = 5):
+                 recover_scale: float = 0.0, recover_ticks: int = 5, logit_scale: float = 0.0):
         self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
         self.warmup = warmup
         self.diversity_factor, self.recall_factor, self.patience = diversity_factor, recall_factor, patience
         self.dwins_level, self.dwins_ticks = dwins_level, dwins_ticks
         self.class_factor, self.class_sep, self.class_after = class_factor, class_sep, class_after
         self.recover_scale, self.recover_ticks = recover_scale, recover_ticks
+        self.logit_scale = logit_scale
         self.sigma_hist: list[tuple[int, float]] = []
         self.best_fid = float("inf")
         self.best_div: Optional[tuple[int, float]] = None     # (step, value) of the best diversity so far
@@ -307,6 +313,7 @@ class CollapseDetector:
         self.best_recall: Optional[tuple[int, float]] = None
         self.low_recall: list[tuple[int, float]] = []
         self.dwins_run: list[int] = []                        # steps of the ticks in a row where D won outright
+        self.ddead_run: list[int] = []                        # ... where D rejected everything
         self.low_class: list[int] = []                        # steps of the probe's class measurements in a row below
         self.blowup: Optional[tuple[int, float]] = None       # (step, gap) of the warm-up's largest unrecovered blow-up
         self.blowup_ticks = 0                                 # ticks after the warm-up without recovery
@@ -322,7 +329,8 @@ class CollapseDetector:
                    patience=tc.collapse_patience, dwins_level=tc.collapse_dwins_level,
                    dwins_ticks=tc.collapse_dwins_ticks, class_factor=tc.collapse_class_factor,
                    class_sep=tc.collapse_class_sep, class_after=tc.collapse_class_after,
-                   recover_scale=tc.collapse_recover_scale, recover_ticks=tc.collapse_recover_ticks)
+                   recover_scale=tc.collapse_recover_scale, recover_ticks=tc.collapse_recover_ticks,
+                   logit_scale=tc.collapse_logit_scale)
 
     @property
     def rule(self) -> Optional[str]:
@@ -382,6 +390,7 @@ class CollapseDetector:
                 fired = fired or self._flag(step, f"divergence: |loss/G - loss/D| = {gap:.3g} > {self.loss_gap}")
         fired = self._warmup_blowup(step, row, warm) or fired
         fired = self._d_wins(step, row, warm) or fired
+        fired = self._logit_scale(step, row, warm) or fired
         div = row.get("stability/diversity")
         if warm and isinstance(div, float) and math.isfinite(div):
             fired = fired or self._sustained_drop("diversity", step, div)
@@ -417,18 +426,32 @@ class CollapseDetector:
         return None
 
     def _d_wins(self, step: int, row: dict, warm: bool) -> Optional[str]:
+        """d_wins and d_dead: D's sign means stuck at an extreme for dwins_ticks ticks in a row."""
         fake, real = row.get("D/fake_sign_mean"), row.get("D/real_sign_mean")
         if (self.dwins_level <= 0 or self.dwins_ticks <= 0 or not math.isfinite(self.loss_gap) or not warm
                 or not isinstance(fake, float) or not isinstance(real, float)):
             return None
-        if fake <= self.dwins_level and real >= REAL_WINS:
-            self.dwins_run.append(step)
-            if len(self.dwins_run) >= self.dwins_ticks:
-                return self._flag(step, f"d_wins: D/fake_sign_mean {fake:.3g} <= {self.dwins_level} and "
-                                        f"D/real_sign_mean {real:.3g} >= {REAL_WINS} for "
-                                        f"{len(self.dwins_run)} ticks in a row (since step {self.dwins_run[0]})")
+        fired = None
+        for rule, run, now in (("d_wins", self.dwins_run, fake <= self.dwins_level and real >= REAL_WINS),
+                               ("d_dead", self.ddead_run, fake <= self.dwins_level and real <= self.dwins_level)):
+            if not now:
+                run.clear()
+                continue
+            run.append(step)
+            if len(run) >= self.dwins_ticks:
+                what = (f"D/real_sign_mean {real:.3g} >= {REAL_WINS}" if rule == "d_wins" else
+                        f"D/real_sign_mean {real:.3g} <= {self.dwins_level} (D rejects everything)")
+                fired = fired or self._flag(step, f"{rule}: D/fake_sign_mean {fake:.3g} <= {self.dwins_level} and "
+                                                  f"{what} for {len(run)} ticks in a row (since step {run[0]})")
+        return fired
+
+    def _logit_scale(self, step: int, row: dict, warm: bool) -> Optional[str]:
+        if self.logit_scale <= 0 or not warm or not math.isfinite(self.loss_gap):
             return None
-        self.dwins_run.clear()
+        for key in ("D/real_logit_mean", "D/fake_logit_mean"):
+            v = row.get(key)
+            if isinstance(v, float) and abs(v) > self.logit_scale:
+                return self._flag(step, f"logit_scale: |{key}| = {abs(v):.3g} > {self.logit_scale}")
         return None
 
     def _class_probe(self, step: int, row: dict) -> Optional[str]:
