@@ -167,7 +167,7 @@ def trained_run(tmp_path_factory):
     run = root / "run"
     rc = main(["train", f"data.shards={shards}", f"run.dir={run}", *TINY, "train.steps=2", "train.batch_size=4",
                "train.ckpt_every=2", "train.sample_every=0", "telemetry.mfu=false", "telemetry.sigma_every=0",
-               "eval.every=0"])
+               "eval.every=0", "train.precision=fp32"])
     assert rc == 0
     return run, shards
 
@@ -195,27 +195,29 @@ def test_sampled_images_do_not_depend_on_the_batch_size(trained_run, one_thread)
         assert a.float().std() > 1.0  # images, not a constant
 
 
-def _cli_eval(run: Path, batch_size: int, cache: Path) -> dict:
+def _cli_eval(run: Path, batch_size: int, cache: Path, precision: str) -> dict:
     # one math thread: on a 2-core machine shared with other work, busy-waiting threads slow tiny runs 8x
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "eval", f"run={run}", "which=last",
-                           "eval.num_samples=300", f"eval.batch_size={batch_size}", f"eval.cache_dir={cache}"],
+                           "eval.num_samples=300", f"eval.batch_size={batch_size}", f"eval.cache_dir={cache}",
+                           f"eval.precision={precision}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return rundir.read_jsonl(run / rundir.EVALS).rows[-1]
 
 
-def test_bench_eval_gives_the_same_numbers_at_batch_16_and_250(trained_run, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_eval_gives_the_same_numbers_at_batch_16_and_250(trained_run, tmp_path, precision):
     run, _ = trained_run
     cache = tmp_path / "cache"
-    small = _cli_eval(run, 16, cache)
-    large = _cli_eval(run, 250, cache)
+    small = _cli_eval(run, 16, cache, precision)
+    large = _cli_eval(run, 250, cache, precision)
     assert small["source"] == large["source"] == rundir.SOURCE_BENCH_EVAL
     assert small["num_samples"] == large["num_samples"] == 300
     assert math.isfinite(small["eval/FID"]) and small["eval/FID"] > 0
     assert large["eval/FID"] == pytest.approx(small["eval/FID"], rel=1e-6)
     for key in ("eval/KID", "eval/precision", "eval/recall", "eval/density", "eval/coverage", "eval/class_acc"):
-        assert large[key] == pytest.approx(small[key], rel=1e-6, abs=1e-12), key
+        assert large[key] == pytest.approx(small[key], rel=1e-6, abs=1e-6), key
     for rec in (small, large):
         assert 0.0 <= rec["fid_imag_residue"] <= stats.FID_IMAG_TOL
         assert rec["eval/density"] >= 0 and 0.0 <= rec["eval/coverage"] <= 1.0
@@ -272,4 +274,5 @@ def test_compute_metrics_agrees_with_torch_fidelitys_calculate_metrics(trained_r
             assert ours[name] == pytest.approx(theirs[key], rel=1e-6)
         else:
             assert ours[name] == theirs[key], name
-    assert ours["eval/FID"] > 1.0 and 0 <= ours["eval/coverage"] <= 1
+    # dimmed vs plain images: ~0.8 in the shape-only set's domain features (an unchanged split: ~0.02)
+    assert ours["eval/FID"] > 0.5 and 0 <= ours["eval/coverage"] <= 1

@@ -227,8 +227,10 @@ def test_a_group_signal_checkpoints_and_stops_with_one_line(tmp_path, tiny_shard
     run_dir = tmp_path / "group"
     args = ("train", f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.batch_size=4",
             "train.precision=fp32", "train.ckpt_every=1000", "train.sample_every=1000", "data.num_workers=2")
+    # The dispositions a terminal gives: a test started from a background job inherits an ignored SIGINT, which
+    # the harness rightly keeps ignored, so the test sets the default itself in the child.
     proc = subprocess.Popen(_bench(*args, "train.steps=5000"), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_default_signals)
     try:
         metrics = run_dir / rundir.METRICS
         deadline = time.time() + 300
@@ -289,7 +291,26 @@ def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, tiny_shard
         [1, 2, 3, 4]
 
 
-def test_the_interrupted_step_writes_no_samples_and_runs_no_evaluation(tmp_path, tiny_shards, capsys):
+def _default_signals() -> None:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+@pytest.fixture
+def terminal_sigint():
+    """Python's own Ctrl-C handler, as in a terminal: pytest started as a background job inherits SIGINT ignored,
+    and the harness leaves an ignored SIGINT ignored, so a test that sends SIGINT sets the disposition itself."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_the_interrupted_step_writes_no_samples_and_runs_no_evaluation(tmp_path, tiny_shards, capsys,
+                                                                        terminal_sigint):
     import signal
 
     from bench import rundir

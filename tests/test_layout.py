@@ -1,6 +1,6 @@
 """The shape of the code (docs/architecture.md, "The rooms"): no import cycle among the project's modules
 (function-level imports included), one home for renames over files and none for branching on a phase's
-name, and no module over 500 lines."""
+name. There is no line cap: a module is split where a seam is, never to fit a count."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +8,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bench", "models")
-MAX_LINES = 500
 
 
 def _module_name(path: Path) -> str:
@@ -98,8 +97,3 @@ def test_os_replace_only_in_rundir():
 def test_no_branching_on_a_phase_name():
     offenders = [f for f, src in _sources().items() if "phase.name ==" in src]
     assert not offenders, offenders
-
-
-def test_no_module_over_500_lines():
-    big = {f: src.count("\n") + 1 for f, src in _sources().items() if src.count("\n") + 1 > MAX_LINES}
-    assert not big, big

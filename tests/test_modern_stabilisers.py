@@ -315,7 +315,8 @@ def test_anchors_and_rt_are_averaged_over_ranks(tmp_path):
 
 
 # ---- end to end: records and resume ------------------------------------------------------------------
-def test_every_stabiliser_trains_records_its_trace_and_resumes_exactly(tmp_path, tiny_shards):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_stabiliser_trains_records_its_trace_and_resumes_exactly(tmp_path, tiny_shards, precision):
     """loss=rpgan with DiffAugment + ADA (p moves every D step), LeCam, bCR and zCR: each one's trace is in
     metrics.jsonl, and 2 steps + a resume to 4 equal 4 straight steps (p and the anchors in the checkpoint)."""
     import json
@@ -324,7 +325,8 @@ def test_every_stabiliser_trains_records_its_trace_and_resumes_exactly(tmp_path,
     from conftest import TINY
 
     common = [f"data.shards={tiny_shards}", *TINY, "train.batch_size=4", "train.ckpt_every=2",
-              "train.deterministic=true", "train.precision=fp32", "loss=rpgan", "aug.policy=[color,translation,cutout]",
+              "train.deterministic=true", f"train.precision={precision}", "loss=rpgan",
+              "aug.policy=[color,translation,cutout]",
               "aug.ada_target=0.6", "aug.ada_interval=1", "aug.ada_kimg=0.05", "reg.lecam=0.3", "reg.bcr=[1,1]",
               "reg.zcr=[1,0.1,0.03]"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -77,8 +77,9 @@ def _tensors(path):
     return {f"{net}.{k}": v for net in ("G", "D", "G_ema") for k, v in s[net].items()}
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, tiny_shards):
-    common = ["train.batch_size=4", "train.ckpt_every=2", "train.deterministic=true", "train.precision=fp32",
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_shards, precision):
+    common = ["train.batch_size=4", "train.ckpt_every=2", "train.deterministic=true", f"train.precision={precision}",
               "train.d_steps=2", "reg.r1_gamma=1"]
     rc, straight = train(tmp_path, tiny_shards, "train.steps=4", *common, name="straight")
     assert rc == 0

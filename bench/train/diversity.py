@@ -24,8 +24,8 @@ every rank reports the same keys and values: the tick's all-reduce keeps every r
 collapse detector's decision, identical.
 
 The domain classifier: `eval.classifier_path`, else the file beside the shards. When it is missing, training
-trains it before the first step (Trainer._prepare_classifier) if `eval.train_classifier` is true; otherwise the
-probe says so in one line and stays off for the run (train one with `bench eval train-classifier data.shards=...`). With more than
+trains it before the first step (Trainer._prepare_classifier); when it still cannot be had, the probe says so in
+one line and stays off for the run (train one with `bench eval train-classifier data.shards=...`). With more than
 MAX_CLASSES classes, MAX_CLASSES evenly spaced classes are measured.
 """
 from __future__ import annotations
