@@ -56,3 +56,4 @@ def test_confusion_matrix_and_rates(suite):
     assert "| fp32 | 1 | 1 | 1 | 1 | 0.50 | 0.50 |" in text
     assert "| bf16 | 1 | 0 | 0 | 1 | 1.00 | 0.00 |" in text
     assert "| class | 0 | 1 |" in text and "| d_wins | 2 | 0 |" in text
+    assert "without the class rule" in text
