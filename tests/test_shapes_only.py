@@ -128,7 +128,7 @@ def test_classifier_reads_shape_not_colour(trained):
 
 def test_colour_statistics_do_not_predict_the_class():
     """A classifier that sees only colour statistics (means, stds, colour histogram) and is fitted to the
-    labels does no better than chance on held-out images, though it fits its own training images."""
+    labels does no better than chance on held-out images (~11%; on the colour-per-class set: 99%)."""
     x, y = _images(3000, seed=3, res=16)
     feats = _colour_features(x)
     mu, sd = feats[:2000].mean(0), feats[:2000].std(0) + 1e-6
