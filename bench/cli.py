@@ -1,6 +1,6 @@
-"""`bench <command> [hydra overrides]`.
-
-Bad input ends with one line on stderr naming the key and the valid choices, and exit code 2.
+"""`bench <command> [key=value ...]`: dispatch. Each command reads its arguments through bench/args.py (one grammar:
+its own keys from a table, config keys passed through as Hydra overrides) and hands them to the module that owns
+the work. Bad input ends with one line on stderr naming the key and the valid choices, and exit code 2.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bench import rundir
+from bench.args import ANY, FLAG, PSI_LIST, TEXT, WHICH, choice, integer, parse_kv
 from bench.config import compose
 from bench.errors import UsageError, is_user_error, process_failed
 
@@ -42,6 +43,19 @@ examples:
 """
 
 
+MULTIRUN = ("-m", "--multirun")
+RUN_REQUIRED = {"run": "DIR (a run directory written by bench train)"}
+RUN_PASSTHROUGH = ("data.shards", "eval.*")  # a run's evaluation settings, and its real data when not its own
+EVAL_ARGS = {"run": TEXT, "which": WHICH}
+TRUNCATION_ARGS = {"run": TEXT, "psi": PSI_LIST, "which": WHICH}
+SHARDS_ARGS = {"source": choice("shapes", "folder"), "out": TEXT, "folder": TEXT, "data.resolution": integer(16, 256),
+               "data.num_samples": integer(1), "data.samples_per_shard": integer(1), "seed": integer(0),
+               "overwrite": FLAG}
+SHARDS_ALIASES = {"samples_per_shard": "data.samples_per_shard"}
+SHARDS_USAGE = ("usage: bench data make-shards source=shapes|folder out=DIR [folder=DIR] [data.resolution=32] "
+                "[data.num_samples=10000] [data.samples_per_shard=500] [seed=0] [overwrite=false]")
+
+
 def _world_size() -> int:
     """WORLD_SIZE from the environment (1 when unset); anything but a positive integer is a ConfigError."""
     import os
@@ -58,17 +72,18 @@ def _world_size() -> int:
 def cmd_train(args: list[str]) -> int:
     from bench import sweep
 
-    if "-m" in args or "--multirun" in args or sweep.requested_launcher(args):
-        return sweep.multirun([a for a in args if a not in ("-m", "--multirun")], train=run_training)
+    flags, overrides = parse_kv(args, {}, "train", passthrough=ANY, flags=MULTIRUN)
+    if flags or sweep.requested_launcher(overrides):
+        return sweep.multirun(overrides, train=run_training)
     from bench.config import run_dir_for, validate
 
-    cfg = compose(args)
-    cfg = validate(cfg, world_size=_world_size())
-    run_dir = run_dir_for(cfg, args)
-    return run_training(cfg, run_dir)
+    cfg = validate(compose(overrides), world_size=_world_size())
+    return run_training(cfg, run_dir_for(cfg, overrides))
 
 
 def run_training(cfg, run_dir: Path) -> int:
+    """One training (bench train, and each job of a sweep): the Trainer, its eval.async watcher
+    (bench/eval/watch.py), the summary, then eval.psi_sweep."""
     from omegaconf import OmegaConf
 
     from bench.train.records import print_summary
@@ -87,26 +102,21 @@ def run_training(cfg, run_dir: Path) -> int:
         if cfg.eval.get("async"):  # evaluation in its own job (bench eval watch), submitted by rank 0
             from bench.eval import watch
 
-            try:  # every rank learns whether it worked: none is left waiting for a rank 0 that returned
-                watcher = trainer.ranks.rank0("submitting the evaluation job", lambda: watch.submit(
-                    cfg, run_dir, watch_job, world=trainer.world))
-            except Exception as exc:  # noqa: BLE001 - sbatch refused it, submitit missing, ...: before any step
-                text = str(exc).strip().splitlines()
-                print(f"error: eval.async=true: the evaluation job could not be submitted ({type(exc).__name__}: "
-                      f"{text[-1][:200] if text else ''}); nothing was trained", file=sys.stderr, flush=True)
+            try:
+                watcher = watch.BesideTraining.submit(cfg, run_dir, watch_job, trainer.ranks, world=trainer.world)
+            except watch.SubmitFailed as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
                 return 3
         try:
             summary = trainer.run()
         finally:
-            if watcher is not None and not watch.started_since(run_dir, watcher["since"]):
-                watcher["job"].cancel()  # the training never started: the watcher would wait for it forever
-                watcher = None
+            if watcher is not None:
+                watcher.cancel_unless_started(run_dir)
     finally:
         stop.restore()
     if trainer.is_main:
         print_summary(summary, run_dir)
-        if watcher is not None and watcher["record"]["executor"] == "local":
-            _wait_for_watcher(watcher)
+        if watcher is not None and watcher.wait():
             summary = rundir.read_json(run_dir / rundir.SUMMARY) or summary  # with the watcher's best
         if cfg.eval.psi_sweep and summary.get("status") in (rundir.COMPLETED, rundir.COLLAPSED):
             from bench.eval.runs import truncation_sweep
@@ -122,103 +132,92 @@ def watch_job(args: list[str]) -> int:
     return main(["eval", "watch", *args])
 
 
-def _wait_for_watcher(watcher: dict) -> None:
-    """A local training waits for its evaluation job to finish the checkpoints left (Ctrl-C leaves it running)."""
-    job, rec = watcher["job"], watcher["record"]
-    print(f"evaluation: waiting for job {rec['job_id']} to evaluate the remaining checkpoints (log {rec['stdout']}; "
-          f"Ctrl-C leaves it running)", flush=True)
-    try:
-        rc = job.result()
-    except KeyboardInterrupt:
-        print(f"evaluation job {rec['job_id']} left running; its log: {rec['stdout']}", file=sys.stderr, flush=True)
-        return
-    except Exception as exc:  # noqa: BLE001 - the job's own log says why
-        rc = f"failed ({str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__})"
-    if rc != 0:
-        print(f"warning: evaluation job {rec['job_id']} ended with {rc}; see {rec['stderr']}", file=sys.stderr,
-              flush=True)
-
-
 def cmd_throughput(args: list[str]) -> int:
     from bench.config import validate
 
+    flags, overrides = parse_kv(args, {}, "throughput", passthrough=ANY, flags=MULTIRUN)
     world = _world_size()  # bad input is one line before torch is imported or anything is built
     from bench.overrides import is_sweep_value
 
-    if not any(a in ("-m", "--multirun") or is_sweep_value(a.split("=", 1)[-1]) for a in args):  # a sweep: each
-        validate(compose(args), world_size=world)  # combination is checked by bench.train.throughput
+    if not flags and not any(is_sweep_value(o.split("=", 1)[-1]) for o in overrides):  # a sweep: each
+        validate(compose(overrides), world_size=world)  # combination is checked by bench.train.throughput
     from bench.train.throughput import cmd_throughput as throughput
 
     return throughput(args)
 
 
-def _split_run_args(args: list[str], extra_keys: tuple[str, ...]) -> tuple[dict, list[str]]:
-    special, rest = {}, []
-    for a in args:
-        key = a.split("=", 1)[0]
-        if key in extra_keys and "=" in a:
-            special[key] = a.split("=", 1)[1]
-        else:
-            rest.append(a)
-    return special, rest
-
-
-def _existing_run(special: dict, command: str) -> Path:
-    if "run" not in special:
-        raise UsageError(f"bench {command} needs run=DIR (a run directory written by bench train)")
-    run_dir = Path(special["run"])
+def _existing_run(known: dict) -> Path:
+    run_dir = Path(known["run"])
     if not (run_dir / rundir.CONFIG).exists():
         raise UsageError(f"run={run_dir}: not a gan-bench run directory (no config.yaml)")
     return run_dir
 
 
+def _check_eval_overrides(run_dir: Path, overrides: list[str], command: str) -> None:
+    """Each override is data.shards or an eval.* key of the schema, and the run's config.yaml with them passes the
+    schema and every eval.* rule (bench.config.validate_eval), before a checkpoint is read."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bench.config import ConfigError, EvalCfg, check_schema, validate_eval
+
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key != "data.shards" and key[5:] not in EvalCfg.__dataclass_fields__:
+            raise UsageError(f"bench {command}: {o!r} is not an eval.* override; valid keys: data.shards, "
+                             + ", ".join(f"eval.{k}" for k in EvalCfg.__dataclass_fields__))
+    try:
+        merged = OmegaConf.merge(OmegaConf.load(run_dir / rundir.CONFIG), OmegaConf.from_dotlist(list(overrides)))
+    except (OmegaConfBaseException, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"run={run_dir}: config.yaml with {' '.join(overrides) or 'no overrides'}: {first}") from None
+    validate_eval(check_schema(merged))
+
+
+def _run_args(args: list[str], table: dict, command: str, required=RUN_REQUIRED) -> tuple[dict, Path, list[str]]:
+    """A command on an existing run: (its own values, the run directory, the checked eval.* / data.shards overrides)."""
+    known, overrides = parse_kv(args, table, command, passthrough=RUN_PASSTHROUGH, required=required)
+    run_dir = _existing_run(known)
+    _check_eval_overrides(run_dir, overrides, command)
+    return known, run_dir, overrides
+
+
 def cmd_eval(args: list[str]) -> int:
-    """`bench eval train-classifier data.shards=...` or `bench eval run=DIR [which=best|last] [eval.*=...]`."""
-    if args and args[0] == "train-classifier":
-        from bench.config import check_data
-
-        cfg = compose(args[1:])
-        check_data(cfg)
-        from bench.data.shards import configured_shards
-        from bench.eval.classifier import train_classifier
-
-        info = train_classifier(configured_shards(cfg.data), resolution=cfg.data.resolution)
-        print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "class_names"},
-                         indent=2, default=str))
-        return 0
-    if args and args[0] == "watch":
-        return cmd_eval_watch(args[1:])
-    if args and args[0] == "stats":
-        return cmd_eval_stats(args[1:])
-    special, rest = _split_run_args(args, ("run", "which"))
-    run_dir = _existing_run(special, "eval")
-    _check_overrides_are_eval(rest, "eval")
-    _check_run_eval_cfg(run_dir, rest)
-    _check_which(special.get("which", "best"))
+    """`bench eval run=DIR [which=best|last|STEP] [eval.*=...]`, and the subcommands train-classifier, watch, stats."""
+    sub = {"train-classifier": cmd_eval_classifier, "watch": cmd_eval_watch, "stats": cmd_eval_stats}
+    if args and args[0] in sub:
+        return sub[args[0]](args[1:])
+    known, run_dir, overrides = _run_args(args, EVAL_ARGS, "eval")
     from bench.eval.runs import eval_run
 
-    eval_run(run_dir, rest, which=special.get("which", "best"))
+    eval_run(run_dir, overrides, which=known.get("which", "best"))
+    return 0
+
+
+def cmd_eval_classifier(args: list[str]) -> int:
+    """`bench eval train-classifier [data.shards=DIR]`: the domain feature extractor, saved beside the shards."""
+    _, overrides = parse_kv(args, {}, "eval train-classifier", passthrough=("data", "data.*"))
+    from bench.config import check_data
+
+    cfg = compose(overrides)
+    check_data(cfg)
+    from bench.data.shards import configured_shards
+    from bench.eval.classifier import train_classifier
+
+    info = train_classifier(configured_shards(cfg.data), resolution=cfg.data.resolution)
+    print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "class_names"},
+                     indent=2, default=str))
     return 0
 
 
 def cmd_eval_stats(args: list[str]) -> int:
-    """`bench eval stats data.shards=DIR out=ref.npz [n=N] [data.*] [eval.*]` (bench/eval/realstats.py): mu and sigma
-    of the real images' FID features, for eval.ref_stats=FILE."""
-    special, rest = _split_run_args(args, ("out", "n"))
-    _only_keys(rest, "eval stats", ("out", "n"), ("data.", "eval."))
-    from bench.eval.realstats import stats_command
+    """`bench eval stats data.shards=DIR out=ref.npz [n=N] [data.*] [eval.*]` (bench/eval/realstats.py)."""
+    from bench.eval import realstats
 
-    print(json.dumps(stats_command(special, rest), indent=2))
+    known, overrides = parse_kv(args, realstats.STATS_ARGS, "eval stats", passthrough=realstats.STATS_PASSTHROUGH,
+                                required=realstats.STATS_REQUIRED)
+    print(json.dumps(realstats.stats_command(known, overrides), indent=2))
     return 0
-
-
-def _only_keys(rest: list[str], command: str, keys, prefixes=("eval.",), exact=("data.shards",)) -> None:
-    """Every argument left is key=value with one of these prefixes (or an exact key): else one UsageError line."""
-    for o in rest:
-        key = o.split("=", 1)[0]
-        if "=" not in o or not (key in exact or key.startswith(tuple(prefixes))):
-            raise UsageError(f"bench {command}: {o!r} is not a valid argument; valid keys: {', '.join(keys)}, "
-                             f"{', '.join(exact)}, {', '.join(p + '*' for p in prefixes)}")
 
 
 def cmd_eval_watch(args: list[str]) -> int:
@@ -226,99 +225,26 @@ def cmd_eval_watch(args: list[str]) -> int:
     (bench/eval/watch.py). Exit 0; 2 for bad input or a second watcher; 3 when an evaluation failed."""
     from bench.eval import watch
 
-    special, rest = _split_run_args(args, watch.WATCH_KEYS)
-    _only_keys(rest, "eval watch", watch.WATCH_KEYS)
-    settings = watch.settings_from_args(special)
-    if "run" not in special:
-        raise UsageError("bench eval watch needs run=DIR (a run directory written by bench train)")
-    if settings.since is not None and not watch.wait_for_start(Path(special["run"]), settings):
+    known, overrides = parse_kv(args, watch.WATCH_ARGS, "eval watch", passthrough=watch.WATCH_PASSTHROUGH,
+                                required=watch.WATCH_REQUIRED)
+    settings = watch.settings_of(known)
+    if settings.since is not None and not watch.wait_for_start(Path(known["run"]), settings):
         return 3
-    run_dir = _existing_run(special, "eval watch")
-    _check_overrides_are_eval(rest, "eval watch")
-    _check_run_eval_cfg(run_dir, rest)
+    run_dir = _existing_run(known)
+    _check_eval_overrides(run_dir, overrides, "eval watch")
     from bench.train.state import Checkpoints  # best.pt by training's own rule (bench.eval never imports it)
 
-    return watch.watch(run_dir, rest, settings, keeper=Checkpoints(run_dir, keep=1, is_main=True))
-
-
-def _check_overrides_are_eval(rest: list[str], command: str) -> None:
-    from bench.config import EvalCfg
-
-    for o in rest:
-        key = o.split("=", 1)[0]
-        if key == "data.shards" and "=" in o:  # the real data, when not the run's own
-            continue
-        if "=" not in o or not key.startswith("eval.") or key[5:] not in EvalCfg.__dataclass_fields__:
-            raise UsageError(f"bench {command}: {o!r} is not an eval.* override; valid keys: data.shards, "
-                             + ", ".join(f"eval.{k}" for k in EvalCfg.__dataclass_fields__))
-
-
-def _check_run_eval_cfg(run_dir: Path, rest: list[str]) -> None:
-    """The run's config.yaml with the eval.* overrides, checked against the schema and every eval.* rule
-    (bench.config.validate_eval) before a checkpoint is read."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from bench.config import ConfigError, check_schema, validate_eval
-
-    try:
-        run_cfg = OmegaConf.load(run_dir / rundir.CONFIG)
-        merged = OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(list(rest)))
-    except (OmegaConfBaseException, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"run={run_dir}: config.yaml with {' '.join(rest) or 'no overrides'}: {first}") from None
-    validate_eval(check_schema(merged))
-
-
-def _check_which(which: str) -> None:
-    """which=: best, last, a step number, or a file (bench.eval.runs checks it lies in checkpoints/)."""
-    if not which or not which.strip():
-        raise UsageError("which='': use best, last, a checkpoint step or a file in the run's checkpoints/")
-    if which.lstrip("-").isdigit() and int(which) < 0:
-        raise UsageError(f"which={which!r}: a checkpoint step is >= 0; use best, last, a step or a file in the "
-                         f"run's checkpoints/")
-
-
-def _parse_psis(text: str) -> list:
-    """psi=[0.25,0.5,off] -> [0.25, 0.5, None]; each a positive finite number, or off/null/none."""
-    import math
-
-    out = []
-    for p in text.strip().strip("[]").split(","):
-        p = p.strip()
-        if not p:
-            continue
-        if p.lower() in ("off", "null", "none"):
-            out.append(None)
-            continue
-        try:
-            value = float(p)
-        except ValueError:
-            value = math.nan
-        if not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"psi={text!r}: {p!r} is not valid; give positive numbers (or off), "
-                             f"e.g. 'psi=[0.25,0.5,1.0]'")
-        out.append(value)
-    if not out:
-        raise UsageError(f"psi={text!r}: give the truncation values to sweep, e.g. 'psi=[0.25,0.5,1.0]'")
-    return out
+    return watch.watch(run_dir, overrides, settings, keeper=Checkpoints(run_dir, keep=1, is_main=True))
 
 
 def cmd_truncation(args: list[str]) -> int:
-    """`bench truncation run=DIR psi=[0.25,0.5,1.0] [eval.*=...]`: metrics per psi, CSV and plots."""
-    special, rest = _split_run_args(args, ("run", "psi", "which"))
-    run_dir = _existing_run(special, "truncation")
-    _check_overrides_are_eval(rest, "truncation")
-    psis = _parse_psis(special.get("psi", "[0.25,0.5,0.75,1.0,1.5]"))
-    _check_run_eval_cfg(run_dir, rest)
-    _check_which(special.get("which", "best"))
+    """`bench truncation run=DIR psi=[0.25,0.5,1.0] [which=] [eval.*=...]`: metrics per psi, CSV and plots."""
+    known, run_dir, overrides = _run_args(args, TRUNCATION_ARGS, "truncation")
     from bench.eval.runs import truncation_sweep
 
-    truncation_sweep(run_dir, psis, overrides_cfg=rest, which=special.get("which", "best"))
+    truncation_sweep(run_dir, known.get("psi", [0.25, 0.5, 0.75, 1.0, 1.5]), overrides_cfg=overrides,
+                     which=known.get("which", "best"))
     return 0
-
-
-SAMPLE_KEYS = ("run", "n", "psi", "class", "which", "seed", "out")
 
 
 def cmd_sample(args: list[str]) -> int:
@@ -326,91 +252,52 @@ def cmd_sample(args: list[str]) -> int:
     (bench/eval/export.py): images of a run's EMA G with the latents and labels that made them."""
     from bench.eval import export
 
-    special, rest = _split_run_args(args, export.SAMPLE_KEYS)
-    _only_keys(rest, "sample", export.SAMPLE_KEYS)
-    run_dir = _existing_run(special, "sample")
-    _check_overrides_are_eval(rest, "sample")
-    kw = export.sample_args(special)  # bad input is one line before anything is loaded
-    _check_run_eval_cfg(run_dir, rest)
-    _check_which(kw["which"])
-    print(json.dumps(export.sample_run(run_dir, overrides=rest, **kw), indent=2))
+    known, run_dir, overrides = _run_args(args, export.SAMPLE_ARGS, "sample", required=export.SAMPLE_REQUIRED)
+    print(json.dumps(export.sample_run(run_dir, known["n"], known["out"], psi=known.get("psi"),
+                                       label=known.get("class"), which=known.get("which", "best"),
+                                       seed=known.get("seed"), overrides=overrides), indent=2))
     return 0
 
 
 def cmd_import(args: list[str]) -> int:
-    from bench.importer import import_command  # BigGAN-PyTorch's state dicts as a run directory
+    """`bench import biggan-pytorch weights= model= out= ...` (bench/importer.py)."""
+    from bench import importer
 
-    print(json.dumps(import_command(args), indent=2))
+    if not args or args[0] not in importer.SOURCES:
+        raise UsageError(importer.IMPORT_USAGE)
+    known, overrides = parse_kv(args[1:], importer.IMPORT_ARGS, f"import {args[0]}",
+                                passthrough=importer.IMPORT_PASSTHROUGH, required=importer.IMPORT_REQUIRED)
+    print(json.dumps(importer.import_biggan_pytorch(known["weights"], known["out"], known["model"],
+                                                    g=known.get("g") or None, d=known.get("d") or None,
+                                                    overrides=overrides), indent=2))
     return 0
 
 
 def cmd_inspect(args: list[str]) -> int:
+    _, overrides = parse_kv(args, {}, "inspect", passthrough=ANY)
     from bench.inspection import inspect_command  # parameter counts, GFLOP per image, scaling (JSON)
 
-    return inspect_command(args)
-
-
-def _parse_kv(args: list[str], allowed: dict[str, str]) -> dict[str, str]:
-    out = {}
-    for a in args:
-        if "=" not in a:
-            raise UsageError(f"argument {a!r} is not key=value; valid keys: {', '.join(sorted(allowed))}")
-        k, v = a.split("=", 1)
-        k = allowed.get(k)
-        if k is None:
-            raise UsageError(f"unknown key {a.split('=')[0]!r}; valid keys: {', '.join(sorted(allowed))}")
-        out[k] = v
-    return out
+    return inspect_command(overrides)
 
 
 def cmd_data(args: list[str]) -> int:
+    """`bench data make-shards ...` (bench/data/shards.py)."""
     if not args or args[0] != "make-shards":
-        raise UsageError("usage: bench data make-shards source=shapes|folder out=DIR [folder=DIR] "
-                         "[data.resolution=32] [data.num_samples=10000] [data.samples_per_shard=500] [seed=0]")
-    keys = {"source": "source", "out": "out", "folder": "folder", "seed": "seed", "overwrite": "overwrite",
-            "data.resolution": "resolution", "resolution": "resolution", "data.num_samples": "num_samples",
-            "num_samples": "num_samples", "data.samples_per_shard": "samples_per_shard",
-            "samples_per_shard": "samples_per_shard"}
-    kv = _parse_kv(args[1:], keys)
-    if "out" not in kv:
-        raise UsageError("bench data make-shards needs out=DIR (where the shards and manifest.json go)")
+        raise UsageError(SHARDS_USAGE)
+    kv, _ = parse_kv(args[1:], SHARDS_ARGS, "data make-shards", aliases=SHARDS_ALIASES,
+                     required={"out": "DIR (where the shards and manifest.json go)"})
     source = kv.get("source", "shapes")
-    if source not in ("shapes", "folder"):
-        raise UsageError(f"source={source!r} is not valid; choose one of: shapes, folder")
     if source == "folder" and not kv.get("folder"):
-        raise UsageError("source=folder needs folder=DIR (an ImageFolder tree: one subfolder per class)")
-    ints = _shard_ints(kv)
+        raise UsageError("bench data make-shards: source=folder needs folder=DIR (an ImageFolder tree: one subfolder per "
+                         "class)")
     from bench.data.shards import ShardSetSpec, make_shards
 
-    spec = ShardSetSpec(source=source, folder=kv.get("folder"), **ints)
-    overwrite = kv.get("overwrite", "false").lower()
-    if overwrite not in ("1", "true", "yes", "0", "false", "no"):
-        raise UsageError(f"overwrite={kv['overwrite']!r} is not valid; use true or false")
-    overwrite = overwrite in ("1", "true", "yes")
-    manifest = make_shards(kv["out"], spec, overwrite=overwrite)
+    ints = {k.split(".")[-1]: v for k, v in kv.items() if k.startswith("data.") or k == "seed"}
+    manifest = make_shards(kv["out"], ShardSetSpec(source=source, folder=kv.get("folder"), **ints),
+                           overwrite=kv.get("overwrite", False))
     print(json.dumps({k: manifest[k] for k in ("num_samples", "resolution", "class_names")} |
                      {"shards": len(manifest["shards"]), "out": str(kv["out"])}, indent=2))
     return 0
-
-
-SHARD_INT_RULES = {"resolution": (16, 256), "num_samples": (1, None), "samples_per_shard": (1, None),
-                   "seed": (0, None)}
-
-
-def _shard_ints(kv: dict) -> dict:
-    """make-shards' integer keys, each an integer in its range (a UsageError naming the key)."""
-    out = {}
-    for k, (lo, hi) in SHARD_INT_RULES.items():
-        if k not in kv:
-            continue
-        v = kv[k].strip()
-        ok = v.lstrip("-").isdigit() and int(v) >= lo and (hi is None or int(v) <= hi)
-        if not ok:
-            allowed = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
-            raise UsageError(f"data.{k}={kv[k]!r} is not valid; use {allowed}" if k != "seed"
-                             else f"seed={kv[k]!r} is not valid; use {allowed}")
-        out[k] = int(v)
-    return out
 
 
 def cmd_report(args: list[str]) -> int:

@@ -46,12 +46,12 @@ from omegaconf import OmegaConf
 
 import models
 from bench import rundir
+from bench.args import TEXT
 from bench.eval.errors import EvalError
 from bench.eval.safeload import first_line, load_weights
 
 SOURCES = ("biggan-pytorch",)
 MODELS = ("biggan_128", "biggan_deep_128", "biggan_deep_256")
-IMPORT_KEYS = ("weights", "g", "d", "model", "out")
 STEP = 0
 _SN_SUFFIXES = ("u0", "sv0")
 
@@ -204,28 +204,10 @@ def import_biggan_pytorch(weights, out, model: str, *, g=None, d=None, overrides
     return record
 
 
-def import_command(args: list[str]) -> dict:
-    """`bench import biggan-pytorch key=value ...` (cli.py dispatches here)."""
-    from bench.errors import UsageError
-
-    if not args or args[0] not in SOURCES:
-        raise UsageError("usage: bench import biggan-pytorch weights=G_ema.pth [g=G.pth] [d=D.pth] "
-                         f"model={'|'.join(MODELS)} out=RUN_DIR [model.*=... data.resolution=...]")
-    special, rest = {}, []
-    for a in args[1:]:
-        key = a.split("=", 1)[0]
-        if "=" not in a:
-            raise UsageError(f"bench import: {a!r} is not key=value; valid keys: {', '.join(IMPORT_KEYS)}, model.*, "
-                             f"data.resolution")
-        if key in IMPORT_KEYS:
-            special[key] = a.split("=", 1)[1]
-        elif key.startswith("model.") or key == "data.resolution":
-            rest.append(a)
-        else:
-            raise UsageError(f"bench import: unknown key {key!r}; valid keys: {', '.join(IMPORT_KEYS)}, model.*, "
-                             f"data.resolution")
-    for key in ("weights", "model", "out"):
-        if not special.get(key):
-            raise UsageError(f"bench import biggan-pytorch needs {key}=")
-    return import_biggan_pytorch(special["weights"], special["out"], special["model"], g=special.get("g"),
-                                 d=special.get("d"), overrides=rest)
+# `bench import biggan-pytorch`'s own keys (bench/args.py reads them in bench/cli.py); model.* / data.resolution pass
+# through to the composed config
+IMPORT_ARGS = {"weights": TEXT, "g": TEXT, "d": TEXT, "model": TEXT, "out": TEXT}
+IMPORT_REQUIRED = {"weights": "G_ema.pth", "model": "|".join(MODELS), "out": "RUN_DIR"}
+IMPORT_USAGE = ("usage: bench import biggan-pytorch weights=G_ema.pth [g=G.pth] [d=D.pth] "
+                f"model={'|'.join(MODELS)} out=RUN_DIR [model.*=... data.resolution=...]")
+IMPORT_PASSTHROUGH = ("model.*", "data.resolution")

@@ -75,3 +75,42 @@ def test_world_size_from_the_environment(monkeypatch, capsys):
         assert main(["train", "run.dry_run=true"]) == 2
         err = capsys.readouterr().err
         assert f"WORLD_SIZE={bad!r}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "run=/nowhere", "colour=red"],
+    ["eval", "watch", "run=/nowhere", "colour=red"],
+    ["eval", "stats", "out=r.npz", "colour=red"],
+    ["eval", "train-classifier", "colour=red"],
+    ["truncation", "run=/nowhere", "colour=red"],
+    ["sample", "run=/nowhere", "n=2", "out=x.npz", "colour=red"],
+    ["import", "biggan-pytorch", "weights=w.pth", "model=biggan_128", "out=o", "colour=red"],
+    ["data", "make-shards", "out=/nowhere", "colour=red"],
+    ["report", "/nowhere", "colour=red"],
+])
+def test_every_command_reads_its_arguments_through_the_one_grammar(capsys, argv):
+    """bench/args.py: an unknown key is one line naming the command, the key, the value and the keys allowed,
+    before anything is read or written."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    command = " ".join(a for a in argv[:2] if "=" not in a and not a.startswith("/"))
+    assert len(err) == 1 and f"bench {command}: " in err[0], err
+    assert "unknown key 'colour'" in err[0] and "'colour=red' is not a valid argument; valid keys: " in err[0]
+
+
+def test_psi_lists_are_read_as_hydra_reads_them(tmp_path, monkeypatch):
+    """`bench truncation psi=[0.5,1.0]` and `'psi=[0.5, 1.0]'` hand the same list to the sweep."""
+    from omegaconf import OmegaConf
+
+    from bench import config as C
+    from bench.eval import runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(C.validate(C.compose([])), run / "config.yaml")
+    seen = []
+    monkeypatch.setattr(runs, "truncation_sweep", lambda run_dir, psis, **kw: seen.append((psis, kw)))
+    for psi in ("psi=[0.5,1.0]", "psi=[0.5, 1.0]", "psi=[ 0.5 , 1 ]"):
+        assert main(["truncation", f"run={run}", psi, "eval.num_samples=100"]) == 0
+    assert [p for p, _ in seen] == [[0.5, 1.0]] * 3
+    assert seen[0][1] == {"overrides_cfg": ["eval.num_samples=100"], "which": "best"}

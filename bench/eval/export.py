@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from bench import rundir
+from bench.args import PSI, TEXT, WHICH, Arg, integer
 from bench.device import autocast, eval_precision
 from bench.eval.errors import EvalError
 from bench.eval.features import ProgressLine
@@ -59,27 +60,11 @@ def parse_int(key: str, value, minimum: int) -> int:
     return int(text)
 
 
-SAMPLE_KEYS = ("run", "n", "psi", "class", "which", "seed", "out")
-
-
-def sample_args(special: dict) -> dict:
-    """The keyword arguments of sample_run from `bench sample`'s key=value arguments (run= aside), each checked: one
-    EvalError line for a missing n= / out=, n < 1, a negative class or seed, a bad psi or out path."""
-    for key in ("n", "out"):
-        if key not in special:
-            raise EvalError(f"bench sample needs {key}=" + ("N (images to write)" if key == "n" else
-                                                            "FILE.npz or out=DIR (PNG files + labels.csv)"))
-    out_kind(special["out"])
-    psi = special.get("psi")
-    if psi is not None:
-        try:
-            psi = check_psi(psi) or "off"
-        except EvalError:
-            raise EvalError(f"psi={psi!r} is not valid; give a positive number, or off for no truncation") from None
-    return {"n": parse_int("n", special["n"], 1), "out": special["out"], "psi": psi,
-            "label": parse_int("class", special["class"], 0) if "class" in special else None,
-            "seed": parse_int("seed", special["seed"], 0) if "seed" in special else None,
-            "which": special.get("which", "best")}
+# `bench sample`'s own keys, read by bench/args.py (eval.* / data.shards pass through to the run's config)
+SAMPLE_ARGS = {"run": TEXT, "n": integer(1), "psi": PSI, "class": integer(0), "which": WHICH, "seed": integer(0),
+               "out": Arg(lambda out: out_kind(out) and str(out), text=True)}  # FILE.npz or a new / empty DIR
+SAMPLE_REQUIRED = {"run": "DIR (a run directory written by bench train)", "n": "N (images to write)",
+                   "out": "FILE.npz or out=DIR (PNG files + labels.csv)"}
 
 
 def draw(n: int, z_dim: int, n_classes: int, *, psi=None, trunc_mode: str = "resample", seed: int = 0,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench import rundir
+from bench.args import Arg, integer
 from bench.eval.errors import EvalError
 from bench.eval.realcache import check_real_cache, real_cache_key, write_sidecar
 from bench.eval.refstats import save_ref_stats
@@ -68,25 +69,31 @@ def _null():
     return contextlib.nullcontext()
 
 
-def stats_command(special: dict, rest: list) -> dict:
-    """`bench eval stats`: special = {out, n}, rest = data.* / eval.* overrides of the composed config. The images
-    are read at data.resolution when given, else at the shards' own resolution (manifest.json): give the resolution
-    of the generator the file is for (an evaluation reads the real side at G's resolution)."""
+# `bench eval stats`' own keys, read by bench/args.py; data.* / eval.* pass through to the composed config
+STATS_ARGS = {"out": Arg(lambda out: _npz(out), text=True), "n": integer(2)}
+STATS_REQUIRED = {"out": "FILE.npz (where mu and sigma go)"}
+STATS_PASSTHROUGH = ("data.*", "eval.*")
+
+
+def _npz(out) -> str:
+    if not str(out).lower().endswith(".npz"):
+        raise EvalError(f"out={out}: reference statistics are written as FILE.npz")
+    return str(out)
+
+
+def stats_command(known: dict, overrides: list) -> dict:
+    """`bench eval stats`: known = {out, n} (STATS_ARGS), overrides = data.* / eval.* overrides of the composed
+    config. The images are read at data.resolution when given, else at the shards' own resolution (manifest.json):
+    give the resolution of the generator the file is for (an evaluation reads the real side at G's resolution)."""
     from bench.config import check_data, compose, validate_eval
     from bench.data.shards import configured_shards, manifest_resolution, resolution_from_manifest
-    from bench.eval.export import parse_int
     from bench.eval.metrics import EvalSettings
 
-    if "out" not in special:
-        raise EvalError("bench eval stats needs out=FILE.npz (where mu and sigma go)")
-    if not str(special["out"]).lower().endswith(".npz"):
-        raise EvalError(f"out={special['out']}: reference statistics are written as FILE.npz")
-    n = parse_int("n", special["n"], 2) if "n" in special else None
-    cfg = compose(list(rest))
+    cfg = compose(list(overrides))
     check_data(cfg)
     validate_eval(cfg)
     shards = configured_shards(cfg.data)
-    given = any(str(o).split("=", 1)[0] == "data.resolution" for o in rest)  # else the shards' own (manifest)
+    given = any(str(o).split("=", 1)[0] == "data.resolution" for o in overrides)  # else the shards' own (manifest)
     resolution = int(cfg.data.resolution if given and cfg.data.resolution else
                      (manifest_resolution(shards) or cfg.data.resolution or resolution_from_manifest(shards)))
-    return write_ref_stats(shards, special["out"], EvalSettings.from_cfg(cfg), resolution, num_real=n)
+    return write_ref_stats(shards, known["out"], EvalSettings.from_cfg(cfg), resolution, num_real=known.get("n"))

@@ -30,7 +30,6 @@ earlier training is not taken for this one's end.
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ from typing import Callable, Optional, Protocol
 
 from bench import metrics_registry as registry
 from bench import rundir
-from bench.errors import UsageError
+from bench.args import FLAG, TEXT, seconds
 from bench.faults import injected_fault
 
 SOURCE_WATCH = "bench eval watch"     # evals.jsonl records written by the watcher (they count for best)
@@ -62,35 +61,19 @@ class WatchSettings:
     wait_lock: bool = False          # bench train: wait for another watcher of the run instead of refusing
 
 
-WATCH_KEYS = ("run", "poll", "once", "timeout", "wait", "since")
-_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# `bench eval watch`'s own keys, read by bench/args.py: poll= seconds > 0, once= / wait= true|false, timeout= seconds
+# >= 0 (0 = never), since= a time (bench train sets wait= and since=); data.shards / eval.* pass through to the run's
+# config
+WATCH_ARGS = {"run": TEXT, "poll": seconds(strict=True), "once": FLAG, "timeout": seconds(), "wait": FLAG,
+              "since": seconds()}
+WATCH_REQUIRED = {"run": "DIR (a run directory written by bench train)"}
+WATCH_PASSTHROUGH = ("data.shards", "eval.*")
 
 
-def settings_from_args(special: dict) -> WatchSettings:
-    """poll= (seconds > 0), once= / wait= (true|false), timeout= (seconds >= 0; 0 = never), since= (a time,
-    set by bench train) as watch.WatchSettings; a bad value is a UsageError naming the key."""
-    def number(key: str, lo: float, strict: bool) -> float | None:
-        if key not in special:
-            return None
-        try:
-            value = float(special[key])
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value < lo or (strict and value == lo):
-            raise UsageError(f"{key}={special[key]!r} is not valid; use a number of seconds "
-                             f"{'> ' if strict else '>= '}{lo:g}")
-        return value
-
-    def flag(key: str) -> bool | None:
-        if key not in special:
-            return None
-        if special[key].strip().lower() not in _BOOLS:
-            raise UsageError(f"{key}={special[key]!r} is not valid; use true or false")
-        return _BOOLS[special[key].strip().lower()]
-
-    values = {"poll_s": number("poll", 0, True), "timeout_s": number("timeout", 0, False),
-              "since": number("since", 0, False), "once": flag("once"), "wait_lock": flag("wait")}
-    return WatchSettings(**{k: v for k, v in values.items() if v is not None})
+def settings_of(known: dict) -> WatchSettings:
+    """WatchSettings from the values bench/args.py read with WATCH_ARGS."""
+    names = {"poll": "poll_s", "timeout": "timeout_s", "since": "since", "once": "once", "wait": "wait_lock"}
+    return WatchSettings(**{names[k]: v for k, v in known.items() if k in names})
 
 
 class BestKeeper(Protocol):
@@ -485,3 +468,52 @@ def submit(cfg, run_dir: Path, job: Callable[[list], int], world: int = 1) -> di
     say(f"evaluation runs beside training in {executor} job {handle.job_id} (log {handle.paths.stdout}; "
         f"recorded in {run_dir / JOBS})")
     return {"job": handle, "since": since, "record": record}
+
+
+class SubmitFailed(Exception):
+    """eval.async=true: the evaluation job could not be submitted (one line; bench train exits 3, nothing trained)."""
+
+
+class BesideTraining:
+    """The eval.async=true watcher of one training (bench train): submitted by rank 0 before any step (every rank
+    learns whether it worked), cancelled when the training never started (it would wait for it forever), and
+    waited for by a local training once it has ended."""
+
+    def __init__(self, handle: Optional[dict]):
+        self.handle = handle  # submit()'s {"job", "since", "record"}; None on ranks other than 0
+
+    @classmethod
+    def submit(cls, cfg, run_dir: Path, job: Callable[[list], int], ranks, world: int = 1) -> "BesideTraining":
+        """ranks: the training's bench.train.ranks.Ranks (rank0(what, fn) runs fn on rank 0 and shares its failure)."""
+        try:
+            return cls(ranks.rank0("submitting the evaluation job", lambda: submit(cfg, run_dir, job, world=world)))
+        except Exception as exc:  # noqa: BLE001 - sbatch refused it, submitit missing, ...: before any step
+            text = str(exc).strip().splitlines()
+            raise SubmitFailed(f"eval.async=true: the evaluation job could not be submitted ({type(exc).__name__}: "
+                               f"{text[-1][:200] if text else ''}); nothing was trained") from None
+
+    def cancel_unless_started(self, run_dir: Path) -> None:
+        """After training returned: a watcher whose training never started (bench train failed in set-up) is
+        cancelled, since it would wait for that start forever."""
+        if self.handle is not None and not started_since(run_dir, self.handle["since"]):
+            self.handle["job"].cancel()
+            self.handle = None
+
+    def wait(self) -> bool:
+        """A local training waits for its evaluation job to finish the checkpoints left (Ctrl-C leaves it running).
+        True when there was a local job to wait for (Slurm jobs go on by themselves)."""
+        if self.handle is None or self.handle["record"]["executor"] != "local":
+            return False
+        job, rec = self.handle["job"], self.handle["record"]
+        say(f"waiting for job {rec['job_id']} to evaluate the remaining checkpoints (log {rec['stdout']}; Ctrl-C "
+            f"leaves it running)")
+        try:
+            rc = job.result()
+        except KeyboardInterrupt:
+            say(f"job {rec['job_id']} left running; its log: {rec['stdout']}", err=True)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the job's own log says why
+            rc = f"failed ({str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__})"
+        if rc != 0:
+            say(f"warning: job {rec['job_id']} ended with {rc}; see {rec['stderr']}", err=True)
+        return True

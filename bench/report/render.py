@@ -378,18 +378,20 @@ USAGE = "usage: bench report DIR [out=DIR]   (DIR: a run directory, a sweep dire
 
 
 def parse_args(args: list[str]) -> tuple[Path, Path]:
-    root, out = None, None
-    for a in args:
-        if a.startswith("out="):
-            out = a.split("=", 1)[1]
-            if not out:
-                raise ReportError("out= needs a folder, e.g. out=/tmp/report")
-        elif "=" in a and not Path(a).exists():
-            raise ReportError(f"unknown argument {a!r}; {USAGE[7:]}")
-        elif root is None:
-            root = a
-        else:
-            raise ReportError(f"one DIR only (got {root!r} and {a!r}); {USAGE[7:]}")
+    """`bench report DIR [out=DIR]` through bench/args.py's grammar (DIR: a bare word, or an existing path)."""
+    from bench.args import TEXT, parse_kv
+    from bench.errors import UsageError
+
+    try:
+        known, _ = parse_kv(args, {"out": TEXT}, "report", positional="DIR")
+    except UsageError as exc:
+        raise ReportError(f"{exc}; {USAGE[7:]}") from None
+    dirs, out = known.get("DIR", []), known.get("out")
+    if out is not None and not out.strip():
+        raise ReportError("out= needs a folder, e.g. out=/tmp/report")
+    if len(dirs) > 1:
+        raise ReportError(f"one DIR only (got {dirs[0]!r} and {dirs[1]!r}); {USAGE[7:]}")
+    root = dirs[0] if dirs else None
     if root is None:
         raise ReportError(f"missing DIR; {USAGE[7:]}")
     root_p = Path(root).expanduser()
