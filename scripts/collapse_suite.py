@@ -199,7 +199,7 @@ def one(out: Path, cell: str, precision: str, python: str, threads: int, classif
     row["rule"] = (row["reason"] or "").split(":", 1)[0] or None
     row["rules"] = rules_fired(rd)
     print(f"{cell:>16s} {precision}: flagged {row['collapse_step']} ({row['rule']}) | truth "
-          f"{'collapsed' if done.get('collapsed') else 'healthy'} ({done.get('why')})", flush=True)
+          f"{ {True: 'collapsed', False: 'healthy'}.get(done.get('collapsed'), '?')} ({done.get('why')})", flush=True)
     return row
 
 
@@ -276,7 +276,7 @@ def tables(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", type=Path, help="the suite's directory (required)")
     ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated cells (default: all)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
@@ -288,6 +288,8 @@ def main(argv=None) -> int:
     if args.truth:
         (args.truth / "truth.json").write_text(json.dumps(ground_truth(args.truth), indent=1))
         return 0
+    if args.out is None:
+        ap.error("--out DIR is required")
     cells = [c for c in args.cells.split(",") if c]
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
