@@ -44,7 +44,7 @@ NEEDS_EVAL = ("intra_fid", "repeats", "async")  # meaningless without evaluation
 
 COMMON = ["data.num_samples=200", "data.samples_per_shard=50", "model.ch=8", "model.d_ch=8", "model.z_dim=32",
           "model.shared_dim=16", "train.batch_size=4", "train.tick_every=1", "train.sample_cols=2", "ema.start=0",
-          "train.ckpt_every=2", "eval.num_samples=24", "eval.batch_size=12", "telemetry.sigma_every=2"]
+          "train.ckpt_every=2", "eval.num_samples=60", "eval.batch_size=30", "telemetry.sigma_every=2"]
 
 
 def _valid_pair(f1, v1, f2, v2) -> bool:
@@ -154,3 +154,18 @@ def test_every_switch_completes_and_resumes_from_a_cold_start(row, tmp_path, mon
     if row["diversity"] == "on":
         ticks = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert any("stability/diversity" in t for t in ticks)
+
+
+def test_intra_fid_labels_that_leave_a_class_short_stop_the_run_before_its_first_step(tmp_path, monkeypatch, capfd):
+    """eval.seed alone decides the evaluation's labels: 24 samples over 10 classes leave one with none, which
+    used to fail the run at its first evaluation (step 2); now one line before any step or classifier."""
+    monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    rc = main(["train", f"run.dir={run}", *COMMON, "train.steps=2", "eval.every=2", "eval.num_samples=24",
+               "eval.intra_fid=true", "eval.intra_min_per_class=2", "train.precision=fp32"])
+    err = capfd.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "eval.seed=0" in lines[0] and "0 of eval.num_samples=24" in lines[0], err[-2000:]
+    assert "Traceback" not in err and "training it now" not in err
+    assert not (run / "metrics.jsonl").exists()

@@ -158,3 +158,34 @@ def test_the_cpu_peak_is_measured_in_its_own_precision_inside_autocast(tmp_path,
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bdevice.peak_tflops(torch.device("cpu"), "fp32", remeasure=True)
     assert seen == [(False, False)]
+
+
+def test_the_classifier_budget_clock_counts_this_process_cpu_not_the_wall():
+    """On a busy machine the wall clock runs while this process waits for a core; the classifier's budget
+    counts only its own CPU time, so contention slows training instead of cutting it short."""
+    from bench.eval.classifier import _budget_clock
+
+    clock = _budget_clock(torch.device("cpu"))
+    time.sleep(0.5)  # waiting, as for a core another process holds
+    assert clock() < 0.1
+
+
+def test_a_small_set_gets_enough_steps_and_a_useless_classifier_is_said(tmp_path, capsys):
+    """min_steps stretches a small set's epochs (DEFAULT_SETTINGS: 600 steps); a classifier near chance is one
+    warning line naming what to do."""
+    from bench.data.shards import ShardSetSpec, make_shards
+    from bench.eval.classifier import DEFAULT_SETTINGS, ClassifierSettings, train_classifier
+
+    assert DEFAULT_SETTINGS.min_steps >= 500
+    shards = tmp_path / "s"
+    make_shards(shards, ShardSetSpec(source="shapes", resolution=16, num_samples=120, samples_per_shard=60, seed=0),
+                progress=False)
+    info = train_classifier(shards, out=tmp_path / "a.pt", settings=ClassifierSettings(
+        epochs=1, min_steps=30, width=8, holdout=0.2, precision="fp32"), progress=False)
+    assert info["steps"] >= 30 and info["epochs"] > 1
+    capsys.readouterr()
+    info = train_classifier(shards, out=tmp_path / "b.pt", settings=ClassifierSettings(
+        epochs=1, min_steps=0, width=8, holdout=0.2, lr=1e-9, precision="fp32"), progress=False)  # learns nothing
+    err = capsys.readouterr().err
+    assert info["accuracy"] < 0.3
+    assert err.count("warning: the domain classifier") == 1 and "bench eval train-classifier" in err

@@ -7,7 +7,7 @@ precision-recall, its logits stand in for Inception's in IS, and its predictions
 class-conditional accuracy of a generator (`eval/class_acc`). Nothing is downloaded: it is trained from
 the shards in a few minutes on a CPU and saved beside them.
 
-    train_classifier(shards_spec, out=None, resolution=None, settings=ClassifierSettings()) -> info dict
+    train_classifier(shards_spec, out=None, resolution=None, settings=DEFAULT_SETTINGS) -> info dict
     load_classifier(path, device="cpu") -> (DomainClassifier in eval mode, meta dict)
     classifier_path(shards_spec, resolution) -> default file: <shard dir>/classifier-r{res}.pt
     load_images(shards_spec, resolution, limit=None) -> (uint8 (N,3,R,R), int64 (N,))
@@ -153,8 +153,10 @@ def load_images(shards_spec, resolution: int, limit: int | None = None, seed: in
 class ClassifierSettings:
     """How train_classifier trains (`bench eval train-classifier` uses the defaults)."""
     epochs: int = 10             # passes over the training split (the cosine schedule ends with them)
-    max_seconds: float = 170.0   # wall-clock budget of the passes: the schedule runs over
-                                 # max(step / total steps, elapsed / max_seconds), so it ends in time
+    max_seconds: float = 170.0   # compute budget of the passes: the schedule runs over max(step / total steps,
+                                 # elapsed / max_seconds), so it ends in time; on the CPU `elapsed` is this process's
+                                 # CPU time / its threads, so a busy machine slows the clock instead of cutting training
+    min_steps: int = 0           # at least this many steps (more epochs on a small set); DEFAULT_SETTINGS: 600
     batch_size: int = 128        # at most; small sets take smaller batches (>= ~20 steps per epoch)
     lr: float = 3e-3             # AdamW peak learning rate (linear warm-up, cosine decay)
     weight_decay: float = 5e-4
@@ -164,6 +166,10 @@ class ClassifierSettings:
     precision: str = "auto"      # auto (bf16 autocast + channels_last on CUDA or CPUs with fast bf16) | bf16 | fp32
     augment: bool = True         # random translations and horizontal flips
     seed: int = 0                # image order, split, initialisation, batches, augmentation
+
+
+DEFAULT_SETTINGS = ClassifierSettings(min_steps=600)  # `bench eval train-classifier` and a classifier built on first use
+
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
@@ -201,6 +207,17 @@ class _Fit:
     bf16: bool
 
 
+def _budget_clock(dev: torch.device):
+    """Seconds of the training budget used so far: wall time on a GPU; on the CPU this process's CPU time over its
+    threads, which runs slower when another process takes the cores (a wall-clock budget then ended training
+    before the classifier had learned anything: chance accuracy on a busy 2-core machine)."""
+    if dev.type != "cpu":
+        t0 = time.time()
+        return lambda: time.time() - t0
+    c0, threads = time.process_time(), max(1, torch.get_num_threads())
+    return lambda: (time.process_time() - c0) / threads
+
+
 def _fit(fit: _Fit, s: ClassifierSettings, progress: bool) -> tuple[int, int, float]:
     """Train fit.model in place. Returns (epochs run, steps, seconds)."""
     model, x_tr, y_tr, g, dev = fit.model, fit.x, fit.y, fit.gen, fit.device
@@ -209,17 +226,19 @@ def _fit(fit: _Fit, s: ClassifierSettings, progress: bool) -> tuple[int, int, fl
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     amp = autocast("bf16" if fit.bf16 else "fp32", dev)
     steps_per_epoch = len(y_tr) // batch_size
-    total = max(1, s.epochs * steps_per_epoch)
+    epochs = max(s.epochs, math.ceil(s.min_steps / max(1, steps_per_epoch)))  # a small set: enough steps to learn
+    total = max(1, epochs * steps_per_epoch)
     warmup = min(100, total // 10)
     pad = max(1, model.resolution // 16) if s.augment else 0
 
     model.train()
     step, t0, done, epoch = 0, time.time(), False, 0
-    for epoch in range(1, s.epochs + 1):
+    clock = _budget_clock(dev)
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(y_tr), generator=g)
         loss_sum, seen = 0.0, 0
         for b in range(steps_per_epoch):
-            frac = max(step / total, (time.time() - t0) / s.max_seconds)
+            frac = max(step / total, clock() / s.max_seconds)
             if frac >= 1.0:
                 done = True
                 break
@@ -242,7 +261,7 @@ def _fit(fit: _Fit, s: ClassifierSettings, progress: bool) -> tuple[int, int, fl
             loss_sum += float(loss.detach()) * len(idx)  # host sync: once per step, for the progress line
             seen += len(idx)
         if progress and seen:
-            print(f"train-classifier: epoch {epoch}/{s.epochs} loss {loss_sum / seen:.4f} "
+            print(f"train-classifier: epoch {epoch}/{epochs} loss {loss_sum / seen:.4f} "
                   f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         if done:
             break
@@ -258,7 +277,7 @@ def _save(model: DomainClassifier, info: dict, out: Path) -> None:
 
 
 def train_classifier(shards_spec, out: str | os.PathLike | None = None, resolution: int | None = None,
-                     settings: ClassifierSettings = ClassifierSettings(), *,
+                     settings: ClassifierSettings = DEFAULT_SETTINGS, *,
                      device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Train the domain classifier on a shard set and save it (atomically). Returns its info dict.
 
@@ -306,6 +325,11 @@ def train_classifier(shards_spec, out: str | os.PathLike | None = None, resoluti
     }
     _save(model, info, out)
     info["path"] = str(out)
+    if acc is not None and acc < min(0.5, 3.0 / n_classes):
+        print(f"warning: the domain classifier {out} reaches {100 * acc:.1f}% held-out accuracy on {n_classes} classes "
+              f"(chance {100 / n_classes:.1f}%): metrics in its features (domain FID, class_acc, diversity) will "
+              f"mean little; train it longer (bench eval train-classifier) or give eval.classifier_path",
+              file=sys.stderr, flush=True)
     if progress:
         acc_s = f"{100 * acc:.2f}%" if acc is not None else "n/a"
         print(f"train-classifier: held-out accuracy {acc_s} on {n_hold} images, {epoch} epochs in "

@@ -55,6 +55,8 @@ class Trainer:
         bdevice.seed_all(t.seed)  # identical model init on every rank
         self._setup_data()
         self._setup_models()
+        self._check_evaluation()  # bad evaluation settings: one line before any slow work
+        self._prepare_classifier()
         self._setup_training()
         self.records = Records(self.run_dir, self.is_main, run_facts(self))
         self.checkpoints = Checkpoints(self.run_dir, t.ckpt_keep, self.is_main)
@@ -110,7 +112,6 @@ class Trainer:
         self.n_classes = n_classes
         self.class_names = class_names or [str(i) for i in range(n_classes)]
         self.n_data_classes = n_data_classes or n_classes
-        self._prepare_classifier()
 
     def _prepare_classifier(self) -> None:
         """Train the domain classifier now, before the first step, when the run will need it and it is missing:
@@ -137,6 +138,21 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.nets = {"G": self.G, "D": self.D}
         self.autocast = bdevice.autocast(t.precision, self.device)
+
+    def _check_evaluation(self) -> None:
+        """Intra-FID's drawn labels checked before the first step (they follow from eval.seed alone): a class left
+        with fewer than 2 samples would otherwise fail the run at its first evaluation."""
+        ev = self.cfg.eval
+        if not ((ev.every or ev.final) and ev.intra_fid):
+            return
+        from bench.data.shards import dataset_info
+        from bench.eval.intra import IntraFID
+        from bench.eval.metrics import EvalSettings
+
+        s = EvalSettings.from_cfg(self.cfg)
+        _, n_available, _ = dataset_info(self.shards_spec)
+        n_real = int(s.num_real or s.num_samples)
+        IntraFID.check(s, self.class_names, self.n_data_classes, min(n_real, int(n_available or n_real)), self.G.z_dim)
 
     def _setup_training(self) -> None:
         """Optimisers, the objective, the phases, latent RNG, and the stability machinery."""
