@@ -161,11 +161,12 @@ def _check_eval_overrides(run_dir: Path, overrides: list[str], command: str) -> 
 
     from bench.config import ConfigError, EvalCfg, check_schema, validate_eval
 
+    names = [k.rstrip("_") for k in EvalCfg.__dataclass_fields__]  # async_ is the user's eval.async
     for o in overrides:
         key = o.split("=", 1)[0]
-        if key != "data.shards" and key[5:] not in EvalCfg.__dataclass_fields__:
+        if key != "data.shards" and not (key.startswith("eval.") and key[5:] in names):
             raise UsageError(f"bench {command}: {o!r} is not an eval.* override; valid keys: data.shards, "
-                             + ", ".join(f"eval.{k}" for k in EvalCfg.__dataclass_fields__))
+                             + ", ".join(f"eval.{k}" for k in names))
     try:
         merged = OmegaConf.merge(OmegaConf.load(run_dir / rundir.CONFIG), OmegaConf.from_dotlist(list(overrides)))
     except (OmegaConfBaseException, ValueError, OSError) as exc:

@@ -187,7 +187,8 @@ def one(out: Path, cell: str, precision: str, python: str, threads: int, classif
     row = {"cell": cell, "intent": CELLS[cell][0], "precision": precision, "run": str(rd)}
     done = _read(rd / "truth.json")
     summary = _read(rd / "summary.json")
-    if train_runs and not (done and summary.get("status") in ("completed", "collapsed", "diverged")):
+    decided = bool(done) and done.get("collapsed") is not None  # a failed ground truth is retried
+    if train_runs and not (decided and summary.get("status") in ("completed", "collapsed", "diverged")):
         summary = train(out, cell, precision, python, threads, classifier)
         t0 = time.perf_counter()
         done = truth_in_subprocess(rd, python, threads)
@@ -196,7 +197,9 @@ def one(out: Path, cell: str, precision: str, python: str, threads: int, classif
         (rd / "truth.json").write_text(json.dumps(done, indent=1))
     row.update(truth=done, flagged=summary.get("collapse_step") is not None,
                collapse_step=summary.get("collapse_step"), reason=summary.get("collapse_reason"))
-    row["rule"] = (row["reason"] or "").split(":", 1)[0] or None
+    from bench.train.telemetry import rule_of  # the detector's own reading of a reason
+
+    row["rule"] = rule_of(row["reason"])
     row["rules"] = rules_fired(rd)
     print(f"{cell:>16s} {precision}: flagged {row['collapse_step']} ({row['rule']}) | truth "
           f"{ {True: 'collapsed', False: 'healthy'}.get(done.get('collapsed'), '?')} ({done.get('why')})", flush=True)

@@ -231,3 +231,16 @@ def test_config_defaults_and_checks():
                 "telemetry.collapse_class_sep=true", "telemetry.collapse_logit_scale=-1"):
         with pytest.raises(Exception, match=bad.split("=")[0].replace(".", r"\.")):
             validate(compose([bad]))
+
+
+def test_a_relativistic_loss_turns_the_absolute_logit_rules_off():
+    """loss=rpgan sees only real - fake logit differences, so D's logits drift by any constant in a healthy run:
+    all negative (d_dead's signs) and far from zero (logit_scale) mean nothing there. The rules that read the
+    logits' sign and size are off; the same ticks flag a non-relativistic run."""
+    tc = validate(compose(["loss=rpgan"])).telemetry
+    drifted = [tick(s, real_sign=0.0, fake_sign=0.0, real_logit=-80.0, fake_logit=-83.0) for s in range(30, 400, 10)]
+    rel = CollapseDetector.from_cfg(tc, 50.0, relativistic=True)
+    assert feed(rel, [dict(r) for r in drifted]) == [] and rel.collapse_step is None
+    plain = CollapseDetector.from_cfg(tc, 50.0)
+    fired = feed(plain, [dict(r) for r in drifted])
+    assert fired and rule_of(fired[0][1]) in ("logit_scale", "d_dead")

@@ -38,7 +38,7 @@ def test_t_interval_covers_95_percent_and_the_bootstrap_does_not(k):
     boot_cov = _coverage(S.bootstrap_ci, k)
     print(f"K={k}: t-interval coverage {t_cov:.3f}, percentile bootstrap {boot_cov:.3f}")
     assert 0.93 <= t_cov <= 0.97, t_cov
-    assert boot_cov < 0.85, boot_cov  # the old interval: too narrow at a handful of seeds
+    assert boot_cov < 0.88, boot_cov  # the old interval: too narrow at a handful of seeds (theory: 0.75 / 0.85)
 
 
 def test_t_interval_against_scipy_and_edge_cases():

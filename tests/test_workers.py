@@ -65,14 +65,14 @@ def test_the_built_in_data_is_written_by_workers_under_a_stop_handler(tmp_path):
         from bench.data.shards import ShardSetSpec, make_shards
         seen = []
         signal.signal(signal.SIGTERM, lambda *a: seen.append(1))
-        threading.Timer(0.5, lambda: os.killpg(0, signal.SIGTERM)).start()
-        make_shards({str(tmp_path / 'out')!r}, ShardSetSpec(source="shapes", resolution=32, num_samples=3000,
-                    samples_per_shard=500, seed=0, workers=2), progress=False)
+        threading.Timer(0.2, lambda: os.killpg(0, signal.SIGTERM)).start()
+        make_shards({str(tmp_path / 'out')!r}, ShardSetSpec(source="shapes", resolution=32, num_samples=20000,
+                    samples_per_shard=2500, seed=0, workers=2), progress=False)
         print("done", len(seen))
     """, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[0] == "done"
-    assert len(list((tmp_path / "out").glob("*.tar"))) == 6
+    assert proc.stdout.split() == ["done", "1"]  # the signal arrived while the workers wrote, and changed nothing
+    assert len(list((tmp_path / "out").glob("*.tar"))) == 8
 
 
 def _fail_on_50(x):
@@ -160,14 +160,14 @@ def test_the_cpu_peak_is_measured_in_its_own_precision_inside_autocast(tmp_path,
     assert seen == [(False, False)]
 
 
-def test_the_classifier_budget_clock_counts_this_process_cpu_not_the_wall():
+def test_the_classifier_budget_clock_counts_this_process_cpu_not_the_wall(one_thread):
     """On a busy machine the wall clock runs while this process waits for a core; the classifier's budget
     counts only its own CPU time, so contention slows training instead of cutting it short."""
     from bench.eval.classifier import _budget_clock
 
     clock = _budget_clock(torch.device("cpu"))
-    time.sleep(0.5)  # waiting, as for a core another process holds
-    assert clock() < 0.1
+    time.sleep(0.8)  # waiting, as for a core another process holds
+    assert clock() < 0.5  # CPU time ~0; the wall-clock floor counts a quarter of it (0.2 s)
 
 
 def test_a_small_set_gets_enough_steps_and_a_useless_classifier_is_said(tmp_path, capsys):

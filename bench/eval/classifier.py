@@ -209,13 +209,14 @@ class _Fit:
 
 def _budget_clock(dev: torch.device):
     """Seconds of the training budget used so far: wall time on a GPU; on the CPU this process's CPU time over its
-    threads, which runs slower when another process takes the cores (a wall-clock budget then ended training
+    threads (at least a quarter of the wall time), which runs slower when another process takes the cores (a wall-clock budget then ended training
     before the classifier had learned anything: chance accuracy on a busy 2-core machine)."""
     if dev.type != "cpu":
         t0 = time.time()
         return lambda: time.time() - t0
-    c0, threads = time.process_time(), max(1, torch.get_num_threads())
-    return lambda: (time.process_time() - c0) / threads
+    c0, t0, threads = time.process_time(), time.time(), max(1, torch.get_num_threads())
+    # wall / 4: with many cores that small convolutions leave idle, CPU time over threads would barely move
+    return lambda: max((time.process_time() - c0) / threads, (time.time() - t0) / 4)
 
 
 def _fit(fit: _Fit, s: ClassifierSettings, progress: bool) -> tuple[int, int, float]:

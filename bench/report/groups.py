@@ -44,7 +44,9 @@ SEPARABILITY_NOTE = (
     f"else `{WELCH}` (Welch's unequal-variance t-test); `p`: its raw p-value. `{UNTESTED}`: the cell (or the best) "
     "has one run, which has no seed-to-seed spread to test against; its interval, if any, is over its evaluation's "
     "sample sets only. Intervals (±): Student-t 95% over the seeds of a cell (n > 1), else over its evaluation's "
-    "repeated sample sets (eval.repeats > 1); a cell with neither is a point.")
+    "repeated sample sets (eval.repeats > 1); a cell with neither is a point. The best cell is chosen from the "
+    "same runs, so when every cell is equal `≠` comes up somewhat more often than α: confirm a difference that "
+    "matters with fresh seeds.")
 POWER_DELTAS = {"eval/FID": (5.0, 10.0, 20.0), "eval/intra_FID": (5.0, 10.0, 20.0), "eval/IS": (5.0, 10.0, 20.0),
                 "eval/KID": (0.005, 0.01, 0.02)}
 POWER_DELTAS_UNIT = (0.05, 0.1, 0.2)   # the other registry metrics: scores in [0, 1] (density a little above)

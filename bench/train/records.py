@@ -62,6 +62,7 @@ def versions() -> dict:
 def run_facts(trainer) -> dict:
     """What run.json says about a trainer's set-up (world size, device, batch, parameter counts)."""
     import models
+    from bench.workers import resolve_workers
 
     t = trainer.cfg.train
     dev = trainer.device
@@ -70,6 +71,8 @@ def run_facts(trainer) -> dict:
             "precision": t.precision, "channels_last": trainer.channels_last,
             "batch_size": t.batch_size, "accumulate": t.accumulate, "effective_batch": trainer.eff_batch,
             "shards": trainer.shards_spec, "n_classes": trainer.n_classes,
+            # data.num_workers as resolved here (auto follows the cores): the readers per rank set the data order
+            "data_workers": resolve_workers(trainer.cfg.data.num_workers),
             "G_params": models.param_count(trainer.G), "D_params": models.param_count(trainer.D),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 

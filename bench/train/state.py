@@ -416,11 +416,11 @@ def roll_back(trainer) -> None:
     n = trainer.guard.start_rollback()
     state, path = agreed_load(trainer.ranks, "reading the checkpoint to roll back to", trainer.checkpoints.for_rollback)
     keep = (trainer.step, trainer.images_seen, trainer.train_seconds, trainer.data_skipped, trainer.guard.state_dict(),
-            trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason)
+            trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason, list(trainer.collapse.fired))
     trainer.load_state_dict(state)
     # the counters and a collapse already flagged stay: the rollback recovers, it does not undo history
     (trainer.step, trainer.images_seen, trainer.train_seconds, trainer.data_skipped, guard,
-     trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason) = keep
+     trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason, trainer.collapse.fired) = keep
     trainer.guard.load_state_dict(guard)
     trainer.zgen.manual_seed(t.seed * 1000 + trainer.rank + 1 + 7919 * n)
     telemetry.report("stability/rollbacks", float(n))

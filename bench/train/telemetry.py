@@ -300,6 +300,9 @@ class CollapseDetector:
                  class_factor: float = 0.0, class_sep: float = 0.0, class_after: int = 0,
                  recover_scale: float = 0.0, recover_ticks: int = 5, logit_scale: float = 0.0):
         self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
+        # the rules that read D's logits as absolute (their sign and size): off where they mean nothing (a WGAN
+        # critic; a relativistic loss, which sees only real - fake differences, so the logits drift freely)
+        self.logit_rules = math.isfinite(loss_gap)
         self.warmup = warmup
         self.diversity_factor, self.recall_factor, self.patience = diversity_factor, recall_factor, patience
         self.dwins_level, self.dwins_ticks = dwins_level, dwins_ticks
@@ -322,15 +325,18 @@ class CollapseDetector:
         self.reason: Optional[str] = None
 
     @classmethod
-    def from_cfg(cls, tc, loss_gap: float) -> "CollapseDetector":
-        """The detector of the config's telemetry.* keys (`loss_gap`: the trainer's, inf for unbounded losses)."""
-        return cls(tc.collapse_sigma_factor, tc.collapse_window, loss_gap, tc.collapse_fid_factor, tc.collapse_warmup,
+    def from_cfg(cls, tc, loss_gap: float, relativistic: bool = False) -> "CollapseDetector":
+        """The detector of the config's telemetry.* keys (`loss_gap`: the trainer's, inf for unbounded losses;
+        `relativistic`: the loss sees only real - fake logit differences, so the absolute-logit rules are off)."""
+        det = cls(tc.collapse_sigma_factor, tc.collapse_window, loss_gap, tc.collapse_fid_factor, tc.collapse_warmup,
                    diversity_factor=tc.collapse_diversity_factor, recall_factor=tc.collapse_recall_factor,
                    patience=tc.collapse_patience, dwins_level=tc.collapse_dwins_level,
                    dwins_ticks=tc.collapse_dwins_ticks, class_factor=tc.collapse_class_factor,
                    class_sep=tc.collapse_class_sep, class_after=tc.collapse_class_after,
                    recover_scale=tc.collapse_recover_scale, recover_ticks=tc.collapse_recover_ticks,
                    logit_scale=tc.collapse_logit_scale)
+        det.logit_rules = det.logit_rules and not relativistic
+        return det
 
     @property
     def rule(self) -> Optional[str]:
@@ -393,7 +399,7 @@ class CollapseDetector:
         fired = self._logit_scale(step, row, warm) or fired
         div = row.get("stability/diversity")
         if warm and isinstance(div, float) and math.isfinite(div):
-            fired = fired or self._sustained_drop("diversity", step, div)
+            fired = self._sustained_drop("diversity", step, div) or fired  # always run: it keeps its best and run
         fired = self._class_probe(step, row) or fired
         return fired
 
@@ -401,7 +407,7 @@ class CollapseDetector:
         """A blow-up inside the warm-up (scale > loss_gap) is forgiven once a tick after it is back in the healthy
         range (scale <= recover_scale); scale = the largest of |loss/G - loss/D|, |D/real_logit_mean| and
         |D/fake_logit_mean| (a hinge loss clamps: its losses calm down while D's logits stay in the hundreds)."""
-        if self.recover_scale <= 0 or self.recover_ticks <= 0 or not math.isfinite(self.loss_gap):
+        if self.recover_scale <= 0 or self.recover_ticks <= 0 or not self.logit_rules:
             return None
         parts = [abs(row["loss/G"] - row["loss/D"])] if "loss/G" in row and "loss/D" in row else []
         parts += [abs(row[k]) for k in ("D/real_logit_mean", "D/fake_logit_mean") if isinstance(row.get(k), float)]
@@ -428,7 +434,7 @@ class CollapseDetector:
     def _d_wins(self, step: int, row: dict, warm: bool) -> Optional[str]:
         """d_wins and d_dead: D's sign means stuck at an extreme for dwins_ticks ticks in a row."""
         fake, real = row.get("D/fake_sign_mean"), row.get("D/real_sign_mean")
-        if (self.dwins_level <= 0 or self.dwins_ticks <= 0 or not math.isfinite(self.loss_gap) or not warm
+        if (self.dwins_level <= 0 or self.dwins_ticks <= 0 or not self.logit_rules or not warm
                 or not isinstance(fake, float) or not isinstance(real, float)):
             return None
         fired = None
@@ -446,7 +452,7 @@ class CollapseDetector:
         return fired
 
     def _logit_scale(self, step: int, row: dict, warm: bool) -> Optional[str]:
-        if self.logit_scale <= 0 or not warm or not math.isfinite(self.loss_gap):
+        if self.logit_scale <= 0 or not warm or not self.logit_rules:
             return None
         for key in ("D/real_logit_mean", "D/fake_logit_mean"):
             v = row.get(key)
@@ -482,8 +488,8 @@ class CollapseDetector:
         if (self.class_factor > 0 and n_classes and n_classes > 1 and isinstance(acc, (int, float))
                 and math.isfinite(acc) and step > max(self.warmup, self.class_after)
                 and acc <= self.class_factor / n_classes):
-            fired = fired or self._flag(step, f"class: the class input is ignored: eval/class_acc {acc:.3g} <= "
-                                              f"{self.class_factor} x chance (1/{n_classes})")
+            fired = self._flag(step, f"class: the class input is ignored: eval/class_acc {acc:.3g} <= "
+                                     f"{self.class_factor} x chance (1/{n_classes})") or fired
         return fired
 
     def _sustained_drop(self, what: str, step: int, value: float) -> Optional[str]:

@@ -182,7 +182,7 @@ class Trainer:
         self.guard = NonfiniteGuard(t.nonfinite_rollback, t.max_rollbacks)
         tc = cfg.telemetry
         loss_gap = math.inf if self.objective.loss.gap_unbounded else tc.collapse_loss_gap
-        self.collapse = CollapseDetector.from_cfg(tc, loss_gap)
+        self.collapse = CollapseDetector.from_cfg(tc, loss_gap, relativistic=self.objective.loss.relativistic)
         self.diversity = DiversityProbe.from_trainer(self)  # stability/diversity (bench/train/diversity.py)
         self.parts = TrainingParts({"G": self.G, "D": self.D, "G_ema": self.G_ema}, self.opt, self.scaler,
                                    self.zgen, self.collapse, self.hist_avg, self.guard, self.objective)
