@@ -74,9 +74,12 @@ def plain_autograd(grad: bool = True):
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.set_grad_enabled(grad))
-        stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
+        # Only where the caller is in autocast: an autocast region, even a disabled one, makes every autocast inside
+        # it a nested one, whose exit no longer clears the cast cache, so a net trained inside would keep using the
+        # bf16 copies of its first weights (the classifier then learned nothing).
+        for dev in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(dev):
+                stack.enter_context(torch.autocast(device_type=dev, enabled=False))
         yield
 
 

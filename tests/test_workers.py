@@ -142,6 +142,42 @@ def test_the_domain_classifier_trains_when_first_needed_inside_any_grad_context(
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.fixture(scope="module")
+def two_brightness_classes(tmp_path_factory):
+    """Shards of a set any classifier learns at once: dark images against light ones (16 px, 40 of each)."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.data.shards import ShardSetSpec, make_shards
+
+    root = tmp_path_factory.mktemp("bright")
+    rng = np.random.default_rng(0)
+    for name, lo in (("dark", 0), ("light", 170)):
+        (root / "src" / name).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(lo, lo + 86, (16, 16, 3), dtype=np.uint8)).save(root / "src" / name / f"{i}.png")
+    make_shards(root / "s", ShardSetSpec(source="folder", folder=root / "src", resolution=16, samples_per_shard=20),
+                progress=False)
+    return root / "s"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
+def test_a_classifier_built_inside_a_callers_context_learns(two_brightness_classes, tmp_path, context, precision):
+    """What ensure_classifier does (train_classifier under plain_autograd) inside the caller's context learns an
+    easy set. An autocast region around it, even a disabled one, used to keep the bf16 casts of the first
+    weights for the whole training (the cast cache is cleared only by the outermost autocast): chance accuracy."""
+    from bench.device import plain_autograd
+    from bench.eval.classifier import ClassifierSettings, train_classifier
+
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+           "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    settings = ClassifierSettings(epochs=4, min_steps=80, width=8, holdout=0.25, precision=precision)
+    with ctx, plain_autograd():
+        info = train_classifier(two_brightness_classes, out=tmp_path / "c.pt", settings=settings, progress=False)
+    assert info["accuracy"] >= 0.9, info
+
+
 def test_the_cpu_peak_is_measured_in_its_own_precision_inside_autocast(tmp_path, monkeypatch):
     """Under a caller's bf16 autocast, an fp32 peak measured without plain_autograd would run bf16 kernels."""
     from bench import device as bdevice

@@ -258,6 +258,7 @@ def _fit(fit: _Fit, s: ClassifierSettings, progress: bool) -> tuple[int, int, fl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            torch.clear_autocast_cache()  # nested in another autocast region, the cast cache would outlive the step
             step += 1
             loss_sum += float(loss.detach()) * len(idx)  # host sync: once per step, for the progress line
             seen += len(idx)
