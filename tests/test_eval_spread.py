@@ -24,6 +24,10 @@ from conftest import ROOT, TINY, classified_shards
 
 TINY_MODEL = {"family": "biggan", "ch": 8, "d_ch": 8, "z_dim": 32, "shared_dim": 16, "attn": [], "hier": True}
 N_CLASSES = 10
+# Two processes (other thread counts, other reduction orders) give float32 features that differ in the last bits;
+# FID, a difference of large terms, then moves by ~1e-6 relative (0.5243325 against 0.5243336 on AVX-512 kernels).
+# A real discrepancy (another image, another share) moves it by orders of magnitude more.
+CROSS_PROCESS_REL, CROSS_PROCESS_ABS = 1e-5, 1e-5
 # (N, batch): 5 batches, shares of 48 and 22 samples; repeats, standing stats, truncation and intra-FID on
 SETTINGS = [dict(num_samples=70, batch_size=16, repeats=2, precision="fp32"),
             dict(num_samples=120, batch_size=32, standing_stats=2, truncation=0.7, intra_fid=True,
@@ -125,9 +129,10 @@ def test_two_ranks_give_the_numbers_and_feature_rows_of_one(data, tmp_path, one_
                 "eval/coverage", "eval/class_acc"} <= set(metrics)
         assert kw.get("intra_fid") is None or "eval/intra_FID" in metrics
         for k in metrics:
-            assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-6), k
+            assert two[k] == pytest.approx(one[k], rel=CROSS_PROCESS_REL, abs=CROSS_PROCESS_ABS), k
             if kw.get("repeats", 1) > 1:
-                assert two["repeat_values"][k] == pytest.approx(one["repeat_values"][k], rel=1e-6, abs=1e-6), k
+                assert two["repeat_values"][k] == pytest.approx(one["repeat_values"][k], rel=CROSS_PROCESS_REL,
+                                                                 abs=CROSS_PROCESS_ABS), k
         for k in ("num_samples", "num_real", "extractor", "truncation", "trunc_mode", "standing_stats", "repeats",
                   registry.INTRA_FIELDS[1]):
             assert two.get(k) == one.get(k), k
@@ -235,7 +240,8 @@ def test_a_two_node_training_evaluation_equals_bench_eval_of_its_checkpoint(slur
     metrics = [k for k in registry.EVAL_METRICS if again.get(k) is not None]
     assert "eval/FID" in metrics and "eval/class_acc" in metrics
     for k in metrics:
-        assert trained[k] == pytest.approx(again[k], rel=1e-6, abs=1e-6), k
+        assert trained[k] == pytest.approx(again[k], rel=CROSS_PROCESS_REL, abs=CROSS_PROCESS_ABS), k
     assert set(trained["repeat_values"]) == set(again["repeat_values"])
     for k, values in again["repeat_values"].items():
-        assert trained["repeat_values"][k] == pytest.approx(values, rel=1e-6, abs=1e-6), k
+        assert trained["repeat_values"][k] == pytest.approx(values, rel=CROSS_PROCESS_REL,
+                                                            abs=CROSS_PROCESS_ABS), k
