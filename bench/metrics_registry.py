@@ -62,7 +62,7 @@ COST_FIELDS = ("cost/sample_s_per_1k", "cost/features_s_per_1k", "cost/real_feat
 DIAGNOSTIC_FIELDS = ("fid_imag_residue",) + COST_FIELDS
 
 # eval.repeats > 1 (bench/eval/metrics.py summarise_repeats): eval/<metric> is the mean over the K sample sets,
-# eval/<metric>_ci95 its 95% bootstrap interval [lo, hi], and these keys hold the rest
+# eval/<metric>_ci95 its Student-t 95% interval [lo, hi] (bench.eval.stats.t_interval), and these keys hold the rest
 CI_SUFFIX = "_ci95"
 REPEAT_FIELDS = ("repeats", "repeat_seeds", "repeat_values")
 
