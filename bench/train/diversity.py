@@ -128,7 +128,7 @@ class DiversityProbe:
         cfg, tc = t.cfg, t.cfg.telemetry
         probe = cls(tc.diversity_every, tc.diversity_samples, t.shards_spec, cfg.data.resolution, t.n_data_classes,
                     t.device, classifier_path=cfg.eval.classifier_path,
-                    train_if_missing=bool(cfg.eval.get("train_classifier", True)))
+                    train_if_missing=True)  # as training does before step 1 (Trainer._prepare_classifier)
         probe.quiet = t.quiet or not t.is_main
         return probe
 

@@ -120,7 +120,7 @@ class Trainer:
         cfg = self.cfg
         evaluates = bool(cfg.eval.every) or bool(cfg.eval.final)
         needed = cfg.telemetry.diversity_every > 0 or (evaluates and cfg.eval.extractor == "domain")
-        if not needed or not cfg.eval.get("train_classifier", True):
+        if not needed:
             return
         from bench.eval.metrics import ensure_classifier
 
