@@ -208,13 +208,18 @@ def check_data(cfg: DictConfig) -> None:
     if cfg.data.resolution is None:
         from bench.data.shards import resolution_from_manifest
         cfg.data.resolution = resolution_from_manifest(cfg.data.shards)
-    if not isinstance(cfg.data.resolution, int) or not 16 <= cfg.data.resolution <= 256:
-        raise ConfigError(f"data.resolution={cfg.data.resolution!r} is out of range; use 16..256")
+    from bench.data.format import MAX_RESOLUTION, MIN_RESOLUTION
+
+    if not isinstance(cfg.data.resolution, int) or not MIN_RESOLUTION <= cfg.data.resolution <= MAX_RESOLUTION:
+        raise ConfigError(f"data.resolution={cfg.data.resolution!r} is out of range; use "
+                          f"{MIN_RESOLUTION}..{MAX_RESOLUTION}")
     _all_positive(cfg, ("data.samples_per_shard",), ("data.shuffle_buffer",))
     nw = cfg.data.num_workers
     if nw != "auto" and (not isinstance(nw, int) or isinstance(nw, bool) or nw < 0):
         raise ConfigError(f"data.num_workers={nw!r}: use auto or an integer >= 0")
     _positive("data.num_samples", cfg.data.num_samples, allow_zero=cfg.data.name != "shapes")  # folder: 0 = all
+    if not isinstance(cfg.data.get("mirror", False), bool):
+        raise ConfigError(f"data.mirror={cfg.data.mirror!r}: use true or false")
 
 
 def check_train(cfg: DictConfig, world_size: int) -> None:

@@ -20,12 +20,17 @@ def inspect_command(args: list[str]) -> int:
 
     cfg = validate(compose(args))
     n_classes = cfg.model.n_classes or _dataset_classes(cfg)
-    G, D = models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution, n_classes)
-    flops = step_flops(G, D, batch=2, n_classes=n_classes, device=torch.device("cpu"))
+    # On the meta device: shapes only, so a full-width 512 model costs no memory and no arithmetic; the FLOP
+    # counter reads shapes, and counts what the same nets on the CPU count.
+    meta = torch.device("meta")
+    with meta:
+        G, D = models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution, n_classes)
+    flops = step_flops(G, D, batch=2, n_classes=n_classes, device=meta)
     out = {
         "model": cfg.model.family,
         "resolution": cfg.data.resolution,
         "n_classes": n_classes,
+        "conditional": G.conditional,
         "G_params": models.param_count(G),
         "D_params": models.param_count(D),
         "GFLOP_per_image": {"D_step": flops["D_step"] / 1e9, "G_step": flops["G_step"] / 1e9,
@@ -41,8 +46,7 @@ def inspect_command(args: list[str]) -> int:
         ours = {**out["arch"], "n_classes": n_classes, "depth": getattr(G, "depth", None)}
         same = all(ours.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in ref["settings"].items())
         out["reference_params"] = {**ref, "same_settings": same,
-                                   "G_diff_pct": 100 * (out["G_params"] - ref["G"]) / ref["G"],
-                                   "D_diff_pct": 100 * (out["D_params"] - ref["D"]) / ref["D"]}
+                                   **{f"{k}_diff_pct": 100 * (out[f"{k}_params"] - ref[k]) / ref[k] for k in "GD"}}
     # Multi-node on paper (bench/scaling.py): weak scaling of this model's real step at the per-device batch.
     from bench import scaling
     from bench.device import GPU_PEAK_TFLOPS

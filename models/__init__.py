@@ -45,7 +45,9 @@ REGISTRY: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
 
 def build(cfg: Mapping, resolution: int, n_classes: int) -> tuple[nn.Module, nn.Module]:
     """(G, D) for the model config `cfg` (the model.* mapping; keys a family does not use are
-    ignored) at `resolution` pixels with `n_classes` classes. Raises ModelConfigError."""
+    ignored) at `resolution` pixels with `n_classes` classes. n_classes == 1 (an unlabelled set)
+    builds unconditional nets (checks.is_conditional, the one rule: no class embedding in G, no
+    projection term in D). Raises ModelConfigError."""
     family = cfg.get("family")
     if family not in REGISTRY:
         raise ModelConfigError(f"model.family={family!r} is not a model family; "
@@ -63,12 +65,12 @@ def param_count(m: nn.Module) -> int:
 def reference_params(family: str, resolution: int) -> Optional[dict]:
     """A reference implementation's parameter counts for `family` at `resolution`, or None when
     the family's Generator declares none (its class attribute `reference`: {"source",
-    "settings", "params": {resolution: {"G", "D"}}}). Returns {"G": int, "D": int, "source":
-    str, "settings": {model key: value, ..., "n_classes": int}}: the counts hold for those
-    settings only; compare them with param_count of G and D built with the same ones."""
+    "settings", "params": {resolution: {"G", "D"[, "source", "note"]}}}; an entry's own source
+    replaces the family's). Returns {"G": int, "D": int, "source": str, "settings": {model key:
+    value, ..., "n_classes": int}[, "note": str]}: the counts hold for those settings only;
+    compare them with param_count of G and D built with the same ones."""
     G_cls = REGISTRY.get(family, (None, None))[0]
     ref = getattr(G_cls, "reference", None)
     if not ref or resolution not in ref["params"]:
         return None
-    return {**ref["params"][resolution], "source": ref["source"],
-            "settings": dict(ref["settings"])}
+    return {"source": ref["source"], **ref["params"][resolution], "settings": dict(ref["settings"])}

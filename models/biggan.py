@@ -11,12 +11,17 @@ downsampling), self-attention after the first block that reaches each `attn` res
 ReLU -> sum pooling -> features (B, 16*d_ch); logit = linear(features) + <embed(y), features>
 (projection discriminator, Miyato & Koyama 2018).
 
+One class (models.checks.is_conditional: an unlabelled data set): no shared embedding and no
+class input; the CBNs read the z chunk alone (hier), or are plain BatchNorms with a learned
+affine (no hier); D has no projection term (embed is None).
+
 Stability switches (all off by default; BigGANConfig documents them): mbstd adds a
 minibatch-stddev channel before D's last block, mbdisc adds minibatch-discrimination features
 before D's output layer (linear and projection then read [features, mbdisc]); vbn makes G's
 batch norms virtual (reference batch), cross_replica_bn syncs their statistics across ranks.
 
-At 128x128, ch = d_ch = 96, z 120, shared 128, attn [64], 1000 classes: G 70.4M, D 88.0M params.
+At 128x128, ch = d_ch = 96, z 120, shared 128, attn [64], 1000 classes: G 70.4M, D 88.0M params,
+equal to BigGAN-PyTorch's (at 512, z 128: REFERENCE).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import (ModelConfigError, check_arch_switches, check_attn, check_positive, choices_str,
-                     config_from_mapping, g_bn_kind)
+                     config_from_mapping, g_bn_kind, is_conditional)
 from .layers import (INITS, DBlock, GBlock, MinibatchDiscrimination, MinibatchStdDev,
                      SelfAttention, SNConv2d, SNEmbedding, SNLinear, init_weights)
 from .norms import VirtualBatchNormReference, make_bn
@@ -44,6 +49,7 @@ G_ARCH: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
     64: ((16, 16, 8, 4), (16, 8, 4, 2)),
     128: ((16, 16, 8, 4, 2), (16, 8, 4, 2, 1)),
     256: ((16, 16, 8, 8, 4, 2), (16, 8, 8, 4, 2, 1)),
+    512: ((16, 16, 8, 8, 4, 2, 1), (16, 8, 8, 4, 2, 1, 1)),     # BigGAN-PyTorch's G_arch[512]
 }
 # D: (out multipliers, downsample flags); the input of block 0 is the RGB image.
 D_ARCH: dict[int, tuple[tuple[int, ...], tuple[bool, ...]]] = {
@@ -51,8 +57,27 @@ D_ARCH: dict[int, tuple[tuple[int, ...], tuple[bool, ...]]] = {
     64: ((1, 2, 4, 8, 16), (True, True, True, True, False)),    # 64 -> 32 ... 4 -> 4
     128: ((1, 2, 4, 8, 16, 16), (True,) * 5 + (False,)),        # 128 -> 64 ... 4 -> 4
     256: ((1, 2, 4, 8, 8, 16, 16), (True,) * 6 + (False,)),     # 256 -> 128 ... 4 -> 4
+    # 512: BigGAN-PyTorch's D_arch stops at 256; its pattern extended by one ch-wide block at
+    # 512 -> 256, as G_ARCH[512] adds one at its end (StudioGAN's big_resnet 512 table is this).
+    512: ((1, 1, 2, 4, 8, 8, 16, 16), (True,) * 7 + (False,)),  # 512 -> 256 ... 4 -> 4
 }
 BOTTOM = 4  # side of G's first feature map
+
+# Parameter counts (nn.Parameters only) of BigGAN-PyTorch's BigGAN.py (github.com/ajbrock/BigGAN-PyTorch,
+# 98459431; Generator / Discriminator) built with G_ch = D_ch = 96, dim_z 128 (8 chunks of 16, as the
+# TF-Hub BigGAN 512 module), shared_dim 128, hier, G_shared, G_attn = D_attn = 64, n_classes 1000.
+# Built the same way at 128 (dim_z 120) and 256 (dim_z 140) it counts 70,433,988 / 87,982,370 and
+# 82,235,844 / 99,225,890, equal to ours (tests/test_res512.py).
+REFERENCE = {
+    "source": "BigGAN-PyTorch BigGAN.py (G_ch = D_ch = 96, shared_dim 128, hier, attention at 64)",
+    "settings": {"ch": 96, "d_ch": 96, "z_dim": 128, "shared_dim": 128, "hier": True, "attn": (64,),
+                 "n_classes": 1000},
+    "params": {
+        512: {"G": 82_296_804, "D": 99_401_282,
+              "note": "D: BigGAN-PyTorch's D_arch has no 512 entry; its Discriminator given this file's "
+                      "D_ARCH[512] counts this, which checks our blocks against theirs for the table"},
+    },
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +150,15 @@ class Generator(VirtualBatchNormReference, nn.Module):
     class_vec, when given, replaces class_embedding(y) (y is then ignored): interpolate class
     vectors from `class_embedding` to move between classes.
     `shared` is the shared class embedding (nn.Embedding, no SN), or None when shared_dim = 0
-    (then class vectors are one-hot, E = n_classes). Exclude it from orthogonal regularisation.
+    (then class vectors are one-hot, E = n_classes) or when G is unconditional (one class:
+    E = 0, y is ignored and may be None). Exclude it from orthogonal regularisation.
     With vbn, every forward also runs the reference batch (vbn_z, vbn_y; set_vbn_reference).
     """
 
     family = "biggan"
     resolutions = tuple(G_ARCH)
     Config = BigGANConfig
+    reference = REFERENCE  # read by models.reference_params
 
     def __init__(self, cfg: BigGANConfig = BigGANConfig(), resolution: int = 128,
                  n_classes: int = 1000):
@@ -142,6 +169,7 @@ class Generator(VirtualBatchNormReference, nn.Module):
         self.cfg = cfg
         self.resolution = resolution
         self.n_classes = n_classes
+        self.conditional = is_conditional(n_classes)
         self.z_dim = cfg.z_dim
         self.hier = cfg.hier
         ch = cfg.ch
@@ -163,13 +191,15 @@ class Generator(VirtualBatchNormReference, nn.Module):
             chunk = 0
             self.z_chunks = [cfg.z_dim]
 
-        # Class vector: the shared embedding, or one-hot labels when shared_dim = 0.
-        self.shared = nn.Embedding(n_classes, cfg.shared_dim) if cfg.shared_dim > 0 else None
-        self.class_dim = cfg.shared_dim if cfg.shared_dim > 0 else n_classes
-        cond_dim = self.class_dim + chunk
-        # Projections of a learned embedding are SN layers; per-class gains read from one-hot
-        # labels are plain per-class embeddings, as in BigGAN-PyTorch / SAGAN.
-        cond_sn = SNSettings(cfg.g_sn and cfg.shared_dim > 0, cfg.sn_iters, cfg.sn_eps)
+        # Class vector: the shared embedding, or one-hot labels when shared_dim = 0; none (E = 0)
+        # when unconditional.
+        shared = self.conditional and cfg.shared_dim > 0
+        self.shared = nn.Embedding(n_classes, cfg.shared_dim) if shared else None
+        self.class_dim = (cfg.shared_dim if shared else n_classes) if self.conditional else 0
+        cond_dim = self.class_dim + chunk  # 0: unconditional without hier -> plain BatchNorms
+        # Projections of a learned embedding (or of z alone) are SN layers; per-class gains read
+        # from one-hot labels are plain per-class embeddings, as in BigGAN-PyTorch / SAGAN.
+        cond_sn = SNSettings(cfg.g_sn and (shared or not self.conditional), cfg.sn_iters, cfg.sn_eps)
         self.bn_kind = g_bn_kind(cfg)
 
         self.linear = SNLinear(self.z_chunks[0], in_mult[0] * ch * BOTTOM ** 2, sn=sn)
@@ -193,6 +223,7 @@ class Generator(VirtualBatchNormReference, nn.Module):
         in_mult, out_mult = G_ARCH[self.resolution]
         return {
             "family": self.family, "resolution": self.resolution, "z_dim": self.z_dim,
+            "conditional": self.conditional,
             "z_chunks": list(self.z_chunks), "class_dim": self.class_dim, "bn": self.bn_kind,
             "blocks": [{"in": a * self.cfg.ch, "out": b * self.cfg.ch, "resolution": r,
                         "attention": r in self.attn_res}
@@ -200,7 +231,10 @@ class Generator(VirtualBatchNormReference, nn.Module):
         }
 
     def class_embedding(self, y: torch.Tensor) -> torch.Tensor:
-        """(B,) long -> (B, E): the class vector G conditions on (shared embedding or one-hot)."""
+        """(B,) long -> (B, E): the class vector G conditions on (shared embedding or one-hot;
+        (B, 0) when unconditional)."""
+        if not self.conditional:
+            return self.linear.weight.new_zeros((y.shape[0], 0))
         if self.shared is not None:
             return self.shared(y)
         return F.one_hot(y, self.n_classes).to(self.linear.weight.dtype)
@@ -208,7 +242,8 @@ class Generator(VirtualBatchNormReference, nn.Module):
     def forward(self, z: torch.Tensor, y: Optional[torch.Tensor] = None,
                 class_vec: Optional[torch.Tensor] = None) -> torch.Tensor:
         if class_vec is None:
-            class_vec = self.class_embedding(y)                         # (B, E)
+            class_vec = (self.class_embedding(y) if self.conditional
+                         else z.new_zeros((z.shape[0], 0)))             # (B, E)
         n_ref = 0
         if self.vbn:  # reference batch first: (R + B, ...) from here on
             z, class_vec, n_ref = self._vbn_prepend(z, class_vec)
@@ -229,7 +264,8 @@ class Discriminator(nn.Module):
     """D(x (B, 3, R, R), y (B,) long) -> logits (B,) float32, or (logits, features (B, F)) with
     return_features=True; features are the ReLU + sum-pooled output of the last block,
     F = feature_dim = last block width (16 * d_ch for 64-256, 4 * d_ch for 32).
-    `embed` is the SN class embedding of the projection term.
+    `embed` is the SN class embedding of the projection term; None when D is unconditional
+    (one class: logit = linear(features) alone).
     mbstd: `mbstd` (MinibatchStdDev) adds a channel to the input of the last block.
     mbdisc: `mbdisc` (MinibatchDiscrimination) maps features to [features, o] (B, out_dim =
     F + mbdisc); `linear` and `embed` read that, return_features still gives the pooled F."""
@@ -247,6 +283,7 @@ class Discriminator(nn.Module):
         self.cfg = cfg
         self.resolution = resolution
         self.n_classes = n_classes
+        self.conditional = is_conditional(n_classes)
         sn = SNSettings(cfg.d_sn, cfg.sn_iters, cfg.sn_eps)
         out_mult, downs = D_ARCH[resolution]
         widths = [3] + [m * cfg.d_ch for m in out_mult]
@@ -270,7 +307,7 @@ class Discriminator(nn.Module):
                                                sn=sn) if cfg.mbdisc else None)
         self.out_dim = self.feature_dim + cfg.mbdisc  # what linear and the projection read
         self.linear = SNLinear(self.out_dim, 1, sn=sn)
-        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn)
+        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn) if self.conditional else None
         init_weights(self, cfg.init)
 
     @property
@@ -278,7 +315,7 @@ class Discriminator(nn.Module):
         out_mult, downs = D_ARCH[self.resolution]
         widths = [3] + [m * self.cfg.d_ch for m in out_mult]
         return {
-            "family": self.family, "resolution": self.resolution,
+            "family": self.family, "resolution": self.resolution, "conditional": self.conditional,
             "feature_dim": self.feature_dim, "out_dim": self.out_dim,
             "mbstd": self.cfg.mbstd, "mbdisc": self.cfg.mbdisc,
             "blocks": [{"in": widths[i], "out": widths[i + 1], "resolution": r,
@@ -295,7 +332,9 @@ class Discriminator(nn.Module):
             h = attn(block(h))                                    # (B, C', H', W')
         features = torch.sum(F.relu(h), dim=(2, 3))               # (B, F)
         out = self.mbdisc(features) if self.mbdisc is not None else features  # (B, out_dim)
-        logits = self.linear(out).squeeze(1) + (self.embed(y) * out).sum(1)  # (B,)
+        logits = self.linear(out).squeeze(1)                      # (B,)
+        if self.embed is not None:                                # projection term
+            logits = logits + (self.embed(y) * out).sum(1)
         logits = logits.float()
         if return_features:
             return logits, features.float()

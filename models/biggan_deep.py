@@ -21,12 +21,17 @@ Discriminator: stem conv3x3 -> per stage: depth blocks (the first one halves the
 stage downsamples, and widens), self-attention after the first stage that reaches each `attn`
 resolution -> ReLU -> sum pooling -> features; logit = linear(features) + <embed(y), features>.
 
+One class (models.checks.is_conditional): no class vector (E = 0): with hier, z alone feeds the
+first linear layer and every CBN; without hier, the CBNs are plain BatchNorms with a learned affine;
+D has no projection term (embed is None).
+
 The stability switches of BigGANConfig carry over: mbstd adds its channel to the input of D's
 last block (that block's skip drops it again: the skip keeps the first `out` channels), mbdisc
 adds features before D's output layer, vbn / cross_replica_bn change G's batch norms.
 
 At 128x128 and 256x256 with ch = d_ch = 128, z 128, shared 128, hier, attn [64], 1000 classes
-the parameter counts equal BigGAN-PyTorch's (REFERENCE_PARAMS).
+the parameter counts equal BigGAN-PyTorch's (REFERENCE_PARAMS); at 512x512 (G 56.02M, D 38.30M)
+its table's note says what they are compared with.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .biggan import G_ARCH, BigGANConfig, _check_resolution, g_resolutions
-from .checks import ModelConfigError, check_attn, check_positive, g_bn_kind
+from .checks import ModelConfigError, check_attn, check_positive, g_bn_kind, is_conditional
 from .layers import (ConditionalBatchNorm2d, MinibatchDiscrimination, MinibatchStdDev,
                      SelfAttention, SNConv2d, SNEmbedding, SNLinear, init_weights)
 from .norms import VirtualBatchNormReference, make_bn
@@ -56,19 +61,33 @@ D_ARCH: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...]]] = {
     64: ((1, 2, 4, 8), (2, 4, 8, 16), (True,) * 4),                          # 64 -> ... -> 4
     128: ((1, 2, 4, 8, 16), (2, 4, 8, 16, 16), (True,) * 5),                 # 128 -> ... -> 4
     256: ((1, 2, 4, 8, 8, 16), (2, 4, 8, 8, 16, 16), (True,) * 6),           # 256 -> ... -> 4
+    # 512: the reflection of G_ARCH[512], as at every other resolution (BigGAN-PyTorch has no 512
+    # D; StudioGAN's big_resnet_deep 512 table is this one).
+    512: ((1, 1, 2, 4, 8, 8, 16), (1, 2, 4, 8, 8, 16, 16), (True,) * 7),     # 512 -> ... -> 4
 }
 
 # Parameter counts (nn.Parameters only; spectral-norm vectors and BN statistics are buffers) of
 # BigGAN-PyTorch's BigGANdeep.py (github.com/ajbrock/BigGAN-PyTorch, Generator / Discriminator),
 # measured by building its classes with the settings of scripts/launch_BigGAN_deep.sh:
 # G_ch = D_ch = 128, G_depth = D_depth = 2, dim_z 128, shared_dim 128, hier, G_shared,
-# G_attn = D_attn = 64, n_classes 1000.
+# G_attn = D_attn = 64, n_classes 1000. Its master (98459431) has no 512 tables; the 512 entry says
+# where its counts come from (models.reference_params merges an entry's own source / note).
 REFERENCE_SOURCE = "BigGAN-PyTorch BigGANdeep.py (scripts/launch_BigGAN_deep.sh settings)"
 REFERENCE_SETTINGS = {"ch": 128, "d_ch": 128, "z_dim": 128, "shared_dim": 128, "hier": True,
                       "attn": (64,), "depth": 2, "n_classes": 1000}
-REFERENCE_PARAMS: dict[int, dict[str, int]] = {
+REFERENCE_PARAMS: dict[int, dict] = {
     128: {"G": 50_244_484, "D": 34_590_210},
     256: {"G": 55_736_708, "D": 38_247_426},
+    512: {"G": 56_163_905, "D": 38_301_122,
+          "source": "G: BigGAN-PyTorch pull request #72 (f584c36, 'Support 512x512', unmerged), "
+                    "BigGANdeep.Generator; D: BigGAN-PyTorch BigGANdeep.Discriminator given this "
+                    "file's D_ARCH[512] (its D_arch has no 512 entry)",
+          "note": "G: the pull request's output conv has 128 channels and keeps the first 3 (the "
+                  "TF-Hub layout): 144,125 parameters (3x3x128x125 + 125) more than ours, which "
+                  "equals its G less those; the same G at 128 / 256 counts 50,388,609 / "
+                  "55,880,833, the published TF-Hub BigGAN-deep sizes 50.4M / 55.9M / 56.2M "
+                  "(pytorch-pretrained-BigGAN). D: no 512 discriminator was released or written "
+                  "in BigGAN-PyTorch; this count checks our blocks against theirs for the table."},
 }
 REFERENCE = {"source": REFERENCE_SOURCE, "settings": REFERENCE_SETTINGS, "params": REFERENCE_PARAMS}
 
@@ -109,6 +128,7 @@ def _checked_common(net: nn.Module, cfg, resolution: int, n_classes: int) -> Non
     net.attn_res = check_attn(cfg.attn, net.family, resolution, attn_choices(resolution))
     check_positive("n_classes", n_classes)
     net.cfg, net.resolution, net.n_classes = cfg, resolution, n_classes
+    net.conditional = is_conditional(n_classes)
 
 
 def _hidden(width: int, what: str) -> int:
@@ -203,7 +223,8 @@ class Generator(VirtualBatchNormReference, nn.Module):
 
     The interface of biggan.Generator: class_vec, when given, replaces class_embedding(y);
     `shared` is the shared class embedding (nn.Embedding, no SN) or None when shared_dim = 0
-    (one-hot class vectors, E = n_classes). `blocks` holds depth blocks per stage, in order;
+    (one-hot class vectors, E = n_classes) or G is unconditional (E = 0; y is ignored and may be
+    None). `blocks` holds depth blocks per stage, in order;
     `attn[s]` follows stage s.
     """
 
@@ -218,14 +239,16 @@ class Generator(VirtualBatchNormReference, nn.Module):
         _checked_common(self, cfg, resolution, n_classes)
         self.z_dim, self.hier, self.depth = cfg.z_dim, cfg.hier, cfg.depth
         sn = SNSettings(cfg.g_sn, cfg.sn_iters, cfg.sn_eps)
-        self.shared = nn.Embedding(n_classes, cfg.shared_dim) if cfg.shared_dim > 0 else None
-        self.class_dim = cfg.shared_dim if cfg.shared_dim > 0 else n_classes
-        # hier: [class_vec, z] feeds the first linear layer and every CBN; else z / class_vec.
+        shared = self.conditional and cfg.shared_dim > 0
+        self.shared = nn.Embedding(n_classes, cfg.shared_dim) if shared else None
+        self.class_dim = (cfg.shared_dim if shared else n_classes) if self.conditional else 0
+        # hier: [class_vec, z] feeds the first linear layer and every CBN; else z / class_vec
+        # (cond_dim 0, unconditional without hier: plain BatchNorms).
         self.cond_dim = self.class_dim + (cfg.z_dim if cfg.hier else 0)
         in_dim = cfg.z_dim + (self.class_dim if cfg.hier else 0)
-        # As in biggan: CBN projections of a learned embedding are SN layers; those reading
-        # one-hot labels are plain per-class tables.
-        cond_sn = SNSettings(cfg.g_sn and cfg.shared_dim > 0, cfg.sn_iters, cfg.sn_eps)
+        # As in biggan: CBN projections of a learned embedding (or of z alone) are SN layers;
+        # those reading one-hot labels are plain per-class tables.
+        cond_sn = SNSettings(cfg.g_sn and (shared or not self.conditional), cfg.sn_iters, cfg.sn_eps)
         self.bn_kind = g_bn_kind(cfg)
         in_mult, out_mult = G_ARCH[resolution]
         self.linear = SNLinear(in_dim, in_mult[0] * cfg.ch * BOTTOM ** 2, sn=sn)
@@ -252,11 +275,15 @@ class Generator(VirtualBatchNormReference, nn.Module):
                               for b in self.blocks[s * self.depth:(s + 1) * self.depth]]}
                   for s, r in enumerate(g_resolutions(self.resolution))]
         return {"family": self.family, "resolution": self.resolution, "z_dim": self.z_dim,
+                "conditional": self.conditional,
                 "hier": self.hier, "class_dim": self.class_dim, "cond_dim": self.cond_dim,
                 "depth": self.depth, "bn": self.bn_kind, "stages": stages}
 
     def class_embedding(self, y: torch.Tensor) -> torch.Tensor:
-        """(B,) long -> (B, E): the class vector G conditions on (shared embedding or one-hot)."""
+        """(B,) long -> (B, E): the class vector G conditions on (shared embedding or one-hot;
+        (B, 0) when unconditional)."""
+        if not self.conditional:
+            return self.linear.weight.new_zeros((y.shape[0], 0))
         if self.shared is not None:
             return self.shared(y)
         return F.one_hot(y, self.n_classes).to(self.linear.weight.dtype)
@@ -264,7 +291,8 @@ class Generator(VirtualBatchNormReference, nn.Module):
     def forward(self, z: torch.Tensor, y: Optional[torch.Tensor] = None,
                 class_vec: Optional[torch.Tensor] = None) -> torch.Tensor:
         if class_vec is None:
-            class_vec = self.class_embedding(y)                         # (B, E)
+            class_vec = (self.class_embedding(y) if self.conditional
+                         else z.new_zeros((z.shape[0], 0)))             # (B, E)
         n_ref = 0
         if self.vbn:  # reference batch first: (R + B, ...) from here on
             z, class_vec, n_ref = self._vbn_prepend(z, class_vec)
@@ -284,8 +312,8 @@ class Generator(VirtualBatchNormReference, nn.Module):
 class Discriminator(nn.Module):
     """D(x (B, 3, R, R), y (B,) long) -> logits (B,) float32, or (logits, features (B, F)) with
     return_features=True; features are the ReLU + sum-pooled output of the last block,
-    F = feature_dim = the last stage's width. The interface of biggan.Discriminator (embed,
-    feature_dim, out_dim, mbstd, mbdisc). `blocks` holds depth blocks per stage, in order;
+    F = feature_dim = the last stage's width. The interface of biggan.Discriminator (embed, None
+    when unconditional; feature_dim, out_dim, mbstd, mbdisc). `blocks` holds depth blocks per stage, in order;
     `attn[s]` follows stage s."""
 
     family = "biggan_deep"
@@ -321,7 +349,7 @@ class Discriminator(nn.Module):
                                                sn=sn) if cfg.mbdisc else None)
         self.out_dim = self.feature_dim + cfg.mbdisc  # what linear and the projection read
         self.linear = SNLinear(self.out_dim, 1, sn=sn)
-        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn)
+        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn) if self.conditional else None
         init_weights(self, cfg.init)
 
     @property
@@ -331,7 +359,7 @@ class Discriminator(nn.Module):
                               for b in self.blocks[s * self.depth:(s + 1) * self.depth]]}
                   for s, r in enumerate(d_resolutions(self.resolution))]
         return {"family": self.family, "resolution": self.resolution, "depth": self.depth,
-                "stem": {"in": 3, "out": self.stem.out_channels},
+                "conditional": self.conditional, "stem": {"in": 3, "out": self.stem.out_channels},
                 "feature_dim": self.feature_dim, "out_dim": self.out_dim,
                 "mbstd": self.cfg.mbstd, "mbdisc": self.cfg.mbdisc, "stages": stages}
 
@@ -346,7 +374,9 @@ class Discriminator(nn.Module):
             h = attn(h)
         features = torch.sum(F.relu(h), dim=(2, 3))               # (B, F)
         out = self.mbdisc(features) if self.mbdisc is not None else features  # (B, out_dim)
-        logits = self.linear(out).squeeze(1) + (self.embed(y) * out).sum(1)  # (B,)
+        logits = self.linear(out).squeeze(1)                      # (B,)
+        if self.embed is not None:                                # projection term
+            logits = logits + (self.embed(y) * out).sum(1)
         logits = logits.float()
         if return_features:
             return logits, features.float()

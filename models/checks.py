@@ -49,6 +49,15 @@ def check_arch_switches(cfg) -> None:
                                "switch one off")
 
 
+def is_conditional(n_classes: int) -> bool:
+    """THE rule for class conditioning, read by every family: one class (an unlabelled data set, whose
+    manifest has class_names ["unlabelled"]) builds an unconditional G and D. G then has no class
+    embedding and no class input (its batch norms are conditioned on z alone, or plain); D has no
+    projection term. With one class the projection term <embed(0), features> would only duplicate
+    D's linear output layer."""
+    return int(n_classes) > 1
+
+
 def g_bn_kind(cfg) -> str:
     """The BatchNorm kind of a generator: "virtual", "cross_replica" or "batch"."""
     return "virtual" if cfg.vbn else "cross_replica" if cfg.cross_replica_bn else "batch"

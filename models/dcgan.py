@@ -10,6 +10,9 @@ width from d_ch down to 4x4 (no BN after the first conv); features = the flatten
 (B, 16 * width at 4x4), which is what DCGAN's final 4x4 conv reads; logit = linear(features)
 + <embed(y), features> (projection).
 
+One class (models.checks.is_conditional): G reads z alone (no class vector, E = 0) and D has no
+projection term (embed is None).
+
 g_sn / d_sn add spectral norm to every weight layer (off in the DCGAN config).
 Stability switches (DCGANConfig): mbstd adds a minibatch-stddev channel before D's last conv,
 mbdisc adds minibatch-discrimination features before D's output layer; vbn / cross_replica_bn
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import (ModelConfigError, check_arch_switches, check_positive, choices_str,
-                     config_from_mapping, g_bn_kind)
+                     config_from_mapping, g_bn_kind, is_conditional)
 from .layers import (INITS, MinibatchDiscrimination, MinibatchStdDev, SNConv2d, SNConvTranspose2d,
                      SNEmbedding, SNLinear, init_weights)
 from .norms import VirtualBatchNorm2d, VirtualBatchNormReference, make_bn
@@ -93,7 +96,8 @@ def _init(net: nn.Module, scheme: str) -> None:
 class Generator(VirtualBatchNormReference, nn.Module):
     """G(z (B, z_dim), y (B,) long, class_vec (B, E) | None) -> (B, 3, R, R) in [-1, 1].
     `shared` is the class embedding concatenated to z (nn.Embedding, no SN), or None when
-    shared_dim = 0 (one-hot class vectors, E = n_classes). With vbn, every forward also runs
+    shared_dim = 0 (one-hot class vectors, E = n_classes) or G is unconditional (E = 0; y is
+    ignored and may be None). With vbn, every forward also runs
     the reference batch (vbn_z, vbn_y; set_vbn_reference)."""
 
     family = "dcgan"
@@ -108,9 +112,11 @@ class Generator(VirtualBatchNormReference, nn.Module):
         self.cfg = cfg
         self.resolution = resolution
         self.n_classes = n_classes
+        self.conditional = is_conditional(n_classes)
         self.z_dim = cfg.z_dim
-        self.shared = nn.Embedding(n_classes, cfg.shared_dim) if cfg.shared_dim > 0 else None
-        self.class_dim = cfg.shared_dim if cfg.shared_dim > 0 else n_classes
+        shared = self.conditional and cfg.shared_dim > 0
+        self.shared = nn.Embedding(n_classes, cfg.shared_dim) if shared else None
+        self.class_dim = (cfg.shared_dim if shared else n_classes) if self.conditional else 0
         sn = SNSettings(cfg.g_sn, cfg.sn_iters, cfg.sn_eps)
         self.bn_kind = g_bn_kind(cfg)
         self.widths = [cfg.ch * 2 ** (n_up - 1 - i) for i in range(n_up)]  # at 4, 8, ..., R/2
@@ -130,11 +136,13 @@ class Generator(VirtualBatchNormReference, nn.Module):
     @property
     def arch(self) -> dict:
         return {"family": self.family, "resolution": self.resolution, "z_dim": self.z_dim,
-                "class_dim": self.class_dim, "bn": self.bn_kind,
+                "conditional": self.conditional, "class_dim": self.class_dim, "bn": self.bn_kind,
                 "widths": {BOTTOM_SIDE * 2 ** i: w for i, w in enumerate(self.widths)}}
 
     def class_embedding(self, y: torch.Tensor) -> torch.Tensor:
-        """(B,) long -> (B, E): the class vector concatenated to z."""
+        """(B,) long -> (B, E): the class vector concatenated to z ((B, 0) when unconditional)."""
+        if not self.conditional:
+            return self.net[0].weight.new_zeros((y.shape[0], 0))
         if self.shared is not None:
             return self.shared(y)
         return F.one_hot(y, self.n_classes).to(self.net[0].weight.dtype)
@@ -142,7 +150,8 @@ class Generator(VirtualBatchNormReference, nn.Module):
     def forward(self, z: torch.Tensor, y: Optional[torch.Tensor] = None,
                 class_vec: Optional[torch.Tensor] = None) -> torch.Tensor:
         if class_vec is None:
-            class_vec = self.class_embedding(y)
+            class_vec = (self.class_embedding(y) if self.conditional
+                         else z.new_zeros((z.shape[0], 0)))
         n_ref = 0
         if self.vbn:  # reference batch first: (R + B, ...) from here on
             z, class_vec, n_ref = self._vbn_prepend(z, class_vec)
@@ -152,7 +161,8 @@ class Generator(VirtualBatchNormReference, nn.Module):
 
 class Discriminator(nn.Module):
     """D(x (B, 3, R, R), y (B,)) -> logits (B,) float32 [, features (B, feature_dim)];
-    feature_dim = 16 * d_ch * 2^(n_down - 1). `embed` is the projection class embedding.
+    feature_dim = 16 * d_ch * 2^(n_down - 1). `embed` is the projection class embedding (None
+    when unconditional).
     mbstd: a MinibatchStdDev layer in `net` adds a channel to the input of the last conv.
     mbdisc: `mbdisc` maps features to (B, out_dim = feature_dim + mbdisc), which `linear` and
     the projection read; return_features still gives the flattened features."""
@@ -169,6 +179,7 @@ class Discriminator(nn.Module):
         self.cfg = cfg
         self.resolution = resolution
         self.n_classes = n_classes
+        self.conditional = is_conditional(n_classes)
         sn = SNSettings(cfg.d_sn, cfg.sn_iters, cfg.sn_eps)
         self.widths = [cfg.d_ch * 2 ** i for i in range(n_down)]  # at R/2, R/4, ..., 4
         layers: list[nn.Module] = []
@@ -188,12 +199,12 @@ class Discriminator(nn.Module):
                                                sn=sn) if cfg.mbdisc else None)
         self.out_dim = self.feature_dim + cfg.mbdisc  # what linear and the projection read
         self.linear = SNLinear(self.out_dim, 1, sn=sn)
-        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn)
+        self.embed = SNEmbedding(n_classes, self.out_dim, sn=sn) if self.conditional else None
         _init(self, cfg.init)
 
     @property
     def arch(self) -> dict:
-        return {"family": self.family, "resolution": self.resolution,
+        return {"family": self.family, "resolution": self.resolution, "conditional": self.conditional,
                 "feature_dim": self.feature_dim, "out_dim": self.out_dim,
                 "mbstd": self.cfg.mbstd, "mbdisc": self.cfg.mbdisc,
                 "widths": {self.resolution // 2 ** (i + 1): w for i, w in enumerate(self.widths)}}
@@ -201,7 +212,9 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, return_features: bool = False):
         features = self.net(x).flatten(1)                              # (B, 16 * C)
         out = self.mbdisc(features) if self.mbdisc is not None else features  # (B, out_dim)
-        logits = self.linear(out).squeeze(1) + (self.embed(y) * out).sum(1)  # (B,)
+        logits = self.linear(out).squeeze(1)                            # (B,)
+        if self.embed is not None:                                      # projection term
+            logits = logits + (self.embed(y) * out).sum(1)
         logits = logits.float()
         if return_features:
             return logits, features.float()

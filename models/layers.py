@@ -109,6 +109,8 @@ class ConditionalBatchNorm2d(nn.Module):
 
     x: (B, C, H, W); c: (B, E). With E = shared_dim (+ z chunk) this is BigGAN's conditional BN;
     with c one-hot over classes it is the per-class-embedding conditional BN of SAGAN.
+    cond_dim = 0 (an unconditional G without z in its batch norms): plain BatchNorm with its own
+    learned affine (bn.weight, bn.bias); c is ignored and gain / bias are None.
     bn: the normalisation (BN_KINDS); with "cross_replica" the statistics are synced across
     ranks and the per-sample gain / bias are applied after, locally.
     """
@@ -116,11 +118,13 @@ class ConditionalBatchNorm2d(nn.Module):
     def __init__(self, num_features: int, cond_dim: int, *, eps: float = 1e-5,
                  momentum: float = 0.1, sn: SNSettings = SNSettings(), bn: str = "batch"):
         super().__init__()
-        self.bn = make_bn(bn, num_features, eps=eps, momentum=momentum, affine=False)
-        self.gain = SNLinear(cond_dim, num_features, bias=False, sn=sn)
-        self.bias = SNLinear(cond_dim, num_features, bias=False, sn=sn)
+        self.bn = make_bn(bn, num_features, eps=eps, momentum=momentum, affine=cond_dim == 0)
+        self.gain = SNLinear(cond_dim, num_features, bias=False, sn=sn) if cond_dim else None
+        self.bias = SNLinear(cond_dim, num_features, bias=False, sn=sn) if cond_dim else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.gain is None:
+            return self.bn(x)
         gain = (1 + self.gain(c))[:, :, None, None]  # (B, C, 1, 1)
         bias = self.bias(c)[:, :, None, None]
         return self.bn(x) * gain + bias

@@ -6,6 +6,8 @@ is SAGAN scaled up plus a shared embedding and a hierarchical latent), but:
   - conditional BatchNorm uses per-class gains and biases: the class vector is one-hot
     (E = n_classes) and each CBN's gain / bias projection is a plain per-class embedding;
   - resolutions 32, 64 and 128 (the paper's ImageNet model: ch 64, attention at 32).
+One class (models.checks.is_conditional): plain BatchNorms with a learned affine in G (the
+unconditional SN-GAN / SAGAN generator), no projection term in D.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class Generator(biggan.Generator):
     family = "sagan"
     resolutions = RESOLUTIONS
     Config = SAGANConfig
+    reference = None  # biggan.Generator's counts are BigGAN's
 
     def __init__(self, cfg: SAGANConfig = SAGANConfig(), resolution: int = 128,
                  n_classes: int = 1000):

@@ -15,7 +15,7 @@ from PIL import Image
 
 MANIFEST = "manifest.json"
 SHARD_NAME = "shard-{:06d}.tar"
-MIN_RESOLUTION, MAX_RESOLUTION = 16, 256
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 512  # 512: BigGAN / BigGAN-deep 512 (models/biggan.py G_ARCH)
 DEFAULT_NUM_SAMPLES = 10000
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")  # accepted image members when reading
 MAKE_SHARDS_HINT = "create them with `bench data make-shards source=shapes out=DIR`"
