@@ -11,6 +11,7 @@ from pathlib import Path
 from bench import rundir
 from bench.args import ANY, FLAG, PSI_LIST, TEXT, WHICH, choice, integer, parse_kv
 from bench.config import compose
+from bench.data.format import MAX_RESOLUTION, MIN_RESOLUTION
 from bench.errors import UsageError, is_user_error, process_failed
 
 USAGE = """usage: bench <command> [key=value ...]
@@ -18,7 +19,10 @@ USAGE = """usage: bench <command> [key=value ...]
 commands:
   train [overrides]                 train (no overrides: a small BigGAN on the built-in shapes data)
   train -m [sweep overrides]        Hydra multirun sweep (hydra/launcher=submitit_local|submitit_slurm)
-  data make-shards source=shapes|folder out=DIR [folder=DIR] [data.resolution=32] [data.num_samples=N]
+  data make-shards source=shapes|folder|npz|cifar|hdf5|lmdb|torchvision out=DIR [folder=DIR] [file=F]
+                    [split=train|test|all] [dataset=NAME root=DIR] [data.resolution=N] [data.num_samples=N]
+                                    a WebDataset shard set (+ manifest.json) from the built-in data, an image
+                                    folder, an npz / HDF5 file, CIFAR's pickles, an LMDB or a torchvision dataset
   inspect [overrides]               parameter counts and GFLOP per image of a D step and a G step (JSON)
   throughput [overrides]            img/s, step-time split, TFLOP/s, MFU, memory (JSON); -m sweeps
   eval train-classifier [data.shards=DIR]   train the offline domain feature extractor beside the shards
@@ -40,6 +44,7 @@ examples:
   bench train model=sagan train.steps=20 train.batch_size=8 run.dir=/tmp/r1
   bench inspect model=biggan_128
   bench data make-shards source=shapes out=/tmp/s data.resolution=32
+  bench data make-shards source=cifar folder=~/data/cifar-10-batches-py out=/tmp/cifar10
 """
 
 
@@ -48,12 +53,16 @@ RUN_REQUIRED = {"run": "DIR (a run directory written by bench train)"}
 RUN_PASSTHROUGH = ("data.shards", "eval.*")  # a run's evaluation settings, and its real data when not its own
 EVAL_ARGS = {"run": TEXT, "which": WHICH}
 TRUNCATION_ARGS = {"run": TEXT, "psi": PSI_LIST, "which": WHICH}
-SHARDS_ARGS = {"source": choice("shapes", "folder"), "out": TEXT, "folder": TEXT, "data.resolution": integer(16, 256),
+SHARDS_SOURCES = ("shapes", "folder", "npz", "cifar", "hdf5", "lmdb", "torchvision")  # bench/data/importers.py
+SHARDS_ARGS = {"source": choice(*SHARDS_SOURCES), "out": TEXT, "folder": TEXT, "file": TEXT, "split": TEXT,
+               "dataset": TEXT, "root": TEXT, "data.resolution": integer(MIN_RESOLUTION, MAX_RESOLUTION),
                "data.num_samples": integer(1), "data.samples_per_shard": integer(1), "seed": integer(0),
                "overwrite": FLAG}
 SHARDS_ALIASES = {"samples_per_shard": "data.samples_per_shard"}
-SHARDS_USAGE = ("usage: bench data make-shards source=shapes|folder out=DIR [folder=DIR] [data.resolution=32] "
-                "[data.num_samples=10000] [data.samples_per_shard=500] [seed=0] [overwrite=false]")
+SHARDS_USAGE = ("usage: bench data make-shards source=shapes|folder|npz|cifar|hdf5|lmdb|torchvision out=DIR "
+                "[folder=DIR] [file=F] [split=train|test|all] [dataset=NAME root=DIR] [data.resolution=N "
+                "(default: 32 for shapes and folder, an import's own size)] [data.num_samples=N] "
+                "[data.samples_per_shard=500] [seed=0] [overwrite=false]")
 
 
 def _world_size() -> int:
@@ -287,17 +296,16 @@ def cmd_data(args: list[str]) -> int:
         raise UsageError(SHARDS_USAGE)
     kv, _ = parse_kv(args[1:], SHARDS_ARGS, "data make-shards", aliases=SHARDS_ALIASES,
                      required={"out": "DIR (where the shards and manifest.json go)"})
-    source = kv.get("source", "shapes")
-    if source == "folder" and not kv.get("folder"):
-        raise UsageError("bench data make-shards: source=folder needs folder=DIR (an ImageFolder tree: one subfolder per "
-                         "class)")
     from bench.data.shards import ShardSetSpec, make_shards
 
     ints = {k.split(".")[-1]: v for k, v in kv.items() if k.startswith("data.") or k == "seed"}
-    manifest = make_shards(kv["out"], ShardSetSpec(source=source, folder=kv.get("folder"), **ints),
+    paths = {k: kv.get(k) for k in ("folder", "file", "split", "dataset", "root")}
+    # make_shards checks the source's keys (bench.data.importers.SOURCE_KEYS) before it writes anything
+    manifest = make_shards(kv["out"], ShardSetSpec(source=kv.get("source", "shapes"), **paths, **ints),
                            overwrite=kv.get("overwrite", False))
-    print(json.dumps({k: manifest[k] for k in ("num_samples", "resolution", "class_names")} |
-                     {"shards": len(manifest["shards"]), "out": str(kv["out"])}, indent=2))
+    print(json.dumps({k: manifest[k] for k in ("num_samples", "resolution", "class_names", "labelled")} |
+                     {"skipped": manifest.get("skipped", 0), "shards": len(manifest["shards"]),
+                      "out": str(kv["out"])}, indent=2))
     return 0
 
 

@@ -40,6 +40,7 @@ class DataCfg:
     samples_per_shard: int = 500
     num_workers: Any = "auto"  # decode workers per process: auto (bench.workers.resolve_workers) or >= 0
     shuffle_buffer: int = 1000
+    mirror: bool = False  # training's real images flipped left-right with p = 1/2; effective size 2 x N
 
 
 @dataclass

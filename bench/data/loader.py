@@ -1,7 +1,8 @@
 """Reading shard sets: `ShardLoader`, an iterable of (x, y) batches, x float32 (B, 3, R, R) in [-1, 1],
 y int64 (B,). Shards are split explicitly by rank, then by DataLoader worker, so ranks never read the
-same shard; decoding and batching run in the workers. Corrupt samples are skipped and counted in
-`ShardLoader.skipped`, never raised and never silently dropped (docs/architecture.md).
+same shard; decoding, the optional horizontal flip (data.mirror) and batching run in the workers. Corrupt
+samples are skipped and counted in `ShardLoader.skipped`, never raised and never silently dropped
+(docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from bench.data.format import IMAGE_KEYS, DataError, square_resize
-from bench.data.shards import is_remote, load_manifest, no_shards, resolve_shards, shard_counts
+from bench.data.shards import effective_size, is_remote, load_manifest, no_shards, resolve_shards, shard_counts
 from bench.workers import quiet_child_signals
 
 # Shards are untrusted input: an image whose header claims more pixels than this is skipped (and
@@ -53,6 +54,9 @@ class LoaderSettings:
     drop_last         drop a final partial batch (None: True when resampled, else False)
     num_classes       labels >= this count as corrupt (None: from the shards' manifest.json)
     timeout_s         with workers: seconds to wait for one batch before failing (see LOADER_TIMEOUT_S)
+    mirror            data.mirror, training's real images only: each sample drawn is flipped left-right
+                      with probability 1/2 (StudioGAN's RandomHorizontalFlip), from a stream seeded like the
+                      reader's, so a resumed run flips the same samples; the effective size is then 2 x N
     """
     rank: int = 0
     world_size: int = 1
@@ -64,6 +68,7 @@ class LoaderSettings:
     drop_last: bool | None = None
     num_classes: int | None = None
     timeout_s: float = LOADER_TIMEOUT_S
+    mirror: bool = False
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -152,6 +157,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.seed = settings.shuffle_buffer, settings.seed
         self.resampled, self.epoch_passes = settings.resampled, settings.epoch_passes
         self.drop_last, self.num_classes = settings.drop_last, settings.num_classes
+        self.mirror = settings.mirror
         self.epoch = -1  # lives in the worker (persistent workers keep it), bumped per iteration
         self.expected: dict[str, int] = {}  # abspath of a shard -> its samples (from the manifest)
 
@@ -220,14 +226,16 @@ class _BatchStream(torch.utils.data.IterableDataset):
         bs, res = self.batch_size, self.resolution
         xbuf = np.empty((bs, res, res, 3), dtype=np.uint8)
         ybuf = np.empty((bs,), dtype=np.int64)
+        flips = random.Random(f"gan-bench/mirror/{tag}") if self.mirror else None
         n = 0
         for sample in samples:
             try:
-                xbuf[n], ybuf[n] = _decode(sample, res, self.num_classes)
+                arr, ybuf[n] = _decode(sample, res, self.num_classes)
             except Exception as exc:
                 counter(_Corrupt(f"{exc} @ {sample.get('__url__')}"))
                 continue
             counter.ok()
+            xbuf[n] = arr[:, ::-1] if flips is not None and flips.random() < 0.5 else arr
             n += 1
             if n == bs:
                 yield self._collate(xbuf, ybuf, n, counter)
@@ -256,6 +264,7 @@ class ShardLoader:
     resolution  output side R; images of another size are centre-cropped and resized
     settings    rank / world size, workers, shuffling, seed, passes (see LoaderSettings)
 
+    `effective_size` is the number of distinct images it can yield (2 x the manifest's count with mirror).
     `skipped` counts corrupt samples skipped so far (bad image bytes, missing or non-integer cls,
     label out of range, unreadable shard); worker counts reach it with the batches.
     """
@@ -280,12 +289,13 @@ class ShardLoader:
         self.rank, self.world_size = int(settings.rank), int(settings.world_size)
         self.num_workers = int(settings.num_workers)
         self.resampled, self.num_classes = bool(settings.resampled), num_classes
+        self.mirror = bool(settings.mirror)
         self.manifest = manifest
         self.skipped = 0
         stream = dataclasses.replace(
             settings, rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
             shuffle_buffer=int(settings.shuffle_buffer), seed=int(settings.seed), resampled=self.resampled,
-            epoch_passes=bool(settings.epoch_passes),
+            epoch_passes=bool(settings.epoch_passes), mirror=self.mirror,
             drop_last=self.resampled if settings.drop_last is None else bool(settings.drop_last),
             num_classes=num_classes)
         self._dataset = _BatchStream(shards, self.batch_size, self.resolution, stream)
@@ -297,6 +307,11 @@ class ShardLoader:
     @property
     def readers(self) -> int:
         return self.world_size * max(1, self.num_workers)
+
+    @property
+    def effective_size(self) -> int | None:
+        """Distinct images this loader can yield: the manifest's num_samples, x 2 with mirror; None if unknown."""
+        return effective_size(self.manifest.get("num_samples") if self.manifest else None, self.mirror)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._loader is None:

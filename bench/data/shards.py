@@ -22,14 +22,15 @@ from typing import Iterable
 from bench import rundir
 from bench.data.format import (DEFAULT_NUM_SAMPLES, MAKE_SHARDS_HINT, MANIFEST, SHARD_NAME, DataError,
                                check_resolution)
+from bench.data import importers
 from bench.data.shapes import SHAPES_VERSION
-from bench.data.writer import ShardSetSpec, publish, temp_dir_for, write_shard_set
+from bench.data.writer import DEFAULT_RESOLUTION, ShardSetSpec, publish, temp_dir_for, write_shard_set
 
 __all__ = [  # the shard format's names and DataError live in format.py; they are part of this API
     "MANIFEST", "SHARD_NAME", "DEFAULT_NUM_SAMPLES", "MAKE_SHARDS_HINT", "DataError", "ShardSetSpec",
     "load_manifest", "resolve_shards", "is_remote", "make_shards", "configured_shards", "default_shards",
     "manifest_hash", "dataset_info", "shard_dir", "manifest_problem", "shard_counts", "manifest_resolution",
-    "owned_shard_set",
+    "owned_shard_set", "effective_size", "data_facts", "describe_size",
 ]
 
 
@@ -95,6 +96,11 @@ def manifest_problem(m: dict) -> str | None:
     names = m.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
         return "'class_names' is not a list of strings"
+    labelled = m.get("labelled", True)  # manifests from before the key are labelled
+    if not isinstance(labelled, bool):
+        return f"'labelled'={labelled!r} is not true or false"
+    if not labelled and names is not None and len(names) != 1:
+        return f"'labelled' is false but it names {len(names)} classes (an unlabelled set has one)"
     for key in ("num_samples", "samples_per_shard", "resolution"):
         if key in m and not _is_count(m[key]):
             return f"{key!r}={m[key]!r} is not a non-negative integer"
@@ -226,17 +232,21 @@ def make_shards(out: str | os.PathLike, spec: ShardSetSpec = ShardSetSpec(), *, 
                 overwrite: bool = False) -> dict:
     """Write a WebDataset shard set to directory `out` and return its manifest.
 
-    spec       what to write: source, resolution, num_samples, samples_per_shard, seed, folder,
-               workers (see ShardSetSpec)
+    spec       what to write: source, resolution, num_samples, samples_per_shard, seed, workers, and the
+               source's input: folder, file, split, dataset, root (see ShardSetSpec, importers.SOURCE_KEYS)
     progress   progress and a summary line on stderr
     overwrite  replace an existing shard set at `out` (default: refuse with DataError)
 
     The set is written to a temporary directory beside `out` and renamed into place when complete.
     """
-    if spec.source == "folder":
-        resolution = check_resolution(spec.resolution, "make-shards source=folder", 8, 1024)
+    importers.check_spec(spec.source, {k: getattr(spec, k) for k in ("folder", "file", "split", "dataset", "root")})
+    if spec.source == "shapes":
+        resolution = check_resolution(spec.resolution or DEFAULT_RESOLUTION, "make-shards")
+    elif spec.resolution is None and spec.source != "folder":
+        resolution = None  # an importer's own square side (writer._plan)
     else:
-        resolution = check_resolution(spec.resolution, "make-shards")
+        resolution = check_resolution(spec.resolution or DEFAULT_RESOLUTION, f"make-shards source={spec.source}",
+                                      8, 1024)
     if int(spec.samples_per_shard) < 1:
         raise DataError(f"make-shards samples_per_shard={spec.samples_per_shard}: must be >= 1")
     spec = dataclasses.replace(spec, resolution=resolution, samples_per_shard=int(spec.samples_per_shard),
@@ -282,12 +292,14 @@ def owned_shard_set(out: Path) -> str | None:
 def _check_out(out: Path, spec: ShardSetSpec, overwrite: bool) -> None:
     """DataError unless writing to `out` can destroy nothing but a shard set we wrote earlier."""
     where = f"make-shards out={str(out)!r}"
-    if spec.source == "folder" and spec.folder is not None:
-        src, dst = Path(os.path.expanduser(str(spec.folder))).resolve(), out.resolve()
+    src = importers.source_path(spec)
+    if src is not None:
+        dst = out.resolve()
         if dst == src or src in dst.parents or dst in src.parents:
             rel = "is" if dst == src else "is inside" if src in dst.parents else "contains"
-            raise DataError(f"{where} {rel} the source folder={str(src)!r}; write the shards to a "
-                            f"directory outside the image folder")
+            key = "root" if spec.source == "torchvision" else "file" if spec.source in ("npz", "hdf5") else "folder"
+            raise DataError(f"{where} {rel} the source {key}={str(src)!r}; write the shards to a "
+                            f"directory outside the input")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
@@ -378,3 +390,27 @@ def dataset_info(shards_spec) -> tuple[list[str] | None, int | None, int | None]
         return None, None, None
     return (list(manifest["class_names"]) if manifest.get("class_names") else None,
             manifest.get("num_samples"), manifest.get("resolution"))
+
+
+def effective_size(num_samples: int | None, mirror: bool) -> int | None:
+    """The data set's size as training sees it: num_samples, doubled by data.mirror (every image and its mirror
+    image, as StyleGAN2-ADA's --mirror counts its dataset); None when the count is unknown."""
+    return None if num_samples is None else int(num_samples) * (2 if mirror else 1)
+
+
+def data_facts(shards_spec, mirror: bool) -> dict:
+    """What a run records about its training data (run.json) and the start line prints: the image count, the
+    effective size with data.mirror, and whether the set is labelled (a manifest without the key is)."""
+    _, manifest = resolve_shards(str(shards_spec))
+    n = manifest.get("num_samples") if manifest else None
+    return {"data_num_samples": n, "data_mirror": bool(mirror), "data_effective_size": effective_size(n, mirror),
+            "data_labelled": bool(manifest.get("labelled", True)) if manifest else None}
+
+
+def describe_size(facts: dict) -> str:
+    """'10000 images' or '10000 images (20000 with data.mirror)' for the training start line."""
+    n = facts.get("data_num_samples")
+    if n is None:
+        return "an unknown number of images" + (" (doubled by data.mirror)" if facts.get("data_mirror") else "")
+    more = f" ({facts['data_effective_size']} with data.mirror)" if facts.get("data_mirror") else ""
+    return f"{n} images{more}"
