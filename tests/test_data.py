@@ -95,7 +95,7 @@ def test_shapes_resolutions(res):
     assert img.shape == (res, res, 3) and img.dtype == np.uint8 and label == 3
 
 
-@pytest.mark.parametrize("res", [8, 15, 257, 512, 32.0])
+@pytest.mark.parametrize("res", [8, 15, 513, 1024, 32.0])  # 16..512 (bench/data/format.py MAX_RESOLUTION)
 def test_shapes_bad_resolution(res):
     with pytest.raises(DataError, match="resolution"):
         shapes_sample(0, 0, res)
