@@ -541,8 +541,10 @@ class TorchvisionSource(Source):
         else:
             names = list(UNLABELLED)
         native = first.shape[0] if first.shape[0] == first.shape[1] else None
-        super().__init__("torchvision", names, labelled, total, native,
-                         {"root": str(root), "dataset": cls.__name__, "split": split})
+        extra = {"root": str(root), "dataset": cls.__name__}
+        if "train" in params or "split" in params:
+            extra["split"] = split
+        super().__init__("torchvision", names, labelled, total, native, extra)
         self.where_prefix = cls.__name__
 
     def records(self, seed: int, limit: int | None) -> Iterator[Record]:
