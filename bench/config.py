@@ -29,6 +29,7 @@ MEM_RE = r"\s*([0-9.]+)\s*([MGT]?)B?\s*"                      # cluster.mem: 500
 TIME_RE = r"(?:\d+|(?:(?:\d+-)?\d+:)?\d+:\d+)"             # cluster.time: minutes, MM:SS, HH:MM:SS, D-HH:MM:SS
 OPTIMIZERS = ("adam", "rmsprop")
 AUG_POLICIES = ("color", "translation", "cutout")  # bench/train/augment.py's POLICIES (a test keeps them equal)
+LOG_BACKENDS = ("tb", "mlflow", "wandb")  # bench/train/loggers.py's BACKENDS (a test keeps them equal)
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,9 @@ def check_schema(cfg: DictConfig) -> DictConfig:
     policy = plain.get("aug", {}).get("policy", [])
     if policy is None or isinstance(policy, str):  # aug.policy='color,translation' (quoted) or null
         plain["aug"]["policy"] = [p.strip() for p in (policy or "").split(",") if p.strip()]
+    backends = plain.get("log", {}).get("backends", [])
+    if backends is None or isinstance(backends, str):  # log.backends=tb, 'log.backends=tb,wandb' or null
+        plain["log"]["backends"] = [b.strip() for b in (backends or "").split(",") if b.strip()]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
     except OmegaConfBaseException as exc:
@@ -180,6 +184,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     check_loss(cfg)
     validate_eval(cfg)
     check_telemetry(cfg)
+    check_log(cfg)
     check_cluster(cfg.cluster)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     _positive("dist.rank0_timeout_s", cfg.dist.rank0_timeout_s)
@@ -363,6 +368,19 @@ def check_telemetry(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be a number >= 0 (0 = off)")
 
 
+def check_log(cfg: DictConfig) -> None:
+    """log.backends: known names, each once (whether each one's package is installed is checked by the trainer:
+    bench.train.loggers.check_backends)."""
+    backends = list(OmegaConf.select(cfg, "log.backends", default=None) or [])
+    for name in backends:
+        if name not in LOG_BACKENDS:
+            raise ConfigError(f"log.backends={backends}: {name!r} is not a logging backend; choose any of "
+                              f"{', '.join(LOG_BACKENDS)} (or [] for none)")
+    if len(set(backends)) != len(backends):
+        raise ConfigError(f"log.backends={backends} names a backend twice; list each of {', '.join(LOG_BACKENDS)} "
+                          f"once")
+
+
 def check_cluster(cluster) -> None:
     """The cluster profile's sizes and formats (bench.launch translates them; docs/architecture.md)."""
     c = OmegaConf.create({"cluster": OmegaConf.to_container(cluster, resolve=True)})
@@ -391,8 +409,9 @@ def check_architecture(cfg: DictConfig) -> None:
 
 
 def override_hash(overrides: list[str]) -> str:
-    """Identity of a run: a short hash of its sorted override delta (run.* keys excluded)."""
-    delta = sorted(o for o in overrides if not o.lstrip("+~").startswith(("run.", "hydra")))
+    """Identity of a run: a short hash of its sorted override delta (run.* and log.* keys excluded: where a run's
+    records are mirrored does not change the run)."""
+    delta = sorted(o for o in overrides if not o.lstrip("+~").startswith(("run.", "hydra", "log.", "log=")))
     return hashlib.sha1(json.dumps(delta).encode()).hexdigest()[:8]
 
 

@@ -181,6 +181,13 @@ class TelemetryCfg:
 
 
 @dataclass
+class LogCfg:
+    backends: list[str] = field(default_factory=lambda: ["tb"])  # tb | mlflow | wandb (bench/train/loggers.py)
+    project: str = "gan-bench"        # the MLflow experiment / W&B project
+    mlflow_uri: Optional[str] = None  # null: a file store in RUN/mlruns
+
+
+@dataclass
 class ThroughputCfg:
     warmup: int = 3
     steps: int = 10
@@ -234,6 +241,7 @@ class Config:
     ema: EmaCfg = field(default_factory=EmaCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     telemetry: TelemetryCfg = field(default_factory=TelemetryCfg)
+    log: LogCfg = field(default_factory=LogCfg)
     cluster: ClusterCfg = field(default_factory=ClusterCfg)
     dist: DistCfg = field(default_factory=DistCfg)
     throughput: ThroughputCfg = field(default_factory=ThroughputCfg)

@@ -1,6 +1,7 @@
 """Rank 0's records in the run directory (docs/architecture.md, "Run directory"): metrics.jsonl (one
-line per tick, mirrored to TensorBoard), run.json (versions, hosts, status) and summary.json. Files
-are read and written through bench.rundir only.
+line per tick), run.json (versions, hosts, status) and summary.json, mirrored with the evaluations, sample
+grids and collapse flags to the log.backends (bench.train.loggers). Files are read and written through
+bench.rundir only.
 
 Config history: config.yaml is always the config the run trains with now. When a run is resumed with
 compatible changes (state.config_changes: e.g. a learning rate or train.steps; an incompatible change
@@ -14,7 +15,6 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -23,7 +23,11 @@ import torch
 
 from bench import rundir
 from bench.eval.sampling import class_grid, grid_classes, save_grid
+from bench.train.loggers import LogSettings, RunLoggers
 from bench.train.telemetry import format_eta
+
+COLLAPSE_TEXT = "stability/collapse_reason"  # the loggers' text tag of the collapse detector's flags
+SIGMA0 = "sigma0/"  # sigma0/<net>/<layer>: each layer's s0 (sigma/<net>/<layer>/s0 in metrics.jsonl), one chart group
 
 
 def git_sha() -> Optional[str]:
@@ -109,21 +113,39 @@ def save_samples(run_dir: Path, step: int, G_ema, fixed_z: torch.Tensor, class_n
     return path
 
 
-class Records:
-    """metrics.jsonl, tb/, run.json and summary.json of a run; a no-op on ranks other than 0.
-    `facts` is what run.json says about the set-up (world size, device, batch, parameter counts)."""
+def logged_scalars(row: dict) -> dict:
+    """What the loggers get of a tick's row: its numbers (not `step`), and each sigma/<net>/<layer>/s0 again as
+    sigma0/<net>/<layer>."""
+    out = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+    for k, v in row.items():
+        if k.startswith("sigma/") and k.endswith("/s0") and isinstance(v, (int, float)):
+            out[SIGMA0 + k[len("sigma/"):-len("/s0")]] = v
+    return out
 
-    def __init__(self, run_dir: Path, enabled: bool, facts: Optional[dict] = None):
+
+def flag_text(step: int, rule: str, reason: str, first: bool) -> str:
+    """The loggers' text for one rule of the collapse detector firing (markdown)."""
+    what = "collapse flagged" if first else "another collapse rule fired"
+    return f"**{what}** at step {step} by rule `{rule}`: {reason}"
+
+
+class Records:
+    """metrics.jsonl, run.json and summary.json of a run, and its loggers (log.backends); a no-op on ranks
+    other than 0. `facts` is what run.json says about the set-up (world size, device, batch, parameter counts)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, facts: Optional[dict] = None,
+                 log: Optional[LogSettings] = None):
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.facts = dict(facts or {})
         self.metrics_path = self.dir / rundir.METRICS
-        self.tb = None
+        self.log_settings = log or LogSettings()
+        self.log = RunLoggers([])
 
     def open(self, resume_step: int) -> None:
         if not self.enabled:
             return
-        for sub in (rundir.CHECKPOINTS, rundir.SAMPLES, rundir.TB):
+        for sub in (rundir.CHECKPOINTS, rundir.SAMPLES):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.metrics_path.touch()
         # Lines after the resumed step go, so a resumed run never duplicates a record.
@@ -134,12 +156,8 @@ class Records:
         # evaluations made during training after the checkpoint are redone; `bench eval` records stay
         rundir.truncate_jsonl_after(self.dir / rundir.EVALS, resume_step,
                                     keep=lambda r: r.get("source") == rundir.SOURCE_BENCH_EVAL)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.dir / rundir.TB), purge_step=resume_step + 1 if resume_step else None)
-        except Exception as exc:  # tensorboard missing or broken: the JSONL records are the contract
-            print(f"warning: TensorBoard disabled ({exc})", file=sys.stderr)
+        # a backend that cannot start is one warning: the JSONL records are the contract
+        self.log = RunLoggers.open(self.dir, resume_step, self.log_settings)
 
     def read_json(self, name: str) -> dict:
         return rundir.read_json(self.dir / name) or {}
@@ -162,10 +180,27 @@ class Records:
         if not self.enabled:
             return
         rundir.append_jsonl(self.metrics_path, row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
+        self.log.scalars(row["step"], logged_scalars(row))
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        """An evaluation's eval/* numbers to the loggers (evals.jsonl is written by bench.eval.records)."""
+        if self.enabled:
+            self.log.scalars(step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
+
+    def samples(self, step: int, path: Path) -> None:
+        """The sample grid written to samples/ (the PNG itself, read back) to the loggers as image `samples`."""
+        if self.enabled and self.log.active:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self.log.image(step, "samples", np.asarray(im.convert("RGB")))
+
+    def flags(self, step: int, flags: list) -> None:
+        """The collapse detector's new flags [(step, rule, reason, first)] as text, logged at `step`."""
+        if self.enabled:
+            for at, rule, reason, first in flags:
+                self.log.text(step, COLLAPSE_TEXT, flag_text(at, rule, reason, first))
 
     def training_evals(self) -> list:
         """This run's evaluations made during training (not `bench eval`'s), oldest first."""
@@ -200,10 +235,8 @@ class Records:
             extra["config_changes"] = info.get("config_changes", []) + [{"step": resume_step, "changes": changes}]
         self.write_run(rundir.RUNNING, hosts, extra)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+    def close(self, status: Optional[str] = None) -> None:
+        self.log.close(status)
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
@@ -226,6 +259,16 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"run directory : {run_dir}")
     for name, what in ((rundir.CONFIG, "resolved config"), (rundir.METRICS, "one line per tick"),
                        (rundir.SUMMARY, "final summary"), ("samples/latest.png", "EMA samples, one row per class"),
-                       ("checkpoints/", "resumable state"),
-                       ("tb/", "TensorBoard: tensorboard --logdir " + str(run_dir / rundir.TB))):
+                       ("checkpoints/", "resumable state"), *logger_places(run_dir)):
         print(f"  {name:<20} {what}")
+
+
+def logger_places(run_dir: Path) -> list:
+    """[(folder, how to view it)] of the loggers' folders the run has (bench.train.loggers)."""
+    from bench.train.loggers import MLFLOW_DIR, WANDB_DIR
+
+    run_dir = Path(run_dir)
+    places = [(rundir.TB, f"TensorBoard: tensorboard --logdir {run_dir / rundir.TB}"),
+              (MLFLOW_DIR, f"MLflow: MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {run_dir / MLFLOW_DIR}"),
+              (WANDB_DIR, f"W&B (offline): wandb sync {run_dir / WANDB_DIR}/offline-run-*")]
+    return [(f"{name}/", what) for name, what in places if (run_dir / name).is_dir()]

@@ -321,6 +321,7 @@ class CollapseDetector:
         self.blowup: Optional[tuple[int, float]] = None       # (step, gap) of the warm-up's largest unrecovered blow-up
         self.blowup_ticks = 0                                 # ticks after the warm-up without recovery
         self.fired: list[str] = []                            # every rule that fired, in order (first time each)
+        self.new_flags: list[tuple] = []  # (step, rule, reason, first) of each rule's first firing, until take_flags()
         self.collapse_step: Optional[int] = None
         self.reason: Optional[str] = None
 
@@ -351,18 +352,25 @@ class CollapseDetector:
         """Record a collapse found outside the detector (a run that diverged); the earliest one is kept."""
         if self.collapse_step is None or step < self.collapse_step:
             self.collapse_step, self.reason = step, reason
-        self._fired(reason)
+        self._fired(step, reason)
         return reason
 
-    def _fired(self, reason: str) -> None:
+    def _fired(self, step: int, reason: str) -> None:
         rule = rule_of(reason)
         if rule not in self.fired:
             self.fired.append(rule)
+            self.new_flags.append((step, rule, reason, reason == self.reason))
+
+    def take_flags(self) -> list[tuple]:
+        """[(step, rule, reason, first)] for each rule that fired for the first time since the last call; `first`:
+        it is the run's collapse flag (collapse_step). The run's loggers show them (bench.train.records.flags)."""
+        out, self.new_flags = self.new_flags, []
+        return out
 
     def _flag(self, step: int, reason: str) -> str:
         if self.collapse_step is None:
             self.collapse_step, self.reason = step, reason
-        self._fired(reason)
+        self._fired(step, reason)
         return reason
 
     def update(self, row: dict) -> Optional[str]:

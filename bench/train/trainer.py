@@ -30,6 +30,7 @@ from bench.train.objectives import GANObjective, HistoricalAverage, make_optimiz
 from bench.train.phases import Phase, PhaseRunner, WeightRegs, plan
 from bench.faults import injected_fault
 from bench.train.ranks import RankFailed, Ranks, is_comm_error, is_user_error, process_group_kwargs
+from bench.train.loggers import LogSettings, check_backends
 from bench.train.records import Records, gather_hosts, now, run_facts, save_samples, summary_of
 from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopRequest, TrainingParts, all_finite,
                                agreed_load, config_changes, ema_update, param_checksum,
@@ -49,6 +50,7 @@ class Trainer:
                  stop: Optional[StopRequest] = None):
         self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
         self.stop = stop or StopRequest()
+        check_backends(cfg.log.backends if cfg.get("log") else ())  # a missing package: one line, before any work
         self._setup_processes(accelerator)
         t = cfg.train
         bdevice.configure_process(self.device, t.deterministic)
@@ -58,7 +60,7 @@ class Trainer:
         self._check_evaluation()  # bad evaluation settings: one line before any slow work
         self._prepare_classifier()
         self._setup_training()
-        self.records = Records(self.run_dir, self.is_main, run_facts(self))
+        self.records = Records(self.run_dir, self.is_main, run_facts(self), LogSettings.from_cfg(cfg, self.run_dir))
         self.checkpoints = Checkpoints(self.run_dir, t.ckpt_keep, self.is_main)
         self._flops: Optional[float] = None  # FLOP per optimiser step, counted once (flop_per_step)
         self.mfu = Mfu(self.device, t.precision, self.flop_per_step if cfg.telemetry.mfu else None)
@@ -377,7 +379,13 @@ class Trainer:
         if self.ranks.any(self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse):
             self.stop.collapse()
         self.last_row = row
-        self.ranks.rank0(f"writing the metrics of step {self.step}", lambda: self.records.metrics(row))
+        flags = self.collapse.take_flags()
+
+        def write() -> None:
+            self.records.metrics(row)
+            self.records.flags(self.step, flags)
+
+        self.ranks.rank0(f"writing the metrics of step {self.step}", write)
         if self.is_main and not self.quiet:
             print(telemetry.tick_line(row, t.steps, eta_s=(t.steps - self.step) * tick_s / steps), flush=True)
 
@@ -450,6 +458,7 @@ class Trainer:
 
         def evaluate(metrics: dict) -> dict:  # rank 0, with the metrics
             rec = append_eval(self.run_dir, self.step, metrics)
+            self.records.evaluation(self.step, metrics)
             self.best = self.checkpoints.keep_if_best(self.step, self.records.training_evals(), self.cfg.eval,
                                                       lambda best: {**self.state_dict(), "best": best}) or self.best
             if registry.FID in metrics:
@@ -458,6 +467,7 @@ class Trainer:
                     print(f"collapse detected at step {self.step}: {reason}", flush=True)
             if (why := self.collapse.update_eval(self.step, metrics, self.n_data_classes)) and not self.quiet:
                 print(f"collapse detected at step {self.step}: {why}", flush=True)
+            self.records.flags(self.step, self.collapse.take_flags())
             if not self.quiet:
                 print(telemetry.eval_line(self.step, metrics, time.perf_counter() - t0), flush=True)
             return rec
@@ -468,8 +478,13 @@ class Trainer:
                                  before=lambda: injected_fault(self.rank, self.step, "eval"))  # the fault tests' hook
 
     def save_samples(self) -> Optional[Path]:
-        return self.ranks.rank0(f"writing the samples of step {self.step}", lambda: save_samples(
-            self.run_dir, self.step, self.G_ema, self.fixed_z, self.class_names, self.n_data_classes))
+        def write() -> Path:
+            path = save_samples(self.run_dir, self.step, self.G_ema, self.fixed_z, self.class_names,
+                                self.n_data_classes)
+            self.records.samples(self.step, path)  # the same grid, to the loggers
+            return path
+
+        return self.ranks.rank0(f"writing the samples of step {self.step}", write)
 
     # ---- records ------------------------------------------------------------------------------------
     def _start_records(self, start_step: int) -> None:
@@ -508,6 +523,7 @@ class Trainer:
         # A run that diverged has collapsed, whether or not a telemetry signal fired first.
         self.collapse.flag(self.guard.first_step or self.step,
                            f"non-finite: training diverged ({self.guard.total} skipped updates)")
+        self.records.flags(self.step, self.collapse.take_flags())  # rank 0's loggers; no collective here
         return rundir.DIVERGED
 
     def _finish(self, status: str) -> dict:
@@ -520,5 +536,5 @@ class Trainer:
         summary = summary_of(self, status, checksums)
         self.records.write_json(rundir.SUMMARY, summary)
         self.records.write_run(status, hosts, {"end_time": now()})
-        self.records.close()
+        self.records.close(status)
         return summary
