@@ -5,12 +5,15 @@ It is gan-bench's offline feature extractor (eval.extractor=domain): its penulti
 (`features`, `feature_dim` values: 4 x width) stand in for Inception's pool3 in FID / KID /
 precision-recall, its logits stand in for Inception's in IS, and its predictions give the
 class-conditional accuracy of a generator (`eval/class_acc`). Nothing is downloaded: it is trained from
-the shards in a few minutes on a CPU and saved beside them.
+the shards in a few minutes on a CPU and saved beside them. It learns its features from the labels, so
+a one-class (unlabelled) set has none of its own (`unlabelled_message`): such an evaluation uses
+eval.extractor=inception, or a classifier trained on labelled shards (eval.classifier_path).
 
     train_classifier(shards_spec, out=None, resolution=None, settings=DEFAULT_SETTINGS) -> info dict
     load_classifier(path, device="cpu") -> (DomainClassifier in eval mode, meta dict)
     classifier_path(shards_spec, resolution) -> default file: <shard dir>/classifier-r{res}.pt
     load_images(shards_spec, resolution, limit=None) -> (uint8 (N,3,R,R), int64 (N,))
+    unlabelled_message(shards_spec, resolution) -> the one line that refuses a one-class set
     DomainFeatureExtractor   the classifier as a torch-fidelity feature extractor, registered as
                              DOMAIN_EXTRACTOR ("gan-bench-domain"); its weights file is passed as
                              torch-fidelity's feature_extractor_weights_path
@@ -109,6 +112,14 @@ class DomainClassifier(nn.Module):
 def classifier_path(shards_spec, resolution: int) -> Path:
     """Default classifier file of a shard set: <shard dir>/classifier-r{resolution}.pt."""
     return shard_dir(shards_spec) / CLASSIFIER_FILE.format(res=int(resolution))
+
+
+def unlabelled_message(shards_spec, resolution) -> str:
+    """Why a one-class (unlabelled) shard set has no domain classifier, and what to do instead (one line)."""
+    return (f"data.shards={str(shards_spec)!r} has 1 class (unlabelled data): the domain extractor "
+            f"(eval.extractor=domain) learns its features from class labels and needs >= 2 classes; use "
+            f"eval.extractor=inception with eval.weights_path=FILE, or eval.classifier_path=a classifier trained "
+            f"on labelled shards at resolution {resolution}, or eval.every=0 (train without evaluating)")
 
 
 def read_uint8(shards_spec, resolution: int, seed: int = 0, batch_size: int = 256):
@@ -294,6 +305,8 @@ def train_classifier(shards_spec, out: str | os.PathLike | None = None, resoluti
     if resolution <= 0:
         raise ClassifierError(f"data.shards={str(shards_spec)!r} has no manifest.json giving its resolution; "
                               f"pass resolution=")
+    if class_names is not None and len(class_names) < 2:  # before reading any image
+        raise ClassifierError(unlabelled_message(shards_spec, resolution))
     out = Path(out) if out is not None else classifier_path(shards_spec, resolution)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_images = s.max_images if s.max_images is not None else max(1000, IMAGE_BUDGET_BYTES // (3 * resolution**2))

@@ -26,7 +26,7 @@ import numpy as np
 from bench import rundir
 from bench.metrics_registry import INTRA_FIELDS
 from bench.eval.errors import EvalError
-from bench.eval.intra_check import INTRA_METRIC, min_per_class_problem, samples_problem
+from bench.eval.intra_check import INTRA_METRIC, class_based, min_per_class_problem, samples_problem
 from bench.eval.stats import feature_statistics, frechet_distance, frechet_low_rank
 
 PER_CLASS, COUNTS, RESIDUE = INTRA_FIELDS  # the record's per-class fields (bench.metrics_registry)
@@ -135,11 +135,14 @@ class IntraFID:
 
     @staticmethod
     def check(s, class_names: Optional[Sequence[str]], n_classes: int, n_real: int,
-              z_dim: Optional[int] = None) -> list[str]:
+              z_dim: Optional[int] = None) -> Optional[list[str]]:
         """The names of the n_classes classes an evaluation samples (the manifest's, else "0", "1", ...) after
         the sample-count rule of bench.eval.intra_check with the run's class count and real images (an
         EvalError in its words; n_real below the asked count is the dataset's size, and the message says so).
-        With G's z_dim, also the labels themselves (_drawn_labels_check), before any image is generated."""
+        With G's z_dim, also the labels themselves (_drawn_labels_check), before any image is generated.
+        None for one class (unlabelled data: intra-FID is skipped, intra_check.UNLABELLED_SKIP)."""
+        if not class_based(n_classes):
+            return None
         names = list(class_names) if class_names and len(class_names) == n_classes else [str(c) for c in
                                                                                         range(n_classes)]
         capped = n_real < int(s.num_real or s.num_samples)

@@ -15,6 +15,9 @@ class. MIN_PER_CLASS = 2 is the floor of a covariance. Fewer samples per class t
 domain extractor's 128 at width 32, Inception's 2048) give singular covariances: the Frechet distance is still
 defined and is computed the same way (no added regularisation), but it is biased upward and its variance is
 large, so intra-FID values compare only between evaluations with the same per-class counts and extractor.
+
+One class (an unlabelled set; models.checks.is_conditional): the nets are unconditional, so the class-based
+metrics (eval/class_acc, intra-FID and its per-class fields) are skipped with UNLABELLED_SKIP, not refused.
 """
 from __future__ import annotations
 
@@ -23,6 +26,14 @@ from typing import Optional
 DEFAULT_MIN_PER_CLASS = 50  # eval.intra_min_per_class's default (bench/schema.py, configs/eval/default.yaml)
 MIN_PER_CLASS = 2           # the smallest value eval.intra_min_per_class may take (a covariance needs 2 samples)
 INTRA_METRIC = "eval/intra_FID"
+# THE line an evaluation of one-class (unlabelled) data prints once (bench.eval.metrics.eval_setup).
+UNLABELLED_SKIP = "gan-bench eval: 1 class (unlabelled data): class_acc and intra-FID skipped"
+
+
+def class_based(n_classes) -> bool:
+    """Whether an evaluation over n_classes classes has class-based metrics (class_acc, intra-FID): the nets'
+    own rule (models.checks.is_conditional; repeated here, since this module imports neither torch nor models)."""
+    return int(n_classes) > 1
 
 
 def min_per_class_problem(value) -> Optional[str]:
@@ -88,7 +99,7 @@ def config_problem(cfg) -> Optional[str]:
     min_per_class = OmegaConf.select(cfg, "eval.intra_min_per_class", default=DEFAULT_MIN_PER_CLASS)
     problem = min_per_class_problem(min_per_class)
     known = class_count(cfg) if problem is None else None
-    if known is not None:
+    if known is not None and class_based(known[0]):  # one class: skipped at evaluation (UNLABELLED_SKIP)
         num_samples = OmegaConf.select(cfg, "eval.num_samples", default=None)
         problem = samples_problem(num_samples, OmegaConf.select(cfg, "eval.num_real", default=None), known[0],
                                   min_per_class, known[1])

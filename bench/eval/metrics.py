@@ -47,7 +47,7 @@ from bench.config import EVAL_PRECISIONS, MIN_EVAL_SAMPLES
 from bench.data.shards import dataset_info, manifest_hash
 from bench.device import autocast, eval_precision, plain_autograd
 from bench.eval.classifier import classifier_path as default_classifier_path
-from bench.eval.classifier import load_classifier, load_images, train_classifier
+from bench.eval.classifier import load_classifier, load_images, train_classifier, unlabelled_message
 from bench.eval.errors import ClassifierError, EvalError
 from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extract_features, extractor_settings,
                                  inception_weights, register_sampler)
@@ -58,7 +58,7 @@ from bench.eval.realcache import check_real_cache, real_cache_key  # noqa: F401 
 from bench.eval.realcache import write_sidecar as _write_sidecar
 from bench.eval.refstats import RefStats, reference_side
 from bench.eval.records import RECORD_KEYS, append_eval, format_table  # noqa: F401 - part of this module's API
-from bench.eval.intra_check import DEFAULT_MIN_PER_CLASS
+from bench.eval.intra_check import DEFAULT_MIN_PER_CLASS, UNLABELLED_SKIP, class_based
 from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
 from bench.eval.stats import DC_NEIGHBOURS, density_coverage, frechet_distance, t_interval
 
@@ -230,7 +230,9 @@ def ensure_classifier(shards_spec, resolution: int, path=None, *, train_if_missi
                       progress: bool = True) -> Path:
     """The domain classifier file for these shards at this resolution: `path`, else the default
     <shard dir>/classifier-r{res}.pt. Trained (about 1.5 min for 10k 32x32 images on 2 CPU cores)
-    when missing, or when the default file was trained on other shards or at another resolution."""
+    when missing, or when the default file was trained on other shards or at another resolution.
+    A one-class (unlabelled) set has none of its own: without a usable `path`, an EvalError that says
+    what to use instead (classifier.unlabelled_message), before anything is read."""
     p = Path(os.path.expanduser(str(path))) if path else default_classifier_path(shards_spec, resolution)
     reason = "is missing"
     meta = None
@@ -248,6 +250,9 @@ def ensure_classifier(shards_spec, resolution: int, path=None, *, train_if_missi
                       file=sys.stderr, flush=True)
             return p
         reason = "was trained on other shards" if not same_data else f"is for resolution {meta['resolution']}"
+    class_names = dataset_info(shards_spec)[0]
+    if class_names is not None and not class_based(len(class_names)):
+        raise EvalError(unlabelled_message(shards_spec, resolution))
     if not train_if_missing:
         raise EvalError(f"eval.extractor=domain: the domain classifier {p} {reason}; train it with "
                         f"`bench eval train-classifier data.shards={shards_spec}`")
@@ -436,6 +441,7 @@ def eval_setup(G: nn.Module, settings: EvalSettings, shards_spec, n_classes=None
     names = IntraFID.check(s, class_names, n_classes, n_real, G.z_dim) if s.intra_fid else None  # before slow work
     weights_path, clf_file = _classifier_files(s, shards_spec, resolution, progress)
     fe_name, _, _, fe_id = extractor_settings(s.extractor, weights_path, s.resize)
+    clf_file = _class_judge(clf_file, n_classes)
     clf = load_classifier(clf_file, device)[0] if clf_file is not None else None
     key = real_cache_key(shards_spec, n_real, resolution, fe_id)
     cache_dir = Path(s.cache_dir) if s.cache_dir is not None else rundir.cache_root() / "eval"
@@ -454,12 +460,22 @@ def eval_setup(G: nn.Module, settings: EvalSettings, shards_spec, n_classes=None
         "resolution": resolution, "extractor": s.extractor, "extractor_id": fe_id}, clf_file)
 
 
+def _class_judge(clf_file: Optional[Path], n_classes: int) -> Optional[Path]:
+    """The class_acc judge: the domain classifier file, or None for one class (an unconditional G has no class to
+    be judged on; a given eval.classifier_path may still be the extractor), said once in UNLABELLED_SKIP."""
+    if class_based(n_classes):
+        return clf_file
+    print(UNLABELLED_SKIP, file=sys.stderr, flush=True)
+    return None
+
+
 def _ref_setup(G: nn.Module, s: EvalSettings, shards_spec, n_classes, device, resolution: int,
                progress: bool) -> EvalSetup:
     """eval_setup with eval.ref_stats (bench.eval.refstats.reference_side): FID's real side is the file's moments."""
     names = dataset_info(shards_spec)[0] if shards_spec else None
     n_classes = int(n_classes or (len(names) if names else G.n_classes))
     weights_path, clf_file, ref, fe_id = reference_side(s, shards_spec, resolution, _classifier_files, progress)
+    clf_file = _class_judge(clf_file, n_classes)
     clf = load_classifier(clf_file, device)[0] if clf_file is not None else None
     amp = autocast(eval_precision(s.precision, device), device)
     side = _RealSide(ImageDataset(torch.zeros((0, 3, 1, 1), dtype=torch.uint8)), int(ref.num_real or 0), None, "",

@@ -9,6 +9,7 @@ torch-fidelity, no classifier).
     sample_images     uint8 images of given latents and labels, batch by batch
     standing_stats    recompute G's BatchNorm statistics from forward passes (on the caller's copy)
     class_grid        rows = classes, columns = fixed latents; save_grid writes it as one PNG
+    sheet_rows        a grid's rows: grid_classes, or UNCOND_ROWS rows of the one class of unlabelled data
     interpolation_sheet  lerp / slerp in z or in the class-embedding space (InterpSettings)
     write_sheets      the class grid and the four interpolation sheets of a loaded run (`bench eval`)
 """
@@ -30,6 +31,7 @@ from bench.eval.errors import EvalError
 from bench.metrics_registry import TRUNC_MODES
 
 MAX_RESAMPLE_ROUNDS = 64  # truncated_normal: resampling rounds before the exact inverse-CDF fallback
+UNCOND_ROWS = 8  # rows of an unconditional G's sample grid (one class: each row its own latents)
 INTERP_MODES = ("lerp", "slerp")
 INTERP_SPACES = ("z", "class")
 
@@ -47,12 +49,25 @@ def grid_classes(n_classes: int, max_rows: int = 32) -> list[int]:
     return [int(round(i * (n_classes - 1) / (max_rows - 1))) for i in range(max_rows)]
 
 
+def sheet_rows(n_classes: int, max_rows: int = 32) -> list[int]:
+    """The classes of a sample grid's rows: grid_classes, or for one class (unlabelled data, an unconditional G)
+    that class UNCOND_ROWS times, which class_grid draws with other latents in every row."""
+    return grid_classes(n_classes, max_rows) if n_classes > 1 else [0] * UNCOND_ROWS
+
+
 @torch.no_grad()
 def class_grid(G, z: torch.Tensor, classes: Sequence[int], batch: int = 64) -> np.ndarray:
-    """Rows = classes, columns = the fixed latents z (C, z_dim). Returns (rows, cols, H, W, 3) uint8."""
+    """Rows = classes, columns = the fixed latents z (C, z_dim). Returns (rows, cols, H, W, 3) uint8.
+    A class in several rows (sheet_rows of unlabelled data) gets other latents in each repeat: z with its
+    coordinates rolled by the repeat's number (the same distribution and truncation, fixed across calls)."""
     device = next(G.parameters()).device
     cols = z.shape[0]
-    zz = z.to(device).repeat(len(classes), 1)
+    repeats: dict[int, int] = {}
+    rows = []
+    for c in classes:  # a row's latents: z, rolled by how often its class was shown above
+        rows.append(torch.roll(z, shifts=repeats.get(c, 0), dims=1))
+        repeats[c] = repeats.get(c, 0) + 1
+    zz = torch.cat(rows).to(device)                                   # (rows * cols, z_dim)
     yy = torch.tensor(classes, device=device).repeat_interleave(cols)
     out = [to_uint8(G(zz[i : i + batch], yy[i : i + batch])) for i in range(0, zz.shape[0], batch)]
     imgs = np.concatenate(out)
@@ -314,13 +329,14 @@ def interpolation_sheet(G: nn.Module, settings: InterpSettings = InterpSettings(
 
 def write_sheets(run: dict, out_dir: Path, truncation=None, trunc_mode: str = "resample") -> list[Path]:
     """Class grid and the four interpolation sheets (lerp / slerp, z / class) of a loaded run (see
-    bench.eval.runs.load_run): eval-<step>-classes.png, eval-<step>-interp-<space>-<mode>.png."""
+    bench.eval.runs.load_run): eval-<step>-classes.png, eval-<step>-interp-<space>-<mode>.png. An unconditional
+    G (unlabelled data): its grid is UNCOND_ROWS rows of samples, and there is no class space to interpolate."""
     G, names, step = run["G"], run["class_names"], run["step"]
-    rows = grid_classes(run["n_classes"])
+    rows = sheet_rows(run["n_classes"])
     z = truncated_normal((8, G.z_dim), truncation, trunc_mode, torch.Generator().manual_seed(12345))
     paths = [save_grid(class_grid(G, z, rows), out_dir / f"eval-{step:07d}-classes.png",
                        [names[r] for r in rows])]
-    for space in INTERP_SPACES:
+    for space in INTERP_SPACES if getattr(G, "conditional", True) else ("z",):
         for mode in INTERP_MODES:
             p = out_dir / f"eval-{step:07d}-interp-{space}-{mode}.png"
             interpolation_sheet(G, InterpSettings(mode=mode, space=space, truncation=truncation,
