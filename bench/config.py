@@ -189,6 +189,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     _positive("dist.rank0_timeout_s", cfg.dist.rank0_timeout_s)
     _choice("dist.grad_sync", cfg.dist.grad_sync, ("overlap", "flat"))
+    _choice("suite.intent", cfg.suite.intent, ("", "collapse", "healthy"))
+    _all_positive(cfg, ("suite.truth_chance_factor", "suite.truth_diversity_floor", "suite.truth_fid_ceil",
+                        "suite.truth_samples"))
     every, ckpt = cfg.eval.every, cfg.train.ckpt_every
     if cfg.eval.get("async") and every and (not ckpt or every % ckpt):
         raise ConfigError(f"eval.async=true evaluates checkpoints: eval.every={every} must be a multiple of "
@@ -351,7 +354,8 @@ def check_telemetry(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "telemetry.diversity_samples") < 2:
         raise ConfigError(f"telemetry.diversity_samples={OmegaConf.select(cfg, 'telemetry.diversity_samples')!r} must "
                           f"be >= 2 (pairwise distances need two samples per class)")
-    for key in ("telemetry.collapse_diversity_factor", "telemetry.collapse_recall_factor"):
+    for key in ("telemetry.collapse_diversity_factor", "telemetry.collapse_recall_factor",
+                "telemetry.collapse_class_progress"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
             raise ConfigError(f"{key}={value!r} must be in [0, 1) (a fraction of the best so far; 0 = off)")

@@ -174,6 +174,7 @@ class TelemetryCfg:
     collapse_class_factor: float = 1.5   # class input ignored: class accuracy <= this x chance (probe or evaluation); 0 = off
     collapse_class_sep: float = 0.25     # or the probe's class separation (G's over the data's) <= this; 0 = off
     collapse_class_after: int = 100      # steps before which the class rule waits (G learns classes late)
+    collapse_class_progress: float = 0.1  # the class rule also waits while G's distance to the data falls by more than this fraction
     collapse_recover_scale: float = 10.0  # a warm-up blow-up is forgiven once loss gap and |D logit means| are <= this; 0 = off
     collapse_recover_ticks: int = 5      # ticks after the warm-up the blow-up has to recover in
     collapse_logit_scale: float = 50.0   # flag |D's mean real / fake logit| above this after the warm-up; 0 = off
@@ -231,6 +232,19 @@ class RunCfg:
 
 
 @dataclass
+class SuiteCfg:
+    """The labelled collapse suite (configs/experiment/collapse_suite.yaml; judged by scripts/collapse_suite.py).
+    Training ignores these keys: they say what a suite run was meant to show and carry, inside its config.yaml,
+    the rule written down before it ran that decides from its final samples whether it collapsed."""
+    cell: str = ""                   # the suite cell (configs/collapse_cell/<cell>.yaml); "" = not a suite run
+    intent: str = ""                 # collapse | healthy: what the cell's recipe is meant to do (shown, decides nothing)
+    truth_chance_factor: float = 1.5  # collapsed if the final eval/class_acc <= this x chance (the class input ignored)
+    truth_diversity_floor: float = 0.5  # ... or the final per-class diversity over the data's <= this (mode collapse)
+    truth_fid_ceil: float = 100.0    # ... or the final domain FID >= this (far from the data); or diverged / no checkpoint
+    truth_samples: int = 1000        # generated images of the final evaluation that decides
+
+
+@dataclass
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -246,3 +260,4 @@ class Config:
     dist: DistCfg = field(default_factory=DistCfg)
     throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
     run: RunCfg = field(default_factory=RunCfg)
+    suite: SuiteCfg = field(default_factory=SuiteCfg)

@@ -1,37 +1,19 @@
 #!/usr/bin/env python3
-"""The labelled collapse suite (issue 22 §2): how well does the collapse detector find collapses?
-
-Runs every cell of CELLS under each of PRECISIONS (train.precision=fp32 and bf16), each a small `bench train` run
-with the collapse detector as configured (the diversity probe on, so that the probe-based rules can see), then
-decides each run's ground truth from its FINAL samples with the rule written down below, and prints the
-confusion matrix (flagged / not flagged against collapsed / healthy), recall and false-positive rate, per
-precision and overall, and which rule flagged each run.
+"""The labelled collapse suite (configs/experiment/collapse_suite.yaml): how well does the collapse detector find
+collapses? The cells, their intent, the precisions and the ground-truth rule all live in the configs; this script
+runs the cells, judges each run by that rule from its FINAL samples, and prints the confusion matrix (flagged /
+not flagged against collapsed / healthy), recall and false-positive rate, per precision and overall, and which
+rule flagged each run.
 
     python scripts/collapse_suite.py --out /tmp/suite                 # every cell, both precisions, 2 at a time
-    python scripts/collapse_suite.py --out /tmp/suite --cells demo,dcgan --precisions bf16
+    python scripts/collapse_suite.py --out /tmp/suite --cells demo,dcgan_sn --precisions bf16
     python scripts/collapse_suite.py --out /tmp/suite --report        # the tables again from what is on disk
+    python scripts/collapse_suite.py --judge runs/sweep-...           # judge a `bench train -m +experiment=collapse_suite`
 
 Each run lives in <out>/<cell>-<precision>/ (a normal run directory; rerunning the script resumes or skips
 finished runs), its ground truth in truth.json there, the tables in <out>/suite.md and <out>/suite.json.
-Set GAN_BENCH_CACHE for the built-in data; the domain classifier is trained on first use.
-
-GROUND TRUTH (fixed before the suite was first run; not to be tuned to the detector's results):
-a run has COLLAPSED iff, for its final checkpoint's EMA G,
-  * eval/class_acc <= CHANCE_FACTOR x chance  (G ignores its class input; 10 classes: <= 0.15), or
-  * diversity ratio <= DIVERSITY_FLOOR        (its samples spread at most half as much as the data's, per class,
-                                               in the domain classifier's features; DIVERSITY_SAMPLES latents per
-                                               class, the diversity probe's measurement), or
-  * eval/FID >= FID_CEIL                      (domain extractor, GT_SAMPLES samples: far from the data);
-  * or training diverged (non-finite: status "diverged") or left no checkpoint.
-Otherwise it is HEALTHY. The cell's intent (collapse recipe / healthy default) is shown beside it but does not
-decide anything: a "collapse recipe" that trains fine counts as healthy and vice versa.
-
-SECONDARY (also fixed before the first run): on the shape-only set no tiny run learnt the classes in development
-(class_acc at chance after 1500 DCGAN steps), so the class criterion may call every run collapsed. The suite
-therefore also reports a second matrix: ground truth without the class criterion (diversity <= DIVERSITY_FLOOR or
-FID >= FID_CEIL or diverged: a mode collapse or garbage), against the detector without its class rule (a run
-counts as flagged if any other rule fired: every rule's first tick is in metrics.jsonl as
-stability/collapse_rule/<rule>).
+Set GAN_BENCH_CACHE for the built-in data; the domain classifier is trained on first use. The ground truth reads
+the rule from each run's own config.yaml (suite.truth_*), so a run is judged by the rule it was started with.
 """
 from __future__ import annotations
 
@@ -47,60 +29,52 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's bench, also when another one is installed
 
-# ---- the ground-truth rule (see the docstring) --------------------------------------------------------------
-CHANCE_FACTOR = 1.5
-DIVERSITY_FLOOR = 0.5
-FID_CEIL = 100.0   # loose: development runs on the shape-only set gave 33-62 (no class learnt, not collapsed-looking)
-                   # and 74-95 (the collapse demo); no run at this scale learnt the classes, so no healthy reference
-GT_SAMPLES = 1000
-DIVERSITY_SAMPLES = 32
+EXPERIMENT = "collapse_suite"
+CELL_DIR = REPO / "configs" / "collapse_cell"
+DIVERSITY_SAMPLES = 32  # latents per class of the ground truth's diversity measurement (the probe's default)
 
-# ---- the cells -------------------------------------------------------------------------------------------------
-# Every run: 32 px built-in shapes (the shape-only set), tiny widths, a metrics tick every 10 steps, sigma every 10,
-# the diversity probe every 25 steps (the class rule reads it), no evaluation during training (the ground truth's
-# evaluation comes after, on the final checkpoint), no sample grid but the last. DCGAN cells are the cheap ones
-# (about 0.25 s per step of batch 32 on a busy 2-core CPU); BigGAN / LeCam cells take 1-3 s per step of batch 16.
-COMMON = ["train.tick_every=10", "telemetry.sigma_every=10", "telemetry.diversity_every=25", "train.sample_every=0",
-          "train.ckpt_every=0", "eval.every=0", "eval.final=false"]
-SMALL_BIGGAN = ["model.ch=16", "model.d_ch=16", "train.batch_size=16", "train.steps=200"]
-DCGAN = ["model=dcgan", "model.ch=32", "model.d_ch=32", "train.batch_size=32", "train.steps=400"]
-DCGAN_SN = DCGAN + ["model.d_sn=true", "train.g_lr=1e-3", "train.d_lr=1e-3", "train.betas=[0.5,0.999]"]
-HIGH_LR = ["train.g_lr=1e-2", "train.d_lr=1e-2", "train.betas=[0.5,0.999]"]  # stability_ablation's rates
 
-CELLS: dict[str, tuple[str, list[str]]] = {
-    # collapse recipes
-    "demo": ("collapse", ["+experiment=collapse"]),                 # the README demo: BigGAN, no SN in D, lr 1e-2
-    "nosn_dcgan": ("collapse", DCGAN + HIGH_LR),                    # DCGAN (no SN), lr 1e-2 both
-    "frozen_d": ("collapse", ["model=dcgan", "model.ch=16", "model.d_ch=16", "data.num_samples=200",
-                              "train.batch_size=16", "train.steps=400", "train.d_lr=1e-6",
-                              "train.g_lr=2e-3"]),                  # the README's partial collapse: D all but frozen
-    "lecam03": ("collapse", SMALL_BIGGAN + HIGH_LR + ["reg.lecam=0.3", "data.num_samples=1000"]),  # modern ablation
-    "wgan_noclip": ("collapse", DCGAN + ["train.steps=300", "loss=wgan", "loss.clip=1e6", "train.d_steps=2",
-                                         "train.g_lr=1e-4", "train.d_lr=1e-4"]),  # an unconstrained critic
-    "tiny_data_big_g": ("collapse", ["model=dcgan", "model.ch=64", "model.d_ch=16", "data.num_samples=50",
-                                     "train.batch_size=32", "train.steps=400", "train.g_lr=2e-4", "train.d_lr=2e-4",
-                                     "train.betas=[0.5,0.999]"]),   # 50 images, a G four times D's width
-    # healthy defaults
-    "biggan": ("healthy", SMALL_BIGGAN),                            # the default small BigGAN's recipe (lr 2e-4 / 4e-4)
-    "biggan_r1": ("healthy", SMALL_BIGGAN + ["reg.r1_gamma=1"]),
-    "dcgan_sn": ("healthy", DCGAN_SN),                              # DCGAN, SN in D, hinge
-    "dcgan_sn_r1": ("healthy", DCGAN_SN + ["reg.r1_gamma=1"]),
-    "dcgan_sn_ns": ("healthy", DCGAN_SN + ["loss=ns"]),
-    "dcgan_sn_diffaug": ("healthy", DCGAN_SN + ["aug.policy=[color,translation,cutout]"]),
-}
-PRECISIONS = ("fp32", "bf16")
+def suite_plan() -> tuple[dict, tuple]:
+    """({cell: intent} in the experiment's sweep order, precisions): read from the experiment's sweep and the cell
+    files (a cell's suite.intent), the same lists `bench train -m +experiment=collapse_suite` runs."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(REPO / "configs" / "experiment" / f"{EXPERIMENT}.yaml").hydra.sweeper.params
+    cells = [c.strip() for c in str(params.collapse_cell).split(",")]
+    precisions = tuple(p.strip() for p in str(params["train.precision"]).split(","))
+    return {c: str(OmegaConf.load(CELL_DIR / f"{c}.yaml").suite.intent) for c in cells}, precisions
+
+
+CELLS, PRECISIONS = suite_plan()
+
+
+def truth_rule(rd: Path) -> dict:
+    """The ground-truth rule a run was started with: suite.truth_* of its config.yaml (the schema's defaults for a
+    run from before the keys existed)."""
+    from omegaconf import OmegaConf
+
+    suite = OmegaConf.select(OmegaConf.load(rd / "config.yaml"), "suite", default=None) or {}
+    return {k: suite.get(k, v) for k, v in TRUTH_DEFAULTS.items()}
+
+
+def _truth_defaults() -> dict:
+    from bench.schema import SuiteCfg
+
+    return {k: v for k, v in vars(SuiteCfg()).items() if k.startswith("truth_")}
+
+
+TRUTH_DEFAULTS = _truth_defaults()
 
 
 def run_dir(out: Path, cell: str, precision: str) -> Path:
     return out / f"{cell}-{precision}"
 
 
-def train(out: Path, cell: str, precision: str, python: str, threads: int, classifier: Path) -> dict:
+def train(rd: Path, cell: str, precision: str, python: str, threads: int, classifier: Path) -> dict:
     """One run (resumed or skipped when already complete); returns its summary.json (or {} when it has none)."""
-    rd = run_dir(out, cell, precision)
-    _, overrides = CELLS[cell]
-    cmd = [python, "-m", "bench.cli", "train", *overrides, *COMMON, f"eval.classifier_path={classifier}",
-           f"train.precision={precision}", f"run.dir={rd}"]
+    out = rd.parent
+    cmd = [python, "-m", "bench.cli", "train", f"+experiment={EXPERIMENT}", f"collapse_cell={cell}",
+           f"eval.classifier_path={classifier}", f"train.precision={precision}", f"run.dir={rd}"]
     env = _env(threads)
     rd.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -140,13 +114,14 @@ def ground_truth(rd: Path) -> dict:
     from bench.train.diversity import DIVERSITY, DiversityProbe
 
     summary = _read(rd / "summary.json")
-    out = {"status": summary.get("status")}
+    rule = truth_rule(rd)
+    out = {"status": summary.get("status"), "rule": rule}
     if summary.get("status") == "diverged":
         return {**out, "collapsed": True, "collapsed_no_class": True, "why": "diverged"}
     if not list((rd / "checkpoints").glob("ckpt-*.pt")):
         return {**out, "collapsed": True, "collapsed_no_class": True, "why": "no checkpoint"}
     full, clf = reference()
-    overrides = [f"data.shards={full}", f"eval.classifier_path={clf}", f"eval.num_samples={GT_SAMPLES}",
+    overrides = [f"data.shards={full}", f"eval.classifier_path={clf}", f"eval.num_samples={rule['truth_samples']}",
                  "eval.num_real=null", "eval.extractor=domain", "eval.repeats=1", "eval.intra_fid=false",
                  "eval.truncation=null", "eval.standing_stats=0"]
     rec = eval_run(rd, overrides, which="last", progress=False, sheets=True, show=False)
@@ -158,13 +133,13 @@ def ground_truth(rd: Path) -> dict:
     acc, fid = rec.get("eval/class_acc"), rec.get("eval/FID")
     chance = 1.0 / run["n_classes"]
     reasons = []
-    if div == div and div <= DIVERSITY_FLOOR:
-        reasons.append(f"diversity {div:.3f} <= {DIVERSITY_FLOOR}")
-    if fid is not None and fid >= FID_CEIL:
-        reasons.append(f"FID {fid:.1f} >= {FID_CEIL}")
+    if div == div and div <= rule["truth_diversity_floor"]:
+        reasons.append(f"diversity {div:.3f} <= {rule['truth_diversity_floor']}")
+    if fid is not None and fid >= rule["truth_fid_ceil"]:
+        reasons.append(f"FID {fid:.1f} >= {rule['truth_fid_ceil']}")
     secondary = bool(reasons)
-    if acc is not None and acc <= CHANCE_FACTOR * chance:
-        reasons.insert(0, f"class_acc {acc:.3f} <= {CHANCE_FACTOR} x chance")
+    if acc is not None and acc <= rule["truth_chance_factor"] * chance:
+        reasons.insert(0, f"class_acc {acc:.3f} <= {rule['truth_chance_factor']} x chance")
     return {**out, "step": run["step"], "class_acc": acc, "chance": chance, "FID": fid, "diversity": div,
             "collapsed": bool(reasons), "collapsed_no_class": secondary, "why": "; ".join(reasons) or "healthy"}
 
@@ -182,14 +157,17 @@ def truth_in_subprocess(rd: Path, python: str, threads: int) -> dict:
     return _read(rd / "truth.json") or {"collapsed": None, "why": f"ground truth failed: see {rd.name}.log"}
 
 
-def one(out: Path, cell: str, precision: str, python: str, threads: int, classifier: Path, train_runs: bool) -> dict:
-    rd = run_dir(out, cell, precision)
-    row = {"cell": cell, "intent": CELLS[cell][0], "precision": precision, "run": str(rd)}
+def one(rd: Path, cell: str, precision: str, python: str, threads: int, classifier: Path, mode: str) -> dict:
+    """One run's row: mode "run" trains it (unless finished) and judges it, "judge" judges a finished run that has
+    no verdict yet, "report" reads what is on disk."""
+    row = {"cell": cell, "intent": CELLS.get(cell, "?"), "precision": precision, "run": str(rd)}
     done = _read(rd / "truth.json")
     summary = _read(rd / "summary.json")
     decided = bool(done) and done.get("collapsed") is not None  # a failed ground truth is retried
-    if train_runs and not (decided and summary.get("status") in ("completed", "collapsed", "diverged")):
-        summary = train(out, cell, precision, python, threads, classifier)
+    finished = summary.get("status") in ("completed", "collapsed", "diverged")
+    if (mode == "run" and not (decided and finished)) or (mode == "judge" and not decided):
+        if mode == "run":
+            summary = train(rd, cell, precision, python, threads, classifier)
         t0 = time.perf_counter()
         done = truth_in_subprocess(rd, python, threads)
         done["suite_truth_s"] = time.perf_counter() - t0
@@ -285,36 +263,65 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--report", action="store_true", help="only print the tables of the runs on disk")
+    ap.add_argument("--judge", type=Path, metavar="SWEEP_DIR",
+                    help="judge the suite runs under SWEEP_DIR (a `bench train -m +experiment=collapse_suite` sweep): "
+                         "each run directory whose config.yaml has a suite.cell")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--truth", type=Path, help=argparse.SUPPRESS)  # internal: one run's ground truth, in-process
     args = ap.parse_args(argv)
     if args.truth:
         (args.truth / "truth.json").write_text(json.dumps(ground_truth(args.truth), indent=1))
         return 0
+    if args.judge:
+        args.out = args.out or args.judge
+        jobs = suite_runs(args.judge)
+        if not jobs:
+            ap.error(f"--judge {args.judge}: no suite run directories under it (config.yaml with suite.cell)")
+        precisions = sorted({p for _, _, p in jobs})
+        return finish(args, jobs, precisions, "judge", classifier=None)
     if args.out is None:
-        ap.error("--out DIR is required")
+        ap.error("--out DIR (or --judge SWEEP_DIR) is required")
     cells = [c for c in args.cells.split(",") if c]
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
         ap.error(f"unknown cells {unknown}; the cells are {list(CELLS)}")
     precisions = [p for p in args.precisions.split(",") if p]
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(c, p) for c in cells for p in precisions]
+    jobs = [(run_dir(args.out, c, p), c, p) for c in cells for p in precisions]
     if args.report:
-        jobs = [(c, p) for c, p in jobs if (run_dir(args.out, c, p) / "truth.json").is_file()]
+        jobs = [job for job in jobs if (job[0] / "truth.json").is_file()]
         classifier = None
     else:
         _, classifier = reference()  # before the runs start: they all read it
+    return finish(args, jobs, precisions, "report" if args.report else "run", classifier=classifier)
+
+
+def suite_runs(root: Path) -> list:
+    """(run dir, cell, precision) of every suite run under root, in cell order."""
+    from omegaconf import OmegaConf
+
+    found = []
+    for cfg_file in sorted(root.rglob("config.yaml")):
+        if cfg_file.parent.name == ".hydra":
+            continue
+        cfg = OmegaConf.load(cfg_file)
+        cell = OmegaConf.select(cfg, "suite.cell", default="")
+        if cell:
+            found.append((cfg_file.parent, cell, str(cfg.train.precision)))
+    order = {c: i for i, c in enumerate(CELLS)}
+    return sorted(found, key=lambda j: (order.get(j[1], len(order)), j[1], j[2]))
+
+
+def finish(args, jobs: list, precisions: list, mode: str, classifier) -> int:
+    """Run (when train_runs) and judge every job, then write and print the tables."""
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        rows = list(pool.map(lambda cp: one(args.out, *cp, args.python, args.threads, classifier,
-                                            not args.report), jobs))
+        rows = list(pool.map(lambda job: one(*job, args.python, args.threads, classifier, mode), jobs))
     text = tables(rows)
     (args.out / "suite.md").write_text(text + "\n")
     (args.out / "suite.json").write_text(json.dumps({"rows": rows, "by_precision": {
         p: confusion([r for r in rows if r["precision"] == p]) for p in precisions}, "all": confusion(rows),
         "secondary_all": confusion([_secondary(r) for r in rows]),
-        "rule": {"chance_factor": CHANCE_FACTOR, "diversity_floor": DIVERSITY_FLOOR, "fid_ceil": FID_CEIL,
-                 "gt_samples": GT_SAMPLES}}, indent=1))
+        "rule": TRUTH_DEFAULTS}, indent=1))
     print(text)
     return 0
 

@@ -86,12 +86,14 @@ def test_logit_scale_fires_after_the_warm_up_only():
 
 
 # ---- class input ignored --------------------------------------------------------------------------------------
-def probe(step, acc_x=None, sep=None):
+def probe(step, acc_x=None, sep=None, fd=None):
     extra = {}
     if acc_x is not None:
         extra["stability/class_acc_over_chance"] = acc_x
     if sep is not None:
         extra["stability/class_sep"] = sep
+    if fd is not None:
+        extra["stability/probe_fd"] = fd
     return tick(step, **extra)
 
 
@@ -116,14 +118,45 @@ def test_class_rule_does_not_fire_on_a_g_that_follows_its_class():
     assert feed(d, [probe(s, acc_x=0.5, sep=0.0) for s in range(100, 400, 50)]) == []
 
 
+def test_class_rule_waits_while_g_still_closes_in_on_the_data():
+    """A healthy G often ignores its class until it has learnt what the images look like: the class rule holds
+    while the probe's distance to the data falls by more than class_progress over `patience` measurements, and
+    fires once it stops falling (the numbers follow a healthy DCGAN on the built-in shapes, then a stall)."""
+    d = det(class_factor=1.5, class_after=0, patience=3, class_progress=0.1)
+    learning = [probe(s, acc_x=1.0, fd=fd) for s, fd in ((100, 80.0), (200, 43.0), (300, 34.0), (400, 27.0),
+                                                         (500, 23.0))]
+    assert feed(d, learning) == [] and d.low_class == [100, 200, 300, 400, 500]
+    stalled = [probe(600, acc_x=1.1, fd=22.0), probe(700, acc_x=1.0, fd=21.5)]  # 23 -> 21.5: less than 10%
+    fired = feed(d, stalled)
+    assert fired == [(700, d.reason)] and d.rule == "class"
+    assert "since step 100" in d.reason and "from 23 to 21.5" in d.reason
+    # without the probe's distance (an older run, or the key missing) the rule fires as before
+    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.1)
+    assert feed(d, [probe(100, acc_x=1.0), probe(200, acc_x=1.0)])[0][0] == 200
+    # class_progress 0: off, the streak alone decides
+    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.0)
+    assert feed(d, [probe(100, acc_x=1.0, fd=80.0), probe(200, acc_x=1.0, fd=40.0)])[0][0] == 200
+
+
+def test_class_rule_on_evaluations_waits_for_patience_and_a_stalled_fid():
+    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.1)
+    assert d.update_eval(100, {"eval/class_acc": 0.1, "eval/FID": 80.0}, 10) is None  # one evaluation: not yet
+    assert d.update_eval(200, {"eval/class_acc": 0.1, "eval/FID": 40.0}, 10) is None  # FID halved: still learning
+    assert d.update_eval(300, {"eval/class_acc": 0.3, "eval/FID": 30.0}, 10) is None  # off chance: streak reset
+    assert d.low_class_eval == []
+    assert d.update_eval(400, {"eval/class_acc": 0.12, "eval/FID": 31.0}, 10) is None
+    why = d.update_eval(500, {"eval/class_acc": 0.11, "eval/FID": 30.5}, 10)
+    assert why.startswith("class:") and "2 evaluations in a row (since step 400)" in why and d.collapse_step == 500
+
+
 def test_class_rule_on_an_evaluation():
-    d = det(class_factor=1.5, class_after=100, recall_factor=0.6)
+    d = det(class_factor=1.5, class_after=100, recall_factor=0.6, patience=1)
     # ten classes: chance 0.1, the line 0.15; an evaluation inside class_after is not judged
     assert d.update_eval(100, {"eval/class_acc": 0.1, "eval/recall": 0.5}, 10) is None
     assert d.update_eval(200, {"eval/class_acc": 0.16, "eval/recall": 0.5}, 10) is None
     why = d.update_eval(300, {"eval/class_acc": 0.15}, 10)
     assert why.startswith("class:") and d.collapse_step == 300 and "1/10" in why
-    d = det(class_factor=1.5)
+    d = det(class_factor=1.5, patience=1)
     assert d.update_eval(300, {"eval/class_acc": float("nan")}, 10) is None
     assert d.update_eval(300, {"eval/FID": 3.0}, 10) is None  # no class_acc (another extractor)
     assert d.update_eval(300, {"eval/class_acc": 0.8}, 2) is None  # 2 classes: chance 0.5, the line 0.75

@@ -42,6 +42,7 @@ DIVERSITY_MIN = "stability/diversity_min"
 CLASS_ACC = "stability/class_acc"                  # share of the probe's samples the classifier gives their own label
 CLASS_ACC_X = "stability/class_acc_over_chance"    # the same over chance (1 / the data's classes)
 CLASS_SEP = "stability/class_sep"                  # class_separation of G's features over the data's
+PROBE_FD = "stability/probe_fd"                    # Frechet distance of G's probe features (all classes) to the data's
 DIVERSITY_SEED = 20_240_613  # the fixed latents; independent of train.seed so runs compare on the same z
 MAX_CLASSES = 32
 REAL_READ_FACTOR = 8  # real images read at most: this x diversity_samples x the data's classes (the read stops
@@ -231,4 +232,10 @@ class DiversityProbe:
         sep = class_separation({c: f for c, f in fake.items() if c in self.real})
         if math.isfinite(sep) and math.isfinite(self.real_sep) and self.real_sep > 0:
             out[CLASS_SEP] = sep / self.real_sep
+        # how far G still is from the data (the class rule waits while this falls): the fixed latents make the
+        # measurements comparable from one probe to the next, though few samples make its level biased upward
+        from bench.eval.stats import frechet_distance
+        fd, _ = frechet_distance(feats, torch.cat([self.real[c] for c in self.classes if c in self.real]))
+        if math.isfinite(fd):
+            out[PROBE_FD] = fd
         return out

@@ -281,7 +281,12 @@ class CollapseDetector:
                   separation (`stability/class_sep`: distance between the per-class mean features over the
                   within-class spread, G's over the data's) <= `class_sep`, for `patience` measurements in a
                   row after `class_after` steps; or an evaluation's eval/class_acc <= `class_factor` x chance
-                  after `class_after` steps (update_eval);
+                  at `patience` evaluations in a row after `class_after` steps (update_eval). Either way only
+                  once G has stopped closing in on the data: a G still learning what the images look like has
+                  often not begun to use its class yet (on the built-in shapes a healthy DCGAN sat at chance
+                  for its first ~20k images while its FID fell from 80 to 34). So the rule waits while the
+                  probe's Frechet distance to the data (`stability/probe_fd`), or the evaluations' eval/FID,
+                  fell by more than `class_progress` (a fraction) over the last `patience` measurements;
       warmup_blowup: the losses or D's logits blew up inside the warm-up (the largest of |loss/G - loss/D| and
                   |D's mean real / fake logit| above `loss_gap`) and did not come back to the healthy range (all
                   <= `recover_scale`) within `recover_ticks` ticks after it: the warm-up forgives a transient,
@@ -292,13 +297,13 @@ class CollapseDetector:
 
     STATE = ("sigma_hist", "best_fid", "collapse_step", "reason",  # what a checkpoint keeps
              "best_div", "low_div", "best_recall", "low_recall",
-             "dwins_run", "ddead_run", "low_class", "blowup", "blowup_ticks", "fired")
+             "dwins_run", "ddead_run", "low_class", "class_fd", "low_class_eval", "blowup", "blowup_ticks", "fired")
 
     def __init__(self, sigma_factor: float = 2.0, window: int = 50, loss_gap: float = 50.0,
                  fid_factor: float = 1.5, warmup: int = 20, *, diversity_factor: float = 0.0,
                  recall_factor: float = 0.0, patience: int = 3, dwins_level: float = 0.0, dwins_ticks: int = 5,
                  class_factor: float = 0.0, class_sep: float = 0.0, class_after: int = 0,
-                 recover_scale: float = 0.0, recover_ticks: int = 5, logit_scale: float = 0.0):
+                 class_progress: float = 0.0, recover_scale: float = 0.0, recover_ticks: int = 5, logit_scale: float = 0.0):
         self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
         # the rules that read D's logits as absolute (their sign and size): off where they mean nothing (a WGAN
         # critic; a relativistic loss, which sees only real - fake differences, so the logits drift freely)
@@ -307,6 +312,7 @@ class CollapseDetector:
         self.diversity_factor, self.recall_factor, self.patience = diversity_factor, recall_factor, patience
         self.dwins_level, self.dwins_ticks = dwins_level, dwins_ticks
         self.class_factor, self.class_sep, self.class_after = class_factor, class_sep, class_after
+        self.class_progress = class_progress
         self.recover_scale, self.recover_ticks = recover_scale, recover_ticks
         self.logit_scale = logit_scale
         self.sigma_hist: list[tuple[int, float]] = []
@@ -318,6 +324,8 @@ class CollapseDetector:
         self.dwins_run: list[int] = []                        # steps of the ticks in a row where D won outright
         self.ddead_run: list[int] = []                        # ... where D rejected everything
         self.low_class: list[int] = []                        # steps of the probe's class measurements in a row below
+        self.class_fd: list[Optional[float]] = []             # ... and the probe's distance to the data at each
+        self.low_class_eval: list[tuple[int, Optional[float]]] = []  # (step, FID) of the evaluations in a row below
         self.blowup: Optional[tuple[int, float]] = None       # (step, gap) of the warm-up's largest unrecovered blow-up
         self.blowup_ticks = 0                                 # ticks after the warm-up without recovery
         self.fired: list[str] = []                            # every rule that fired, in order (first time each)
@@ -334,6 +342,7 @@ class CollapseDetector:
                    patience=tc.collapse_patience, dwins_level=tc.collapse_dwins_level,
                    dwins_ticks=tc.collapse_dwins_ticks, class_factor=tc.collapse_class_factor,
                    class_sep=tc.collapse_class_sep, class_after=tc.collapse_class_after,
+                   class_progress=tc.collapse_class_progress,
                    recover_scale=tc.collapse_recover_scale, recover_ticks=tc.collapse_recover_ticks,
                    logit_scale=tc.collapse_logit_scale)
         det.logit_rules = det.logit_rules and not relativistic
@@ -479,26 +488,50 @@ class CollapseDetector:
         low_sep = self.class_sep > 0 and sep is not None and sep <= self.class_sep
         if not (low_acc or low_sep):
             self.low_class.clear()
+            self.class_fd.clear()
             return None
+        fd = row.get("stability/probe_fd")
         self.low_class.append(step)
-        if len(self.low_class) < self.patience:
+        self.class_fd.append(float(fd) if isinstance(fd, (int, float)) and math.isfinite(fd) else None)
+        self.class_fd[:0] = [None] * (len(self.low_class) - len(self.class_fd))  # a checkpoint from before
+        if len(self.low_class) < self.patience or self._still_learning(self.class_fd):
             return None
         what = (f"class accuracy {acc:.3g} x chance <= {self.class_factor}" if low_acc else
                 f"class separation {sep:.3g} <= {self.class_sep}")
         return self._flag(step, f"class: the class input is ignored: {what} for {len(self.low_class)} probe "
-                                f"measurements in a row (since step {self.low_class[0]})")
+                                f"measurements in a row (since step {self.low_class[0]}){self._progress_note(self.class_fd)}")
+
+    def _still_learning(self, distances: list) -> bool:
+        """Whether G is still closing in on the data: the distance fell by more than class_progress over the last
+        `patience` measurements (unknown distances: no)."""
+        first, last = distances[-self.patience], distances[-1]
+        return self.class_progress > 0 and None not in (first, last) and last < (1.0 - self.class_progress) * first
+
+    def _progress_note(self, distances: list) -> str:
+        first, last = distances[-self.patience], distances[-1]
+        if self.class_progress <= 0 or None in (first, last):
+            return ""
+        return f", while its distance to the data went only from {first:.3g} to {last:.3g}"
 
     def update_eval(self, step: int, metrics: dict, n_classes: int) -> Optional[str]:
         """Feed one evaluation's metrics: its recall (the recall rule) and eval/class_acc (the class rule: at or
         below class_factor x chance, 1 / n_classes, at an evaluation after class_after steps)."""
         fired = self.update_recall(step, metrics.get("eval/recall"))
         acc = metrics.get("eval/class_acc")
-        if (self.class_factor > 0 and n_classes and n_classes > 1 and isinstance(acc, (int, float))
-                and math.isfinite(acc) and step > max(self.warmup, self.class_after)
-                and acc <= self.class_factor / n_classes):
-            fired = self._flag(step, f"class: the class input is ignored: eval/class_acc {acc:.3g} <= "
-                                     f"{self.class_factor} x chance (1/{n_classes})") or fired
-        return fired
+        if not (self.class_factor > 0 and n_classes and n_classes > 1 and isinstance(acc, (int, float))
+                and math.isfinite(acc) and step > max(self.warmup, self.class_after)):
+            return fired
+        if acc > self.class_factor / n_classes:
+            self.low_class_eval.clear()
+            return fired
+        fid = metrics.get("eval/FID")
+        self.low_class_eval.append((step, float(fid) if isinstance(fid, (int, float)) and math.isfinite(fid) else None))
+        fids = [f for _, f in self.low_class_eval]
+        if len(fids) < self.patience or self._still_learning(fids):
+            return fired
+        return self._flag(step, f"class: the class input is ignored: eval/class_acc {acc:.3g} <= {self.class_factor}"
+                                f" x chance (1/{n_classes}) at {len(fids)} evaluations in a row (since step "
+                                f"{self.low_class_eval[0][0]}){self._progress_note(fids)}") or fired
 
     def _sustained_drop(self, what: str, step: int, value: float) -> Optional[str]:
         """The diversity / recall rule: `value` below factor x the best so far for `patience` values in a row."""
