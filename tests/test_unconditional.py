@@ -82,12 +82,12 @@ def test_conditional_state_dicts_keep_their_keys():
 
 @pytest.fixture(scope="module")
 def unlabelled_shards(tmp_path_factory):
-    """48 images of one folder (a disc of random colour and place on a plain background) as a shard set: its
-    manifest has one class, "unlabelled"."""
+    """48 images in a flat folder (a disc of random colour and place on a plain background) as a shard set: its
+    manifest has one class, "unlabelled", and says the set is not labelled."""
     from bench.data.shards import ShardSetSpec, load_manifest, make_shards
 
     root = tmp_path_factory.mktemp("unlabelled")
-    folder = root / "images" / "unlabelled"
+    folder = root / "images"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:32, :32]
@@ -99,7 +99,8 @@ def unlabelled_shards(tmp_path_factory):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
     out = root / "shards"
     make_shards(out, ShardSetSpec(source="folder", folder=root / "images", resolution=32, seed=0), progress=False)
-    assert load_manifest(out)["class_names"] == ["unlabelled"]
+    manifest = load_manifest(out)
+    assert manifest["class_names"] == ["unlabelled"] and manifest["labelled"] is False
     return out
 
 
