@@ -1,6 +1,8 @@
 """torch-fidelity's inputs and feature extractors (docs/architecture.md, "Evaluation").
 
     ImageDataset       uint8 images (a tensor, or a loader called on first access) as an input
+    ShardImages        the real side streamed from the shards a batch at a time (real_images: an evaluation's);
+                       memory does not grow with the number of real images
     Sampler            G as a torch-fidelity generative model (latents and labels drawn beforehand)
     extract_features   torch-fidelity's features of both inputs (the reference side from its cache);
                        feature_extractor and features_of: one input's (bench.eval.spread: a rank's share)
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.eval.classifier import DOMAIN_EXTRACTOR, DOMAIN_LAYERS
+from bench.eval.classifier import DOMAIN_EXTRACTOR, DOMAIN_LAYERS, read_uint8
 from bench.eval.errors import EvalError
 from bench.eval.sampling import generate_uint8
 from bench.eval.protocols import RESIZES
@@ -112,6 +114,124 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.resize is not None:
             return self.resize(self.images[i][None])[0]
         return self.images[i]
+
+
+class ShardImages(torch.utils.data.Dataset):
+    """The real side as a torch-fidelity input, streamed: images 0..n-1 of the shards in read_uint8's order (`seed`),
+    decoded one batch at a time as torch-fidelity reads them in order, so memory does not grow with n (a
+    full-ImageNet reference at 128 px is ~63 GB as one tensor). Nothing is read before the first image is asked for
+    (a real side served from the cache never reads the shards); a read out of order starts the stream again
+    (`passes` counts the passes). `n` None: min(`limit`, the shards' images), counted by a pass on first len().
+
+    For intra-FID it is also the loader RealImages is (bench.eval.intra): `labels`, int64 (n,), once a pass has
+    read all n images; calling it reads them (a pass that keeps only the labels) and returns them."""
+
+    def __init__(self, shards_spec, resolution: int, n: int | None = None, *, limit: int | None = None,
+                 seed: int = 0, batch_size: int = 256, progress: bool = False):
+        if n is None and limit is None:
+            raise ValueError("ShardImages: give the image count n or a limit")
+        self.spec, self.resolution, self.seed, self.batch_size = shards_spec, int(resolution), seed, int(batch_size)
+        self.n, self.limit = (None if n is None else int(n)), (int(n) if limit is None else int(limit))
+        self.count_progress = progress  # "reading shards: N images" lines while a pass counts (n None)
+        self.progress = None  # a ProgressLine, counted per image served (as ImageDataset's)
+        self.resize = None    # None, or a function of uint8 (B, 3, H, W) images (clean_resize)
+        self.labels = None
+        self.passes = 0
+        self._stream = None
+        self._x, self._start, self._read, self._ys = None, 0, 0, []
+
+    def _wanted(self) -> int:
+        return self.limit if self.n is None else self.n
+
+    def _restart(self) -> None:
+        self.close()
+        self._stream = read_uint8(self.spec, self.resolution, self.seed, self.batch_size)
+        self._x, self._start, self._read, self._ys = None, 0, 0, []
+        self.passes += 1
+
+    def _next_batch(self) -> bool:
+        """Read the next batch into _x (starting at image _start); False when the shards have no more images."""
+        try:
+            x, y = next(self._stream)
+        except StopIteration:
+            self.close()
+            return False
+        self._x, self._start = x, self._read
+        self._read += len(y)
+        if self.labels is None:
+            self._ys.append(y)
+        if self._read >= self._wanted():  # the pass has every image it needs: stop reading
+            if self.labels is None:
+                self.labels = torch.cat(self._ys)[:self._wanted()]
+                self._ys = []
+            self.close()
+        return True
+
+    def _short(self) -> EvalError:
+        return EvalError(f"data.shards={str(self.spec)!r}: the shards gave {self._read} readable images, the "
+                         f"evaluation's real side needs {self.n} (its manifest counts more than can be read); "
+                         f"set eval.num_real to at most {self._read}")
+
+    def __len__(self) -> int:
+        if self.n is None:  # no manifest: count by reading (the cache key needs the true count)
+            self._restart()
+            t0 = last = time.time()
+            while self._stream is not None and self._next_batch():
+                if self.count_progress and time.time() - last > 5:
+                    last = time.time()
+                    print(f"reading shards: {self._read} images ({self._read / (last - t0):.0f} img/s)",
+                          file=sys.stderr, flush=True)
+            self.n = min(self._read, self.limit)
+            if self.labels is None:
+                self.labels = torch.cat(self._ys)[:self.n] if self._ys else torch.zeros(0, dtype=torch.long)
+                self._ys = []
+            if self.n == 0:
+                raise EvalError(f"data.shards={str(self.spec)!r}: no readable images")
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        n = len(self)
+        if not 0 <= i < n:
+            raise IndexError(f"image {i} of {n}")
+        if self._x is None or i < self._start:
+            self._restart()
+        while i >= self._start + len(self._x if self._x is not None else ()):
+            if self._stream is None or not self._next_batch():
+                raise self._short()
+        if self.progress is not None:
+            self.progress.add(1)
+        image = self._x[i - self._start]
+        return self.resize(image[None])[0] if self.resize is not None else image
+
+    def __call__(self) -> torch.Tensor:
+        """The n labels (RealImages' call, for intra-FID): a pass that keeps only them when no pass read them yet."""
+        if self.labels is None:
+            n = len(self)
+            self._restart()
+            while self.labels is None:
+                if self._stream is None or not self._next_batch():
+                    raise self._short()
+            self._x = None  # the pass kept only the labels
+            assert len(self.labels) == n
+        return self.labels
+
+    def close(self) -> None:
+        """Stop the current pass (its reader's files are closed); the batch in hand is kept."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+def real_images(shards_spec, resolution: int, num_real: int, progress: bool = False) -> tuple[ShardImages, int]:
+    """An evaluation's real side (bench.eval.metrics, bench eval stats): the first min(num_real, the shards' images)
+    images in read_uint8's order (seed 0) as ShardImages, and their count (from the manifest; without one,
+    counted by one pass that keeps only the labels)."""
+    from bench.data.shards import dataset_info
+
+    _, n_available, _ = dataset_info(shards_spec)
+    n = min(int(num_real), int(n_available)) if n_available else None
+    real = ShardImages(shards_spec, resolution, n, limit=int(num_real), progress=progress)
+    return real, len(real)
 
 
 class Sampler(nn.Module):

@@ -1,6 +1,7 @@
 """`bench eval stats data.shards=DIR out=ref.npz [n=N] [eval.*]`: write the real side's FID statistics
 (bench.eval.refstats reads them; docs/architecture.md, "Evaluation"). Its own module: it uses the evaluation's
-real side, extractor and cache (bench.eval.metrics), which itself reads reference files through refstats."""
+real side (features.real_images, streamed from the shards), extractor and cache (bench.eval.metrics), which itself
+reads reference files through refstats."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,7 @@ def write_ref_stats(shards_spec, out, settings, resolution: int, *, num_real: Op
 
     from bench.data.shards import dataset_info, manifest_hash
     from bench.eval import metrics as M
-    from bench.eval.features import (ProgressLine, extractor_settings, feature_extractor, features_of,
+    from bench.eval.features import (ProgressLine, extractor_settings, feature_extractor, features_of, real_images,
                                      register_sampler, resizer)
     from bench.eval.stats import feature_statistics
 
@@ -38,7 +39,8 @@ def write_ref_stats(shards_spec, out, settings, resolution: int, *, num_real: Op
     s = M._checked(dataclasses.replace(settings, num_real=n, num_samples=max(int(settings.num_samples), M.MIN_SAMPLES),
                                        ref_stats=None))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    real, n_real, _ = M._real_side(s, shards_spec, int(resolution), progress)
+    # the evaluation's real side (metrics._real_side's images), streamed: a full-ImageNet file never holds every image
+    real, n_real = real_images(shards_spec, int(resolution), int(s.num_real), progress)
     real.resize = resizer(s.extractor, s.resize)
     weights_path, _ = M._classifier_files(s, shards_spec, int(resolution), progress)
     _, layers, _, fe_id = extractor_settings(s.extractor, weights_path, s.resize)
