@@ -3,21 +3,35 @@ errors name the key to change. The YAML under configs/ holds the values; this fi
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bench.metrics_registry import BEST_METRICS, EXTRACTORS, TRUNC_MODES
-from bench.schema import Config, EvalCfg  # noqa: F401  (EvalCfg: the eval group's defaults, read by bench eval)
+from bench.schema import Config, EvalCfg, ModelCfg  # noqa: F401  (EvalCfg: the eval group's defaults, read by bench eval)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _own_configs() -> Path:
+    """gan-bench's configs: the package data bench.configs (the repository's configs/ folder, mapped by
+    pyproject.toml's package-dir; docs/architecture.md, "Packaging")."""
+    root = resources.files("bench.configs")
+    if not isinstance(root, Path) or not (root / "config.yaml").is_file():
+        raise RuntimeError(f"gan-bench's configs ({root}) are not a folder with config.yaml; reinstall gan-bench")
+    return root
+
+
+CONFIG_DIR = _own_configs()
+CONFIG_PATH_ENV = "GAN_BENCH_CONFIG_PATH"  # your own config folders, searched after CONFIG_DIR: DIR1:DIR2
 
 MODEL_FAMILIES = ("biggan", "biggan_deep", "sagan", "dcgan")
 LOSSES = ("hinge", "ns", "minimax", "wgan", "wgan_gp", "rpgan")
@@ -58,36 +72,123 @@ def check_schema(cfg: DictConfig) -> DictConfig:
     backends = plain.get("log", {}).get("backends", [])
     if backends is None or isinstance(backends, str):  # log.backends=tb, 'log.backends=tb,wandb' or null
         plain["log"]["backends"] = [b.strip() for b in (backends or "").split(",") if b.strip()]
+    own_keys = _own_model_keys(plain)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+    with open_dict(merged.model):
+        merged.model.update(own_keys)
     return merged
 
 
+def _own_model_keys(plain: dict) -> dict:
+    """A model built by your own code (`model._target_`) may carry keys the schema does not know: they are
+    taken out of `plain` here and kept as given, for your builder (docs/architecture.md)."""
+    model = plain.get("model") or {}
+    if not model.get("_target_"):
+        return {}
+    known = {f.name for f in dataclasses.fields(ModelCfg)}
+    return {k: model.pop(k) for k in list(model) if k not in known}
+
+
+SEARCHPATH = "hydra.searchpath"
+
+
+def user_search_path(overrides: list[str]) -> list[str]:
+    """The config folders a user adds, in Hydra's form and search order: a `hydra.searchpath=[...]`
+    override's entries (file://DIR, pkg://package, or a plain DIR), then $GAN_BENCH_CONFIG_PATH's folders
+    (os.pathsep-separated). Folders become absolute; a missing one is a ConfigError."""
+    entries: list[tuple[str, str]] = []  # (where it came from, entry)
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+~") == SEARCHPATH:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+            from hydra.errors import HydraException
+
+            try:
+                value = OverridesParser.create().parse_override(o).value()
+            except HydraException as exc:
+                raise ConfigError(f"{o!r} is not a valid override: {str(exc).splitlines()[0]}") from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{SEARCHPATH}={value!r} is not valid; use a list of folders, e.g. "
+                                  f"{SEARCHPATH}=[file:///home/me/configs]")
+            entries += [(SEARCHPATH, v) for v in value]
+    entries += [(CONFIG_PATH_ENV, d) for d in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if d.strip()]
+    out = []
+    for source, entry in entries:
+        scheme, sep, rest = entry.partition("://")
+        if not sep or scheme == "file":
+            folder = Path(rest if sep else entry).expanduser().resolve()
+            if not folder.is_dir():
+                raise ConfigError(f"{source}: {entry!r} is not a folder; it should hold your config groups, "
+                                  f"e.g. model/<name>.yaml")
+            entry = f"file://{folder}"
+        out.append(entry)
+    return out
+
+
+def _search_roots(search_path: list[str]) -> list[tuple[str, Any]]:
+    """(entry, folder) for CONFIG_DIR and each file:// / pkg:// entry: where check_group_choices looks."""
+    roots: list[tuple[str, Any]] = [("gan-bench", CONFIG_DIR)]
+    for entry in search_path:
+        scheme, _, rest = entry.partition("://")
+        if scheme == "file":
+            roots.append((rest, Path(rest)))
+        elif scheme == "pkg":
+            try:
+                roots.append((entry, resources.files(rest.replace("/", "."))))
+            except (ImportError, TypeError) as exc:
+                raise ConfigError(f"{SEARCHPATH}: {entry!r} names no importable package ({exc})") from None
+    return roots
+
+
 def check_group_choices(overrides: list[str]) -> None:
-    """`model=foo` with no configs/model/foo.yaml -> one line listing the valid choices."""
+    """`model=foo` with no model/foo.yaml in gan-bench's configs or the user's folders (user_search_path) ->
+    one line listing the valid choices; a user's option that has the name of a built-in one (which Hydra's
+    search order would pick instead) -> one line saying so."""
+    roots = None
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"argument {o!r} is not a key=value override; see `bench --help`")
         key, value = o.split("=", 1)
         key = key.lstrip("+~")
-        group_dir = CONFIG_DIR / key
-        if "." in key or not group_dir.is_dir() or "," in value:
+        if "." in key or "," in value:
             continue
-        if not (group_dir / f"{value}.yaml").exists():
-            choices = sorted(p.stem for p in group_dir.glob("*.yaml"))
-            raise ConfigError(f"{key}={value!r} is not available; choose one of: {', '.join(choices)}")
+        roots = roots if roots is not None else _search_roots(user_search_path(overrides))
+        groups = [(where, root / key) for where, root in roots if (root / key).is_dir()]
+        if not groups:
+            continue
+        found = [where for where, group in groups if (group / f"{value}.yaml").is_file()]
+        if not found:
+            lists = [(where, ", ".join(sorted(p.name[:-5] for p in group.iterdir() if p.name.endswith(".yaml"))))
+                     for where, group in groups]
+            raise ConfigError(f"{key}={value!r} is not available; choose one of: "
+                              + "; ".join(names if where == "gan-bench" else f"in {where}: {names}"
+                                          for where, names in lists))
+        if found[0] == "gan-bench" and len(found) > 1:
+            raise ConfigError(f"{key}={value!r}: your {found[1]}/{key}/{value}.yaml has the name of gan-bench's own "
+                              f"{key}/{value}.yaml, which Hydra would use instead; rename yours")
+
+
+def with_search_path(overrides: list[str]) -> list[str]:
+    """The overrides with one `hydra.searchpath=[...]` that holds user_search_path (none when empty):
+    what compose and a sweep hand to Hydra, so your folders are searched after gan-bench's configs."""
+    path = user_search_path(overrides)
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != SEARCHPATH]
+    quoted = ["'" + p.replace("'", "\\'") + "'" for p in path]  # Hydra's quoting: a path may hold , [ ] or spaces
+    return rest + ([f"{SEARCHPATH}=[{','.join(quoted)}]"] if path else [])
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """Compose configs/ with the overrides and check it against the schema (`validate` comes next)."""
+    """Compose gan-bench's configs (and the user's folders: with_search_path) with the overrides and
+    check it against the schema (`validate` comes next)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     check_group_choices(overrides)
+    overrides = with_search_path(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -174,7 +275,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """Check values a schema cannot express, every group, before anything is written (a bad value is
     one ConfigError line naming the key). Resolves train.precision=auto and train.global_batch (into
     train.batch_size) and train.kimg (into train.steps), so config.yaml records what ran."""
-    _choice("model", cfg.model.family, MODEL_FAMILIES)
+    if cfg.model.get("_target_"):
+        check_own_model(cfg.model)
+    else:
+        _choice("model", cfg.model.family, MODEL_FAMILIES)
     _choice("loss", cfg.loss.name, LOSSES)
     _choice("data", cfg.data.name, DATASETS)
     check_data(cfg)
@@ -210,6 +314,18 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16, fp32 or auto on CPU")
     check_architecture(cfg)
     return cfg
+
+
+def check_own_model(model) -> None:
+    """A model built by your own code: `_target_` is a dotted 'package.module.function' and model.family a
+    name of your own (it names the run directory and the records), not a built-in family's."""
+    target = model._target_
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", target):
+        raise ConfigError(f"model._target_={target!r} is not valid; use the dotted path of your builder, "
+                          f"package.module.function (called with (model config, resolution, n_classes) -> (G, D))")
+    if model.family in MODEL_FAMILIES or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", str(model.family)):
+        raise ConfigError(f"model.family={model.family!r} with model._target_={target}: set model.family to a name "
+                          f"of your own (letters, digits, _ . -), not one of gan-bench's: {', '.join(MODEL_FAMILIES)}")
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -408,8 +524,12 @@ def check_architecture(cfg: DictConfig) -> None:
     import models
 
     with torch.device("meta"):
-        models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution,
-                     cfg.model.n_classes or 10)
+        G, D = models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution,
+                            cfg.model.n_classes or 10)
+        if cfg.model.get("_target_"):  # your own nets: their output shapes (bench/plugins.py)
+            from bench.plugins import check_own_nets
+
+            check_own_nets(G, D, cfg.data.resolution, cfg.model.n_classes or 10)
 
 
 def override_hash(overrides: list[str]) -> str:

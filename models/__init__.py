@@ -48,6 +48,9 @@ def build(cfg: Mapping, resolution: int, n_classes: int) -> tuple[nn.Module, nn.
     ignored) at `resolution` pixels with `n_classes` classes. n_classes == 1 (an unlabelled set)
     builds unconditional nets (checks.is_conditional, the one rule: no class embedding in G, no
     projection term in D). Raises ModelConfigError."""
+    if cfg.get("_target_"):  # your own nets (bench/plugins.py; docs/architecture.md, "Your own model without a fork")
+        from bench.plugins import build_own
+        return build_own(cfg, resolution, n_classes)
     family = cfg.get("family")
     if family not in REGISTRY:
         raise ModelConfigError(f"model.family={family!r} is not a model family; "
