@@ -74,8 +74,8 @@ REFERENCE = {
                  "n_classes": 1000},
     "params": {
         512: {"G": 82_296_804, "D": 99_401_282,
-              "note": "D: BigGAN-PyTorch's D_arch has no 512 entry; its Discriminator given this file's "
-                      "D_ARCH[512] counts this, which checks our blocks against theirs for the table"},
+              "note": "D: BigGAN-PyTorch's D_arch has no 512 entry; this is its Discriminator built with our "
+                      "D_ARCH[512], so it checks our blocks, not the table"},
     },
 }
 

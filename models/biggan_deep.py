@@ -82,12 +82,13 @@ REFERENCE_PARAMS: dict[int, dict] = {
           "source": "G: BigGAN-PyTorch pull request #72 (f584c36, 'Support 512x512', unmerged), "
                     "BigGANdeep.Generator; D: BigGAN-PyTorch BigGANdeep.Discriminator given this "
                     "file's D_ARCH[512] (its D_arch has no 512 entry)",
-          "note": "G: the pull request's output conv has 128 channels and keeps the first 3 (the "
-                  "TF-Hub layout): 144,125 parameters (3x3x128x125 + 125) more than ours, which "
-                  "equals its G less those; the same G at 128 / 256 counts 50,388,609 / "
-                  "55,880,833, the published TF-Hub BigGAN-deep sizes 50.4M / 55.9M / 56.2M "
-                  "(pytorch-pretrained-BigGAN). D: no 512 discriminator was released or written "
-                  "in BigGAN-PyTorch; this count checks our blocks against theirs for the table."},
+          "note": "G: the pull request's output conv has 128 output channels and keeps the first "
+                  "3 (TF-Hub's layout); ours has 3, so ours is its count less 144,125 (3x3x128x125 "
+                  "+ 125), exactly. Its G at 128 / 256 counts 50,388,609 / 55,880,833: with 512, "
+                  "the published TF-Hub BigGAN-deep sizes 50.4M / 55.9M / 56.2M "
+                  "(pytorch-pretrained-BigGAN). D: BigGAN-PyTorch has no 512 discriminator and "
+                  "TF-Hub's was not released; this is its Discriminator built with our D_ARCH[512], "
+                  "so it checks our blocks, not the table."},
 }
 REFERENCE = {"source": REFERENCE_SOURCE, "settings": REFERENCE_SETTINGS, "params": REFERENCE_PARAMS}
 
