@@ -30,7 +30,7 @@ def inspect_command(args: list[str]) -> int:
         "model": cfg.model.family,
         "resolution": cfg.data.resolution,
         "n_classes": n_classes,
-        "conditional": G.conditional,
+        "conditional": getattr(G, "conditional", None),  # None: a user's own nets (bench/plugins.py) may not say
         "G_params": models.param_count(G),
         "D_params": models.param_count(D),
         "GFLOP_per_image": {"D_step": flops["D_step"] / 1e9, "G_step": flops["G_step"] / 1e9,
