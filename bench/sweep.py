@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import rundir
-from bench.config import CONFIG_DIR, ConfigError, check_group_choices, compose
+from bench.config import CONFIG_DIR, SEARCHPATH, ConfigError, check_group_choices, compose, with_search_path
 from bench.errors import process_failed
 from bench.overrides import check_grid, grid, is_sweep_value, sweep_values
 
@@ -67,7 +67,7 @@ def multirun(args: list[str], train: Callable[..., int]) -> int:
     from bench import launch
 
     check_group_choices([a for a in args if not is_sweep_value(_value(a))])
-    fixed = [a for a in args if not a.startswith("hydra") and not is_sweep_value(_value(a))]
+    fixed = [a for a in args if (not a.startswith("hydra") or a.startswith(SEARCHPATH)) and not is_sweep_value(_value(a))]
     base = compose(fixed)  # fails fast, on this machine, on anything but the swept values
     check_grid(fixed, grid(args, sweeper_params(fixed)))  # and then on every swept value, before any job
     sweep_dir = next((_value(a) for a in args if a.startswith("hydra.sweep.dir=")), None)
@@ -125,7 +125,7 @@ def _hydra_multirun(task_function, overrides: list[str]) -> None:
         task_name=HYDRA_TASK_NAME, config_search_path=create_config_search_path(str(CONFIG_DIR))))
     try:
         run_and_report(lambda: app.multirun(config_name="config", task_function=task_function,
-                                            overrides=[*overrides, "hydra.mode=MULTIRUN"]))
+                                            overrides=[*with_search_path(overrides), "hydra.mode=MULTIRUN"]))
     finally:
         GlobalHydra.instance().clear()
 
@@ -198,7 +198,8 @@ def sweeper_params(fixed: list[str]) -> dict:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[a for a in fixed if not a.startswith("hydra")],
+        cfg = hydra_compose("config", overrides=with_search_path([a for a in fixed if not a.startswith("hydra")
+                                                                  or a.startswith(SEARCHPATH)]),
                             return_hydra_config=True)
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     GlobalHydra.instance().clear()
