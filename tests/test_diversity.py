@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.train.diversity import DIVERSITY, DIVERSITY_MIN, DiversityProbe, diversity_ratios, pairwise_mean
+from bench.train.diversity import (CLASS_ACC, CLASS_ACC_X, CLASS_SEP, DIVERSITY, DIVERSITY_MIN, PROBE_FD, DiversityProbe,
+                                    diversity_ratios, pairwise_mean)
 from bench.train.telemetry import CollapseDetector
 from conftest import TINY
 
@@ -131,6 +132,12 @@ def test_measure_identical_samples_is_zero(tiny_shards, tmp_path):
     assert out[DIVERSITY] == 0.0 and out[DIVERSITY_MIN] == 0.0 and G.training  # train mode restored
     varied = probe.measure(Constant(vary=True))
     assert varied[DIVERSITY] > 0.0 and varied[DIVERSITY_MIN] <= varied[DIVERSITY]
+    # the class rule's inputs, and the distance to the data that holds it back while it falls
+    assert {CLASS_ACC_X, PROBE_FD} <= set(varied) and varied[PROBE_FD] > 0.0
+    # one class (unlabelled data, an unconditional G): no class input to ignore, so no class numbers
+    one = DiversityProbe(10, 6, tiny_shards, 32, 1, torch.device("cpu"), classifier_path=str(clf))
+    alone = one.measure(Constant(vary=True))
+    assert DIVERSITY in alone and PROBE_FD in alone and not {CLASS_ACC, CLASS_ACC_X, CLASS_SEP} & set(alone)
     missing = DiversityProbe(10, 6, tiny_shards, 32, 10, torch.device("cpu"), classifier_path=str(tmp_path / "no.pt"))
     assert missing.measure(G) == {} and missing.off and not missing.due(10)
 

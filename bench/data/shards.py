@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 from bench import rundir
-from bench.data.format import (DEFAULT_NUM_SAMPLES, MAKE_SHARDS_HINT, MANIFEST, SHARD_NAME, DataError,
-                               check_resolution)
+from bench.data.format import (DEFAULT_NUM_SAMPLES, MAKE_SHARDS_HINT, MANIFEST, MAX_RESOLUTION, MIN_RESOLUTION,
+                               SHARD_NAME, DataError, check_resolution)
 from bench.data import importers
 from bench.data.shapes import SHAPES_VERSION
 from bench.data.writer import DEFAULT_RESOLUTION, ShardSetSpec, publish, temp_dir_for, write_shard_set
@@ -150,7 +150,7 @@ def resolution_from_manifest(shards_spec) -> int:
     res = manifest_resolution(shards_spec)
     if res is None:
         raise DataError(f"data.resolution=null takes the resolution from the shards' {MANIFEST}, but "
-                        f"data.shards={shards_spec!r} has none that records it; set data.resolution=N (16..256)")
+                        f"data.shards={shards_spec!r} has none that records it; set data.resolution=N ({MIN_RESOLUTION}..{MAX_RESOLUTION})")
     return res
 
 

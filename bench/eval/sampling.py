@@ -330,13 +330,15 @@ def interpolation_sheet(G: nn.Module, settings: InterpSettings = InterpSettings(
 def write_sheets(run: dict, out_dir: Path, truncation=None, trunc_mode: str = "resample") -> list[Path]:
     """Class grid and the four interpolation sheets (lerp / slerp, z / class) of a loaded run (see
     bench.eval.runs.load_run): eval-<step>-classes.png, eval-<step>-interp-<space>-<mode>.png. An unconditional
-    G (unlabelled data): its grid is UNCOND_ROWS rows of samples, and there is no class space to interpolate."""
+    G (unlabelled data): its grid is UNCOND_ROWS rows of samples, and there is no class space to interpolate; nor
+    is there one for a user's own G without a `class_embedding` (bench/plugins.py)."""
     G, names, step = run["G"], run["class_names"], run["step"]
     rows = sheet_rows(run["n_classes"])
     z = truncated_normal((8, G.z_dim), truncation, trunc_mode, torch.Generator().manual_seed(12345))
     paths = [save_grid(class_grid(G, z, rows), out_dir / f"eval-{step:07d}-classes.png",
                        [names[r] for r in rows])]
-    for space in INTERP_SPACES if getattr(G, "conditional", True) else ("z",):
+    class_space = getattr(G, "conditional", True) and callable(getattr(G, "class_embedding", None))
+    for space in INTERP_SPACES if class_space else ("z",):
         for mode in INTERP_MODES:
             p = out_dir / f"eval-{step:07d}-interp-{space}-{mode}.png"
             interpolation_sheet(G, InterpSettings(mode=mode, space=space, truncation=truncation,

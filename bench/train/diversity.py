@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from bench.eval.intra_check import class_based
+
 DIVERSITY = "stability/diversity"
 DIVERSITY_MIN = "stability/diversity_min"
 CLASS_ACC = "stability/class_acc"                  # share of the probe's samples the classifier gives their own label
@@ -226,12 +228,14 @@ class DiversityProbe:
             return {}
         vals = [v for v in ratios.values() if math.isfinite(v)]
         out = {DIVERSITY: sum(vals) / len(vals), DIVERSITY_MIN: min(vals)} if vals else {}
-        # the class rule's numbers (CollapseDetector "class"): does G's output follow its class input?
-        acc = float((logits.argmax(1) == y).float().mean())
-        out[CLASS_ACC], out[CLASS_ACC_X] = acc, acc * self.n_classes
-        sep = class_separation({c: f for c, f in fake.items() if c in self.real})
-        if math.isfinite(sep) and math.isfinite(self.real_sep) and self.real_sep > 0:
-            out[CLASS_SEP] = sep / self.real_sep
+        # the class rule's numbers (CollapseDetector "class"): does G's output follow its class input? (none for
+        # one class: an unconditional G has no class input to ignore)
+        if class_based(self.n_classes):
+            acc = float((logits.argmax(1) == y).float().mean())
+            out[CLASS_ACC], out[CLASS_ACC_X] = acc, acc * self.n_classes
+            sep = class_separation({c: f for c, f in fake.items() if c in self.real})
+            if math.isfinite(sep) and math.isfinite(self.real_sep) and self.real_sep > 0:
+                out[CLASS_SEP] = sep / self.real_sep
         # how far G still is from the data (the class rule waits while this falls): the fixed latents make the
         # measurements comparable from one probe to the next, though few samples make its level biased upward
         from bench.eval.stats import frechet_distance
