@@ -179,9 +179,57 @@ def one(rd: Path, cell: str, precision: str, python: str, threads: int, classifi
 
     row["rule"] = rule_of(row["reason"])
     row["rules"] = rules_fired(rd)
+    if REPLAY:
+        row["live"] = {k: row[k] for k in ("flagged", "collapse_step", "reason", "rule", "rules")}
+        step, reason, rules = replay(rd)
+        row.update(flagged=step is not None, collapse_step=step, reason=reason, rule=rule_of(reason), rules=rules)
     print(f"{cell:>16s} {precision}: flagged {row['collapse_step']} ({row['rule']}) | truth "
           f"{ {True: 'collapsed', False: 'healthy'}.get(done.get('collapsed'), '?')} ({done.get('why')})", flush=True)
     return row
+
+
+REPLAY = False  # --replay: judge the detector of this checkout on the recorded runs instead of what flagged live
+
+
+def replay(rd: Path) -> tuple:
+    """(collapse step, reason, rules in order) of this checkout's CollapseDetector fed the run's recorded ticks and
+    evaluations, configured from the run's config.yaml over the schema's defaults (a key added since the run
+    takes its default). Exact for a run whose flags changed nothing (telemetry.stop_on_collapse=false, no
+    rollback): the detector only reads the records."""
+    from omegaconf import OmegaConf
+
+    from bench.schema import Config
+    from bench.train.objectives import LOSSES
+    from bench.train.telemetry import RULE_KEY, CollapseDetector
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(rd / "config.yaml"))
+    loss = LOSSES[cfg.loss.name]
+    det = CollapseDetector.from_cfg(cfg.telemetry, float("inf") if loss.gap_unbounded
+                                    else cfg.telemetry.collapse_loss_gap, relativistic=loss.relativistic)
+    n_classes = int(_read(rd / "run.json").get("n_classes") or 0)
+    evals = {}
+    for line in _lines(rd / "evals.jsonl"):
+        evals.setdefault(line.get("step"), line)
+    for row in _lines(rd / "metrics.jsonl"):
+        row = {k: v for k, v in row.items() if not k.startswith(RULE_KEY) and k != "stability/collapse"}
+        det.update(row)
+        if row.get("step") in evals:
+            det.update_eval(row["step"], evals.pop(row["step"]), n_classes)
+    return det.collapse_step, det.reason, list(det.fired)
+
+
+def _lines(path: Path) -> list:
+    out = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def rules_fired(rd: Path) -> list:
@@ -266,9 +314,14 @@ def main(argv=None) -> int:
     ap.add_argument("--judge", type=Path, metavar="SWEEP_DIR",
                     help="judge the suite runs under SWEEP_DIR (a `bench train -m +experiment=collapse_suite` sweep): "
                          "each run directory whose config.yaml has a suite.cell")
+    ap.add_argument("--replay", action="store_true",
+                    help="flag each run with this checkout's collapse detector replayed on its records (the live "
+                         "flags are kept in suite.json as `live`); with --report or --judge")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--truth", type=Path, help=argparse.SUPPRESS)  # internal: one run's ground truth, in-process
     args = ap.parse_args(argv)
+    global REPLAY
+    REPLAY = args.replay
     if args.truth:
         (args.truth / "truth.json").write_text(json.dumps(ground_truth(args.truth), indent=1))
         return 0

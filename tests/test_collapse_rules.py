@@ -118,23 +118,36 @@ def test_class_rule_does_not_fire_on_a_g_that_follows_its_class():
     assert feed(d, [probe(s, acc_x=0.5, sep=0.0) for s in range(100, 400, 50)]) == []
 
 
+# A healthy run of the collapse suite (nosn_dcgan, fp32, shapes v3): (step, class accuracy over chance, probe_fd).
+# Its G ignored the class for 350 steps, with a plateau of its distance to the data at steps 180-350, then learnt
+# the classes (final class_acc 0.75, FID 10.9). A rule judged over `patience` measurements flagged it at step 200.
+HEALTHY_LATE = [(30, 1.06, 158.4), (50, 0.97, 139.9), (80, 1.06, 87.7), (100, 0.78, 91.0), (130, 0.81, 85.5),
+                (150, 1.03, 76.9), (180, 1.03, 73.5), (200, 0.72, 73.6), (230, 0.88, 82.1), (250, 1.0, 70.1),
+                (280, 0.66, 61.7), (300, 0.81, 60.5), (330, 0.94, 67.9), (350, 1.25, 71.9), (380, 1.12, 54.8),
+                (400, 1.31, 47.9), (430, 1.78, 42.5), (450, 1.84, 40.5), (480, 2.19, 36.3), (500, 2.53, 31.9)]
+
+
 def test_class_rule_waits_while_g_still_closes_in_on_the_data():
-    """A healthy G often ignores its class until it has learnt what the images look like: the class rule holds
-    while the probe's distance to the data falls by more than class_progress over `patience` measurements, and
-    fires once it stops falling (the numbers follow a healthy DCGAN on the built-in shapes, then a stall)."""
-    d = det(class_factor=1.5, class_after=0, patience=3, class_progress=0.1)
-    learning = [probe(s, acc_x=1.0, fd=fd) for s, fd in ((100, 80.0), (200, 43.0), (300, 34.0), (400, 27.0),
-                                                         (500, 23.0))]
-    assert feed(d, learning) == [] and d.low_class == [100, 200, 300, 400, 500]
-    stalled = [probe(600, acc_x=1.1, fd=22.0), probe(700, acc_x=1.0, fd=21.5)]  # 23 -> 21.5: less than 10%
+    """A healthy G often ignores its class until it has learnt what the images look like: the probe's class rule
+    holds while its distance to the data fell by more than class_progress over the last class_window steps (and
+    until the run has a measurement that old), and fires once the distance stalls."""
+    d = det(class_factor=1.5, class_after=100, patience=3, class_progress=0.1, class_window=300)
+    assert feed(d, [probe(s, acc_x=a, fd=fd) for s, a, fd in HEALTHY_LATE]) == [] and d.collapse_step is None
+    d = det(class_factor=1.5, class_after=100, patience=3, class_progress=0.1, class_window=50)
+    assert feed(d, [probe(s, acc_x=a, fd=fd) for s, a, fd in HEALTHY_LATE])[0][0] == 200  # a window too short
+    # a G that stalls: at chance, its distance flat from step 100 on; flagged once a measurement 300 steps old exists
+    d = det(class_factor=1.5, class_after=100, patience=3, class_progress=0.1, class_window=300)
+    stalled = [probe(s, acc_x=1.0, fd=150.0 if s < 100 else 80.0 - s / 100) for s in range(25, 601, 25)]
     fired = feed(d, stalled)
-    assert fired == [(700, d.reason)] and d.rule == "class"
-    assert "since step 100" in d.reason and "from 23 to 21.5" in d.reason
-    # without the probe's distance (an older run, or the key missing) the rule fires as before
-    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.1)
+    assert fired[0] == (400, d.reason) and d.rule == "class" and "since step 125" in d.reason
+    assert "from 79 (step 100) to 76" in d.reason  # the latest measurement at least 300 steps old: step 100
+    # the history kept is only what a later call can need: the window and the one measurement before it
+    assert [s for s, _ in d.probe_fd_hist] == list(range(300, 601, 25))
+    # without the probe's distance (an older run, or the key missing) the streak alone decides, as before
+    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.1, class_window=300)
     assert feed(d, [probe(100, acc_x=1.0), probe(200, acc_x=1.0)])[0][0] == 200
     # class_progress 0: off, the streak alone decides
-    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.0)
+    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.0, class_window=300)
     assert feed(d, [probe(100, acc_x=1.0, fd=80.0), probe(200, acc_x=1.0, fd=40.0)])[0][0] == 200
 
 

@@ -284,9 +284,11 @@ class CollapseDetector:
                   at `patience` evaluations in a row after `class_after` steps (update_eval). Either way only
                   once G has stopped closing in on the data: a G still learning what the images look like has
                   often not begun to use its class yet (on the built-in shapes a healthy DCGAN sat at chance
-                  for its first ~20k images while its FID fell from 80 to 34). So the rule waits while the
-                  probe's Frechet distance to the data (`stability/probe_fd`), or the evaluations' eval/FID,
-                  fell by more than `class_progress` (a fraction) over the last `patience` measurements;
+                  for its first ~20k images while its FID fell from 80 to 34, and paused on a plateau for ~150
+                  steps before its classes appeared). So the probe's rule waits while its Frechet distance to the
+                  data (`stability/probe_fd`) fell by more than `class_progress` (a fraction) over the last
+                  `class_window` steps (and until the run has a measurement that old), and the evaluations' rule
+                  while eval/FID fell by more than that over the streak's last `patience` evaluations;
       warmup_blowup: the losses or D's logits blew up inside the warm-up (the largest of |loss/G - loss/D| and
                   |D's mean real / fake logit| above `loss_gap`) and did not come back to the healthy range (all
                   <= `recover_scale`) within `recover_ticks` ticks after it: the warm-up forgives a transient,
@@ -297,13 +299,13 @@ class CollapseDetector:
 
     STATE = ("sigma_hist", "best_fid", "collapse_step", "reason",  # what a checkpoint keeps
              "best_div", "low_div", "best_recall", "low_recall",
-             "dwins_run", "ddead_run", "low_class", "class_fd", "low_class_eval", "blowup", "blowup_ticks", "fired")
+             "dwins_run", "ddead_run", "low_class", "probe_fd_hist", "low_class_eval", "blowup", "blowup_ticks", "fired")
 
     def __init__(self, sigma_factor: float = 2.0, window: int = 50, loss_gap: float = 50.0,
                  fid_factor: float = 1.5, warmup: int = 20, *, diversity_factor: float = 0.0,
                  recall_factor: float = 0.0, patience: int = 3, dwins_level: float = 0.0, dwins_ticks: int = 5,
                  class_factor: float = 0.0, class_sep: float = 0.0, class_after: int = 0,
-                 class_progress: float = 0.0, recover_scale: float = 0.0, recover_ticks: int = 5, logit_scale: float = 0.0):
+                 class_progress: float = 0.0, class_window: int = 0, recover_scale: float = 0.0, recover_ticks: int = 5, logit_scale: float = 0.0):
         self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
         # the rules that read D's logits as absolute (their sign and size): off where they mean nothing (a WGAN
         # critic; a relativistic loss, which sees only real - fake differences, so the logits drift freely)
@@ -312,7 +314,7 @@ class CollapseDetector:
         self.diversity_factor, self.recall_factor, self.patience = diversity_factor, recall_factor, patience
         self.dwins_level, self.dwins_ticks = dwins_level, dwins_ticks
         self.class_factor, self.class_sep, self.class_after = class_factor, class_sep, class_after
-        self.class_progress = class_progress
+        self.class_progress, self.class_window = class_progress, class_window
         self.recover_scale, self.recover_ticks = recover_scale, recover_ticks
         self.logit_scale = logit_scale
         self.sigma_hist: list[tuple[int, float]] = []
@@ -324,7 +326,7 @@ class CollapseDetector:
         self.dwins_run: list[int] = []                        # steps of the ticks in a row where D won outright
         self.ddead_run: list[int] = []                        # ... where D rejected everything
         self.low_class: list[int] = []                        # steps of the probe's class measurements in a row below
-        self.class_fd: list[Optional[float]] = []             # ... and the probe's distance to the data at each
+        self.probe_fd_hist: list[tuple[int, float]] = []     # (step, stability/probe_fd): the last class_window steps
         self.low_class_eval: list[tuple[int, Optional[float]]] = []  # (step, FID) of the evaluations in a row below
         self.blowup: Optional[tuple[int, float]] = None       # (step, gap) of the warm-up's largest unrecovered blow-up
         self.blowup_ticks = 0                                 # ticks after the warm-up without recovery
@@ -342,7 +344,7 @@ class CollapseDetector:
                    patience=tc.collapse_patience, dwins_level=tc.collapse_dwins_level,
                    dwins_ticks=tc.collapse_dwins_ticks, class_factor=tc.collapse_class_factor,
                    class_sep=tc.collapse_class_sep, class_after=tc.collapse_class_after,
-                   class_progress=tc.collapse_class_progress,
+                   class_progress=tc.collapse_class_progress, class_window=tc.collapse_class_window,
                    recover_scale=tc.collapse_recover_scale, recover_ticks=tc.collapse_recover_ticks,
                    logit_scale=tc.collapse_logit_scale)
         det.logit_rules = det.logit_rules and not relativistic
@@ -482,36 +484,46 @@ class CollapseDetector:
         acc, sep = row.get("stability/class_acc_over_chance"), row.get("stability/class_sep")
         acc = acc if isinstance(acc, float) and math.isfinite(acc) else None
         sep = sep if isinstance(sep, float) and math.isfinite(sep) else None
+        fd = row.get("stability/probe_fd")
+        fd = float(fd) if isinstance(fd, (int, float)) and math.isfinite(fd) else None
+        then = self._distance_then(step, fd)
         if (acc is None and sep is None) or step <= max(self.warmup, self.class_after):
             return None
         low_acc = self.class_factor > 0 and acc is not None and acc <= self.class_factor
         low_sep = self.class_sep > 0 and sep is not None and sep <= self.class_sep
         if not (low_acc or low_sep):
             self.low_class.clear()
-            self.class_fd.clear()
             return None
-        fd = row.get("stability/probe_fd")
         self.low_class.append(step)
-        self.class_fd.append(float(fd) if isinstance(fd, (int, float)) and math.isfinite(fd) else None)
-        self.class_fd[:0] = [None] * (len(self.low_class) - len(self.class_fd))  # a checkpoint from before
-        if len(self.low_class) < self.patience or self._still_learning(self.class_fd):
+        if len(self.low_class) < self.patience:
             return None
+        note = ""
+        if self.class_progress > 0 and fd is not None:  # no distance (an older run): the streak alone decides
+            if then is None or self._closer(then[1], fd):
+                return None  # G is still closing in on the data, or the run is too young to tell
+            note = (f", while its distance to the data went only from {then[1]:.3g} (step {then[0]}) to "
+                    f"{fd:.3g}")
         what = (f"class accuracy {acc:.3g} x chance <= {self.class_factor}" if low_acc else
                 f"class separation {sep:.3g} <= {self.class_sep}")
         return self._flag(step, f"class: the class input is ignored: {what} for {len(self.low_class)} probe "
-                                f"measurements in a row (since step {self.low_class[0]}){self._progress_note(self.class_fd)}")
+                                f"measurements in a row (since step {self.low_class[0]}){note}")
 
-    def _still_learning(self, distances: list) -> bool:
-        """Whether G is still closing in on the data: the distance fell by more than class_progress over the last
-        `patience` measurements (unknown distances: no)."""
-        first, last = distances[-self.patience], distances[-1]
-        return self.class_progress > 0 and None not in (first, last) and last < (1.0 - self.class_progress) * first
+    def _distance_then(self, step: int, fd: Optional[float]) -> Optional[tuple[int, float]]:
+        """Records this measurement's distance to the data and returns (step, distance) of the latest one at least
+        class_window steps before it (None: the run has none that old); keeps only what a later call can need."""
+        if fd is None:
+            return None
+        hist = self.probe_fd_hist
+        hist.append((step, fd))
+        old = [i for i, (s, _) in enumerate(hist) if s <= step - self.class_window]
+        if old:
+            del hist[:old[-1]]
+            return hist[0]
+        return None
 
-    def _progress_note(self, distances: list) -> str:
-        first, last = distances[-self.patience], distances[-1]
-        if self.class_progress <= 0 or None in (first, last):
-            return ""
-        return f", while its distance to the data went only from {first:.3g} to {last:.3g}"
+    def _closer(self, before: Optional[float], now: Optional[float]) -> bool:
+        """Whether G got more than class_progress closer to the data (unknown distances: no)."""
+        return self.class_progress > 0 and None not in (before, now) and now < (1.0 - self.class_progress) * before
 
     def update_eval(self, step: int, metrics: dict, n_classes: int) -> Optional[str]:
         """Feed one evaluation's metrics: its recall (the recall rule) and eval/class_acc (the class rule: at or
@@ -527,11 +539,13 @@ class CollapseDetector:
         fid = metrics.get("eval/FID")
         self.low_class_eval.append((step, float(fid) if isinstance(fid, (int, float)) and math.isfinite(fid) else None))
         fids = [f for _, f in self.low_class_eval]
-        if len(fids) < self.patience or self._still_learning(fids):
+        if len(fids) < self.patience or self._closer(fids[-self.patience], fids[-1]):
             return fired
+        note = "" if self.class_progress <= 0 or None in (fids[-self.patience], fids[-1]) else (
+            f", while its FID went only from {fids[-self.patience]:.3g} to {fids[-1]:.3g}")
         return self._flag(step, f"class: the class input is ignored: eval/class_acc {acc:.3g} <= {self.class_factor}"
                                 f" x chance (1/{n_classes}) at {len(fids)} evaluations in a row (since step "
-                                f"{self.low_class_eval[0][0]}){self._progress_note(fids)}") or fired
+                                f"{self.low_class_eval[0][0]}){note}") or fired
 
     def _sustained_drop(self, what: str, step: int, value: float) -> Optional[str]:
         """The diversity / recall rule: `value` below factor x the best so far for `patience` values in a row."""
