@@ -20,8 +20,10 @@ import numpy as np
 from bench import rundir
 from bench.config import ConfigError
 
-# backend -> (the module it imports, the gan-bench extra that installs it)
-PACKAGES = {"tb": ("tensorboard", "tb"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+# backend -> (the module it imports, how to install it: TensorBoard is a gan-bench dependency, the others are extras)
+PACKAGES = {"tb": ("tensorboard", "pip install 'tensorboard>=2.14'"),
+            "mlflow": ("mlflow", "pip install 'gan-bench[mlflow]'"),
+            "wandb": ("wandb", "pip install 'gan-bench[wandb]'")}
 MLFLOW_DIR = "mlruns"   # RUN/mlruns: the MLflow file store (log.mlflow_uri=null)
 WANDB_DIR = "wandb"     # RUN/wandb: W&B's offline runs (wandb makes it under the dir it is given)
 MLFLOW_BATCH = 1000     # MLflow's limit of metrics per log_batch call
@@ -33,11 +35,10 @@ FAILED_STATUSES = (rundir.FAILED, rundir.DIVERGED)
 def check_backends(backends) -> None:
     """A chosen backend whose package is not installed: one ConfigError line naming the extra, before training."""
     for name in backends:
-        module, extra = PACKAGES[name]
+        module, install = PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"log.backends={list(backends)}: the {name} backend needs the {module} package, "
-                              f"which is not installed; pip install 'gan-bench[{extra}]' (or drop {name} from "
-                              f"log.backends)")
+                              f"which is not installed; {install} (or drop {name} from log.backends)")
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,10 @@ class MlflowLogger(RunLogger):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + MLFLOW_BATCH])
 
     def image(self, step, tag, image):
-        self.client.log_image(self.run_id, image, key=tag, step=int(step))
+        try:
+            self.client.log_image(self.run_id, image, key=tag, step=int(step))
+        except TypeError:  # an MLflow from before images by key and step (2.15): one file per step
+            self.client.log_image(self.run_id, image, f"images/{tag}/step-{int(step):07d}.png")
 
     def text(self, step, tag, text):
         self.client.log_text(self.run_id, text, f"text/{tag}/step-{int(step):07d}.md")
