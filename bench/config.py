@@ -521,7 +521,7 @@ def check_architecture(cfg: DictConfig) -> None:
     setting with no architecture fails here, before any data is written."""
     import torch
 
-    import models
+    from bench import models
 
     with torch.device("meta"):
         G, D = models.build(OmegaConf.to_container(cfg.model, resolve=True), cfg.data.resolution,

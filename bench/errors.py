@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 USER_ERRORS = (("bench.config", "ConfigError"), ("bench.data.format", "DataError"),
-               ("models.checks", "ModelConfigError"), ("bench.eval.errors", "EvalError"),
+               ("bench.models.checks", "ModelConfigError"), ("bench.eval.errors", "EvalError"),
                ("bench.rundir", "RunLocked"), ("bench.errors", "UsageError"))
 
 

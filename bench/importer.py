@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-import models
+from bench import models
 from bench import rundir
 from bench.args import TEXT
 from bench.eval.errors import EvalError

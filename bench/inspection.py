@@ -14,7 +14,7 @@ def inspect_command(args: list[str]) -> int:
     import torch
     from omegaconf import OmegaConf
 
-    import models
+    from bench import models
     from bench.config import validate
     from bench.train.telemetry import step_flops
 

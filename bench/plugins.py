@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from models.checks import ModelConfigError
+from bench.models.checks import ModelConfigError
 
 G_ATTRIBUTES = ("z_dim", "resolution", "n_classes")  # integers every part of gan-bench may read from G
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
+from bench import models
 from conftest import ROOT, TINY
-from models import ModelConfigError, build, param_count
-from models.biggan_deep import (REFERENCE_PARAMS, BigGANDeepConfig, DeepDBlock, DeepGBlock,
+from bench.models import ModelConfigError, build, param_count
+from bench.models.biggan_deep import (REFERENCE_PARAMS, BigGANDeepConfig, DeepDBlock, DeepGBlock,
                                 Discriminator, Generator)
-from models.layers import SelfAttention
-from models.spectral import SNSettings, spectral_modules
+from bench.models.layers import SelfAttention
+from bench.models.spectral import SNSettings, spectral_modules
 
 SN_OFF = SNSettings(enabled=False)
 

@@ -88,7 +88,7 @@ def test_density_coverage_of_disjoint_sets_are_zero():
 
 
 def test_too_few_samples_for_density_coverage_is_one_evalerror_before_any_work(tmp_path):
-    import models
+    from bench import models
 
     G, _ = models.build({"family": "biggan", "ch": 8, "d_ch": 8, "z_dim": 32, "shared_dim": 16, "attn": []}, 32, 10)
     with pytest.raises(EvalError, match=f"at least {K + 1}") as err:

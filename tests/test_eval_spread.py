@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from bench import models
 from bench import metrics_registry as registry
 from bench import rundir
 from bench.eval import classifier as C

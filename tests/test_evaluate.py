@@ -14,7 +14,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-import models
+from bench import models
 from bench import metrics_registry as registry
 from bench import rundir
 from bench.data.shapes import SHAPES_CLASSES

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.config import ConfigError, check_group_choices, compose, validate
-from models import ModelConfigError
+from bench.models import ModelConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "tinynets_ext"  # the user's package (a name no other test module uses)

@@ -69,7 +69,7 @@ def test_imported_G_reproduces_biggan_pytorch_in_eval_mode(model, tmp_path, caps
     assert (as_uint8(x) != as_uint8(fixture["x"])).float().mean() < 1e-3
     # D too: its logits on those images
     from bench.eval.safeload import load_weights
-    import models
+    from bench import models
 
     state = load_weights(out / rundir.CHECKPOINTS / "ckpt-0000000.pt")
     _, D = models.build(state["config"]["model"], 64, 10)

@@ -7,11 +7,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("bench", "models")
+PACKAGES = {"bench": "bench", "models": "bench.models"}  # folder -> the package it installs as (pyproject.toml)
 
 
 def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    parts = PACKAGES[rel[0]].split(".") + list(rel[1:])
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 

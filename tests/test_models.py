@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models import ModelConfigError, build, param_count
-from models.layers import (ConditionalBatchNorm2d, MinibatchDiscrimination, MinibatchStdDev,
+from bench import models
+from bench.models import ModelConfigError, build, param_count
+from bench.models.layers import (ConditionalBatchNorm2d, MinibatchDiscrimination, MinibatchStdDev,
                            SelfAttention, SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear)
-from models.norms import CrossReplicaBatchNorm2d, VirtualBatchNorm2d
-from models.spectral import SNSettings, spectral_modules, weight_modules
-from models.svd import weight_matrix
+from bench.models.norms import CrossReplicaBatchNorm2d, VirtualBatchNorm2d
+from bench.models.spectral import SNSettings, spectral_modules, weight_modules
+from bench.models.svd import weight_matrix
 
 SN_OFF = SNSettings(enabled=False)
 

@@ -164,7 +164,7 @@ def test_clean_resize_is_pil_bicubic_on_uint8():
 def test_clean_resize_reaches_both_sides_and_the_cache_key(tmp_path):
     """eval.resize=clean: the real ImageDataset and the Sampler hand 299 x 299 clean-resized images to the extractor,
     and the extractor's identity (so the real-feature cache key) differs from the default resize's."""
-    import models
+    from bench import models
 
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     real = F.ImageDataset(x)

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-import models
+from bench import models
 from bench.cli import main
-from models.layers import SelfAttention
+from bench.models.layers import SelfAttention
 
 # Measured by building BigGAN-PyTorch's classes (github.com/ajbrock/BigGAN-PyTorch) with these settings and
 # n_classes 1000 (nn.Parameters only); written out again here so that an edit of a model's table is caught.

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import models
+from bench import models
 from bench import rundir
 from bench.cli import main
 from bench.config import compose

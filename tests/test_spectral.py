@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from models import build
-from models.layers import SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear
-from models.spectral import (SNSettings, ortho_grad_, ortho_penalty, reg_modules, sigma0_clamp_,
+from bench.models import build
+from bench.models.layers import SNConv2d, SNConvTranspose2d, SNEmbedding, SNLinear
+from bench.models.spectral import (SNSettings, ortho_grad_, ortho_penalty, reg_modules, sigma0_clamp_,
                              sigma0_penalty, sigma_stats, top_singular_values, weight_modules)
-from models.svd import as_weight, jacobi_svd, subspace_state, weight_matrix
+from bench.models.svd import as_weight, jacobi_svd, subspace_state, weight_matrix
 
 SN_OFF = SNSettings(enabled=False)
 

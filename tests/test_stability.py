@@ -195,8 +195,8 @@ def _check_batch_layer(kind):
 
 
 def _check_vbn(rows, ctx):
-    from models import spectral
-    from models.norms import VirtualBatchNorm2d
+    from bench.models import spectral
+    from bench.models.norms import VirtualBatchNorm2d
 
     t, _ = _trainer_at_end(ctx["tmp_path"], ctx["shards"], ctx["extra"])
     assert any(isinstance(m, VirtualBatchNorm2d) for m in t.G.modules()) and t.G.vbn_z.shape[0] == t.cfg.model.vbn_ref
@@ -227,7 +227,7 @@ SWITCH_COMMON = ["train.steps=2", "train.batch_size=4"]
 def test_each_switch_trains_and_shows_in_the_records(tmp_path, tiny_shards, extra, check):
     """Each switch trains, and leaves its own trace: the metric it records, or the property it gives
     the trained nets."""
-    from models.layers import MinibatchDiscrimination, MinibatchStdDev
+    from bench.models.layers import MinibatchDiscrimination, MinibatchStdDev
 
     check = {"mbdisc": _check_batch_layer(MinibatchDiscrimination),
              "mbstd": _check_batch_layer(MinibatchStdDev)}.get(check, check)
@@ -241,7 +241,7 @@ def test_each_switch_trains_and_shows_in_the_records(tmp_path, tiny_shards, extr
 
 
 def _top_sv(m):
-    from models.svd import weight_matrix
+    from bench.models.svd import weight_matrix
 
     return torch.linalg.matrix_norm(weight_matrix(m).detach().float(), ord=2).item()
 
@@ -250,7 +250,7 @@ def test_sigma_clamp_bounds_every_clamped_layer(tmp_path, tiny_shards):
     """reg.sigma_clamp=2.0: each layer's raw weight gets a top singular value 4x its own (the rest stay
     at the ortho init's 1); after two training steps (two clamps: the clamp's singular vectors come from
     two warm-started subspace iterations per step) every clamped layer's is 2 again, in G and D."""
-    from models.svd import as_weight, weight_matrix
+    from bench.models.svd import as_weight, weight_matrix
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=2", "train.batch_size=4",
                             "reg.sigma_clamp=2.0"]))
@@ -270,7 +270,7 @@ def test_sigma_clamp_bounds_every_clamped_layer(tmp_path, tiny_shards):
 def test_orthogonal_regularisation_pulls_toward_orthogonal_filters(tmp_path, tiny_shards):
     """reg.ortho_beta with ortho_full: from the same N(0, 0.02) init, two steps with a strong orthogonal
     penalty leave G's filters much nearer orthonormal (||W W^T - I||^2) than two steps without it."""
-    from models import spectral
+    from bench.models import spectral
 
     def g_penalty(name, *extra):
         cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=2", "train.batch_size=4",

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-import models
+from bench import models
 from conftest import ROOT, TINY
-from models.layers import ConditionalBatchNorm2d
+from bench.models.layers import ConditionalBatchNorm2d
 
 SKIP_LINE = "gan-bench eval: 1 class (unlabelled data): class_acc and intra-FID skipped"
 TINY_CFG = dict(ch=8, d_ch=8, z_dim=24, shared_dim=12, attn=[16], init="N02")

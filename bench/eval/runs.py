@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import models
+from bench import models
 from bench import metrics_registry as registry
 from bench import rundir
 from bench.data.shards import DEFAULT_NUM_SAMPLES, dataset_info, default_shards

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from bench.train.augment import AdaptiveP, DiffAugment
 from bench.train.stabilisers import LeCam, consistency_sq, g_zcr, latent_perturbation
 from bench.train.telemetry import report
-from models.layers import MinibatchDiscrimination, MinibatchStdDev
-from models.norms import VirtualBatchNorm2d
+from bench.models.layers import MinibatchDiscrimination, MinibatchStdDev
+from bench.models.norms import VirtualBatchNorm2d
 
 Tensor = torch.Tensor
 

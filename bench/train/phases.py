@@ -25,7 +25,7 @@ from bench.config import RegSpecs
 from bench.train import telemetry
 from bench.train.gradsync import CommStats, GradSync, step_record
 from bench.train.objectives import HistoricalAverage, MicroBatch
-from models import spectral
+from bench.models import spectral
 
 Hook = Callable[[], None]
 

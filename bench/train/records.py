@@ -65,7 +65,7 @@ def versions() -> dict:
 
 def run_facts(trainer) -> dict:
     """What run.json says about a trainer's set-up (world size, device, batch, parameter counts)."""
-    import models
+    from bench import models
     from bench.workers import resolve_workers
 
     t = trainer.cfg.train

@@ -230,7 +230,7 @@ class Mfu:
 def report_sigmas(net_name: str, net, k: int = 3) -> None:
     """sigma/<net>/<layer>/{s0,s1,s2,s0_over_s1,fro} for every weight layer (raw weights, before any
     spectral normalisation), found by module type. 0-d tensors: no host sync here."""
-    from models.spectral import sigma_stats
+    from bench.models.spectral import sigma_stats
 
     for layer, stats in sigma_stats(net, k=k).items():
         for stat, value in stats.items():

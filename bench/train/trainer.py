@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import models
+from bench import models
 from bench import device as bdevice
 from bench import metrics_registry as registry
 from bench import rundir
@@ -37,7 +37,7 @@ from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopReques
                                roll_back)
 from bench.train.diversity import DiversityProbe
 from bench.train.telemetry import CollapseDetector, Collector, Mfu, Stopwatch, TickClock
-from models import spectral
+from bench.models import spectral
 
 Batches = Callable[[], tuple]  # () -> (real images, labels) on the device
 
