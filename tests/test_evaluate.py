@@ -163,8 +163,10 @@ def test_fid_of_data_against_itself_is_zero_and_shift_is_positive(clf, shards):
 
 def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, monkeypatch, capfd):
     reads = []
-    real_load = C.load_images
-    monkeypatch.setattr(M, "load_images", lambda *a, **k: reads.append(k.get("limit")) or real_load(*a, **k))
+    from bench.eval import features as F
+
+    real_restart = F.ShardImages._restart  # each pass over the real images (the stream) starts here
+    monkeypatch.setattr(F.ShardImages, "_restart", lambda self: reads.append(self.n) or real_restart(self))
     G = tiny_G()
     state = {k: v.clone() for k, v in G.state_dict().items()}
     cache = tmp_path / "cache"

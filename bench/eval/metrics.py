@@ -47,12 +47,12 @@ from bench.config import EVAL_PRECISIONS, MIN_EVAL_SAMPLES
 from bench.data.shards import dataset_info, manifest_hash
 from bench.device import autocast, eval_precision, plain_autograd
 from bench.eval.classifier import classifier_path as default_classifier_path
-from bench.eval.classifier import load_classifier, load_images, train_classifier, unlabelled_message
+from bench.eval.classifier import load_classifier, train_classifier, unlabelled_message
 from bench.eval.errors import ClassifierError, EvalError
 from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extractor, extract_features, extractor_settings,
                                  inception_weights, register_sampler)
-from bench.eval.features import feature_extractor, features_of, resizer
-from bench.eval.intra import IntraFID, RealImages, summarise_intra
+from bench.eval.features import ShardImages, feature_extractor, features_of, real_images, resizer
+from bench.eval.intra import IntraFID, summarise_intra
 from bench.eval.protocols import DEFAULT_PROTOCOL, fill_defaults
 from bench.eval.realcache import check_real_cache, real_cache_key  # noqa: F401 - part of this module's API
 from bench.eval.realcache import write_sidecar as _write_sidecar
@@ -301,19 +301,11 @@ def _classifier_files(s: EvalSettings, shards_spec, resolution: int, progress: b
     return s.weights_path, clf_file
 
 
-def _real_side(s: EvalSettings, shards_spec, resolution: int, progress: bool) -> tuple[ImageDataset, int, RealImages]:
-    """The real images (read from the shards only if their features are not cached), their count and their
-    loader (which keeps the labels it read)."""
-    _, n_available, _ = dataset_info(shards_spec)
-    n_real = int(s.num_real or s.num_samples)
-    if n_available:
-        n_real = min(n_real, int(n_available))
-    limit = n_real
-    loader = RealImages(lambda: load_images(shards_spec, resolution, limit=limit, seed=0, progress=progress))
-    real = ImageDataset(loader)
-    if not n_available:  # no manifest: count by reading (the cache key needs the true count)
-        n_real = len(real)
-    return real, n_real, loader
+def _real_side(s: EvalSettings, shards_spec, resolution: int, progress: bool) -> tuple[ShardImages, int, ShardImages]:
+    """The real images, streamed from the shards one batch at a time and read only if their features are not
+    cached (bench.eval.features.ShardImages), their count, and the same stream as the labels' source (intra-FID)."""
+    real, n_real = real_images(shards_spec, resolution, int(s.num_real or s.num_samples), progress)
+    return real, n_real, real
 
 
 @dataclass(frozen=True)
