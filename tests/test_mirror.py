@@ -1,6 +1,8 @@
 """data.mirror: the training loader flips each real image left-right with probability 1/2 (StudioGAN's
 RandomHorizontalFlip), the flips follow the loader's seed (a resumed run flips the same samples), the evaluation's
 loaders never flip, and the effective size the run reports is 2 x the images."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,23 @@ def test_the_config_key():
     assert validate(compose(["data.mirror=true"])).data.mirror is True
     with pytest.raises(Exception, match="data.mirror"):
         validate(compose(["data.mirror=sometimes"]))
+
+
+def test_a_mirrored_training_run_flips_and_records_its_effective_size(noise_set, tmp_path, monkeypatch, capfd):
+    """data.mirror=true reaches training's loader, run.json says the effective size, the start line too."""
+    from bench.cli import main
+    from bench.train import trainer as T
+    from conftest import TINY
+
+    shards, _ = noise_set
+    settings = []
+    real_loader = T.ShardLoader
+    monkeypatch.setattr(T, "ShardLoader", lambda *a, **k: settings.append(a[3]) or real_loader(*a, **k))
+    run = tmp_path / "run"
+    assert main(["train", "data=folder", f"data.shards={shards}", f"data.resolution={RES}", "data.mirror=true",
+                 "model=dcgan", "train.steps=2", "train.batch_size=4", "train.precision=fp32", f"run.dir={run}",
+                 *TINY]) == 0
+    assert settings and all(s.mirror for s in settings)
+    facts = json.loads((run / "run.json").read_text())
+    assert (facts["data_num_samples"], facts["data_mirror"], facts["data_effective_size"]) == (N, True, 2 * N)
+    assert f"({N} images ({2 * N} with data.mirror))" in capfd.readouterr().out

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from bench import rundir
-from bench.eval.sampling import class_grid, grid_classes, save_grid
+from bench.eval.sampling import class_grid, save_grid, sheet_rows
 from bench.train.loggers import LogSettings, RunLoggers
 from bench.train.telemetry import format_eta
 
@@ -66,6 +66,7 @@ def versions() -> dict:
 def run_facts(trainer) -> dict:
     """What run.json says about a trainer's set-up (world size, device, batch, parameter counts)."""
     from bench import models
+    from bench.data.shards import data_facts
     from bench.workers import resolve_workers
 
     t = trainer.cfg.train
@@ -77,6 +78,7 @@ def run_facts(trainer) -> dict:
             "shards": trainer.shards_spec, "n_classes": trainer.n_classes,
             # data.num_workers as resolved here (auto follows the cores): the readers per rank set the data order
             "data_workers": resolve_workers(trainer.cfg.data.num_workers),
+            **data_facts(trainer.shards_spec, trainer.cfg.data.mirror),  # count, data.mirror's effective size, labels
             "G_params": models.param_count(trainer.G), "D_params": models.param_count(trainer.D),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
@@ -104,8 +106,8 @@ def summary_of(trainer, status: str, checksums: list) -> dict:
 def save_samples(run_dir: Path, step: int, G_ema, fixed_z: torch.Tensor, class_names: list,
                  n_classes: int) -> Path:
     """samples/step-<step>.png and samples/latest.png: one row per class (evenly spaced ones when
-    there are many), one column per fixed latent."""
-    rows = grid_classes(n_classes)
+    there are many; unlabelled data: rows of other samples), one column per fixed latent."""
+    rows = sheet_rows(n_classes)
     imgs = class_grid(G_ema, fixed_z.to(next(G_ema.parameters()).device), rows)
     labels = [class_names[r] if r < len(class_names) else str(r) for r in rows]
     path = save_grid(imgs, Path(run_dir) / rundir.SAMPLES / f"step-{int(step):07d}.png", labels)
@@ -258,7 +260,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print("-" * (w + 24))
     print(f"run directory : {run_dir}")
     for name, what in ((rundir.CONFIG, "resolved config"), (rundir.METRICS, "one line per tick"),
-                       (rundir.SUMMARY, "final summary"), ("samples/latest.png", "EMA samples, one row per class"),
+                       (rundir.SUMMARY, "final summary"), ("samples/latest.png", "EMA samples (one row per class)"),
                        ("checkpoints/", "resumable state"), *logger_places(run_dir)):
         print(f"  {name:<20} {what}")
 

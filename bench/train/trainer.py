@@ -209,7 +209,8 @@ class Trainer:
         settings = LoaderSettings(rank=self.rank, world_size=self.world,
                                   num_workers=resolve_workers(cfg.data.num_workers),
                                   shuffle_buffer=cfg.data.shuffle_buffer,
-                                  seed=cfg.train.seed * 1_000_003 + self.step, resampled=True)
+                                  seed=cfg.train.seed * 1_000_003 + self.step, resampled=True,
+                                  mirror=bool(cfg.data.mirror))
         self.loader = ShardLoader(self.shards, cfg.train.batch_size, cfg.data.resolution, settings)
         self._skipped_base = self.data_skipped
         self.data_iter = iter(self.loader)
@@ -350,8 +351,13 @@ class Trainer:
 
     def _announce(self) -> None:
         if self.is_main and not self.quiet:
+            from bench.data.shards import data_facts, describe_size
+
             cfg, t = self.cfg, self.cfg.train
-            print(f"training {cfg.model.family} at {cfg.data.resolution}x{cfg.data.resolution} on {self.shards_spec} | "
+            facts = data_facts(self.shards_spec, cfg.data.mirror)
+            kind = "" if facts["data_labelled"] is not False else ", unlabelled: unconditional nets"
+            print(f"training {cfg.model.family} at {cfg.data.resolution}x{cfg.data.resolution} on {self.shards_spec} "
+                  f"({describe_size(facts)}{kind}) | "
                   f"{self.world} process(es) x batch {t.batch_size} x accumulate {t.accumulate} = {self.eff_batch} | "
                   f"{t.precision}{' channels_last' * self.channels_last} | run dir {self.run_dir}", flush=True)
 
@@ -373,13 +379,14 @@ class Trainer:
         row["stability/nonfinite_total"] = self.guard.total
         reason = self.collapse.update(row)
         row["stability/collapse"] = 1.0 if reason else 0.0
-        if reason and self.is_main and not self.quiet:
-            print(f"collapse detected at step {self.step}: {reason}", flush=True)
+        flags = self.collapse.take_flags()
+        if self.is_main and not self.quiet:
+            for _, _, why, _ in flags:  # each rule once, when it first fires (stability/collapse: every tick it holds)
+                print(f"collapse detected at step {self.step}: {why}", flush=True)
         # an FID-flagged collapse is known on rank 0 only: every rank must stop at the same step
         if self.ranks.any(self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse):
             self.stop.collapse()
         self.last_row = row
-        flags = self.collapse.take_flags()
 
         def write() -> None:
             self.records.metrics(row)
@@ -462,12 +469,12 @@ class Trainer:
             self.best = self.checkpoints.keep_if_best(self.step, self.records.training_evals(), self.cfg.eval,
                                                       lambda best: {**self.state_dict(), "best": best}) or self.best
             if registry.FID in metrics:
-                reason = self.collapse.update_fid(self.step, metrics[registry.FID])
-                if reason and not self.quiet:
-                    print(f"collapse detected at step {self.step}: {reason}", flush=True)
-            if (why := self.collapse.update_eval(self.step, metrics, self.n_data_classes)) and not self.quiet:
+                self.collapse.update_fid(self.step, metrics[registry.FID])
+            self.collapse.update_eval(self.step, metrics, self.n_data_classes)
+            flags = self.collapse.take_flags()
+            for _, _, why, _ in flags if not self.quiet else ():  # each rule once, when it first fires
                 print(f"collapse detected at step {self.step}: {why}", flush=True)
-            self.records.flags(self.step, self.collapse.take_flags())
+            self.records.flags(self.step, flags)
             if not self.quiet:
                 print(telemetry.eval_line(self.step, metrics, time.perf_counter() - t0), flush=True)
             return rec
