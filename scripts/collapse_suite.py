@@ -74,7 +74,7 @@ def train(rd: Path, cell: str, precision: str, python: str, threads: int, classi
     """One run (resumed or skipped when already complete); returns its summary.json (or {} when it has none)."""
     out = rd.parent
     cmd = [python, "-m", "bench.cli", "train", f"+experiment={EXPERIMENT}", f"collapse_cell={cell}",
-           f"eval.classifier_path={classifier}", f"train.precision={precision}", f"run.dir={rd}"]
+           f"eval.classifier_path={classifier}", f"train.precision={precision}", f"run.dir={rd}", *EXTRA]
     env = _env(threads)
     rd.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -188,6 +188,7 @@ def one(rd: Path, cell: str, precision: str, python: str, threads: int, classifi
     return row
 
 
+EXTRA: list = []  # --set KEY=VALUE: more overrides for every run (e.g. train.seed=1 for a held-out repeat)
 REPLAY = False  # --replay: judge the detector of this checkout on the recorded runs instead of what flagged live
 
 
@@ -317,11 +318,14 @@ def main(argv=None) -> int:
     ap.add_argument("--replay", action="store_true",
                     help="flag each run with this checkout's collapse detector replayed on its records (the live "
                          "flags are kept in suite.json as `live`); with --report or --judge")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for every run (repeatable), e.g. --set train.seed=1 for a held-out repeat")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--truth", type=Path, help=argparse.SUPPRESS)  # internal: one run's ground truth, in-process
     args = ap.parse_args(argv)
     global REPLAY
     REPLAY = args.replay
+    EXTRA[:] = args.set
     if args.truth:
         (args.truth / "truth.json").write_text(json.dumps(ground_truth(args.truth), indent=1))
         return 0

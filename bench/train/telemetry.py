@@ -286,8 +286,9 @@ class CollapseDetector:
                   often not begun to use its class yet (on the built-in shapes a healthy DCGAN sat at chance
                   for its first ~20k images while its FID fell from 80 to 34, and paused on a plateau for ~150
                   steps before its classes appeared). So the probe's rule waits while its Frechet distance to the
-                  data (`stability/probe_fd`) fell by more than `class_progress` (a fraction) over the last
-                  `class_window` steps (and until the run has a measurement that old), and the evaluations' rule
+                  data (`stability/probe_fd`, the smallest of the last `patience` measurements) fell by more than
+                  `class_progress` (a fraction) over the last `class_window` steps (and until the run has a
+                  measurement that old), and the evaluations' rule
                   while eval/FID fell by more than that over the streak's last `patience` evaluations;
       warmup_blowup: the losses or D's logits blew up inside the warm-up (the largest of |loss/G - loss/D| and
                   |D's mean real / fake logit| above `loss_gap`) and did not come back to the healthy range (all
@@ -499,10 +500,12 @@ class CollapseDetector:
             return None
         note = ""
         if self.class_progress > 0 and fd is not None:  # no distance (an older run): the streak alone decides
-            if then is None or self._closer(then[1], fd):
+            # now: the smallest of the last `patience` distances (one noisy measurement must not end the wait)
+            now = min(f for _, f in self.probe_fd_hist[-self.patience:])
+            if then is None or self._closer(then[1], now):
                 return None  # G is still closing in on the data, or the run is too young to tell
             note = (f", while its distance to the data went only from {then[1]:.3g} (step {then[0]}) to "
-                    f"{fd:.3g}")
+                    f"{now:.3g}")
         what = (f"class accuracy {acc:.3g} x chance <= {self.class_factor}" if low_acc else
                 f"class separation {sep:.3g} <= {self.class_sep}")
         return self._flag(step, f"class: the class input is ignored: {what} for {len(self.low_class)} probe "
