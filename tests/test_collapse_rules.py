@@ -9,14 +9,14 @@ import torch
 
 from bench.config import compose, validate
 from bench.train.diversity import class_separation
-from bench.train.telemetry import RULE_KEY, RULES, CollapseDetector, rule_of
+from bench.train.telemetry import RULE_KEY, RULES, CollapseDetector, CollapseSettings, rule_of
 
 
 def det(**kw):
     """A detector with only the rule under test on (the older rules' factors out of reach)."""
     base = dict(sigma_factor=1e9, window=50, loss_gap=50.0, fid_factor=1e9, warmup=20)
     base.update(kw)
-    return CollapseDetector(**base)
+    return CollapseDetector(CollapseSettings(**base))
 
 
 def tick(step, ld=1.0, lg=1.0, real_sign=0.7, fake_sign=0.3, real_logit=0.5, fake_logit=-0.5, **extra):

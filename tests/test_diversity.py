@@ -10,7 +10,7 @@ import torch
 from bench.cli import main
 from bench.train.diversity import (CLASS_ACC, CLASS_ACC_X, CLASS_SEP, DIVERSITY, DIVERSITY_MIN, PROBE_FD, DiversityProbe,
                                     diversity_ratios, pairwise_mean)
-from bench.train.telemetry import CollapseDetector
+from bench.train.telemetry import CollapseDetector, CollapseSettings
 from conftest import TINY
 
 
@@ -44,7 +44,7 @@ def test_ratio_is_zero_for_copies_and_about_one_for_samples_like_the_reals():
 
 
 def test_detector_flags_a_sustained_diversity_drop_with_its_reason():
-    det = CollapseDetector(warmup=0, diversity_factor=0.5, patience=2)
+    det = CollapseDetector(CollapseSettings(warmup=0, diversity_factor=0.5, patience=2))
     for step, v in ((100, 0.6), (200, 0.8), (300, 0.75), (400, 0.45)):  # one low value: not sustained
         assert det.update({"step": step, DIVERSITY: v}) is None
     assert det.update({"step": 500, DIVERSITY: 0.7}) is None  # back above 0.4: the count restarts
@@ -53,15 +53,15 @@ def test_detector_flags_a_sustained_diversity_drop_with_its_reason():
     assert reason.startswith("diversity: fell from 0.8 (step 200) to 0.2") and "since step 600" in reason
     assert det.collapse_step == 700 and det.reason == reason
     # the state survives a checkpoint
-    again = CollapseDetector(warmup=0, diversity_factor=0.5, patience=2)
+    again = CollapseDetector(CollapseSettings(warmup=0, diversity_factor=0.5, patience=2))
     again.load_state_dict(det.state_dict())
     assert again.state_dict() == det.state_dict() and again.best_div == (200, 0.8)
 
 
 def test_detector_does_not_flag_noise_or_a_rule_that_is_off():
     g = torch.Generator().manual_seed(3)
-    det = CollapseDetector(warmup=0, diversity_factor=0.5, recall_factor=0.6, patience=2)
-    off = CollapseDetector(warmup=0)  # the factors' defaults: off
+    det = CollapseDetector(CollapseSettings(warmup=0, diversity_factor=0.5, recall_factor=0.6, patience=2))
+    off = CollapseDetector(CollapseSettings(warmup=0))  # the factors' defaults: off
     for i in range(1, 60):
         noisy = 0.6 + 0.3 * float(torch.rand((), generator=g))  # healthy, noisy (0.6..0.9): never half the best
         recall = 0.45 + 0.05 * float(torch.rand((), generator=g))
@@ -70,7 +70,7 @@ def test_detector_does_not_flag_noise_or_a_rule_that_is_off():
         assert off.update({"step": 10 * i, DIVERSITY: 0.01}) is None and off.update_recall(10 * i, 0.01) is None
     assert det.collapse_step is None and off.collapse_step is None
     # within the warm-up a diversity drop is not judged; None and non-finite recall are ignored
-    warm = CollapseDetector(warmup=500, diversity_factor=0.5, recall_factor=0.6, patience=1)
+    warm = CollapseDetector(CollapseSettings(warmup=500, diversity_factor=0.5, recall_factor=0.6, patience=1))
     warm.update({"step": 100, DIVERSITY: 0.9})
     assert warm.update({"step": 200, DIVERSITY: 0.1}) is None
     assert warm.update_recall(100, None) is None and warm.update_recall(100, float("nan")) is None
@@ -78,7 +78,7 @@ def test_detector_does_not_flag_noise_or_a_rule_that_is_off():
 
 def test_diversity_above_one_counts_as_one():
     """An early G's noise spreads more than the data (ratio 3.9): settling near the data's level is not a drop."""
-    det = CollapseDetector(warmup=0, diversity_factor=0.5, patience=2)
+    det = CollapseDetector(CollapseSettings(warmup=0, diversity_factor=0.5, patience=2))
     for step, v in ((25, 2.1), (50, 3.9), (75, 3.0), (100, 1.6), (125, 0.9), (150, 0.7), (175, 0.6)):
         assert det.update({"step": step, DIVERSITY: v}) is None
     assert det.update({"step": 200, DIVERSITY: 0.45}) is None
@@ -87,7 +87,7 @@ def test_diversity_above_one_counts_as_one():
 
 def test_recall_rule_waits_for_a_recall_worth_losing():
     """Early recall is tiny and noisy: 0.05 falling to 0.01 is not a collapse (the rule arms at RECALL_FLOOR)."""
-    det = CollapseDetector(recall_factor=0.6, patience=2)
+    det = CollapseDetector(CollapseSettings(recall_factor=0.6, patience=2))
     for step, r in ((100, 0.05), (200, 0.01), (300, 0.01), (400, 0.02)):
         assert det.update_recall(step, r) is None
     assert det.update_recall(500, 0.3) is None  # armed from here
@@ -96,7 +96,7 @@ def test_recall_rule_waits_for_a_recall_worth_losing():
 
 
 def test_detector_flags_a_sustained_recall_drop():
-    det = CollapseDetector(recall_factor=0.6, patience=2)
+    det = CollapseDetector(CollapseSettings(recall_factor=0.6, patience=2))
     for step, r in ((300, 0.40), (600, 0.47), (900, 0.30), (1200, 0.44)):
         assert det.update_recall(step, r) is None  # 0.30 > 0.6 x 0.47: not a drop
     assert det.update_recall(1350, 0.25) is None  # one low evaluation

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bench.cli import main
 from bench.config import compose, validate
 from bench.train import objectives as O
-from bench.train.telemetry import CollapseDetector
+from bench.train.telemetry import CollapseDetector, CollapseSettings
 from bench.train.trainer import Trainer
 from conftest import TINY
 
@@ -67,38 +67,39 @@ def _row(step, s0=1.0, lg=1.0, ld=1.0):
 
 
 def test_collapse_detector_signals():
-    det = CollapseDetector(sigma_factor=3.0, window=50, loss_gap=50.0, warmup=20)
+    det = CollapseDetector(CollapseSettings(sigma_factor=3.0, window=50, loss_gap=50.0, warmup=20))
     for step in range(10, 110, 10):  # steady: nothing fires
         assert det.update(_row(step, s0=2.0 + 0.01 * step)) is None
     assert det.update(_row(110, s0=9.0)).startswith("sigma")  # 9 > 3 x min over the window (2.6)
     assert det.collapse_step == 110
-    det = CollapseDetector(loss_gap=50.0, warmup=20)
+    det = CollapseDetector(CollapseSettings(loss_gap=50.0, warmup=20))
     assert det.update(_row(10, lg=-400.0, ld=700.0)) is None  # the start is a transient
     assert det.update(_row(30, lg=1.0, ld=1.5)) is None
     assert det.update(_row(60, lg=-618.0, ld=836.0)).startswith("divergence")
-    det = CollapseDetector(sigma_factor=2.0, window=50, warmup=20)
+    det = CollapseDetector(CollapseSettings(sigma_factor=2.0, window=50, warmup=20))
     det.update(_row(10, s0=1.0))
     assert det.update(_row(20, s0=9.0)) is None  # within the warm-up
     det = CollapseDetector()
     assert det.update(_row(10, ld=float("nan"))) == "nonfinite"
-    det = CollapseDetector(fid_factor=1.5)
+    det = CollapseDetector(CollapseSettings(fid_factor=1.5))
     assert det.update_fid(100, 50.0) is None and det.update_fid(200, 40.0) is None
     assert det.update_fid(300, 70.0).startswith("fid") and det.collapse_step == 300
 
 
 def test_sigma_jump_outside_the_window_is_not_a_collapse():
-    det = CollapseDetector(sigma_factor=2.0, window=20, warmup=0)
+    det = CollapseDetector(CollapseSettings(sigma_factor=2.0, window=20, warmup=0))
     for step, s0 in ((10, 1.0), (20, 1.4), (30, 1.9), (40, 2.6), (50, 3.5)):  # steady growth, < 2x per 20 steps
         assert det.update(_row(step, s0=s0)) is None
 
 
 def test_collapse_detector_state_round_trip_and_old_checkpoints():
-    det = CollapseDetector(warmup=0)
+    det = CollapseDetector(CollapseSettings(warmup=0))
     det.update(_row(10, s0=1.0))
     det.update_fid(10, 30.0)
     state = det.state_dict()
     assert set(state) == {"sigma_hist", "best_fid", "collapse_step", "reason", "best_div", "low_div", "best_recall",
-                          "low_recall", "dwins_run", "ddead_run", "low_class", "blowup", "blowup_ticks", "fired"}
+                          "low_recall", "dwins_run", "ddead_run", "low_class", "probe_fd_hist", "low_class_eval", "blowup",
+                          "blowup_ticks", "fired"}
     again = CollapseDetector()
     # a checkpoint written before gap_hist was removed still loads; the key is ignored
     again.load_state_dict({**state, "gap_hist": [(10, 0.5)]})

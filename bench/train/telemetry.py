@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -250,6 +251,39 @@ def rule_of(reason: Optional[str]) -> Optional[str]:
     return head if head in RULES else ("nonfinite" if head.startswith("non") else head)
 
 
+@dataclass(frozen=True)
+class CollapseSettings:
+    """The collapse detector's levels: each field is the config key telemetry.collapse_<field> (CollapseDetector
+    says what each rule does with it; a factor, level or tick count of 0 turns its rule off), except the two
+    the loss decides: `loss_gap` (inf for a loss whose gap is unbounded: the divergence and logit rules off) and
+    `relativistic` (the loss sees only real - fake logit differences: the absolute-logit rules off)."""
+    sigma_factor: float = 2.0
+    window: int = 50
+    loss_gap: float = 50.0
+    fid_factor: float = 1.5
+    warmup: int = 20
+    diversity_factor: float = 0.0
+    recall_factor: float = 0.0
+    patience: int = 3
+    dwins_level: float = 0.0
+    dwins_ticks: int = 5
+    class_factor: float = 0.0
+    class_sep: float = 0.0
+    class_after: int = 0
+    class_progress: float = 0.0
+    class_window: int = 0
+    recover_scale: float = 0.0
+    recover_ticks: int = 5
+    logit_scale: float = 0.0
+    relativistic: bool = False
+
+    @classmethod
+    def from_cfg(cls, tc, loss_gap: float, relativistic: bool = False) -> "CollapseSettings":
+        """From the config's telemetry group (`loss_gap`: the trainer's, inf for unbounded losses)."""
+        own = {f.name: tc[f"collapse_{f.name}"] for f in fields(cls) if f.name not in ("loss_gap", "relativistic")}
+        return cls(loss_gap=loss_gap, relativistic=relativistic, **own)
+
+
 class CollapseDetector:
     """Flags training collapse from the per-tick records.
 
@@ -302,22 +336,13 @@ class CollapseDetector:
              "best_div", "low_div", "best_recall", "low_recall",
              "dwins_run", "ddead_run", "low_class", "probe_fd_hist", "low_class_eval", "blowup", "blowup_ticks", "fired")
 
-    def __init__(self, sigma_factor: float = 2.0, window: int = 50, loss_gap: float = 50.0,
-                 fid_factor: float = 1.5, warmup: int = 20, *, diversity_factor: float = 0.0,
-                 recall_factor: float = 0.0, patience: int = 3, dwins_level: float = 0.0, dwins_ticks: int = 5,
-                 class_factor: float = 0.0, class_sep: float = 0.0, class_after: int = 0,
-                 class_progress: float = 0.0, class_window: int = 0, recover_scale: float = 0.0, recover_ticks: int = 5, logit_scale: float = 0.0):
-        self.sigma_factor, self.window, self.loss_gap, self.fid_factor = sigma_factor, window, loss_gap, fid_factor
+    def __init__(self, settings: CollapseSettings = None):
+        self.settings = settings = settings or CollapseSettings()
+        for f in fields(settings):  # the levels as attributes: self.sigma_factor, self.patience, ...
+            setattr(self, f.name, getattr(settings, f.name))
         # the rules that read D's logits as absolute (their sign and size): off where they mean nothing (a WGAN
         # critic; a relativistic loss, which sees only real - fake differences, so the logits drift freely)
-        self.logit_rules = math.isfinite(loss_gap)
-        self.warmup = warmup
-        self.diversity_factor, self.recall_factor, self.patience = diversity_factor, recall_factor, patience
-        self.dwins_level, self.dwins_ticks = dwins_level, dwins_ticks
-        self.class_factor, self.class_sep, self.class_after = class_factor, class_sep, class_after
-        self.class_progress, self.class_window = class_progress, class_window
-        self.recover_scale, self.recover_ticks = recover_scale, recover_ticks
-        self.logit_scale = logit_scale
+        self.logit_rules = math.isfinite(settings.loss_gap) and not settings.relativistic
         self.sigma_hist: list[tuple[int, float]] = []
         self.best_fid = float("inf")
         self.best_div: Optional[tuple[int, float]] = None     # (step, value) of the best diversity so far
@@ -338,18 +363,8 @@ class CollapseDetector:
 
     @classmethod
     def from_cfg(cls, tc, loss_gap: float, relativistic: bool = False) -> "CollapseDetector":
-        """The detector of the config's telemetry.* keys (`loss_gap`: the trainer's, inf for unbounded losses;
-        `relativistic`: the loss sees only real - fake logit differences, so the absolute-logit rules are off)."""
-        det = cls(tc.collapse_sigma_factor, tc.collapse_window, loss_gap, tc.collapse_fid_factor, tc.collapse_warmup,
-                   diversity_factor=tc.collapse_diversity_factor, recall_factor=tc.collapse_recall_factor,
-                   patience=tc.collapse_patience, dwins_level=tc.collapse_dwins_level,
-                   dwins_ticks=tc.collapse_dwins_ticks, class_factor=tc.collapse_class_factor,
-                   class_sep=tc.collapse_class_sep, class_after=tc.collapse_class_after,
-                   class_progress=tc.collapse_class_progress, class_window=tc.collapse_class_window,
-                   recover_scale=tc.collapse_recover_scale, recover_ticks=tc.collapse_recover_ticks,
-                   logit_scale=tc.collapse_logit_scale)
-        det.logit_rules = det.logit_rules and not relativistic
-        return det
+        """The detector of the config's telemetry.collapse_* keys (CollapseSettings.from_cfg)."""
+        return cls(CollapseSettings.from_cfg(tc, loss_gap, relativistic))
 
     @property
     def rule(self) -> Optional[str]:
