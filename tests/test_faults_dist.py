@@ -144,7 +144,7 @@ def _nonfinite_worker(rank: int, init_file: str, out_dir: str) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     skipped = []
     ranks = Ranks(2, rank, torch.device("cpu"), Path(out_dir))
-    runner = PhaseRunner(accumulate=1, batch_size=2, accumulate_ctx=lambda: torch.enable_grad(),
+    runner = PhaseRunner(accumulate=1, batch_size=2,
                          latents=lambda n: (torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)),
                          device=torch.device("cpu"), world=2, on_nonfinite=skipped.append, any_rank=ranks.any)
 

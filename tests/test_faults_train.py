@@ -457,7 +457,7 @@ def test_an_fp16_skip_backs_the_scale_off_and_the_next_step_runs():
         backward(loss)
         return loss.detach()
 
-    runner = PhaseRunner(accumulate=1, batch_size=2, accumulate_ctx=torch.enable_grad,
+    runner = PhaseRunner(accumulate=1, batch_size=2,
                          latents=lambda n: (torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)),
                          device=torch.device("cpu"), on_nonfinite=skipped.append)
     phase = Phase("D", net, opt, scaler, step, reads_data=False)

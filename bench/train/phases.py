@@ -92,7 +92,6 @@ class PhaseRunner:
     check, the optimiser step, and the post-step weight operations."""
     accumulate: int  # micro-batches per optimiser step
     batch_size: int  # per process per micro-batch
-    accumulate_ctx: Callable[[], object]  # the accelerator's accumulate(G, D) context
     latents: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # n -> (z, y_fake)
     device: torch.device
     world: int = 1
@@ -138,8 +137,7 @@ class PhaseRunner:
             z, y_fake = self.latents(self.batch_size)
             if i == self.accumulate - 1:
                 sync.arm()  # the last micro-batch's backward all-reduces each bucket as it completes
-            with self.accumulate_ctx():
-                loss_sum += phase.step(MicroBatch(real, y_real, z, y_fake, reg_index), backward)
+            loss_sum += phase.step(MicroBatch(real, y_real, z, y_fake, reg_index), backward)
         for net in phase.frozen:
             net.requires_grad_(True)
         return loss_sum

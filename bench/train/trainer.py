@@ -177,7 +177,6 @@ class Trainer:
         self.weight_regs = WeightRegs(reg, self.specs, mods, self.hist_avg)
         self.phases = self._build_phases()
         self.runner = PhaseRunner(accumulate=t.accumulate, batch_size=t.batch_size,
-                                  accumulate_ctx=lambda: self.acc.accumulate(self.G, self.D),
                                   latents=self._latents, device=self.device, world=self.world,
                                   on_nonfinite=self._nonfinite_step, any_rank=self.ranks.any,
                                   grad_sync=cfg.dist.grad_sync, bucket_mb=cfg.dist.bucket_mb)
