@@ -110,6 +110,7 @@ class TickClock:
     def __init__(self, run_seconds: float = 0.0):
         now = time.perf_counter()
         self.t0, self.steps, self.run_t0 = now, 0, now - run_seconds
+        self.cpu_t0, self.cpu_wall0 = time.process_time(), now
 
     def lap(self) -> tuple[float, int, float]:
         """(seconds of this tick, its G steps, the run's wall seconds); the next tick starts now."""
@@ -121,11 +122,22 @@ class TickClock:
     def set_aside(self, seconds: float) -> None:
         self.t0 += seconds
 
+    def cpu_utilisation(self, threads: int) -> float:
+        """This process's CPU time since the last call over the wall time x its torch threads (time set aside
+        included on both sides): about 1 when training has the cores to itself, about 0.5 when a second
+        CPU-bound process shares them (the OS splits the cores; OpenMP's spinning threads then wait on each other)."""
+        cpu, now = time.process_time(), time.perf_counter()
+        util = (cpu - self.cpu_t0) / max((now - self.cpu_wall0) * max(threads, 1), 1e-9)
+        self.cpu_t0, self.cpu_wall0 = cpu, now
+        return util
+
     def wall(self) -> float:
         return time.perf_counter() - self.run_t0
 
 
 TIMED_SECTIONS = ("data", "D", "G", "reg", "telemetry")  # the step-time split, in time/<name>_ms
+CPU_UTIL = "perf/cpu_util"  # TickClock.cpu_utilisation, averaged over ranks
+CONTENDED = 0.7             # a CPU tick below this utilisation was measured beside another CPU-bound process
 
 
 def grad_norm(params) -> torch.Tensor:

@@ -49,6 +49,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, accelerator=None, quiet: bool = False,
                  stop: Optional[StopRequest] = None):
         self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        self.warned_contention = False  # the one line saying a tick ran beside another CPU-bound process
         self.stop = stop or StopRequest()
         check_backends(cfg.log.backends if cfg.get("log") else ())  # a missing package: one line, before any work
         self._setup_processes(accelerator)
@@ -364,6 +365,8 @@ class Trainer:
     def _tick(self, collector: Collector, times: dict, clock: TickClock) -> None:
         t = self.cfg.train
         tick_s, steps, wall_s = clock.lap()
+        if self.device.type == "cpu":
+            collector.add(telemetry.CPU_UTIL, clock.cpu_utilisation(torch.get_num_threads()))
         stats = collector.tick()  # one all-reduce across ranks
         row = {"step": self.step, "kimg": self.images_seen / 1000.0, "time/wall_s": wall_s,
                "throughput/img_per_s": steps * self.eff_batch / tick_s, "time/step_ms": 1000.0 * tick_s / steps}
@@ -386,6 +389,12 @@ class Trainer:
         if self.ranks.any(self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse):
             self.stop.collapse()
         self.last_row = row
+        util = row.get(telemetry.CPU_UTIL, 1.0)
+        if util < telemetry.CONTENDED and self.is_main and not self.quiet and not self.warned_contention:
+            self.warned_contention = True  # once per run: the records keep every tick's perf/cpu_util
+            print(f"warning: at step {self.step} this run used {util:.0%} of the CPU time of its "
+                  f"{torch.get_num_threads()} thread(s) (perf/cpu_util): another CPU-bound process is probably "
+                  f"sharing the cores, so its img/s are not clean figures", flush=True)
 
         def write() -> None:
             self.records.metrics(row)
