@@ -1,22 +1,5 @@
-"""gan-bench model families: architectures only (no training logic).
-
-    REGISTRY                 {family: (Generator class, Discriminator class)}
-    build(cfg, resolution, n_classes) -> (G, D)
-    ModelConfigError         a setting that cannot be built; the message names the key
-    param_count(module)      trainable parameters (buffers such as SN u / v / sigma excluded)
-    reference_params(family, resolution)  a reference implementation's G / D parameter counts
-                             (the family Generator's `reference`), or None
-
-Every Generator: G(z (B, z_dim), y (B,) long, class_vec=None) -> (B, 3, R, R) in [-1, 1], with
-G.z_dim, G.n_classes, G.resolution, G.class_embedding(y) -> (B, E), G.shared (the learned class
-embedding, or None), G.arch. Every Discriminator: D(x, y, return_features=False) -> logits (B,)
-float32, or (logits, features (B, D.feature_dim)); D.embed is its projection embedding.
-D.out_dim is what D's output layer reads (feature_dim, + mbdisc kernels when model.mbdisc > 0).
-Singular-value maths (spectral norm, sigma telemetry, sigma0 clamp / penalty, orthogonal
-regularisation) lives in models.spectral.
-
-    convert_sync_bn(net)     plain BatchNorm2d -> CrossReplicaBatchNorm2d in place (same params)
-"""
+"""gan-bench model families: architectures only (no training logic). The registry, `build`, `param_count`,
+`reference_params`; the interface every Generator and Discriminator has: docs/architecture.md, "Models"."""
 
 from __future__ import annotations
 

@@ -1,28 +1,6 @@
-"""BigGAN (Brock et al. 2019), in the layout of BigGAN-PyTorch.
-
-Generator: z is split into (num_blocks + 1) chunks (hierarchical latent). The first chunk goes
-through an SN linear layer to a 4x4 map of G_IN[0]*ch channels; every residual up block gets
-[shared class embedding, its own z chunk] as the condition of its two conditional BatchNorms.
-Self-attention follows the blocks whose output resolution is in `attn`. Output:
-BN -> ReLU -> SN conv3x3 -> tanh.
-
-Discriminator: residual down blocks (the first without pre-activation, the last without
-downsampling), self-attention after the first block that reaches each `attn` resolution,
-ReLU -> sum pooling -> features (B, 16*d_ch); logit = linear(features) + <embed(y), features>
-(projection discriminator, Miyato & Koyama 2018).
-
-One class (models.checks.is_conditional: an unlabelled data set): no shared embedding and no
-class input; the CBNs read the z chunk alone (hier), or are plain BatchNorms with a learned
-affine (no hier); D has no projection term (embed is None).
-
-Stability switches (all off by default; BigGANConfig documents them): mbstd adds a
-minibatch-stddev channel before D's last block, mbdisc adds minibatch-discrimination features
-before D's output layer (linear and projection then read [features, mbdisc]); vbn makes G's
-batch norms virtual (reference batch), cross_replica_bn syncs their statistics across ranks.
-
-At 128x128, ch = d_ch = 96, z 120, shared 128, attn [64], 1000 classes: G 70.4M, D 88.0M params,
-equal to BigGAN-PyTorch's (at 512, z 128: REFERENCE).
-"""
+"""BigGAN (Brock et al. 2019), in the layout of BigGAN-PyTorch: a hierarchical latent and a shared class
+embedding feeding conditional BatchNorms, residual blocks with self-attention, a projection discriminator.
+G and D, one class, the stability switches and the parameter counts: docs/architecture.md, "Models"."""
 
 from __future__ import annotations
 

@@ -1,38 +1,7 @@
-"""BigGAN-deep (Brock et al. 2019, appendix B), in the layout of BigGAN-PyTorch's BigGANdeep.py.
-
-Differences from BigGAN (models/biggan.py):
-  - bottleneck residual blocks: 1x1 conv to a quarter of the width, two 3x3 convs, 1x1 conv
-    back out (G: hidden = in / 4; D: hidden = out / 4);
-  - `depth` blocks per resolution (2), only the last of them (G) / the first (D) changes the
-    resolution and the width;
-  - skips without a learned projection where the width does not grow: G keeps the first `out`
-    channels of its input (channel drop); D concatenates the output of a learned 1x1 conv (the
-    missing `out - in` channels) to its input (channel pad);
-  - hierarchical latent (hier): z is not split. [class vector, z] feeds G's first linear layer
-    and, whole, every conditional BatchNorm of every block. Without hier the first linear layer
-    reads z alone and the conditional BatchNorms the class vector alone;
-  - D starts with a 3x3 stem conv from RGB to the first width; every block is pre-activated.
-
-Generator: linear([class_vec, z]) -> 4x4 map of G_ARCH[0]*ch channels -> per resolution: depth
-blocks (the last one doubles the side and narrows to the stage's out width), then
-self-attention if the stage's resolution is in `attn` -> BN -> ReLU -> SN conv3x3 -> tanh.
-
-Discriminator: stem conv3x3 -> per stage: depth blocks (the first one halves the side, when the
-stage downsamples, and widens), self-attention after the first stage that reaches each `attn`
-resolution -> ReLU -> sum pooling -> features; logit = linear(features) + <embed(y), features>.
-
-One class (models.checks.is_conditional): no class vector (E = 0): with hier, z alone feeds the
-first linear layer and every CBN; without hier, the CBNs are plain BatchNorms with a learned affine;
-D has no projection term (embed is None).
-
-The stability switches of BigGANConfig carry over: mbstd adds its channel to the input of D's
-last block (that block's skip drops it again: the skip keeps the first `out` channels), mbdisc
-adds features before D's output layer, vbn / cross_replica_bn change G's batch norms.
-
-At 128x128 and 256x256 with ch = d_ch = 128, z 128, shared 128, hier, attn [64], 1000 classes
-the parameter counts equal BigGAN-PyTorch's (REFERENCE_PARAMS); at 512x512 (G 56.02M, D 38.30M)
-its table's note says what they are compared with.
-"""
+"""BigGAN-deep (Brock et al. 2019, appendix B), in the layout of BigGAN-PyTorch's BigGANdeep.py: bottleneck
+residual blocks, `depth` of them per resolution, skips without a learned projection, a hierarchical latent that
+feeds the whole z everywhere. Its differences from BigGAN, G and D, one class, the switches and the parameter
+counts: docs/architecture.md, "Models"."""
 
 from __future__ import annotations
 

@@ -1,23 +1,6 @@
-"""Class-conditional DCGAN (Radford et al. 2016).
-
-Generator: [z, class vector] as a (B, z_dim + E, 1, 1) map -> transposed conv 4x4 (valid) to a
-4x4 map -> (transposed conv 4x4 stride 2 -> BN -> ReLU) doubling the side and halving the width
-until R/2 -> transposed conv to 3 channels at R -> tanh. Width at 4x4: ch * 2^(n_up - 1) with
-n_up = log2(R / 4) (64x64, ch 64: 512 -> 256 -> 128 -> 64 -> 3).
-
-Discriminator: (conv 4x4 stride 2 -> [BN] -> LeakyReLU(0.2)) halving the side and doubling the
-width from d_ch down to 4x4 (no BN after the first conv); features = the flattened 4x4 map
-(B, 16 * width at 4x4), which is what DCGAN's final 4x4 conv reads; logit = linear(features)
-+ <embed(y), features> (projection).
-
-One class (models.checks.is_conditional): G reads z alone (no class vector, E = 0) and D has no
-projection term (embed is None).
-
-g_sn / d_sn add spectral norm to every weight layer (off in the DCGAN config).
-Stability switches (DCGANConfig): mbstd adds a minibatch-stddev channel before D's last conv,
-mbdisc adds minibatch-discrimination features before D's output layer; vbn / cross_replica_bn
-change G's batch norms (D's batch norms stay plain).
-"""
+"""Class-conditional DCGAN (Radford et al. 2016): a transposed-conv G and a strided-conv D with a projection
+term, spectral norm optional (g_sn / d_sn). G and D, one class and the switches: docs/architecture.md,
+"Models"."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Layers shared by the model families: weight layers with optional spectral norm, weight init,
-conditional batch norm, self-attention, the residual G and D blocks, and the minibatch layers of
-the discriminator.
-
-Shapes use B = batch, C = channels, H x W = spatial size, E = conditioning-vector size.
-Every weight layer takes `sn: SNSettings` (spectral norm on/off, power iterations, epsilon; see
-models/spectral.py); with SNSettings(enabled=False) it computes exactly what the plain torch layer
-computes (it still carries the sv_u / sv_v subspace-iteration buffers of models/svd.py).
-Batch-norm variants: models/norms.py. D-side layers: MinibatchStdDev (model.mbstd) and
-MinibatchDiscrimination (model.mbdisc).
-"""
+"""Layers shared by the model families: weight layers with optional spectral norm (`sn: SNSettings`), weight
+init, conditional batch norm, self-attention, the residual G and D blocks, and D's minibatch layers
+(docs/architecture.md, "Models"). Shapes: B = batch, C = channels, H x W = spatial size, E = conditioning size."""
 
 from __future__ import annotations
 

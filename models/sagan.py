@@ -1,14 +1,6 @@
-"""SAGAN (Zhang et al. 2019): the residual SN-GAN with self-attention.
-
-Same residual blocks, arch tables and projection discriminator as BigGAN (models/biggan.py; BigGAN
-is SAGAN scaled up plus a shared embedding and a hierarchical latent), but:
-  - the whole z feeds G's first linear layer (no hierarchical latent);
-  - conditional BatchNorm uses per-class gains and biases: the class vector is one-hot
-    (E = n_classes) and each CBN's gain / bias projection is a plain per-class embedding;
-  - resolutions 32, 64 and 128 (the paper's ImageNet model: ch 64, attention at 32).
-One class (models.checks.is_conditional): plain BatchNorms with a learned affine in G (the
-unconditional SN-GAN / SAGAN generator), no projection term in D.
-"""
+"""SAGAN (Zhang et al. 2019): the residual SN-GAN with self-attention: BigGAN's blocks, arch tables and projection
+discriminator without the hierarchical latent, with per-class gains and biases in G's conditional BatchNorms
+(docs/architecture.md, "Models")."""
 
 from __future__ import annotations
 

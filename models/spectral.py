@@ -1,24 +1,7 @@
-"""Spectral norm, sigma telemetry and the weight regularisers (sigma0 clamp and penalty,
-orthogonal regularisation), built on the singular-value maths of models/svd.py. Layers
-(models/layers.py), regularisers and telemetry import the helpers below; nothing else computes
-singular values. Layers are always found by module type, never by state-dict key names.
-
-Spectral norm (Miyato et al. 2018) is implemented as a mixin, `SpectralNorm`, so that the raw
-weight stays the parameter called `weight` (orthogonal regularisation and sigma clamping act on
-it), while three buffers hold the power-iteration state:
-
-    u      (out,)  left singular vector estimate, persistent across steps
-    v      (in,)   right singular vector estimate
-    sigma  ()      the last sigma = u^T W v, for telemetry (read it; it is never a parameter)
-
-In training mode each forward runs `SNSettings.iters` power iterations under no_grad, then
-divides the weight by sigma = u^T W v computed with gradient flowing through W. In eval mode u
-and v are left unchanged. Nothing in the forward synchronises with the host.
-
-Every SpectralNorm layer (SN on or off) also carries the top-k subspace state sv_u / sv_v of
-models/svd.py. Checkpoints written before those buffers existed still load with strict=True
-(the fresh state is kept).
-"""
+"""Spectral norm (the `SpectralNorm` mixin, `SNSettings`), sigma telemetry and the weight regularisers (sigma0
+clamp and penalty, orthogonal regularisation), built on the singular-value maths of models/svd.py. Layers,
+regularisers and telemetry import these helpers; nothing else computes singular values (docs/architecture.md,
+"Singular values")."""
 
 from __future__ import annotations
 

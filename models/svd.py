@@ -1,40 +1,7 @@
 """The singular-value maths of gan-bench: a layer's weight as a matrix, power iteration, and the
 warm-started top-k subspace iteration with its batched Jacobi SVD. Torch only (no project imports);
-models/spectral.py builds spectral norm, sigma telemetry and the regularisers on it.
-
-Everything is organised around one view: a layer's weight as a matrix of shape (out, in), where
-"in" folds the fan-in (input channels x kernel height x kernel width for a convolution). Layers
-are always found by module type (Conv2d, ConvTranspose2d, Linear, Embedding and their SN
-subclasses), never by state-dict key names.
-
-Top-k singular values (telemetry, sigma0 clamp, sigma0 penalty) come from a warm-started
-subspace iteration on the RAW weight (with spectral norm on too: the raw weight's spectrum is
-what is measured, clamped and penalised). Its state is persistent per layer:
-
-    sv_u   (k, out)  rows: left singular vector estimates u_0, u_1, ..., sorted by sigma
-    sv_v   (k, in)   rows: right singular vector estimates v_0, v_1, ...
-
-Every SpectralNorm layer (SN on or off) registers these two buffers at construction (k = sv_k,
-default 3, at most min(out, in)), so they are saved and restored with checkpoints and copied by
-an EMA buffer copy; their shapes never change. Plain torch layers (e.g. BigGAN's shared class
-embedding, an nn.Embedding), and requests for more than sv_k values, use the same state in a
-side table keyed by the module object: not saved, warm again after a few calls.
-
-One refresh of `iters` rounds, for every layer in a list at once:
-
-    start:      V <- V + 1e-4 F  (F a fixed generic orthonormal basis: lets a larger singular
-                direction into an exactly invariant subspace, e.g. equal values after ortho init)
-    per round:  U <- orth(V W^T),  V <- orth(U W)      (two passes over W, two thin QRs)
-    Rayleigh-Ritz: B = U W V^T (k x k; the last QR's R^T, free), B = P diag(s) R^T by a batched
-    one-sided Jacobi SVD over all layers' B at once; U <- P^T U, V <- R^T V.
-
-So u_j^T W v_j = s_j > 0 exactly, rows are sorted by s, and the Ritz values converge to the
-top-k singular values at rate (s_k / s_j)^2 per round (fast for a separated top value, slower
-for a clustered spectrum such as a random matrix's, where a few dozen rounds are needed for 1%).
-There is no .item() and no SVD / eigh of a weight (both synchronise on CUDA): only matmuls, thin
-QRs and elementwise ops, in float32 with autocast off, and on CPU with one intra-op thread (see
-sv_maths). Everything also runs on the meta device, which the tests use to prove it sync-free.
-"""
+models/spectral.py builds spectral norm, sigma telemetry and the regularisers on it (docs/architecture.md,
+"Singular values")."""
 
 from __future__ import annotations
 
