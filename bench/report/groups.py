@@ -1,22 +1,6 @@
-"""Seeds, confidence intervals and separability in the report (torch-free).
-
-Runs whose resolved config.yaml is the same apart from `train.seed` (and the run.* keys: name, folder) are
-one configuration trained from several seeds: a `SeedGroup`. Every table that shows a run's metric shows
-a group's as mean ± the half-width of its 95% interval and n (its number of runs), the interval being the
-Student-t interval over the per-seed values (`bench.eval.stats.t_interval`, the same function as
-eval.repeats' interval over sample sets; exact for normal values at any n >= 2, where a percentile bootstrap
-of 3 seeds covers ~76%). One run (n = 1) shows its value, with the t-interval over its evaluation's repeated
-sample sets when the record has them (eval.repeats > 1), else the plain value.
-
-In the ablation matrix (mark_separability) each cell with n >= 2 is tested against the best cell (by mean):
-the paired t-test of the per-seed differences when its train.seed values are exactly the best cell's (same
-initialisation, data order and latents: the seed's noise cancels), else Welch's t-test; the p-values are
-Holm-adjusted over the cells tested, and a cell is different (DIFFERENT) when the adjusted p <= 0.05, else
-not separable (NOT_SEPARABLE). A cell or a best of n = 1 is not tested (UNTESTED): one value has no spread.
-The baseline of the paired differences is the best cell too (one comparator for marks, p-values and
-differences). variance_rows splits a cell's variance into seed-to-seed and sample-set parts (eval.repeats),
-power_rows the seeds per cell that would detect a difference of Δ.
-"""
+"""Seeds, confidence intervals and separability in the report (torch-free): runs that differ only in
+`train.seed` as one `SeedGroup` (mean ± Student-t 95% interval and n), each ablation cell tested against the
+best (`mark_separability`), the variance split and the seeds-needed table (docs/architecture.md, "Report")."""
 from __future__ import annotations
 
 import math

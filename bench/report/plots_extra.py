@@ -1,13 +1,5 @@
-"""The report's figures of the modern stabilisers (matplotlib, imported only when a figure is drawn; never
-torch). Same contract as plots.py: each plot function returns (file name or None, why it was not drawn)
-and hands its figure to the Writer.
-
-    ada_p.png  ADA's augmentation probability p (`aug/p` in metrics.jsonl, one value per tick) against
-               kimg, one line per run that has it; the runs of one configuration (its seeds, groups.py)
-               share a colour and differ in line style.
-    diversity.png  `stability/diversity` (bench/train/diversity.py; 1 = as diverse as the data) against step, one
-               line per run that has it, beside D's largest sigma0 over layers; collapse steps marked.
-"""
+"""The report's figures of the modern stabilisers, ada_p.png and diversity.png (matplotlib, imported only when
+a figure is drawn; never torch). Same contract as plots.py (docs/architecture.md, "Report")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
