@@ -1,11 +1,6 @@
-"""Local / submitit / Slurm launching: cluster profiles, the distributed environment of a rank, requeue.
-
-A cluster profile (configs/cluster/<name>.yaml) is translated into hydra-submitit-launcher settings in
-ONE function, `launcher_overrides`; `setup_distributed` reads the profile's per-rank core count inside
-the job. Inside a job, every Slurm task is one torch.distributed rank: `setup_distributed` exports
-submitit's TorchDistributedEnvironment before the Accelerator is built. Nothing here changes the
-environment of the submitting process (see docs/architecture.md, "Add a cluster profile").
-"""
+"""Local / submitit / Slurm launching: a cluster profile as hydra-submitit-launcher settings (ONE function,
+`launcher_overrides`), a rank's distributed environment and threads (`setup_distributed`), requeue. Nothing here
+changes the environment of the submitting process (docs/architecture.md, "Sweeps and clusters")."""
 from __future__ import annotations
 
 import os

@@ -1,45 +1,6 @@
-"""Multi-node on paper: the weak-scaling efficiency a model should reach on N GPUs, from its FLOP per
-step, the gradient bytes all-reduced per step and the overlap achieved (docs/architecture.md,
-"Throughput"). Torch-free: `bench inspect` feeds it the counts and prints the projection.
-
-The model, and every assumption in it:
-
-- Weak scaling: the per-device batch (and `train.accumulate`) stays fixed, so every device does the
-  same work per step at any N, and the efficiency is T_compute / (T_compute + exposed communication).
-- T_compute = FLOP per step per device / (peak TFLOP/s x MFU). FLOP per step is the real step's count
-  (`torch.utils.flop_counter`, as `bench throughput` and `perf/mfu` use: (D step x d_steps + G step) x
-  batch x accumulate); the peak is the device table's dense figure (bench/device.py; with no GPU
-  present `bench inspect` assumes an H100's bf16 dense peak, 989 TFLOP/s, and names it); the MFU is an
-  ASSUMED achieved fraction of that peak, 0.4 by default, not a measurement.
-- Bytes per step B = 4 x (d_steps x D params + G params): fp32 gradients (autocast keeps the weights
-  and their gradients in fp32), each D phase all-reduces D's gradients and the G phase G's
-  (bench/train/gradsync.py). G's backward runs through the frozen D, whose
-  weight gradients are not computed nor reduced.
-- The all-reduce is a hierarchical ring, as NCCL runs it on a multi-node job of n nodes x g GPUs:
-    intra-node reduce-scatter + all-gather: 2 (g-1)/g x B / intra-node bandwidth + 2 (g-1) latencies;
-    inter-node ring over the n nodes, every GPU of a node reducing its 1/g shard at once, so the
-    node's link carries 2 (n-1)/n x B in total: 2 (n-1)/n x B / link bandwidth + 2 (n-1) latencies.
-  With n = 1 only the intra-node term is left; with g = 1 only the inter-node one (a flat ring). The
-  link bandwidth (`cluster.link_gbps`, Gb/s) is the node's whole inter-node bandwidth, all its NICs
-  together, used at face value (no protocol overhead: optimistic). The intra-node bandwidth defaults to
-  an NVLink-class 300 GB/s per direction (H100 NVLink 4 is 450 GB/s per direction on the datasheet;
-  300 GB/s is a conservative achieved figure). The bandwidth and latency terms add (no pipelining of
-  the intra- and inter-node stages: pessimistic).
-- Latency: `latency_s` per ring hop (default 5 us, an InfiniBand-class hop with software overhead),
-  paid by every all-reduce call: `calls` per step (`sync_inputs`), e.g. 2 x (d_steps + 1) with flat sync =
-  each phase's gradient all-reduce and its one-float agreement on a non-finite step (bench/train/ranks.py,
-  `Ranks.any`). The
-  telemetry's one all-reduce per tick (every `train.tick_every` steps) is left out.
-- Overlap: exposed = max(0, T_comm - overlap x T_backward), T_backward = 2/3 of T_compute (a backward
-  costs about twice its forward). `overlap` is the share of the backward that all-reduce traffic can
-  hide behind (`sync_inputs`): with `dist.grad_sync=flat` 0 (one buffer after the whole backward); with
-  `overlap` (bench/train/gradsync.py) a phase of n buckets can start sending once its first bucket is
-  complete, after about 1/n of its backward, so overlap = 1 - 1/n per phase, pooled over the phases by
-  bytes. The formula pools the phases: each phase's all-reduce can really only hide behind its own
-  backward. Calls: one per bucket per phase plus the one-float agreement per phase.
-- Not modelled: data loading, stragglers, the extra memory traffic of reductions, congestion and the
-  switch topology (a non-blocking fat tree is assumed), and the fp16 scaler's unscale.
-"""
+"""Multi-node on paper: the weak-scaling efficiency a model should reach on N GPUs, from its FLOP per step,
+the gradient bytes all-reduced per step and the overlap achieved. Torch-free: `bench inspect` feeds it the
+counts and prints the projection. The model and every assumption in it: docs/architecture.md, "Throughput"."""
 from __future__ import annotations
 
 import math

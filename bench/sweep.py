@@ -1,17 +1,6 @@
-"""`bench train -m`: the multirun driver and the sweep index.
-
-Sweeps and cluster runs go through Hydra's multirun: `hydra/launcher=submitit_slurm` submits one Slurm
-job array per combination of swept `cluster.*` values (an array has one resource shape),
-`submitit_local` runs the jobs on this machine. Each job trains like `bench train`, records itself in
-<sweep dir>/index/<job>.json and never raises, so one failed job does not hide the others; the
-submitting process then merges the index into <sweep dir>/sweep.json and prints it. A job's final
-state there is its run's status (completed, failed with its error, ...), `cancelled` (scancel), or
-`interrupted` with why it was not requeued; `requeues` counts its requeues. Only a job that Slurm
-runs again leaves without a result, so the submitter always returns. While it waits, the submitter
-prints one line per job state change, says once what submitit's failing sacct polls mean, and records
-a job that left the queue without reporting (SweepMonitor). The cluster profile is translated by
-bench/launch.py. See docs/architecture.md ("The rooms").
-"""
+"""`bench train -m`: the multirun driver (Hydra + submitit: one job array per cluster shape), the sweep index
+(<sweep dir>/index/<job>.json, merged into sweep.json) and the submitter's job monitor (docs/architecture.md,
+"Sweeps and clusters")."""
 from __future__ import annotations
 
 import contextlib

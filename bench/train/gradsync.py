@@ -1,28 +1,7 @@
-"""Gradient averaging over ranks, overlapped with backward (docs/architecture.md, "Gradient sync").
-
-One `GradSync` per net. `dist.grad_sync=overlap` (the default): the net's parameters are cut into buckets
-of about `dist.bucket_mb` MiB (null: bench/scaling.py `auto_bucket_mb`), in reverse registration order (roughly the order in which backward produces
-their gradients). A hook on every parameter counts the gradients as autograd accumulates them; when a bucket
-is complete its gradients are flattened and all-reduced asynchronously, while backward goes on through the
-earlier layers. Buckets are launched strictly in index order on every rank, so the ranks issue their
-collectives in the same order whatever order autograd finishes them in. `dist.grad_sync=flat` all-reduces one
-flat buffer after the whole backward (the harness's previous behaviour, kept to measure the difference).
-
-The hooks only act while the sync is armed: during the backward of a phase's LAST micro-batch. Earlier
-micro-batches accumulate locally (gradient accumulation syncs once per optimiser step); weight-only
-regularisers whose own backward runs after the sync (the sigma0 penalty) are not reduced, as before;
-a frozen net (D in the G phase) gets no gradients and so fires no hook; and G under no_grad in the D phase
-builds no graph. Parameters that received no gradient in the phase are left out, as the flat path does.
-
-Measured per phase (`take_stats`): the bytes all-reduced, the communication time (the union of the
-intervals in which some bucket's all-reduce was in flight, launch to completion) and the exposed time (what
-the training thread spent waiting for it in `finish` after backward: launching leftover buckets and waiting;
-averaging and copying back are not counted, they are the same work in both modes). These timings assume the
-host blocks while a collective runs, as gloo on CPU does. On CUDA (NCCL) a collective returns once queued:
-there `finish` synchronises the stream after each wait and counts it as exposed, and the in-flight span is not
-measured (`time/allreduce_ms` and `comm/hidden_frac` are NaN). The trainer records, per G step, `time/allreduce_ms`, `time/allreduce_exposed_ms`, `comm/hidden_frac` (the share
-of the communication time not exposed) and `comm/bytes_per_step`.
-"""
+"""Gradient averaging over ranks, one `GradSync` per net: buckets all-reduced while backward runs
+(`dist.grad_sync=overlap`, the default) or one flat buffer after it (`flat`), armed only for the backward of a
+phase's last micro-batch; the bytes, communication and exposed time per phase (docs/architecture.md,
+"Gradient sync")."""
 from __future__ import annotations
 
 import sys

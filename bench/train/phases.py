@@ -1,17 +1,7 @@
-"""Phases as data (docs/architecture.md, "One training step").
-
-One G step = `train.d_steps` D phases + 1 G phase. A Phase is one optimiser step of one net and carries
-everything that differs between D and G: the net, its optimiser and (fp16) scaler, the micro-batch step
-function (forward + backward, owned by GANObjective), whether it reads real data, the nets frozen while
-it runs, the weight-only regularisers added after the gradient all-reduce, and the weight operations
-after the optimiser step (the objective's: WGAN clipping, ADA's p update, LeCam's anchors; and the sigma0
-clamp). `PhaseRunner.run` is the same code for every phase: it never asks which net it steps.
-
-Each micro-batch runs inside ONE `accelerator.accumulate(G, D)` context. Nets are not wrapped in DDP: the
-stepped net's gradients are averaged by its `gradsync.GradSync`, in buckets all-reduced during the backward
-of the phase's last micro-batch (dist.grad_sync=overlap) or as one buffer after it (flat). Why not DDP:
-docs/architecture.md, "Gradient sync".
-"""
+"""Phases as data: one G step = `train.d_steps` D phases + 1 G phase. A `Phase` carries everything that differs
+between D and G (net, optimiser, scaler, step function, frozen nets, weight regularisers, post-step hooks);
+`PhaseRunner.run` is the same code for every phase and never asks which net it steps (docs/architecture.md,
+"One training step"; why the nets are not wrapped in DDP: "Gradient sync")."""
 from __future__ import annotations
 
 import dataclasses
