@@ -1,34 +1,7 @@
 """`bench import biggan-pytorch weights=G_ema.pth [g=G.pth] [d=D.pth] model=biggan_128|biggan_deep_128|biggan_deep_256
-out=RUN_DIR [model.* / data.resolution overrides]`: BigGAN-PyTorch's state dicts as a gan-bench run directory
-(docs/architecture.md, "Importing BigGAN-PyTorch weights").
-
-gan-bench's BigGAN and BigGAN-deep have BigGAN-PyTorch's layers and parameter counts (models/biggan.py,
-models/biggan_deep.py); only the names differ. Their state dict -> ours:
-
-    blocks.<k>.0.<layer>          blocks.<k>.<layer>          (a residual block)
-    blocks.<k>.1.<layer>          attn.<k // depth>.<layer>   (self-attention after the stage's last block)
-    BigGANdeep's D nests its stages: blocks.<s>.<j < depth> -> blocks.<s * depth + j>, blocks.<s>.<depth> -> attn.<s>
-    <ccbn>.stored_mean / _var     <ccbn>.bn.running_mean / _var
-    output_layer.0.gain / bias / stored_mean / stored_var      out_bn.weight / bias / running_mean / running_var
-    output_layer.2.*              out_conv.*
-    input_conv.* (deep D)         stem.*
-    shared, linear, embed         the same names
-    <SN layer>.u0, .sv0           <SN layer>.u, .v, .sigma (below)
-
-Spectral norm: BigGAN-PyTorch keeps one vector u0 (1, out) per layer; in eval mode each forward runs one power
-iteration from it without storing it (v = normalize(u0 W), u = normalize(v W^T), sigma = u W v^T). gan-bench's eval
-forward divides by sigma = u . (W v) from its stored u and v, so the importer stores exactly that iteration's u and v
-(in float32, as BigGAN-PyTorch computes them) and sigma: the imported G in eval mode computes what
-BigGAN-PyTorch's G computes with --use_ema --G_eval_mode, to float32 rounding (tests/test_import_biggan.py, against
-its own classes). sv0 (the stored sigma estimate) is not needed. BatchNorm's num_batches_tracked and gan-bench's
-top-k subspace buffers (sv_u / sv_v, telemetry only) keep their fresh values. Any key of the file that maps to no
-key of ours, or a key of ours that nothing maps to, is one line naming them.
-
-The run directory: config.yaml (model=<name> + overrides; data.shards null), run.json ("imported_from": the files,
-their sha256, the model, the time), checkpoints/ckpt-0000000.pt with G_ema (and G, D when given), written in a temp
-directory and renamed into place. `bench eval`, `bench truncation` and `bench sample` read it; evaluate it with
-data.shards=DIR (the training data) or eval.ref_stats=FILE.
-"""
+out=RUN_DIR [model.* / data.resolution overrides]`: BigGAN-PyTorch's state dicts as a gan-bench run directory.
+The name mapping, the spectral-norm vectors and the run directory it writes: docs/architecture.md, "Importing
+BigGAN-PyTorch weights"."""
 from __future__ import annotations
 
 import datetime as _dt

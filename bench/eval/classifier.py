@@ -1,26 +1,7 @@
-"""The domain classifier: a small CNN trained on a dataset's own shards (docs/architecture.md,
-"Evaluation").
-
-It is gan-bench's offline feature extractor (eval.extractor=domain): its penultimate activations
-(`features`, `feature_dim` values: 4 x width) stand in for Inception's pool3 in FID / KID /
-precision-recall, its logits stand in for Inception's in IS, and its predictions give the
-class-conditional accuracy of a generator (`eval/class_acc`). Nothing is downloaded: it is trained from
-the shards in a few minutes on a CPU and saved beside them. It learns its features from the labels, so
-a one-class (unlabelled) set has none of its own (`unlabelled_message`): such an evaluation uses
-eval.extractor=inception, or a classifier trained on labelled shards (eval.classifier_path).
-
-    train_classifier(shards_spec, out=None, resolution=None, settings=DEFAULT_SETTINGS) -> info dict
-    load_classifier(path, device="cpu") -> (DomainClassifier in eval mode, meta dict)
-    classifier_path(shards_spec, resolution) -> default file: <shard dir>/classifier-r{res}.pt
-    load_images(shards_spec, resolution, limit=None) -> (uint8 (N,3,R,R), int64 (N,))
-    unlabelled_message(shards_spec, resolution) -> the one line that refuses a one-class set
-    DomainFeatureExtractor   the classifier as a torch-fidelity feature extractor, registered as
-                             DOMAIN_EXTRACTOR ("gan-bench-domain"); its weights file is passed as
-                             torch-fidelity's feature_extractor_weights_path
-
-The checkpoint is a dict: state_dict, class_names, resolution, width, feature_dim, accuracy
-(held-out), n_train, n_holdout, epochs, seconds, manifest_hash, shards, created.
-"""
+"""The domain classifier: a small CNN trained on a dataset's own shards, gan-bench's offline feature extractor
+(eval.extractor=domain) and the judge of `eval/class_acc`: training, loading, its default file, and the
+classifier as a torch-fidelity feature extractor. A one-class set is refused in one line (`unlabelled_message`)
+(docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import datetime as _dt

@@ -1,17 +1,6 @@
-"""`bench sample run=DIR n=N [psi=] [class=] [which=] [seed=] out=FILE.npz|DIR`: images of a run's EMA G, with
-the latents and labels that made them (docs/architecture.md, "Evaluation").
-
-The latents and labels are drawn exactly as an evaluation draws them (sampling.eval_latents: every latent with
-its truncation redraws, then every label, from one CPU generator seeded with `seed`), and the images are made by
-sampling.sample_images, so `bench sample ... seed=S` writes the very images `bench eval eval.seed=S` scores
-(class= fixes every label to one class instead; the latents stay the same). With eval.standing_stats=M the
-BatchNorm statistics are recomputed first on a copy of G, as the evaluation does.
-
-Outputs (written whole or not at all):
-    FILE.npz   x (N, H, W, 3) uint8, z (N, z_dim) float32, y (N,) int64 (rundir.atomic_write)
-    DIR        000000.png ... and labels.csv (index,file,label,class_name), written in a temp directory
-               beside DIR and renamed to DIR at the end; DIR must not exist or be empty
-"""
+"""`bench sample run=DIR n=N [psi=] [class=] [which=] [seed=] out=FILE.npz|DIR`: images of a run's EMA G, with the
+latents and labels that made them, drawn as an evaluation draws them; written whole or not at all
+(docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import copy

@@ -1,25 +1,6 @@
-"""torch-fidelity's inputs and feature extractors (docs/architecture.md, "Evaluation").
-
-    ImageDataset       uint8 images (a tensor, or a loader called on first access) as an input
-    ShardImages        the real side streamed from the shards a batch at a time (real_images: an evaluation's);
-                       memory does not grow with the number of real images
-    Sampler            G as a torch-fidelity generative model (latents and labels drawn beforehand)
-    extract_features   torch-fidelity's features of both inputs (the reference side from its cache);
-                       feature_extractor and features_of: one input's (bench.eval.spread: a rank's share)
-    extractor_settings the torch-fidelity extractor, its feature layers, weights and cache identity
-                       for eval.extractor = domain (bench.eval.classifier) | inception (the user's file)
-
-The Inception weights are never downloaded: eval.weights_path, else the file where torch-fidelity keeps its own
-download (torch.hub's checkpoints directory); when neither exists, an EvalError names the file and both places.
-
-    clean_resize       eval.resize=clean (the `clean` protocol): every image, generated and real, resized to 299 x 299
-                       with PIL's bicubic filter on its uint8 RGB values (rounded back to uint8) before the extractor;
-                       eval.resize=fidelity (default) leaves the resize to torch-fidelity's Inception (TF1-style
-                       bilinear, in float). clean-fid resizes each channel as a float image with the same PIL filter
-                       and keeps the floats; torch-fidelity's extractor takes uint8 only, so this variant differs from
-                       clean-fid's by that rounding (at most half a level per pixel). A 299 x 299 input passes
-                       torch-fidelity's own resize unchanged.
-"""
+"""torch-fidelity's inputs and feature extractors: images as datasets (the real side streamed from the shards),
+G as a sampler, the extractors' settings and weights, and eval.resize=clean (docs/architecture.md,
+"Evaluation" and "Numbers that connect to the literature")."""
 from __future__ import annotations
 
 import ctypes

@@ -1,19 +1,6 @@
-"""Intra-class FID (eval.intra_fid): the Frechet distance of each class's generated samples against that
-class's real images, from the features the evaluation already extracted for FID (no second pass over the
-extractor), and their mean over the classes (docs/architecture.md, "Evaluation").
-
-    per_class_fid    the per-class values, counts and their mean from (features, labels) of both sides
-    RealImages       the real side's image loader (ImageDataset calls it once), keeping the labels it read
-    IntraFID         one evaluation's intra-FID: the class names, the real labels (read with the images, else
-                     from the cache beside the real features, else from the shards) and the real side's
-                     per-class rows, split once and shared by the eval.repeats sample sets
-    summarise_intra  the per-class values of K sample sets (eval.repeats) as one record's
-
-Record fields: eval/intra_FID (the mean over classes; a registry metric, so eval.repeats gives it a mean and a
-95% interval like every other), intra_fid_per_class = {class name: FID}, intra_fid_counts = {class name:
-[generated, real]} and intra_fid_imag_residue (the largest residue of the per-class square roots). The
-sample-count rule: bench.eval.intra_check.
-"""
+"""Intra-class FID (eval.intra_fid): each class's generated samples against that class's real images, from the
+features the evaluation already extracted for FID, their mean over the classes and the record's per-class
+fields; the sample-count rule is bench.eval.intra_check (docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import json

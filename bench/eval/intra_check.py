@@ -1,24 +1,6 @@
-"""The sample-count rule of intra-class FID (eval.intra_fid), torch- and numpy-free so that config validation
-(bench.config.validate_eval, a ConfigError) and evaluation (bench.eval.intra, an EvalError) state it the same
-way (docs/architecture.md, "Evaluation").
-
-Intra-FID is the Frechet distance of each class's generated samples against that class's real images, averaged
-over the classes. Labels are drawn uniformly per sample, so a class gets about num_samples / n_classes samples;
-the rule asks for at least eval.intra_min_per_class of them per class on each side:
-
-    eval.num_samples >= eval.intra_min_per_class x n_classes      (the generated side)
-    eval.num_real    >= eval.intra_min_per_class x n_classes      (the real side; null = eval.num_samples)
-
-DEFAULT_MIN_PER_CLASS = 50: 50 000 samples for 1000 classes, the usual FID sample count spread over
-ImageNet's classes; the default eval.num_samples = 5000 gives the built-in shapes data (10 classes) about 500 per
-class. MIN_PER_CLASS = 2 is the floor of a covariance. Fewer samples per class than feature dimensions (the
-domain extractor's 128 at width 32, Inception's 2048) give singular covariances: the Frechet distance is still
-defined and is computed the same way (no added regularisation), but it is biased upward and its variance is
-large, so intra-FID values compare only between evaluations with the same per-class counts and extractor.
-
-One class (an unlabelled set; models.checks.is_conditional): the nets are unconditional, so the class-based
-metrics (eval/class_acc, intra-FID and its per-class fields) are skipped with UNLABELLED_SKIP, not refused.
-"""
+"""The sample-count rule of intra-class FID (eval.intra_fid) and `UNLABELLED_SKIP`, torch- and numpy-free so that
+config validation (bench.config.validate_eval, a ConfigError) and evaluation (bench.eval.intra, an EvalError)
+state it the same way (docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 from typing import Optional

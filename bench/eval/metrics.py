@@ -1,30 +1,7 @@
-"""Metrics of a generator: IS / KID / precision-recall (torch-fidelity), FID in float64 and density /
-coverage (bench.eval.stats), all from one extraction of the features, and the domain classifier's
-class accuracy (docs/architecture.md, "Evaluation").
-
-One process: `evaluate_generator` has torch-fidelity extract the features (`compute_metrics`; several ranks
-share the fake side in training: bench.eval.spread). The fake
-side is G (the EMA G in training) sampled as uint8; every latent and label is drawn before sampling
-(sampling.eval_latents), so the i-th image does not depend on eval.batch_size (torch-fidelity 0.4.0
-crashes for num_classes > 0: the wrapper says num_classes = 0). The real side is N images read
-from the shards; its features are cached under a hash of (shard manifest, N, resolution, extractor and
-its weights) in the cache directory (torch-fidelity's atomic cache files plus a JSON sidecar written
-with rundir.atomic_write), so later evaluations only sample G.
-
-Feature extractors (every record names the one it used):
-    domain     the small CNN of bench.eval.classifier, trained on the dataset's own shards (offline;
-               trained on first use, saved beside the shards). Also gives eval/class_acc: how often
-               it labels G's samples with their conditioning class.
-    inception  torch-fidelity's inception-v3-compat with the user's copy of the standard FID weights
-               (eval.weights_path); never downloaded: a missing file is an EvalError.
-
-Metric names, their directions and formats come from bench.metrics_registry; records add
-fid_imag_residue (the imaginary part left by FID's matrix square root, relative to its trace), extractor,
-num_samples, num_real, truncation, trunc_mode, standing_stats, the cost/* timings (seconds per 1k
-generated images for sampling and for features, seconds for the real features and for the metrics)
-and seconds. With eval.intra_fid, eval/intra_FID and its per-class fields come from FID's features and both
-sides' labels (bench.eval.intra; compute_metrics' `intra`).
-"""
+"""Metrics of a generator: IS / KID / precision-recall (torch-fidelity), FID in float64 and density / coverage
+(bench.eval.stats), all from one extraction of the features, the domain classifier's class accuracy and, with
+eval.intra_fid, intra-class FID. `EvalSettings`, `evaluate_generator`, `compute_metrics` and the real side's
+feature cache (docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import contextlib

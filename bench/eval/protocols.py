@@ -1,20 +1,6 @@
-"""Evaluation protocols: named sets of eval.* values that make numbers comparable with the literature
-(docs/architecture.md, "Evaluation"). Torch-free: the config check reads it. THE one place their values live.
-
-    domain  (default) the config's eval.* keys as they are: the domain extractor trained on the shards
-    biggan  as BigGAN-PyTorch evaluates (sample.py / train.py with --use_ema --G_eval_mode): Inception pool3
-            features (torch-fidelity's inception-v3-compat, the TF FID graph's weights), 50,000 samples,
-            truncation off, the EMA G in eval mode after 16 standing-statistics passes, fp32, torch-fidelity's
-            resize (TF1-style bilinear to 299). The real side is the training set: its moments from
-            `bench eval stats` over the whole set (eval.ref_stats=FILE), or BigGAN-PyTorch's own
-            I128_inception_moments.npz; without eval.ref_stats, num_real images of the shards.
-    clean   the same with clean-fid's resize: PIL bicubic to 299 (eval.resize=clean, features.clean_resize)
-
-How they combine with other settings: for `bench eval` / `bench truncation` / `bench sample`, the protocol's
-values replace the run's config.yaml values, and the command line's eval.* overrides replace the protocol's
-(runs.load_run). In a composed config (`bench train eval.protocol=biggan`) a protocol value fills every key that
-still has its schema default. Every record names its protocol.
-"""
+"""Evaluation protocols (domain, biggan, clean): named sets of eval.* values that make numbers comparable with
+the literature. Torch-free: the config check reads it. THE one place their values live (docs/architecture.md,
+"Numbers that connect to the literature")."""
 from __future__ import annotations
 
 from bench.eval.errors import EvalError  # a leaf: torch-free

@@ -1,23 +1,6 @@
-"""Reference statistics: the real side of FID as a file (docs/architecture.md, "Evaluation").
-
-    `bench eval stats data.shards=DIR out=ref.npz [n=N] [eval.*]`  write_ref_stats: mu (D,) and sigma (D, D),
-        float64, of the real images' FID features with the chosen extractor (and resize), plus what made them
-    eval.ref_stats=FILE   load_ref_stats: FID's real side is this file's mu / sigma instead of features from the
-        shards
-
-Files read (npz, never unpickled: np.load(allow_pickle=False)):
-    gan-bench's own   mu, sigma, num_real, extractor, extractor_id, resolution, shards, manifest_hash, created
-    BigGAN-PyTorch    calculate_inception_moments.py's <dataset>_inception_moments.npz: mu, sigma
-    TTUR / clean-fid  fid_stats_*.npz and clean-fid's stats files: mu, sigma
-Only mu and sigma are needed. Their dimension must be the extractor's feature dimension (2048 for Inception,
-the domain classifier's width for `domain`): a mismatch is one line naming both and the file. A gan-bench file
-made with another extractor is refused the same way; one made with other weights of the same extractor (another
-domain classifier) is a warning.
-
-With a reference file, only FID (and IS, class_acc: generated side only) can be computed: KID, precision /
-recall, density / coverage and intra-FID need the real features themselves, not their moments, and are skipped
-with one line.
-"""
+"""Reference statistics: FID's real side as a file (eval.ref_stats). Reading gan-bench's, BigGAN-PyTorch's,
+TTUR's and clean-fid's npz files (never unpickled), checking them against the extractor, FID against them and
+the skipped metrics' line (docs/architecture.md, "Numbers that connect to the literature")."""
 from __future__ import annotations
 
 import datetime as _dt

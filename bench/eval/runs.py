@@ -1,10 +1,6 @@
 """Evaluating a run directory: `bench eval run=DIR` (eval_run) and `bench truncation run=DIR psi=[...]`
-(truncation_sweep), and the checkpoint they pick (docs/architecture.md, "Evaluation").
-
-Checkpoints and run files are named and read through bench.rundir; `which=best` is checkpoints/best.pt
-when the run kept one, else the step of rundir.best_eval, the one best-evaluation rule that training
-and the report also use.
-"""
+(truncation_sweep), and the checkpoint they pick: `which=best` is checkpoints/best.pt when the run kept one,
+else the step of rundir.best_eval, the one best-evaluation rule (docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import csv

@@ -1,18 +1,6 @@
-"""Sampling a generator: uint8 images, class grids, truncated latents, standing statistics and
-interpolation sheets (docs/architecture.md, "Evaluation").
-
-Training imports this module for its sample grids, so it stays light: torch, numpy and PIL only (no
-torch-fidelity, no classifier).
-
-    truncated_normal  latents with BigGAN's truncation trick (resample / clip / scale)
-    eval_latents      an evaluation's latents and labels, all drawn in one pass (batch-size invariant)
-    sample_images     uint8 images of given latents and labels, batch by batch
-    standing_stats    recompute G's BatchNorm statistics from forward passes (on the caller's copy)
-    class_grid        rows = classes, columns = fixed latents; save_grid writes it as one PNG
-    sheet_rows        a grid's rows: grid_classes, or UNCOND_ROWS rows of the one class of unlabelled data
-    interpolation_sheet  lerp / slerp in z or in the class-embedding space (InterpSettings)
-    write_sheets      the class grid and the four interpolation sheets of a loaded run (`bench eval`)
-"""
+"""Sampling a generator: latents (with truncation) and labels drawn in one pass, uint8 images, standing
+statistics, class grids and interpolation sheets (docs/architecture.md, "Evaluation"). Training imports it for
+its sample grids, so it stays light: torch, numpy and PIL only (no torch-fidelity, no classifier)."""
 from __future__ import annotations
 
 import contextlib

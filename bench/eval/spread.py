@@ -1,32 +1,7 @@
-"""Training's evaluation spread over the ranks of a multi-rank run (docs/architecture.md, "Evaluation").
-
-`evaluate_on_ranks` is training's one entry. With one rank it is what it always was: rank 0 runs
-bench.eval.metrics.evaluate_generator. With several, no rank idles for the whole evaluation:
-
-1. rank 0 sets the evaluation up (metrics.eval_setup: the checks, the domain classifier, trained when missing
-   while the others wait, the real side) and prepares its generator (metrics.eval_copy: standing stats);
-   every rank gets the plan: the checked settings, the precision rank 0 chose, the extractor's and judge's
-   files, rank 0's generator buffers and a digest of its parameters (broadcast).
-2. every rank samples and extracts features (and class_acc's counts) for its share of each sample set:
-   whole batches of eval.batch_size, contiguous, in rank order (share_rows). Every latent and label is
-   drawn from eval.seed before batching (sampling.eval_latents) and each batch holds the samples it holds
-   on one rank, so the features are the same rows as on one rank. Each rank samples rank 0's generator:
-   its own copy with rank 0's buffers (BatchNorm statistics are each rank's own in training), its
-   parameters checked against rank 0's digest (they are all-reduced, so equal).
-3. the shares are gathered to rank 0 (gather_object), which loads or computes the real side's features and
-   computes every metric from the full feature sets (metrics.metrics_from_features, as compute_metrics does),
-   then hands the record to the caller's `then` (training appends it, keeps best.pt, feeds the collapse
-   detector).
-
-Every collective runs on the Ranks helper's own gloo group (dist.rank0_timeout_s), so a long evaluation is
-not cut by dist.timeout_s. Failures: step 1 and step 3 run inside Ranks.rank0, and step 2's errors are caught
-per rank and agreed by Ranks.all_ok before the gather, so an error on any rank raises on every rank at once and
-no rank is left in a collective. The record adds eval_ranks (the number of ranks); its cost/* fields are wall
-times: the slowest rank's sampling and feature seconds per 1k generated images, rank 0's real features and
-metrics.
-
-bench.eval does not import bench.train: `ranks` is duck-typed (world, rank, group, rank0, broadcast, all_ok).
-"""
+"""Training's evaluation spread over the ranks of a multi-rank run: `evaluate_on_ranks` is training's one entry
+(one rank: `evaluate_generator` on rank 0). Rank 0 sets up and broadcasts the plan, every rank samples and
+extracts features for its share, rank 0 gathers them and computes the metrics (docs/architecture.md,
+"Evaluation")."""
 from __future__ import annotations
 
 import contextlib

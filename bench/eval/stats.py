@@ -1,31 +1,7 @@
-"""The feature-space statistics gan-bench computes itself, in float64 (docs/architecture.md, "Evaluation").
-
-    frechet_distance   FID from two feature sets: mean and covariance in float64, the trace of the matrix
-                       square root of sigma1 sigma2 from its eigenvalues (complex128), and the imaginary
-                       residue that square root leaves (an EvalError past FID_IMAG_TOL)
-    frechet_low_rank   the same value for a side with fewer samples than dimensions, from an (N, N) matrix
-                       (intra-class FID's per-class sets)
-    density_coverage   density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics
-                       for Generative Models") with k nearest neighbours, on the features precision and
-                       recall use
-    t_interval         the Student-t 95% interval of a mean of K >= 2 values: the interval of every mean over a
-                       handful of values (the sample sets of one evaluation, eval.repeats; the seeds of one
-                       configuration in `bench report`)
-    welch_test, paired_test, holm
-                       two-sided p-values of a difference of means (Welch's unequal-variance t-test; the paired
-                       t-test of per-seed differences) and Holm's step-down adjustment over several of them
-    variance_split     one-way random-effects ANOVA of runs x repeated sample sets: seed-to-seed and sample-set
-                       variance
-    power, seeds_for_power
-                       the two-sample t-test's power from the noncentral t, and the seeds per cell it needs
-    bootstrap_ci       the percentile-bootstrap interval of a mean: kept for quantities over many samples only;
-                       at K = 3 it covers ~76% at nominal 95% (tests/test_intervals.py), so no mean over seeds or
-                       sample sets uses it
-
-Features are (N, D) tensors or arrays, one row per image; nothing here knows about images or extractors.
-torch is imported where it is used, scipy.stats inside the functions that need it, so `bench report`
-(torch-free) can use the interval and test functions.
-"""
+"""The feature-space statistics gan-bench computes itself, in float64: the Frechet distance (and its low-rank
+form), density / coverage, the Student-t interval, Welch / paired t-tests with Holm's correction, the variance
+split, the t-test's power and the percentile bootstrap. torch and scipy.stats are imported inside the functions,
+so `bench report` (torch-free) can use the intervals and tests (docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import math

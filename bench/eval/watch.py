@@ -1,32 +1,6 @@
-"""`bench eval watch run=DIR`: evaluation beside training (docs/architecture.md, "Evaluation"; `eval.async`).
-
-A loop over a run's checkpoints/: each ckpt-<step>.pt that is due and not yet evaluated is evaluated like
-`bench eval` does it (runs.load_run + metrics.evaluate_generator, the run's eval.* plus overrides), its
-record appended to evals.jsonl with metrics.append_eval (source "bench eval watch"; it competes for best
-like training's own records), then checkpoints/best.pt is kept by training's rule (the caller hands in
-the keeper, bench.train.state.Checkpoints: its keep_if_best calls rundir.best_eval).
-
-Which steps: eval.every > 0: the multiples of eval.every that have a checkpoint, and the final step of a
-run that completed (or collapsed); eval.every = 0: only that final step with eval.final, else every
-checkpoint. evals.jsonl is the record of what was done: a step that has a non-`bench eval` record with
-the same extractor and truncation is never evaluated again, also by a restarted watcher.
-
-Checkpoints are written whole (rundir.atomic_write: temp file, rename), so a listed ckpt-<step>.pt is
-complete. Training keeps only the newest train.ckpt_keep: a due checkpoint is pinned as soon as the
-watcher sees it, a hard link checkpoints/.eval-watch/ckpt-<step>.pt that rotation does not remove; the
-pin goes once the step is evaluated. A checkpoint that is removed before it was pinned is skipped with
-one line.
-
-The watcher stops when the training has ended (its run lock, rundir.RunLock, is free) and nothing due is
-left; `once=true` stops when nothing due is left now; `timeout=S` after S seconds with nothing to
-evaluate; and after SAME_ERROR_STOP checkpoints in a row failed with the same error (its whole message,
-the checkpoint's name masked: a broken device or a missing feature file fails every later one the same
-way), exit 3. A failure on one checkpoint only is reported and the next one goes on. One watcher per run:
-<run>/.eval-watch.lock (a second one is refused, exit 2, unless it was started by `bench train` with
-wait=true, when it waits for the first). `since=T` (set by `bench train`): the run's training started at or
-after time T; until run.json says so the watcher waits, so a summary.json or a free lock left by an
-earlier training is not taken for this one's end.
-"""
+"""`bench eval watch run=DIR`: evaluation beside training (`eval.async`). The loop that evaluates a run's
+checkpoints as they become due (the due rule, pins, evals.jsonl as the record of what was done, the end of
+training from the run lock), its lock, and the job `bench train` submits (docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import fcntl
