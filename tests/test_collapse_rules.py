@@ -76,6 +76,20 @@ def test_d_dead_fires_when_d_rejects_everything():
     assert feed(d, [tick(s, **dead) for s in range(30, 100, 10)]) == []
 
 
+def test_d_dead_fires_when_d_accepts_everything():
+    """LeCam at 0.3 on a small BigGAN (the collapse suite's held-out lecam03, seed 1): D called every real and every
+    fake real for the whole run, D loss ~11 and G loss ~-10 (a gap under 50), and the run ended collapsed."""
+    d = det(dwins_level=0.02, dwins_ticks=3)
+    accepts = dict(fake_sign=1.0, real_sign=1.0, real_logit=10.0, fake_logit=11.0)
+    fired = feed(d, [tick(30, **accepts), tick(40, **accepts), tick(50, real_sign=0.97, fake_sign=1.0),
+                     tick(60, **accepts), tick(70, **accepts), tick(80, **accepts)])
+    assert fired[0][0] == 80 and d.rule == "d_dead" and "D accepts everything" in d.reason
+    assert "since step 60" in d.reason
+    # a D that passes most fakes but still tells reals apart is not dead
+    d = det(dwins_level=0.02, dwins_ticks=2)
+    assert feed(d, [tick(s, fake_sign=0.99, real_sign=0.95) for s in range(30, 200, 10)]) == []
+
+
 def test_logit_scale_fires_after_the_warm_up_only():
     d = det(logit_scale=50.0)
     assert feed(d, [tick(10, real_logit=500.0), tick(20, real_logit=-300.0)]) == []  # warm-up

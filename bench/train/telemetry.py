@@ -1,11 +1,7 @@
-"""Report scalars by name from anywhere; aggregate once per tick (docs/architecture.md, "One training step").
-
-`report(name, value)` is cheap: tensors are accumulated on their device without a host sync.
-`Collector.tick()` stacks everything, does ONE all-reduce across ranks, and returns a flat dict of
-means. Names are `Group/sub/name` with units where they have them. Also here: the step-time
-stopwatch, FLOP counting and MFU, and the collapse detector. The device's peak TFLOP/s is
-bench.device's.
-"""
+"""Report scalars by name from anywhere; aggregate once per tick (docs/architecture.md, "Telemetry").
+`report(name, value)` accumulates tensors on their device without a host sync; `Collector.tick()` does ONE
+all-reduce across ranks and returns a flat dict of means. Also here: the step-time stopwatch, FLOP counting and
+MFU, sigma telemetry and the collapse detector."""
 from __future__ import annotations
 
 import math
@@ -318,8 +314,10 @@ class CollapseDetector:
                   <= `dwins_level` while D/real_sign_mean >= REAL_WINS (0.9), at `dwins_ticks` ticks in a row
                   after the warm-up (G gets no useful gradient: the hinge G loss then only pushes every fake
                   the same way). Off with the loss gap (inf: a Wasserstein critic's sign is an arbitrary offset);
-      d_dead:     D rejects everything: D/real_sign_mean and D/fake_sign_mean both <= `dwins_level` at `dwins_ticks`
-                  ticks in a row after the warm-up (a D that collapsed to a constant negative logit; same keys);
+      d_dead:     D's sign says nothing: D/real_sign_mean and D/fake_sign_mean both <= `dwins_level` (D rejects
+                  everything: a D collapsed to a constant negative logit) or both >= 1 - `dwins_level` (D accepts
+                  everything: LeCam at 0.3 held a small BigGAN's D there for all of a run), at `dwins_ticks` ticks
+                  in a row after the warm-up (same keys);
       logit_scale: |D/real_logit_mean| or |D/fake_logit_mean| above `logit_scale` after the warm-up (a hinge loss
                   clamps, so its losses stay calm while D's logits run into the hundreds). Off with the loss gap;
       class:      the class input is ignored: the probe's class accuracy (`stability/class_acc_over_chance`,
@@ -485,17 +483,23 @@ class CollapseDetector:
                 or not isinstance(fake, float) or not isinstance(real, float)):
             return None
         fired = None
-        for rule, run, now in (("d_wins", self.dwins_run, fake <= self.dwins_level and real >= REAL_WINS),
-                               ("d_dead", self.ddead_run, fake <= self.dwins_level and real <= self.dwins_level)):
+        low, high = self.dwins_level, 1.0 - self.dwins_level
+        rejects, accepts = fake <= low and real <= low, fake >= high and real >= high
+        for rule, run, now in (("d_wins", self.dwins_run, fake <= low and real >= REAL_WINS),
+                               ("d_dead", self.ddead_run, rejects or accepts)):
             if not now:
                 run.clear()
                 continue
             run.append(step)
             if len(run) >= self.dwins_ticks:
-                what = (f"D/real_sign_mean {real:.3g} >= {REAL_WINS}" if rule == "d_wins" else
-                        f"D/real_sign_mean {real:.3g} <= {self.dwins_level} (D rejects everything)")
-                fired = fired or self._flag(step, f"{rule}: D/fake_sign_mean {fake:.3g} <= {self.dwins_level} and "
-                                                  f"{what} for {len(run)} ticks in a row (since step {run[0]})")
+                if rule == "d_wins":
+                    what = f"D/fake_sign_mean {fake:.3g} <= {low} and D/real_sign_mean {real:.3g} >= {REAL_WINS}"
+                elif rejects:
+                    what = f"D/fake_sign_mean {fake:.3g} and D/real_sign_mean {real:.3g} <= {low} (D rejects everything)"
+                else:
+                    what = (f"D/fake_sign_mean {fake:.3g} and D/real_sign_mean {real:.3g} >= {high:.3g} (D accepts "
+                            f"everything)")
+                fired = fired or self._flag(step, f"{rule}: {what} for {len(run)} ticks in a row (since step {run[0]})")
         return fired
 
     def _logit_scale(self, step: int, row: dict, warm: bool) -> Optional[str]:
