@@ -1,13 +1,6 @@
-"""THE argument grammar of every `bench` command (docs/architecture.md; bench/cli.py dispatches).
-
-A command reads its own `key=value` arguments through `parse_kv` and a table {key: Arg} that lives beside the
-code the values are for (watch.WATCH_ARGS, export.SAMPLE_ARGS, ...). Values are read as Hydra reads an override
-value (its own parser: `psi=[0.5,1.0]` and `'psi=[0.5, 1.0]'` are the same list, `out='my file.npz'` a quoted
-string, `a,b` a sweep, which a command's own key refuses). Dotted config keys that the command allows (`eval.*`,
-`data.shards`, ...) are handed back unchanged as Hydra overrides, to be checked by whatever composes them.
-Every bad argument is ONE UsageError line (exit 2, bench/errors.py) naming the command, the key, the value and
-what is allowed. Torch-free, and Hydra is imported only when a value is parsed (bench report imports this).
-"""
+"""THE argument grammar of every `bench` command: `parse_kv` and a table {key: Arg} beside the code the values
+are for; values read as Hydra reads an override value; every bad argument ONE UsageError line (exit 2).
+Torch-free, and Hydra is imported only when a value is parsed (docs/architecture.md, "The rooms")."""
 from __future__ import annotations
 
 import math

@@ -1,14 +1,6 @@
-"""The fault tests' hook (docs/architecture.md, "Faults"). GAN_BENCH_FAULT=<rank>:<step>[:<kind>[:<seconds>]]
-makes that rank, at that (1-based) step:
-- raise (kind step, the default; checkpoint; or eval: during its part of that step's evaluation, its share of
-  the samples with several ranks);
-- hang in the step (hang), as a rank that stops answering: its peers wait dist.timeout_s;
-- stall inside that step's checkpoint write, its bytes in the temp file (stall), or, as the evaluation
-  watcher, inside its evaluation of that step (watchstall; rank 0), so a test can kill it there;
-- take longer over that step's evaluation (slow: 8 s, or the seconds given).
-Nothing sets it outside the tests. A module of its own: training and the evaluation watcher both call it, and
-bench.eval never imports bench.train.
-"""
+"""The fault tests' hook: GAN_BENCH_FAULT=<rank>:<step>[:<kind>[:<seconds>]] makes that rank fail, hang, stall or
+slow down at that (1-based) step (docs/architecture.md, "Faults"). Nothing sets it outside the tests. A module
+of its own: training and the evaluation watcher both call it, and bench.eval never imports bench.train."""
 from __future__ import annotations
 
 import os

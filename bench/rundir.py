@@ -1,15 +1,6 @@
-"""The run directory's files, in one torch-free module (docs/architecture.md, "Run directory").
-
-Training, `bench eval`, `bench truncation` and `bench report` all go through here for file names,
-checkpoint naming, writing (ONE atomic writer), reading (ONE JSON and ONE JSONL reader) and the ONE
-rule that picks a run's best evaluation. Nothing here imports torch, so the report stays light.
-
-    runs/<name>/
-      config.yaml    resolved config            run.json      versions, hosts, world size, status
-      metrics.jsonl  one line per tick          evals.jsonl   one line per evaluation
-      summary.json   the final record           checkpoints/  ckpt-<step>.pt, best.pt
-      samples/       PNG grids                  tb/           TensorBoard events
-"""
+"""The run directory's files, in one torch-free module: file names, checkpoint naming, ONE atomic writer, ONE JSON
+and ONE JSONL reader, and the ONE rule that picks a run's best evaluation. Training, `bench eval`,
+`bench truncation` and `bench report` all go through here (docs/architecture.md, "Run directory")."""
 from __future__ import annotations
 
 import json

@@ -1,11 +1,6 @@
-"""Child processes that cannot hang a cold start (docs/architecture.md, "Processes and signals").
-
-`ordered_map(fn, jobs, nproc)` runs fn over jobs in worker processes and yields the results in job order.
-Workers ignore SIGINT, SIGTERM and SIGUSR1 (the parent handles a stop request; a group signal must not kill
-a worker mid-job), die with the parent, and are never ended by SIGTERM: each has its own result pipe (no
-lock shared between workers, so killing one cannot wedge the rest), and stopping joins each for a bounded
-time, then SIGKILLs and reports what is left.
-"""
+"""Child processes that cannot hang a cold start (docs/architecture.md, "Faults"): `ordered_map(fn, jobs, nproc)`
+yields fn's results in job order from worker processes that ignore SIGINT, SIGTERM and SIGUSR1, die with the
+parent, each have their own result pipe, and are stopped by a bounded join, then SIGKILL, never by SIGTERM."""
 from __future__ import annotations
 
 import ctypes

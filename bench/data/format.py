@@ -1,10 +1,6 @@
-"""The shard format, shared by the writer, the reader and the built-in dataset (a leaf module).
-
-One sample = two tar members sharing a key:
-    <key>.png   PNG bytes, RGB, R x R
-    <key>.cls   the integer label as ASCII text
-A shard set is a directory of `shard-000000.tar ...` plus `manifest.json` (docs/architecture.md).
-"""
+"""The shard format, shared by the writer, the reader and the built-in dataset (a leaf module). One sample = two
+tar members sharing a key: <key>.png (PNG bytes, RGB, R x R) and <key>.cls (the integer label as ASCII text).
+A shard set is a directory of `shard-000000.tar ...` plus `manifest.json` (docs/architecture.md, "The rooms")."""
 
 from __future__ import annotations
 

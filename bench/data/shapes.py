@@ -1,12 +1,7 @@
-"""The built-in procedural dataset "shapes": one shape per image, and the class is the shape alone.
-
-Colour, size, position, rotation, shading, background and noise are drawn independently of the class:
-the two colours of an image (shape and background) come from one distribution and are assigned to shape
-and background at random, and every shape covers the same area on average, so neither the colours nor
-their proportions say which class an image is; only the outline does. Deterministic in (seed, index);
-see `shapes_sample`. SHAPES_VERSION names the generator (the built-in cache directory carries it, so a
-changed generator never reuses shards or classifiers cached by an older one).
-"""
+"""The built-in procedural dataset "shapes": one shape per image, and the class is the shape alone; colour,
+size, position, rotation, shading, background and noise are drawn independently of it. Deterministic in (seed,
+index): `shapes_sample`. SHAPES_VERSION names the generator in the built-in cache directory, so a changed
+generator never reuses shards or classifiers cached by an older one (docs/architecture.md, "The rooms")."""
 
 from __future__ import annotations
 

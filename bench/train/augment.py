@@ -1,19 +1,6 @@
-"""Differentiable augmentation of D's inputs (docs/architecture.md, "One training step").
-
-DiffAugment (Zhao et al. 2020): every image D sees, real or fake, in the D and the G phase, goes through
-the same random, differentiable ops, so G's gradient flows through them (`aug.policy`). ADA (Karras et
-al. 2020): each op is applied to each sample with probability p, and `AdaptiveP` moves p after D steps so
-that r_t = E[sign D(real)] stays near `aug.ada_target`. The ops are written here from their definitions:
-
-  color        brightness x + b, b ~ U(-0.5, 0.5); saturation (x - mean_c x) * s + mean_c x, s ~ U(0, 2);
-               contrast (x - mean_chw x) * c + mean_chw x, c ~ U(0.5, 1.5)   (each its own draw per sample)
-  translation  an integer shift (dy, dx) ~ U{-r, .., r}, r = round(size / 8), zero padding
-  cutout       a square of side round(size / 2) set to zero, placed wholly inside the image
-  flip         (consistency regularisation's T only) a horizontal flip with probability 1/2
-
-Every op is one elementwise or indexing expression per sample: a sample the gate leaves out gets the
-identity parameters (b = 0, s = c = 1, no shift, no square), so one code path serves both.
-"""
+"""Differentiable augmentation of D's inputs: the DiffAugment ops (color, translation, cutout; flip for
+consistency regularisation), each applied per sample with ADA's probability p, and `AdaptiveP`, which moves p
+so that r_t = E[sign D(real)] stays near `aug.ada_target` (docs/architecture.md, "One training step")."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

@@ -1,33 +1,6 @@
-"""The diversity probe (docs/architecture.md, "Telemetry"): a cheap per-class diversity signal for the
-collapse detector, measured every `telemetry.diversity_every` steps.
-
-For a fixed set of `telemetry.diversity_samples` latents per class (drawn once from a fixed seed, the same in
-every run and on every resume), the EMA generator's samples go through the domain classifier (the evaluation's
-`domain` extractor, bench/eval/classifier.py) and their mean pairwise Euclidean distance in its penultimate
-feature space (`feature_dim` values) is divided by the same quantity for real images of that class (read once
-from the shards and cached in memory). `stability/diversity` is the mean of these ratios over the classes
-(1 = as diverse as the data; 0 = every latent of a class gives the same features); `stability/diversity_min`
-is the smallest class's ratio (a partial collapse of a few classes shows there first). From the same samples,
-for the collapse detector's class rule: `stability/class_acc` (share classified as their own label, with
-`stability/class_acc_over_chance` = that x the data's classes) and `stability/class_sep`, the distance between
-the per-class mean features over the within-class spread (class_separation), G's over the real images' (about 0
-when G ignores its class input, about 1 when its classes are as far apart as the data's).
-
-    pairwise_mean(features) -> float    mean distance over all pairs (unbiased in the count)
-    diversity_ratios(fake, real)        per-class ratios from per-class feature tensors
-    DiversityProbe.from_trainer(t)      the trainer's probe (or an inactive one with diversity_every = 0)
-    probe.due(step) / probe.report(ranks, G)
-
-The probe uses G_ema (what evaluation and the sample grids use; G_ema stays in eval mode, and a net given
-in train mode is put back in train mode). It runs on rank 0 (`Ranks.rank0`) and its numbers are broadcast, so
-every rank reports the same keys and values: the tick's all-reduce keeps every rank's row, and therefore the
-collapse detector's decision, identical.
-
-The domain classifier: `eval.classifier_path`, else the file beside the shards. When it is missing, training
-trains it before the first step (Trainer._prepare_classifier); when it still cannot be had, the probe says so in
-one line and stays off for the run (train one with `bench eval train-classifier data.shards=...`). With more than
-MAX_CLASSES classes, MAX_CLASSES evenly spaced classes are measured.
-"""
+"""The diversity probe: `stability/diversity` (G_ema's per-class spread in the domain classifier's features over
+the real images') and the class rule's `stability/class_acc`, `stability/class_sep` and `stability/probe_fd`,
+measured every `telemetry.diversity_every` steps on rank 0 and broadcast (docs/architecture.md, "Telemetry")."""
 from __future__ import annotations
 
 import math

@@ -1,14 +1,7 @@
-"""GAN losses and regularisers as named terms (docs/architecture.md, "One training step").
-
-Each D loss maps (real_logits, fake_logits) -> scalar; each G loss maps fake_logits -> scalar (a
-relativistic one, (fake_logits, real_logits) -> scalar). A `Loss` carries what comes with it: whether its
-G-D gap is bounded (the collapse detector's divergence signal needs it), its gradient penalty, and the
-weight operation after each D step (WGAN's clipping). `GANObjective` owns every forward/backward of a
-phase (D or G), reports its terms by name through `bench.train.telemetry.report`, and leaves gradients in
-the nets for the phase runner to step. The modern stabilisers are switches of the objective, off by
-default: augmentation of D's inputs (aug.*: DiffAugment, ADA; bench/train/augment.py) and LeCam / bCR /
-zCR (reg.lecam, reg.bcr, reg.zcr; bench/train/stabilisers.py).
-"""
+"""GAN losses and regularisers as named terms: the loss table (each `Loss` carries whether its gap is bounded,
+its gradient penalty and its post-D-step hook), the optimiser table, R1 / R2 / gradient penalty, and
+`GANObjective`, which owns every forward/backward of a phase and reports its terms by name
+(docs/architecture.md, "One training step" and "Add a loss")."""
 from __future__ import annotations
 
 import functools

@@ -1,17 +1,6 @@
-"""Keeping the ranks of one run together when something fails (docs/architecture.md, "Faults").
-
-- Work only rank 0 does (the run lock, the default shards, checkpoints, records, samples, an evaluation's
-  set-up and metrics: bench.eval.spread shares its sampling out)
-  runs inside `Ranks.rank0(what, fn)`: every rank then agrees whether it worked, so a failure raises on
-  every rank at once instead of leaving the others in a collective.
-- Decisions every rank must share (stop now, skip a non-finite update) go through `Ranks.any`.
-- Once a rank fails, `Ranks.failed` writes its error to errors/rank-<r>.json in the run directory and
-  the rank enters no further collective. A rank blocked in a collective with a failed peer gets gloo's
-  (or NCCL's) error when the peer exits, or after `dist.timeout_s` when it hangs; rank 0 then names
-  the first error in summary.json (`Ranks.first_error`), and every rank exits non-zero.
-
-The fault tests' hook, `injected_fault`, lives in bench.faults.
-"""
+"""Keeping the ranks of one run together when something fails: rank 0's work inside `Ranks.rank0`, shared
+decisions through `Ranks.any`, a failed rank's error file and the first error, the exit hook that destroys the
+process groups (docs/architecture.md, "Faults"). The fault tests' hook lives in bench.faults."""
 from __future__ import annotations
 
 import atexit

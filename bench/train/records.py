@@ -1,14 +1,6 @@
-"""Rank 0's records in the run directory (docs/architecture.md, "Run directory"): metrics.jsonl (one
-line per tick), run.json (versions, hosts, status) and summary.json, mirrored with the evaluations, sample
-grids and collapse flags to the log.backends (bench.train.loggers). Files are read and written through
-bench.rundir only.
-
-Config history: config.yaml is always the config the run trains with now. When a run is resumed with
-compatible changes (state.config_changes: e.g. a learning rate or train.steps; an incompatible change
-stops the resume), the config.yaml it replaces is kept as config-<step>.yaml, <step> being the resume
-step (7 digits, as checkpoints), and run.json's "config_changes" lists
-{"step": <step>, "changes": {<dotted key>: [old, new]}} for each such resume, oldest first.
-"""
+"""Rank 0's records in the run directory: metrics.jsonl (one line per tick), run.json, summary.json and the
+config history, mirrored with the evaluations, sample grids and collapse flags to the log.backends
+(bench.train.loggers). Files go through bench.rundir only (docs/architecture.md, "Run directory")."""
 from __future__ import annotations
 
 import os

@@ -1,12 +1,6 @@
-"""D-output regularisers of the modern GANs (docs/architecture.md, "Add a regulariser"): LeCam and
-consistency regularisation. GANObjective adds them to the D and G losses; the maths is here.
-
-  LeCam (Tseng et al. 2021)   R = E||D(x) - a_F||^2 + E||D(G(z)) - a_R||^2, a_R / a_F the EMA anchors of
-                              the mean real / fake D outputs (`LeCam`, updated after each D step)
-  bCR (Zhao et al. 2021)      l_real E||D(x) - D(T(x))||^2 + l_fake E||D(G(z)) - D(T(G(z)))||^2
-  zCR (Zhao et al. 2021)      D: l_dis E||D(G(z)) - D(G(z'))||^2, G: -l_gen E[(G(z) - G(z'))^2],
-                              z' = z + N(0, sigma^2)
-"""
+"""D-output regularisers of the modern GANs: LeCam (`LeCam`: its EMA anchors and penalty) and consistency
+regularisation (bCR, zCR). GANObjective adds them to the D and G losses; the maths is here
+(docs/architecture.md, "One training step")."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,10 +1,7 @@
-"""Training state on disk and its recovery (docs/architecture.md, "One training step").
-
-`Checkpoints`: save (rank 0 writes, the newest `keep` stay), the best checkpoint, load the newest
-that reads (a corrupt one is skipped). `NonfiniteGuard`: skipped updates, and when they persist, a
-rollback to the newest checkpoint, at most `max_rollbacks` times. Also the EMA update and the RNG
-state a checkpoint carries. File names and the atomic writer are bench.rundir's.
-"""
+"""Training state on disk and its recovery (docs/architecture.md, "Checkpoints"): `Checkpoints` (rank 0 saves,
+the newest `keep` stay, the best checkpoint, load the newest that reads), `NonfiniteGuard` (skipped updates,
+then rollbacks to the newest checkpoint, at most `max_rollbacks`), the EMA update and the RNG state a
+checkpoint carries. File names and the atomic writer are bench.rundir's."""
 from __future__ import annotations
 
 import random
