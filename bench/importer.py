@@ -34,8 +34,8 @@ class ImportError_(EvalError):
 
 
 def their_to_ours(key: str, depth: int, nested: bool = False) -> str:
-    """BigGAN-PyTorch's state-dict key -> gan-bench's (module docstring); SN buffers keep their u0 / sv0 names.
-    nested: BigGANdeep's D, whose blocks.<stage>.<j> holds the stage's `depth` blocks, then its attention."""
+    """BigGAN-PyTorch's state-dict key -> gan-bench's (docs/architecture.md, "Importing BigGAN-PyTorch
+    weights"); SN buffers keep their u0 / sv0 names. nested: BigGANdeep's D, whose blocks.<stage>.<j> holds the stage's `depth` blocks, then its attention."""
     m = re.match(r"^blocks\.(\d+)\.(\d+)\.(.*)$", key)
     if m and nested:
         s, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
@@ -127,8 +127,8 @@ def _sha256(path) -> str:
 
 
 def import_biggan_pytorch(weights, out, model: str, *, g=None, d=None, overrides=(), progress: bool = True) -> dict:
-    """Write the run directory `out` from BigGAN-PyTorch's state dicts (module docstring). Returns run.json's
-    "imported_from" record."""
+    """Write the run directory `out` from BigGAN-PyTorch's state dicts (docs/architecture.md, "Importing
+    BigGAN-PyTorch weights"). Returns run.json's "imported_from" record."""
     from bench.config import compose
 
     if model not in MODELS:

@@ -18,7 +18,7 @@ PROJECTION_LINKS_GBPS = (100.0, 400.0)
 
 @dataclass(frozen=True)
 class ScalingInputs:
-    """One model on one cluster shape (the module docstring says what each input assumes)."""
+    """One model on one cluster shape (docs/architecture.md, "Throughput", says what each input assumes)."""
     flop_per_step: float  # FLOP per optimiser step (one G step) per device
     peak_tflops: float  # dense peak of the device, TFLOP/s
     grad_bytes: float  # bytes all-reduced per step: 4 x (d_steps x D params + G params)

@@ -147,7 +147,7 @@ def seeds_for_power(delta: float, sd: float, target: float = POWER, alpha: float
 def bootstrap_ci(values, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                  level: float = CI_LEVEL) -> tuple[float, float]:
     """(lo, hi): the percentile-bootstrap interval of the mean of `values` (K finite numbers), for quantities
-    over many samples only (at small K it is too narrow: see the module docstring). Draws
+    over many samples only (at small K it is too narrow: docs/architecture.md, "Evaluation"). Draws
     n_resamples index sets of size K with replacement (numpy's default_rng(seed).integers, one
     (n_resamples, K) array), takes each resample's mean, and returns the (1 - level) / 2 and
     (1 + level) / 2 quantiles of those means (np.percentile, linear). K = 1 gives (value, value)."""

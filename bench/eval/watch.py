@@ -109,7 +109,7 @@ def wait_for_start(run_dir: Path, s: WatchSettings) -> bool:
 
 
 def due_rule(every: int, final: bool) -> Callable[[int, Optional[int]], bool]:
-    """due(step, final_step): whether a checkpoint's step is evaluated (see the module docstring).
+    """due(step, final_step): whether a checkpoint's step is evaluated (docs/architecture.md, "Evaluation").
     final_step: the last step of a run that completed or collapsed, else None."""
     if every > 0:
         return lambda step, last: step % every == 0 or step == last

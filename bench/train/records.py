@@ -162,7 +162,7 @@ class Records:
 
     def write_config(self, yaml_text: str, step: int = 0, changes: Optional[dict] = None) -> None:
         """config.yaml; with `changes` (a resume at `step` under a changed config) the previous one is
-        kept first as config-<step>.yaml (see the module docstring)."""
+        kept first as config-<step>.yaml (docs/architecture.md, "Checkpoints")."""
         if not self.enabled:
             return
         current = self.dir / rundir.CONFIG
