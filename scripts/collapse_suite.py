@@ -201,7 +201,7 @@ def replay(rd: Path) -> tuple:
 
     from bench.schema import Config
     from bench.train.objectives import LOSSES
-    from bench.train.telemetry import RULE_KEY, CollapseDetector
+    from bench.train.collapse import RULE_KEY, CollapseDetector
 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(rd / "config.yaml"))
     loss = LOSSES[cfg.loss.name]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bench.cli import main
-from bench.train.telemetry import RULE_KEY, RULES
+from bench.train.collapse import RULE_KEY, RULES
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

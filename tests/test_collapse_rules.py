@@ -9,7 +9,7 @@ import torch
 
 from bench.config import compose, validate
 from bench.train.diversity import class_separation
-from bench.train.telemetry import RULE_KEY, RULES, CollapseDetector, CollapseSettings, rule_of
+from bench.train.collapse import RULE_KEY, RULES, CollapseDetector, CollapseSettings, rule_of
 
 
 def det(**kw):

@@ -10,7 +10,7 @@ import torch
 from bench.cli import main
 from bench.train.diversity import (CLASS_ACC, CLASS_ACC_X, CLASS_SEP, DIVERSITY, DIVERSITY_MIN, PROBE_FD, DiversityProbe,
                                     diversity_ratios, pairwise_mean)
-from bench.train.telemetry import CollapseDetector, CollapseSettings
+from bench.train.collapse import CollapseDetector, CollapseSettings
 from conftest import TINY
 
 

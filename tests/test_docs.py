@@ -92,7 +92,7 @@ def test_every_cited_path_module_name_and_key_exists():
 def test_the_check_would_catch_a_stale_name(tmp_path, monkeypatch):
     """The scan above is not vacuous: a page citing a renamed function fails it."""
     page = tmp_path / "architecture.md"
-    page.write_text("`telemetry.CollapseSettings` and `telemetry.no_such_function` and `bench/nowhere.py` and "
+    page.write_text("`collapse.CollapseSettings` and `telemetry.no_such_function` and `bench/nowhere.py` and "
                     "`telemetry.no_such_key`")
     monkeypatch.setattr(sys.modules[__name__], "PAGE", page)
     try:
@@ -103,4 +103,4 @@ def test_the_check_would_catch_a_stale_name(tmp_path, monkeypatch):
         raise AssertionError("a stale page passed")
     assert "name telemetry.no_such_function" in text and "path bench/nowhere.py" in text
     assert "name telemetry.no_such_key" in text
-    assert "telemetry.CollapseSettings" not in text
+    assert "collapse.CollapseSettings" not in text

@@ -13,7 +13,8 @@ from bench.train import objectives as O
 from bench.train.augment import AdaptiveP, DiffAugment
 from bench.train.stabilisers import LeCam
 from bench.train.state import NonfiniteGuard, TrainingParts
-from bench.train.telemetry import CollapseDetector, Collector
+from bench.train.telemetry import Collector
+from bench.train.collapse import CollapseDetector, CollapseSettings
 
 CPU = torch.device("cpu")
 
@@ -241,7 +242,7 @@ def test_rpgan_g_phase_pairs_with_the_d_phase_reals():
 def parts(obj, G, D, explicit=True):
     opts = {"G": torch.optim.Adam(G.parameters()), "D": torch.optim.Adam(D.parameters())}
     return TrainingParts({"G": G, "D": D, "G_ema": TinyG()}, opts, None, torch.Generator(),
-                         CollapseDetector(2.0, 50, 50.0, 1.5, 20), None, NonfiniteGuard(3, 3),
+                         CollapseDetector(CollapseSettings(2.0, 50, 50.0, 1.5, 20)), None, NonfiniteGuard(3, 3),
                          obj if explicit else None)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bench.cli import main
 from bench.config import compose, validate
 from bench.train import objectives as O
-from bench.train.telemetry import CollapseDetector, CollapseSettings
+from bench.train.collapse import CollapseDetector, CollapseSettings
 from bench.train.trainer import Trainer
 from conftest import TINY
 

@@ -118,7 +118,7 @@ class TrainingParts:
     opts: dict  # "G", "D" -> optimiser
     scalers: Optional[dict]  # "G", "D" -> GradScaler (fp16 only)
     zgen: torch.Generator  # latents and labels
-    collapse: object  # telemetry.CollapseDetector
+    collapse: object  # collapse.CollapseDetector
     hist_avg: Optional[dict]  # "G", "D" -> HistoricalAverage (reg.hist_avg only)
     guard: "NonfiniteGuard"
     # The objective's running state (ADA's p, LeCam's anchors): anything with state_dict / load_state_dict,

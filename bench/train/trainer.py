@@ -36,7 +36,8 @@ from bench.train.state import (Checkpoints, Diverged, NonfiniteGuard, StopReques
                                agreed_load, config_changes, ema_update, param_checksum,
                                roll_back)
 from bench.train.diversity import DiversityProbe
-from bench.train.telemetry import CollapseDetector, Collector, Mfu, Stopwatch, TickClock
+from bench.train.telemetry import Collector, Mfu, Stopwatch, TickClock
+from bench.train.collapse import CollapseDetector
 from bench.models import spectral
 
 Batches = Callable[[], tuple]  # () -> (real images, labels) on the device
