@@ -175,7 +175,7 @@ def one(rd: Path, cell: str, precision: str, python: str, threads: int, classifi
         (rd / "truth.json").write_text(json.dumps(done, indent=1))
     row.update(truth=done, flagged=summary.get("collapse_step") is not None,
                collapse_step=summary.get("collapse_step"), reason=summary.get("collapse_reason"))
-    from bench.train.telemetry import rule_of  # the detector's own reading of a reason
+    from bench.train.collapse import rule_of  # the detector's own reading of a reason
 
     row["rule"] = rule_of(row["reason"])
     row["rules"] = rules_fired(rd)
