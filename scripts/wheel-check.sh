@@ -43,14 +43,16 @@ base=$("$py" -c 'import sys; print(getattr(sys, "_base_executable", sys.executab
 vpy=$work/venv/bin/python
 "$vpy" -m pip install -q --no-deps --no-index "$whl" || fail "pip install the wheel"
 site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# PYTHON's package folders (its site-packages and what its .pth files add), never the checkout or the stdlib.
+# PYTHON's package folders (its site-packages and what its .pth files add), never the checkout's sources or the
+# stdlib. A venv inside the checkout (CI's .venv) is borrowed: its site-packages is not the checkout's source.
 env -u PYTHONPATH "$py" - "$repo" > "$site/zz-borrowed-packages.pth" <<'EOF' || fail "PYTHON's package folders"
 import os, sys, sysconfig
 from pathlib import Path
 repo, std = Path(sys.argv[1]).resolve(), {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
 for p in dict.fromkeys(sys.path):
-    if p and os.path.isdir(p) and p not in std and not p.endswith("lib-dynload") \
-            and not Path(p).resolve().is_relative_to(repo):
+    path = Path(p).resolve() if p else None
+    source = path is not None and path.is_relative_to(repo) and not {"site-packages", "dist-packages"} & set(path.parts)
+    if p and os.path.isdir(p) and p not in std and not p.endswith("lib-dynload") and not source:
         print(p)
 EOF
 if ! "$vpy" -m pip check > "$work/pipcheck" 2>&1 && grep -i "^gan-bench " "$work/pipcheck" >&2; then
