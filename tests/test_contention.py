@@ -11,15 +11,29 @@ from bench.train.telemetry import CONTENDED, CPU_UTIL, TickClock
 from conftest import TINY
 
 
-def test_utilisation_is_cpu_time_over_wall_time_and_threads():
-    clock = TickClock()
-    time.sleep(0.3)  # no CPU used: whatever the machine's load, the utilisation is near 0
-    assert clock.cpu_utilisation(1) < 0.3
-    end = time.perf_counter() + 0.3
-    while time.perf_counter() < end:  # CPU-bound on one thread: some utilisation (its level depends on the load)
+def _counted(clock: TickClock, work) -> None:
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    work()
+    clock.count_step(time.process_time() - cpu0, time.perf_counter() - wall0)
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
         pass
+
+
+def test_utilisation_is_the_steps_cpu_time_over_their_wall_time_and_threads():
+    clock = TickClock()
+    _counted(clock, lambda: time.sleep(0.3))  # a step that used no CPU: near 0 whatever the machine's load
+    assert clock.cpu_utilisation(1) < 0.3
+    _counted(clock, lambda: _spin(0.3))  # CPU-bound on one thread: some utilisation (its level depends on the load)
+    time.sleep(0.3)  # outside the counted steps (a checkpoint, an evaluation): not in the utilisation
     busy = clock.cpu_utilisation(1)
     assert 0.0 < busy <= 1.1  # process time may run a hair ahead of the wall clock
+    _counted(clock, lambda: _spin(0.2))
+    assert abs(clock.cpu_utilisation(4) * 4 - busy) < 0.6  # the same work over 4 threads: a quarter as busy
+    assert clock.cpu_utilisation(1) != clock.cpu_utilisation(1)  # no counted step since: nan
 
 
 def test_a_run_beside_cpu_bound_neighbours_is_marked(tmp_path, capfd):
@@ -39,4 +53,4 @@ def test_a_run_beside_cpu_bound_neighbours_is_marked(tmp_path, capfd):
     utils = [r[CPU_UTIL] for r in rows]
     assert len(utils) == 6 and min(utils) < CONTENDED, utils
     out = capfd.readouterr().out
-    assert out.count("another CPU-bound process is probably sharing the cores") == 1
+    assert out.count("another CPU-bound process, or its own data workers, probably shares the cores") == 1

@@ -102,7 +102,7 @@ class TickClock:
     def __init__(self, run_seconds: float = 0.0):
         now = time.perf_counter()
         self.t0, self.steps, self.run_t0 = now, 0, now - run_seconds
-        self.cpu_t0, self.cpu_wall0 = time.process_time(), now
+        self.busy_cpu = self.busy_wall = 0.0  # process CPU / wall seconds of the training steps since the last tick
 
     def lap(self) -> tuple[float, int, float]:
         """(seconds of this tick, its G steps, the run's wall seconds); the next tick starts now."""
@@ -114,13 +114,18 @@ class TickClock:
     def set_aside(self, seconds: float) -> None:
         self.t0 += seconds
 
+    def count_step(self, cpu_s: float, wall_s: float) -> None:
+        """One training step's process CPU and wall seconds (checkpoints, grids, evaluations and the diversity
+        probe run outside the steps, so they never count)."""
+        self.busy_cpu += cpu_s
+        self.busy_wall += wall_s
+
     def cpu_utilisation(self, threads: int) -> float:
-        """This process's CPU time since the last call over the wall time x its torch threads (time set aside
-        included on both sides): about 1 when training has the cores to itself, about 0.5 when a second
-        CPU-bound process shares them (the OS splits the cores; OpenMP's spinning threads then wait on each other)."""
-        cpu, now = time.process_time(), time.perf_counter()
-        util = (cpu - self.cpu_t0) / max((now - self.cpu_wall0) * max(threads, 1), 1e-9)
-        self.cpu_t0, self.cpu_wall0 = cpu, now
+        """This process's CPU time in the training steps since the last call over their wall time x its torch
+        threads: about 1 when training has the cores to itself, about 0.5 when a second CPU-bound process shares
+        them (the OS splits the cores); a step waiting on its data lowers it too. nan without a counted step."""
+        util = self.busy_cpu / (self.busy_wall * max(threads, 1)) if self.busy_wall > 0 else float("nan")
+        self.busy_cpu = self.busy_wall = 0.0
         return util
 
     def wall(self) -> float:

@@ -51,6 +51,7 @@ class Trainer:
                  stop: Optional[StopRequest] = None):
         self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
         self.warned_contention = False  # the one line saying a tick ran beside another CPU-bound process
+        self.ticks_since_start = 0
         self.stop = stop or StopRequest()
         check_backends(cfg.log.backends if cfg.get("log") else ())  # a missing package: one line, before any work
         self._setup_processes(accelerator)
@@ -292,7 +293,9 @@ class Trainer:
             return
         with collector:
             while self.step < t.steps:  # a stop request ends it only once every rank agreed (stop.agree)
+                cpu0, wall0 = time.process_time(), time.perf_counter()
                 self.train_step(watch, self.next_batch)
+                clock.count_step(time.process_time() - cpu0, time.perf_counter() - wall0)
                 self.trained = True
                 clock.steps += 1
                 if self.diversity.due(self.step):  # before the tick that reports it; not training: kept out of img/s
@@ -366,8 +369,9 @@ class Trainer:
     def _tick(self, collector: Collector, times: dict, clock: TickClock) -> None:
         t = self.cfg.train
         tick_s, steps, wall_s = clock.lap()
-        if self.device.type == "cpu":
-            collector.add(telemetry.CPU_UTIL, clock.cpu_utilisation(torch.get_num_threads()))
+        util = clock.cpu_utilisation(torch.get_num_threads())
+        if self.device.type == "cpu" and math.isfinite(util):
+            collector.add(telemetry.CPU_UTIL, util)
         stats = collector.tick()  # one all-reduce across ranks
         row = {"step": self.step, "kimg": self.images_seen / 1000.0, "time/wall_s": wall_s,
                "throughput/img_per_s": steps * self.eff_batch / tick_s, "time/step_ms": 1000.0 * tick_s / steps}
@@ -391,11 +395,13 @@ class Trainer:
             self.stop.collapse()
         self.last_row = row
         util = row.get(telemetry.CPU_UTIL, 1.0)
-        if util < telemetry.CONTENDED and self.is_main and not self.quiet and not self.warned_contention:
+        self.ticks_since_start += 1  # the first tick after a start or resume also waits for the first batches
+        if (util < telemetry.CONTENDED and self.ticks_since_start > 1 and self.is_main and not self.quiet
+                and not self.warned_contention):
             self.warned_contention = True  # once per run: the records keep every tick's perf/cpu_util
-            print(f"warning: at step {self.step} this run used {util:.0%} of the CPU time of its "
-                  f"{torch.get_num_threads()} thread(s) (perf/cpu_util): another CPU-bound process is probably "
-                  f"sharing the cores, so its img/s are not clean figures", flush=True)
+            print(f"warning: at step {self.step} this run's training steps got {util:.0%} of the CPU time of its "
+                  f"{torch.get_num_threads()} thread(s) (perf/cpu_util): another CPU-bound process, or its own "
+                  f"data workers, probably shares the cores, so its img/s are not clean figures", flush=True)
 
         def write() -> None:
             self.records.metrics(row)
