@@ -6,6 +6,7 @@ folder's images (docs/architecture.md). Input files are opened read-only and nev
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import hashlib
 import inspect
 import io
@@ -49,7 +50,7 @@ class Record(NamedTuple):
 
 
 @dataclass
-class Source:
+class Source(ABC):
     """What the writer needs from an importer. records(seed, limit) yields `Record`s: random-access sources in
     an order shuffled by `seed` (classes mix across shards, as the folder source's), LMDB in key order."""
     name: str
@@ -59,11 +60,12 @@ class Source:
     native: int | None           # the side of the input's square images, None when not one square size
     extra: dict = field(default_factory=dict)  # provenance for manifest.json ("file", "split", ...)
 
+    @abstractmethod
     def records(self, seed: int, limit: int | None) -> Iterator[Record]:
-        raise NotImplementedError
+        """Each importer's reader (ArraySource, LmdbSource, TorchvisionSource)."""
 
     def close(self) -> None:
-        pass
+        """Release an open file (the HDF5 and LMDB sources); nothing to release by default."""
 
 
 def check_spec(source: str, given: dict) -> None:

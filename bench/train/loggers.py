@@ -5,6 +5,7 @@ fans out to them and drops one that fails (one warning). metrics.jsonl / evals.j
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import hashlib
 import html
 import importlib.util
@@ -60,23 +61,27 @@ class LogSettings:
                    config=OmegaConf.to_container(cfg, resolve=True))
 
 
-class RunLogger:
+class RunLogger(ABC):
     """One backend. `image` takes uint8 (H, W, 3); `close(status)` gets the run's final status (rundir's
     statuses) or None. A method that raises makes RunLoggers drop the backend."""
 
     name = "?"
 
+    @abstractmethod
     def scalars(self, step: int, values: dict) -> None:
-        raise NotImplementedError
+        """Each backend's own (TensorBoardLogger, MlflowLogger, WandbLogger)."""
 
+    @abstractmethod
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
-        raise NotImplementedError
+        """Each backend's own (TensorBoardLogger, MlflowLogger, WandbLogger)."""
 
+    @abstractmethod
     def text(self, step: int, tag: str, text: str) -> None:
-        raise NotImplementedError
+        """Each backend's own (TensorBoardLogger, MlflowLogger, WandbLogger)."""
 
+    @abstractmethod
     def close(self, status: Optional[str] = None) -> None:
-        raise NotImplementedError
+        """Each backend's own (TensorBoardLogger, MlflowLogger, WandbLogger)."""
 
 
 class TensorBoardLogger(RunLogger):
