@@ -86,10 +86,9 @@ def train(rd: Path, cell: str, precision: str, python: str, threads: int, classi
 
 
 def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    from bench.rundir import read_json
+
+    return read_json(path) or {}
 
 
 def reference() -> tuple[Path, Path]:
@@ -220,32 +219,15 @@ def replay(rd: Path) -> tuple:
 
 
 def _lines(path: Path) -> list:
-    out = []
-    try:
-        text = path.read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    from bench.rundir import read_jsonl
+
+    return read_jsonl(path, warn=False).rows
 
 
 def rules_fired(rd: Path) -> list:
     """Every rule that fired in the run, in order (metrics.jsonl's stability/collapse_rule/<rule> keys)."""
-    out = []
-    try:
-        lines = (rd / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        out += [k.rsplit("/", 1)[1] for k in row if k.startswith("stability/collapse_rule/")]
+    out = [k.rsplit("/", 1)[1] for row in _lines(rd / "metrics.jsonl") for k in row
+           if k.startswith("stability/collapse_rule/")]
     return list(dict.fromkeys(out))
 
 
