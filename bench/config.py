@@ -471,12 +471,12 @@ def check_telemetry(cfg: DictConfig) -> None:
         raise ConfigError(f"telemetry.diversity_samples={OmegaConf.select(cfg, 'telemetry.diversity_samples')!r} must "
                           f"be >= 2 (pairwise distances need two samples per class)")
     for key in ("telemetry.collapse_diversity_factor", "telemetry.collapse_recall_factor",
-                "telemetry.collapse_class_progress"):
+                "telemetry.collapse_progress"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
             raise ConfigError(f"{key}={value!r} must be in [0, 1) (a fraction of the best so far; 0 = off)")
     _all_positive(cfg, (), ("telemetry.collapse_dwins_ticks", "telemetry.collapse_class_after",
-                            "telemetry.collapse_class_window", "telemetry.collapse_recover_ticks"))
+                            "telemetry.collapse_progress_window", "telemetry.collapse_recover_ticks"))
     value = OmegaConf.select(cfg, "telemetry.collapse_dwins_level")
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 0.5):
         raise ConfigError(f"telemetry.collapse_dwins_level={value!r} must be in [0, 0.5) (a share of fakes D calls "

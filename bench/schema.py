@@ -174,8 +174,8 @@ class TelemetryCfg:
     collapse_class_factor: float = 1.5   # class input ignored: class accuracy <= this x chance (probe or evaluation); 0 = off
     collapse_class_sep: float = 0.25     # or the probe's class separation (G's over the data's) <= this; 0 = off
     collapse_class_after: int = 100      # steps before which the class rule waits (G learns classes late)
-    collapse_class_progress: float = 0.1  # the class rule also waits while G's distance to the data falls by more than this fraction
-    collapse_class_window: int = 300      # ... over this many steps (the probe's rule; the evaluations' rule: over collapse_patience evaluations)
+    collapse_progress: float = 0.1       # the class and d_wins rules wait while G's distance to the data falls by more than this fraction
+    collapse_progress_window: int = 300  # ... over this many steps (the probe's distance; the evaluations' class rule: FID over collapse_patience evaluations)
     collapse_recover_scale: float = 10.0  # a warm-up blow-up is forgiven once loss gap and |D logit means| are <= this; 0 = off
     collapse_recover_ticks: int = 5      # ticks after the warm-up the blow-up has to recover in
     collapse_logit_scale: float = 50.0   # flag |D's mean real / fake logit| above this after the warm-up; 0 = off

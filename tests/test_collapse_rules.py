@@ -64,6 +64,42 @@ def test_d_wins_ignores_the_warm_up_and_wasserstein_losses():
     assert feed(d, [tick(s, **won) for s in range(30, 200, 10)]) == []
 
 
+def test_d_wins_and_d_dead_wait_while_g_still_closes_in_on_the_data():
+    """D may win outright for a while in a healthy run and lose again. The collapse suite's held-out seed 1: its
+    DCGAN with the non-saturating loss (fp32) had D reject every fake for 7 ticks from step 970 while the probe's
+    distance to the data fell from 29.3 (step 700) to 22.5; a large G on 500 images had D win from step 30 to
+    step 350 while the distance fell from 216 to 105, and ended at 3x chance class accuracy. With the probe on
+    (probe_every > 0) d_wins waits like the class rule: while the distance fell by more than `progress` over
+    `progress_window` steps, and until a measurement that old exists."""
+    won = dict(fake_sign=0.0, real_sign=1.0)
+    gate = dict(dwins_level=0.02, dwins_ticks=5, progress=0.1, progress_window=300, probe_every=25, patience=3)
+    fd = {700: 29.3, 730: 28.6, 750: 27.8, 780: 27.7, 800: 26.5, 830: 26.2, 850: 25.8, 880: 26.1, 900: 24.8,
+          930: 24.7, 950: 23.9, 980: 23.4, 1000: 22.9, 1030: 22.5}
+    rows = [tick(s, **(won if s >= 970 else {}), **({"stability/probe_fd": fd[s]} if s in fd else {}))
+            for s in range(700, 1040, 10)]
+    assert feed(det(**gate), rows) == []
+    ungated = det(**{**gate, "probe_every": 0})  # no probe: the streak alone decides, as before
+    assert feed(ungated, [dict(r) for r in rows])[0][0] == 1010 and ungated.rule == "d_wins"
+    # a young run waits until it has a measurement progress_window steps old, then fires if the distance stalled
+    d = det(**gate)
+    stalled = [tick(s, **won, **({"stability/probe_fd": 150.0 - s / 1000} if s % 50 == 0 else {}))
+               for s in range(30, 500, 10)]
+    fired = feed(d, stalled)
+    assert fired[0][0] == 350 and d.rule == "d_wins" and "since step 30" in d.reason  # 350 - 300 = the first, 50
+    assert "distance to the data went only from 150 (step 50)" in d.reason
+    # before the probe's first measurement (probe_every steps) the rule waits too
+    d = det(**{**gate, "probe_every": 100, "progress_window": 100})
+    assert feed(d, [tick(s, **won) for s in range(30, 110, 10)]) == [] and d.collapse_step is None
+    fired = feed(d, [tick(s, **won, **{"stability/probe_fd": 80.0}) for s in range(110, 260, 10)])
+    assert fired and fired[0][0] == 210 and d.rule == "d_wins"  # the first distance at 110, one 100 steps old at 210
+    # d_dead does not wait: a D whose sign says nothing is broken, not ahead (LeCam 0.3's 200-step run, whose
+    # distance fell from 127 to 104 while D accepted everything from its first tick)
+    d = det(**gate)
+    accepts = dict(fake_sign=1.0, real_sign=1.0)
+    fired = feed(d, [tick(s, **accepts, **{"stability/probe_fd": 127.0 - s / 8}) for s in range(30, 210, 10)])
+    assert fired[0][0] == 70 and d.rule == "d_dead"
+
+
 def test_d_dead_fires_when_d_rejects_everything():
     d = det(dwins_level=0.02, dwins_ticks=3)
     dead = dict(fake_sign=0.0, real_sign=0.01, real_logit=-0.8, fake_logit=-0.8)  # the fp32 demo's end
@@ -118,10 +154,13 @@ def test_class_rule_on_the_probe_fires_after_patience_and_class_after():
     fired = feed(d, rows)
     assert fired == [(200, d.reason)] and d.rule == "class" and "since step 150" in d.reason
     assert rows[3][RULE_KEY + "class"] == 1.0
-    # the separation alone (accuracy fine) fires as well
+    # without a classifier the separation decides; with one, the accuracy does (a healthy DCGAN of the suite had
+    # 5x chance accuracy at a separation of 0.12: dcgan_sn_r1, fp32, seed 1, flagged at step 700 when both counted)
     d = det(class_factor=1.5, class_sep=0.25, class_after=0, patience=2)
-    fired = feed(d, [probe(s, acc_x=5.0, sep=0.1) for s in (50, 100)])
+    fired = feed(d, [probe(s, sep=0.1) for s in (50, 100)])
     assert fired and "separation" in fired[0][1]
+    d = det(class_factor=1.5, class_sep=0.25, class_after=0, patience=2)
+    assert feed(d, [probe(s, acc_x=5.0, sep=0.1) for s in (50, 100, 150)]) == []
 
 
 def test_class_rule_does_not_fire_on_a_g_that_follows_its_class():
@@ -143,14 +182,14 @@ HEALTHY_LATE = [(30, 1.06, 158.4), (50, 0.97, 139.9), (80, 1.06, 87.7), (100, 0.
 
 def test_class_rule_waits_while_g_still_closes_in_on_the_data():
     """A healthy G often ignores its class until it has learnt what the images look like: the probe's class rule
-    holds while its distance to the data fell by more than class_progress over the last class_window steps (and
+    holds while its distance to the data fell by more than `progress` over the last progress_window steps (and
     until the run has a measurement that old), and fires once the distance stalls."""
-    d = det(class_factor=1.5, class_after=100, patience=3, class_progress=0.1, class_window=300)
+    d = det(class_factor=1.5, class_after=100, patience=3, progress=0.1, progress_window=300, probe_every=25)
     assert feed(d, [probe(s, acc_x=a, fd=fd) for s, a, fd in HEALTHY_LATE]) == [] and d.collapse_step is None
-    d = det(class_factor=1.5, class_after=100, patience=3, class_progress=0.1, class_window=50)
+    d = det(class_factor=1.5, class_after=100, patience=3, progress=0.1, progress_window=50, probe_every=25)
     assert feed(d, [probe(s, acc_x=a, fd=fd) for s, a, fd in HEALTHY_LATE])[0][0] == 200  # a window too short
     # a G that stalls: at chance, its distance flat from step 100 on; flagged once a measurement 300 steps old exists
-    d = det(class_factor=1.5, class_after=100, patience=3, class_progress=0.1, class_window=300)
+    d = det(class_factor=1.5, class_after=100, patience=3, progress=0.1, progress_window=300, probe_every=25)
     stalled = [probe(s, acc_x=1.0, fd=150.0 if s < 100 else 80.0 - s / 100) for s in range(25, 601, 25)]
     fired = feed(d, stalled)
     assert fired[0] == (400, d.reason) and d.rule == "class" and "since step 125" in d.reason
@@ -159,20 +198,20 @@ def test_class_rule_waits_while_g_still_closes_in_on_the_data():
     assert [s for s, _ in d.probe_fd_hist] == list(range(300, 601, 25))
     # one noisy measurement does not end the wait: the smallest of the last `patience` distances counts (another
     # healthy run of the suite, dcgan_sn_r1 bf16: 46.3 at step 600 between 37.8 and 37.8, against 50.1 at step 300)
-    d = det(class_factor=1.5, class_sep=0.25, class_after=100, patience=3, class_progress=0.1, class_window=300)
+    d = det(class_factor=1.5, class_sep=0.25, class_after=100, patience=3, progress=0.1, progress_window=300, probe_every=25)
     spiky = [(s, 1.0, 150.0 - s / 10) for s in range(50, 300, 50)] + [(300, 1.0, 50.1), (550, 1.44, 39.0),
                                                                         (580, 1.4, 37.8), (600, 1.45, 46.3)]
     assert feed(d, [probe(s, acc_x=a, fd=fd) for s, a, fd in spiky]) == []
     # without the probe's distance (an older run, or the key missing) the streak alone decides, as before
-    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.1, class_window=300)
+    d = det(class_factor=1.5, class_after=0, patience=2, progress=0.1, progress_window=300, probe_every=25)
     assert feed(d, [probe(100, acc_x=1.0), probe(200, acc_x=1.0)])[0][0] == 200
-    # class_progress 0: off, the streak alone decides
-    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.0, class_window=300)
+    # progress 0: off, the streak alone decides
+    d = det(class_factor=1.5, class_after=0, patience=2, progress=0.0, progress_window=300, probe_every=25)
     assert feed(d, [probe(100, acc_x=1.0, fd=80.0), probe(200, acc_x=1.0, fd=40.0)])[0][0] == 200
 
 
 def test_class_rule_on_evaluations_waits_for_patience_and_a_stalled_fid():
-    d = det(class_factor=1.5, class_after=0, patience=2, class_progress=0.1)
+    d = det(class_factor=1.5, class_after=0, patience=2, progress=0.1)
     assert d.update_eval(100, {"eval/class_acc": 0.1, "eval/FID": 80.0}, 10) is None  # one evaluation: not yet
     assert d.update_eval(200, {"eval/class_acc": 0.1, "eval/FID": 40.0}, 10) is None  # FID halved: still learning
     assert d.update_eval(300, {"eval/class_acc": 0.3, "eval/FID": 30.0}, 10) is None  # off chance: streak reset

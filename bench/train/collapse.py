@@ -29,7 +29,8 @@ class CollapseSettings:
     """The collapse detector's levels: each field is the config key telemetry.collapse_<field> (CollapseDetector
     says what each rule does with it; a factor, level or tick count of 0 turns its rule off), except the two
     the loss decides: `loss_gap` (inf for a loss whose gap is unbounded: the divergence and logit rules off) and
-    `relativistic` (the loss sees only real - fake logit differences: the absolute-logit rules off)."""
+    `relativistic` (the loss sees only real - fake logit differences: the absolute-logit rules off), and
+    `probe_every` (telemetry.diversity_every: 0 = no probe, so no distance to the data to wait on)."""
     sigma_factor: float = 2.0
     window: int = 50
     loss_gap: float = 50.0
@@ -43,18 +44,21 @@ class CollapseSettings:
     class_factor: float = 0.0
     class_sep: float = 0.0
     class_after: int = 0
-    class_progress: float = 0.0
-    class_window: int = 0
+    progress: float = 0.0
+    progress_window: int = 0
     recover_scale: float = 0.0
     recover_ticks: int = 5
     logit_scale: float = 0.0
     relativistic: bool = False
+    probe_every: int = 0
+
+    NOT_KEYS = ("loss_gap", "relativistic", "probe_every")  # not telemetry.collapse_* keys
 
     @classmethod
     def from_cfg(cls, tc, loss_gap: float, relativistic: bool = False) -> "CollapseSettings":
         """From the config's telemetry group (`loss_gap`: the trainer's, inf for unbounded losses)."""
-        own = {f.name: tc[f"collapse_{f.name}"] for f in fields(cls) if f.name not in ("loss_gap", "relativistic")}
-        return cls(loss_gap=loss_gap, relativistic=relativistic, **own)
+        own = {f.name: tc[f"collapse_{f.name}"] for f in fields(cls) if f.name not in cls.NOT_KEYS}
+        return cls(loss_gap=loss_gap, relativistic=relativistic, probe_every=int(tc.diversity_every), **own)
 
 
 class CollapseDetector:
@@ -78,31 +82,37 @@ class CollapseDetector:
       d_wins:     D wins outright: D/fake_sign_mean (the share of fakes with a positive logit, i.e. called real)
                   <= `dwins_level` while D/real_sign_mean >= REAL_WINS (0.9), at `dwins_ticks` ticks in a row
                   after the warm-up (G gets no useful gradient: the hinge G loss then only pushes every fake
-                  the same way). Off with the loss gap (inf: a Wasserstein critic's sign is an arbitrary offset);
+                  the same way), once G has stopped closing in on the data (below). Off with the loss gap (inf: a
+                  Wasserstein critic's sign is an arbitrary offset);
       d_dead:     D's sign says nothing: D/real_sign_mean and D/fake_sign_mean both <= `dwins_level` (D rejects
                   everything: a D collapsed to a constant negative logit) or both >= 1 - `dwins_level` (D accepts
                   everything: LeCam at 0.3 held a small BigGAN's D there for all of a run), at `dwins_ticks` ticks
-                  in a row after the warm-up (same keys);
+                  in a row after the warm-up (same keys). It does not wait for G to stop closing in on the data
+                  (below): a D whose sign says nothing is broken, not ahead, and no healthy run of the collapse
+                  suite showed it, while LeCam 0.3's 200-step run showed it from its first tick;
       logit_scale: |D/real_logit_mean| or |D/fake_logit_mean| above `logit_scale` after the warm-up (a hinge loss
                   clamps, so its losses stay calm while D's logits run into the hundreds). Off with the loss gap;
       class:      the class input is ignored: the probe's class accuracy (`stability/class_acc_over_chance`,
-                  its samples' accuracy under the domain classifier over chance) <= `class_factor`, or its class
-                  separation (`stability/class_sep`: distance between the per-class mean features over the
-                  within-class spread, G's over the data's) <= `class_sep`, for `patience` measurements in a
-                  row after `class_after` steps; or an evaluation's eval/class_acc <= `class_factor` x chance
-                  at `patience` evaluations in a row after `class_after` steps (update_eval). Either way only
-                  once G has stopped closing in on the data: a G still learning what the images look like has
-                  often not begun to use its class yet (on the built-in shapes a healthy DCGAN sat at chance
-                  for its first ~20k images while its FID fell from 80 to 34, and paused on a plateau for ~150
-                  steps before its classes appeared). So the probe's rule waits while its Frechet distance to the
-                  data (`stability/probe_fd`, the smallest of the last `patience` measurements) fell by more than
-                  `class_progress` (a fraction) over the last `class_window` steps (and until the run has a
-                  measurement that old), and the evaluations' rule
-                  while eval/FID fell by more than that over the streak's last `patience` evaluations;
+                  its samples' accuracy under the domain classifier over chance) <= `class_factor` (where the
+                  probe has no classifier: its class separation, `stability/class_sep`, the distance between the
+                  per-class mean features over the within-class spread, G's over the data's, <= `class_sep`; the
+                  accuracy decides where it exists: a healthy DCGAN at 5x chance accuracy had a separation of 0.12),
+                  for `patience` measurements in a row after `class_after` steps, once G has stopped closing in on
+                  the data; or an evaluation's eval/class_acc <= `class_factor` x chance at `patience` evaluations
+                  in a row after `class_after` steps while eval/FID fell by no more than `progress` over them
+                  (update_eval);
       warmup_blowup: the losses or D's logits blew up inside the warm-up (the largest of |loss/G - loss/D| and
                   |D's mean real / fake logit| above `loss_gap`) and did not come back to the healthy range (all
                   <= `recover_scale`) within `recover_ticks` ticks after it: the warm-up forgives a transient,
                   not a blow-up that stays. Off with the loss gap (inf).
+    "Once G has stopped closing in on the data": the class and d_wins rules wait while the probe's Frechet
+    distance to the data (`stability/probe_fd`, the smallest of the last `patience` measurements) fell by more than
+    `progress` (a fraction) over the last `progress_window` steps, and until the run has a measurement that old. A
+    G still learning what the images look like has often not begun to use its class yet (on the built-in shapes a
+    healthy DCGAN sat at chance for its first ~20k images while its FID fell from 80 to 34, and paused on a plateau
+    for ~150 steps before its classes appeared), and D may win outright for a while and lose again (a healthy
+    DCGAN with the non-saturating loss, whose G still gets a gradient then; a large G on 500 images, which went on
+    to 3x chance class accuracy). A run without probe distances (an older run, no probe): the streaks alone decide.
     A factor (level, tick count) of 0 turns its rule off. The rule that fired first is `rule` (also the first word
     of `reason`); the tick where a rule first fires gets RULE_KEY + rule = 1.0 in its row.
     """
@@ -127,7 +137,7 @@ class CollapseDetector:
         self.dwins_run: list[int] = []                        # steps of the ticks in a row where D won outright
         self.ddead_run: list[int] = []                        # ... where D rejected everything
         self.low_class: list[int] = []                        # steps of the probe's class measurements in a row below
-        self.probe_fd_hist: list[tuple[int, float]] = []     # (step, stability/probe_fd): the last class_window steps
+        self.probe_fd_hist: list[tuple[int, float]] = []     # (step, stability/probe_fd): the last progress_window steps
         self.low_class_eval: list[tuple[int, Optional[float]]] = []  # (step, FID) of the evaluations in a row below
         self.blowup: Optional[tuple[int, float]] = None       # (step, gap) of the warm-up's largest unrecovered blow-up
         self.blowup_ticks = 0                                 # ticks after the warm-up without recovery
@@ -193,6 +203,7 @@ class CollapseDetector:
         s0 = [v for k, v in row.items() if k.startswith("sigma/D/") and k.endswith("/s0")]
         fired = None
         warm = step > self.warmup
+        self._note_distance(step, row)
         if s0:
             top = max(s0)
             self.sigma_hist.append((step, top))
@@ -257,6 +268,9 @@ class CollapseDetector:
                 continue
             run.append(step)
             if len(run) >= self.dwins_ticks:
+                wait, note = self._still_learning(step) if rule == "d_wins" else (False, "")
+                if wait:
+                    continue
                 if rule == "d_wins":
                     what = f"D/fake_sign_mean {fake:.3g} <= {low} and D/real_sign_mean {real:.3g} >= {REAL_WINS}"
                 elif rejects:
@@ -264,7 +278,8 @@ class CollapseDetector:
                 else:
                     what = (f"D/fake_sign_mean {fake:.3g} and D/real_sign_mean {real:.3g} >= {high:.3g} (D accepts "
                             f"everything)")
-                fired = fired or self._flag(step, f"{rule}: {what} for {len(run)} ticks in a row (since step {run[0]})")
+                fired = fired or self._flag(step, f"{rule}: {what} for {len(run)} ticks in a row (since step {run[0]})"
+                                                  f"{note}")
         return fired
 
     def _logit_scale(self, step: int, row: dict, warm: bool) -> Optional[str]:
@@ -281,48 +296,60 @@ class CollapseDetector:
         acc, sep = row.get("stability/class_acc_over_chance"), row.get("stability/class_sep")
         acc = acc if isinstance(acc, float) and math.isfinite(acc) else None
         sep = sep if isinstance(sep, float) and math.isfinite(sep) else None
-        fd = row.get("stability/probe_fd")
-        fd = float(fd) if isinstance(fd, (int, float)) and math.isfinite(fd) else None
-        then = self._distance_then(step, fd)
         if (acc is None and sep is None) or step <= max(self.warmup, self.class_after):
             return None
-        low_acc = self.class_factor > 0 and acc is not None and acc <= self.class_factor
-        low_sep = self.class_sep > 0 and sep is not None and sep <= self.class_sep
-        if not (low_acc or low_sep):
+        if acc is not None:  # the accuracy decides where the probe has a classifier
+            low = self.class_factor > 0 and acc <= self.class_factor
+            what = f"class accuracy {acc:.3g} x chance <= {self.class_factor}"
+        else:
+            low = self.class_sep > 0 and sep <= self.class_sep
+            what = f"class separation {sep:.3g} <= {self.class_sep}"
+        if not low:
             self.low_class.clear()
             return None
         self.low_class.append(step)
         if len(self.low_class) < self.patience:
             return None
-        note = ""
-        if self.class_progress > 0 and fd is not None:  # no distance (an older run): the streak alone decides
-            # now: the smallest of the last `patience` distances (one noisy measurement must not end the wait)
-            now = min(f for _, f in self.probe_fd_hist[-self.patience:])
-            if then is None or self._closer(then[1], now):
-                return None  # G is still closing in on the data, or the run is too young to tell
-            note = (f", while its distance to the data went only from {then[1]:.3g} (step {then[0]}) to "
-                    f"{now:.3g}")
-        what = (f"class accuracy {acc:.3g} x chance <= {self.class_factor}" if low_acc else
-                f"class separation {sep:.3g} <= {self.class_sep}")
+        wait, note = self._still_learning(step)
+        if wait:
+            return None
         return self._flag(step, f"class: the class input is ignored: {what} for {len(self.low_class)} probe "
                                 f"measurements in a row (since step {self.low_class[0]}){note}")
 
-    def _distance_then(self, step: int, fd: Optional[float]) -> Optional[tuple[int, float]]:
-        """Records this measurement's distance to the data and returns (step, distance) of the latest one at least
-        class_window steps before it (None: the run has none that old); keeps only what a later call can need."""
-        if fd is None:
-            return None
+    def _note_distance(self, step: int, row: dict) -> None:
+        """Records the tick's probe distance to the data (stability/probe_fd), if it has one; keeps the last
+        progress_window steps and the latest measurement before them (all that _still_learning can need)."""
+        fd = row.get("stability/probe_fd")
+        if not (isinstance(fd, (int, float)) and math.isfinite(fd)):
+            return
         hist = self.probe_fd_hist
-        hist.append((step, fd))
-        old = [i for i, (s, _) in enumerate(hist) if s <= step - self.class_window]
+        hist.append((step, float(fd)))
+        old = [i for i, (s, _) in enumerate(hist) if s <= step - self.progress_window]
         if old:
             del hist[:old[-1]]
-            return hist[0]
-        return None
+
+    def _still_learning(self, step: int) -> tuple[bool, str]:
+        """(wait, note): whether the class and d_wins rules wait at `step` because G is still closing in on
+        the data (its probe distance fell by more than `progress` over the last progress_window steps) or the run
+        is too young to tell; `note`: what a flag adds about the distance. Off (progress 0), or no probe: no wait."""
+        if self.progress <= 0 or self.probe_every <= 0:
+            return False, ""
+        hist = self.probe_fd_hist
+        if not hist:  # none measured yet: wait for the first; none by then (a run from before probe_fd): no wait
+            return step <= self.probe_every, ""
+        before = [h for h in hist if h[0] <= step - self.progress_window]
+        if not before:
+            return True, ""  # too young to tell
+        then = before[-1]
+        now = min(f for _, f in hist[-self.patience:])  # one noisy measurement must not end the wait
+        if self._closer(then[1], now):
+            return True, ""
+        return False, (f", while G's distance to the data went only from {then[1]:.3g} (step {then[0]}) to "
+                       f"{now:.3g}")
 
     def _closer(self, before: Optional[float], now: Optional[float]) -> bool:
-        """Whether G got more than class_progress closer to the data (unknown distances: no)."""
-        return self.class_progress > 0 and None not in (before, now) and now < (1.0 - self.class_progress) * before
+        """Whether G got more than `progress` closer to the data (unknown distances: no)."""
+        return self.progress > 0 and None not in (before, now) and now < (1.0 - self.progress) * before
 
     def update_eval(self, step: int, metrics: dict, n_classes: int) -> Optional[str]:
         """Feed one evaluation's metrics: its recall (the recall rule) and eval/class_acc (the class rule: at or
@@ -340,7 +367,7 @@ class CollapseDetector:
         fids = [f for _, f in self.low_class_eval]
         if len(fids) < self.patience or self._closer(fids[-self.patience], fids[-1]):
             return fired
-        note = "" if self.class_progress <= 0 or None in (fids[-self.patience], fids[-1]) else (
+        note = "" if self.progress <= 0 or None in (fids[-self.patience], fids[-1]) else (
             f", while its FID went only from {fids[-self.patience]:.3g} to {fids[-1]:.3g}")
         return self._flag(step, f"class: the class input is ignored: eval/class_acc {acc:.3g} <= {self.class_factor}"
                                 f" x chance (1/{n_classes}) at {len(fids)} evaluations in a row (since step "
