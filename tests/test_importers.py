@@ -63,13 +63,14 @@ def noise(n: int, h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
 
 
-def train_and_sample(tmp_path: Path, shards: Path, capsys) -> np.lib.npyio.NpzFile:
-    """20 tiny training steps on the shards, then `bench sample n=100`; returns the npz."""
+def train_and_sample(tmp_path: Path, shards: Path, capsys, steps: int = 20) -> np.lib.npyio.NpzFile:
+    """`steps` tiny training steps on the shards, then `bench sample n=100`; returns the npz."""
     run = tmp_path / "run"
-    assert main(["train", "data=folder", f"data.shards={shards}", f"run.dir={run}", *TINY, "train.steps=20",
-                 "train.batch_size=4", "train.precision=fp32", "train.ckpt_every=20", "train.sample_every=0"]) == 0
+    assert main(["train", "data=folder", f"data.shards={shards}", f"run.dir={run}", *TINY, f"train.steps={steps}",
+                 "train.batch_size=4", "train.precision=fp32", f"train.ckpt_every={steps}",
+                 "train.sample_every=0"]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 20
+    assert summary["status"] == "completed" and summary["steps"] == steps
     out = tmp_path / "samples.npz"
     capsys.readouterr()
     assert main(["sample", f"run={run}", "n=100", f"out={out}"]) == 0
@@ -309,6 +310,11 @@ def test_hdf5_biggan_layout(tmp_path, capsys):
     assert make_shards(tmp_path / "o", "source=hdf5", f"file={tmp_path / 'nokey.hdf5'}") == 2
     one_line_error(capsys, "no dataset 'imgs'", "'images'")
 
+    # the round trip: shards at 32 px from the same file train, and the run samples its 5 classes
+    assert make_shards(tmp_path / "s32", "source=hdf5", f"file={src}", "data.resolution=32") == 0
+    a = train_and_sample(tmp_path, tmp_path / "s32", capsys, steps=4)
+    assert a["x"].shape == (100, 32, 32, 3) and set(a["y"].tolist()) == set(range(5))
+
 
 @pytest.mark.parametrize("source, package, path_key", [("hdf5", "h5py", "file"), ("lmdb", "lmdb", "folder")])
 def test_missing_optional_package_is_one_line(tmp_path, capsys, monkeypatch, source, package, path_key):
@@ -362,6 +368,11 @@ def test_lmdb_unlabelled_with_a_corrupt_record(tmp_path, capsys):
     assert make_shards(tmp_path / "o", "source=lmdb", f"folder={wide}", "data.resolution=16") == 0
     assert manifest(tmp_path / "o")["resolution"] == 16
 
+    # the round trip: the unlabelled LSUN-style set at 32 px trains one class, and the run samples it
+    assert make_shards(tmp_path / "s32", "source=lmdb", f"folder={folder}", "data.resolution=32") == 0
+    a = train_and_sample(tmp_path, tmp_path / "s32", capsys, steps=4)
+    assert a["x"].shape == (100, 32, 32, 3) and set(a["y"].tolist()) == {0}
+
 
 # ------------------------------------------------------------------------------------------------ torchvision
 
@@ -395,6 +406,12 @@ def test_torchvision_mnist_on_disk(tmp_path, capsys):
     one_line_error(capsys, "dataset=FashionMNIST", f"root={str(root)!r}", "never downloads")
     assert make_shards(tmp_path / "o", "source=torchvision", "dataset=NotADataset", f"root={root}") == 2
     one_line_error(capsys, "dataset='NotADataset'", "not a torchvision.datasets class")
+
+    # the round trip: MNIST's grey 28 px digits at 32 px train, and the run samples the classes it saw
+    assert make_shards(tmp_path / "s32", "source=torchvision", "dataset=MNIST", f"root={root}", "split=all",
+                       "data.resolution=32") == 0
+    a = train_and_sample(tmp_path, tmp_path / "s32", capsys, steps=4)
+    assert a["x"].shape == (100, 32, 32, 3) and set(a["y"].tolist()) <= set(range(10))
 
 
 def test_torchvision_image_folder_skips_an_unreadable_file(tmp_path, capsys):
