@@ -309,11 +309,19 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
                           f"{cfg.train.batch_size}")
     if cfg.model.n_classes is not None:
         _positive("model.n_classes", cfg.model.n_classes)
+    cfg.eval.final = resolve_final(cfg)
     cfg.train.precision = resolve_precision(cfg.train.precision)  # the first torch import: checks come first
     if cfg.train.precision == "fp16" and not _cuda():
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16, fp32 or auto on CPU")
     check_architecture(cfg)
     return cfg
+
+
+def resolve_final(cfg: DictConfig) -> bool:
+    """eval.final=auto: evaluate at the end (the run's quality line) when training on the built-in shapes set, whose
+    domain classifier is quick to train and whose numbers mean something; not on the user's own shards."""
+    final = cfg.eval.final
+    return (cfg.data.name == "shapes" and not cfg.data.shards) if final == "auto" else bool(final)
 
 
 def check_own_model(model) -> None:
@@ -351,6 +359,10 @@ def check_train(cfg: DictConfig, world_size: int) -> None:
     _choice("train.precision", t.precision, TRAIN_PRECISIONS)
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _choice("train.channels_last", str(t.channels_last).lower(), ("auto", "true", "false"))
+    _choice("train.fused_optim", str(t.fused_optim).lower(), ("auto", "true", "false"))
+    for key in ("tf32", "cudnn_benchmark"):
+        if not isinstance(t.get(key, False), bool):
+            raise ConfigError(f"train.{key}={t[key]!r}: use true or false")
     _all_positive(cfg, ("train.steps", "train.batch_size", "train.accumulate", "train.d_steps",
                         "train.tick_every", "train.sample_cols", "train.ckpt_keep", "train.g_lr", "train.d_lr",
                         "train.eps"),
@@ -439,6 +451,9 @@ def validate_eval(cfg: DictConfig) -> None:
     _choice("eval.protocol", OmegaConf.select(cfg, "eval.protocol", default="domain"), tuple(PROTOCOLS))
     _choice("eval.resize", OmegaConf.select(cfg, "eval.resize", default="fidelity"), RESIZES)
     _all_positive(cfg, ("eval.batch_size",), ("eval.every", "eval.standing_stats"))
+    final = OmegaConf.select(cfg, "eval.final", default=False)
+    if not (isinstance(final, bool) or final == "auto"):
+        raise ConfigError(f"eval.final={final!r} is not valid; choose one of: auto, true, false")
     for key, value in (("eval.num_samples", e.num_samples), ("eval.num_real", e.num_real or e.num_samples)):
         if not isinstance(value, int) or value < MIN_EVAL_SAMPLES:
             raise ConfigError(f"{key}={value!r} is too small; use at least {MIN_EVAL_SAMPLES} (density and "

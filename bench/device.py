@@ -109,15 +109,46 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(m_trim_threshold, 1 << 30) == 1 and ok
 
 
-def configure_process(device: torch.device, deterministic: bool) -> None:
-    """Process-wide settings a training process makes once, before building anything."""
+def configure_process(device: torch.device, deterministic: bool, tf32: bool = False,
+                      cudnn_benchmark: bool = False) -> None:
+    """Process-wide settings a training process makes once, before building anything (train.deterministic,
+    train.tf32, train.cudnn_benchmark: the last two only matter on CUDA)."""
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32  # torch's default is on: off unless asked, so fp32 means fp32
+        torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
     if device.type == "cpu":
         # Denormal floats (a diverging or dying net's activations) run 10-100x slower on x86;
         # flushing them to zero costs nothing in accuracy that a GAN step could notice.
         torch.set_flush_denormal(True)
         keep_freed_memory()
+
+
+# train.fused_optim=auto on a CPU: the kernels `bench throughput -m train.fused_optim=true,false` measured faster for
+# the default BigGAN at 32 px (README, "Throughput and MFU")
+CPU_FUSED_DEFAULT = True
+
+
+def optimizer_impl(choice, optimizer_cls, device: torch.device) -> dict:
+    """The optimiser's kernel keywords for `train.fused_optim` (true / false / auto): true = fused (one kernel per
+    step) where `optimizer_cls` has it (torch's Adam on CUDA and CPU), else foreach (one kernel per op over all
+    tensors); false = torch's loop over tensors; auto = true on CUDA, CPU_FUSED_DEFAULT on a CPU."""
+    import inspect
+
+    choice = str(choice).lower()
+    on = device.type == "cuda" or CPU_FUSED_DEFAULT if choice == "auto" else choice == "true"
+    if not on:
+        return {"foreach": False}
+    if "fused" in inspect.signature(optimizer_cls).parameters and device.type in ("cuda", "cpu"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def impl_name(kwargs: dict) -> str:
+    """How run.json names the kernels optimizer_impl chose: fused | foreach | loop."""
+    return "fused" if kwargs.get("fused") else "foreach" if kwargs.get("foreach") else "loop"
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -65,6 +65,9 @@ class TrainCfg:
     channels_last: str = "auto"
     seed: int = 0
     deterministic: bool = False
+    fused_optim: str = "auto"  # auto | true | false (bench.device.optimizer_impl)
+    tf32: bool = False
+    cudnn_benchmark: bool = False
     optimizer: str = "adam"
     g_lr: float = 2e-4
     d_lr: float = 4e-4
@@ -116,7 +119,7 @@ class EmaCfg:
 @dataclass
 class EvalCfg:
     every: int = 0
-    final: bool = False
+    final: Any = "auto"  # auto | true | false; validate resolves auto (config.resolve_final)
     psi_sweep: list = field(default_factory=list)
     num_samples: int = 5000
     extractor: str = "domain"

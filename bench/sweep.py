@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from bench import rundir
-from bench.config import CONFIG_DIR, SEARCHPATH, ConfigError, check_group_choices, compose, with_search_path
+from bench.config import (CONFIG_DIR, SEARCHPATH, ConfigError, check_group_choices, compose, resolve_final,
+                          with_search_path)
 from bench.errors import process_failed
 from bench.overrides import check_grid, grid, is_sweep_value, sweep_values
 
@@ -231,7 +232,7 @@ def prepare_shared_files(cfg) -> None:
 
     # a swept data.shards is not in cfg: then each job finds its own
     shards = configured_shards(cfg.data) if cfg.data.shards or cfg.data.name == "shapes" else None
-    if shards and (cfg.eval.every or cfg.eval.final) and cfg.eval.extractor == "domain" \
+    if shards and (cfg.eval.every or resolve_final(cfg)) and cfg.eval.extractor == "domain" \
             and not cfg.eval.classifier_path:
         from bench.eval.metrics import ensure_classifier
 

@@ -81,7 +81,7 @@ EOF
 bench_cmd=$work/venv/bin/bench
 [ -x "$bench_cmd" ] || fail "the wheel installed no bench command"
 
-step "4/5 bench train train.steps=2 (built-in data, 200 images)"
+step "4/5 bench train train.steps=2 (built-in data, 200 images; the main job's end: classifier, evaluation, quality line)"
 "$bench_cmd" train train.steps=2 data.num_samples=200 data.num_workers=0 train.tick_every=1 \
   run.dir="$work/run/train" || fail "bench train"
 "$vpy" - "$work/run/train" <<'EOF' || fail "the training's records"
@@ -92,6 +92,9 @@ status = json.loads((run / "summary.json").read_text()).get("status")
 ckpts = sorted((run / "checkpoints").glob("ckpt-*.pt"))
 if status != "completed" or not ckpts:
     sys.exit(f"run {run}: status {status!r}, checkpoints {[c.name for c in ckpts]}")
+quality = json.loads((run / "summary.json").read_text()).get("quality") or {}
+if not {"FID", "class_acc"} <= set(quality):
+    sys.exit(f"run {run}: no quality line (summary.json quality: {quality})")
 EOF
 
 step "5/5 bench inspect"

@@ -13,8 +13,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Tiny, fast model settings shared by the end-to-end tests.
-TINY = ["model.ch=8", "model.d_ch=8", "model.z_dim=32", "model.shared_dim=16", "data.num_workers=0",
-        "data.shuffle_buffer=50", "train.tick_every=1", "train.sample_cols=2", "ema.start=0"]
+TINY_NETS = ["model=biggan", "model.ch=8", "model.d_ch=8", "model.z_dim=32", "model.shared_dim=16", "data.num_workers=0",
+             "data.shuffle_buffer=50", "train.tick_every=1", "train.sample_cols=2", "ema.start=0"]
+# model=biggan: the default net is the main job's DCGAN (configs/model/dcgan_sn.yaml); a test's own model= wins
+TINY = [*TINY_NETS, "eval.final=false"]  # the main job's end-of-run evaluation (eval.final=auto) only where asked
+# (an experiment's own eval.final: use TINY_NETS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ from bench.cli import main
 from bench.config import CONFIG_DIR
 from bench.data.shards import ShardSetSpec, make_shards
 from bench.eval.classifier import ClassifierSettings, train_classifier
-from conftest import TINY
+from conftest import TINY_NETS as TINY  # the experiments' own eval.final holds
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 FAST_EVAL = ["eval.num_samples=40", "eval.batch_size=20", "eval.standing_stats=0"]

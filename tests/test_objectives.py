@@ -72,7 +72,7 @@ def test_the_optimiser_comes_from_the_loss_config():
     for loss, kind in (("wgan", torch.optim.RMSprop), ("hinge", torch.optim.Adam), ("wgan_gp", torch.optim.Adam),
                        ("rpgan", torch.optim.Adam)):
         cfg = compose([f"loss={loss}"])
-        opt = O.make_optimizer(cfg.train, params, 1e-3)
+        opt = O.make_optimizer(cfg.train, params, 1e-3, torch.device("cpu"))
         assert type(opt) is kind and opt.defaults["eps"] == cfg.train.eps
         if kind is torch.optim.Adam:
             assert opt.defaults["betas"] == tuple(cfg.train.betas)

@@ -361,7 +361,7 @@ def test_ablation_sweep_with_seeds_groups_into_one_cell(tmp_path, capsys):
     overrides differ in train.seed only, one configuration (n=2) in the report."""
     from bench.data.shards import ShardSetSpec, make_shards
     from bench.eval.classifier import ClassifierSettings, train_classifier
-    from conftest import TINY
+    from conftest import TINY_NETS as TINY  # the experiment's own eval.final holds
 
     shards = tmp_path / "shapes32"
     make_shards(shards, ShardSetSpec(source="shapes", resolution=32, num_samples=120, samples_per_shard=60, seed=0),

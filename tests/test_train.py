@@ -231,6 +231,38 @@ def test_default_shards_are_created_on_first_use(tmp_path, capfd, _isolated_cach
     assert list(_isolated_cache.glob("shapes-*/manifest.json"))
 
 
+def test_the_main_job_ends_with_its_quality_line(tmp_path, capfd, monkeypatch):
+    """eval.final=auto: on the built-in set a run evaluates its final EMA G (training the domain classifier on first
+    use) and its summary ends with class accuracy beside chance and FID, as summary.json's `quality` keeps them; on
+    the user's own shards it does not (their classifier would be trained first)."""
+    monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path / "cache"))  # a cold start: shards and classifier made now
+    tiny = [o for o in TINY if not o.startswith("eval.final=")]
+    run = tmp_path / "main"
+    assert main(["train", f"run.dir={run}", *tiny, "data.num_samples=200", "data.samples_per_shard=50",
+                 "train.steps=2", "train.batch_size=4", "eval.num_samples=60", "eval.batch_size=30",
+                 "train.precision=fp32"]) == 0
+    out = capfd.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    q = summary["quality"]
+    assert q["step"] == 2 and q["num_samples"] == 60 and q["extractor"] == "domain" and q["chance"] == 0.1
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2] and evals[0]["eval/FID"] == q["FID"]
+    assert evals[0]["eval/class_acc"] == q["class_acc"]
+    row = next(line for line in out.splitlines() if line.startswith("quality"))
+    assert f"class accuracy {q['class_acc']:.3f} (chance 0.100), FID {q['FID']:.1f}" in row
+    assert "(domain features, 60 samples of the EMA G at step 2)" in row
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(run / "config.yaml").eval.final is True  # auto resolved, as it ran
+
+    shards = tmp_path / "cache" / next(p.name for p in (tmp_path / "cache").glob("shapes-*"))
+    own = tmp_path / "own"
+    assert main(["train", f"run.dir={own}", *tiny, f"data.shards={shards}", "train.steps=2",
+                 "train.batch_size=4", "train.precision=fp32"]) == 0
+    assert "quality" not in capfd.readouterr().out and not (own / "evals.jsonl").exists()
+    assert json.loads((own / "summary.json").read_text())["quality"] == {}
+
+
 def test_console_script_runs(tmp_path, tiny_shards):
     exe = shutil.which("bench") or [sys.executable, "-m", "bench.cli"]
     cmd = ([exe] if isinstance(exe, str) else exe) + ["train", f"data.shards={tiny_shards}", f"run.dir={tmp_path / 'c'}",

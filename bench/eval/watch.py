@@ -140,7 +140,9 @@ class Watcher:
         self.device = device
         self.cfg = merge_overrides(OmegaConf.load(self.run_dir / rundir.CONFIG), self.overrides)
         get = lambda key, default=None: OmegaConf.select(self.cfg, key, default=default)  # noqa: E731
-        every, final = int(get("eval.every") or 0), bool(get("eval.final"))
+        from bench.config import resolve_final
+
+        every, final = int(get("eval.every") or 0), resolve_final(self.cfg)
         ckpt_every = int(get("train.ckpt_every") or 0)
         self.extractor = str(get("eval.extractor") or "domain")
         self.truncation = get("eval.truncation")

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from bench import device as bdevice
 from bench.train.augment import AdaptiveP, DiffAugment
 from bench.train.stabilisers import LeCam, consistency_sq, g_zcr, latent_perturbation
 from bench.train.telemetry import report
@@ -97,13 +98,17 @@ LOSSES: dict[str, Loss] = {
 
 # ---- optimisers: train.optimizer, which a loss's config group sets (configs/loss/wgan.yaml: rmsprop) ----
 OPTIMIZERS: dict[str, Callable] = {
-    "adam": lambda params, lr, t: torch.optim.Adam(params, lr=lr, betas=tuple(t.betas), eps=t.eps),
-    "rmsprop": lambda params, lr, t: torch.optim.RMSprop(params, lr=lr, eps=t.eps),
+    "adam": torch.optim.Adam,
+    "rmsprop": torch.optim.RMSprop,
 }
 
 
-def make_optimizer(train_cfg, params, lr: float) -> torch.optim.Optimizer:
-    return OPTIMIZERS[train_cfg.optimizer](params, lr, train_cfg)
+def make_optimizer(train_cfg, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """train.optimizer at `lr`, its step's kernels chosen by train.fused_optim (bench.device.optimizer_impl)."""
+    cls = OPTIMIZERS[train_cfg.optimizer]
+    own = {"betas": tuple(train_cfg.betas)} if cls is torch.optim.Adam else {}
+    return cls(params, lr=lr, eps=train_cfg.eps, **own,
+               **bdevice.optimizer_impl(train_cfg.get("fused_optim", "auto"), cls, device))
 
 
 # ---- penalties -------------------------------------------------------------------------------------

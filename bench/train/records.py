@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from bench import device as bdevice
 from bench import rundir
 from bench.eval.sampling import class_grid, save_grid, sheet_rows
 from bench.train.loggers import LogSettings, RunLoggers
@@ -55,6 +56,15 @@ def versions() -> dict:
             "webdataset": getattr(webdataset, "__version__", "?")}
 
 
+def math_switches(trainer) -> dict:
+    """The kernels and math modes of a run (train.fused_optim, train.tf32, train.cudnn_benchmark), as they took
+    effect: run.json and `bench throughput` record them."""
+    cuda = trainer.device.type == "cuda"
+    return {"optimizer_impl": bdevice.impl_name(trainer.opt["G"].defaults),
+            "tf32": bool(trainer.cfg.train.tf32) and cuda,
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) and cuda}
+
+
 def run_facts(trainer) -> dict:
     """What run.json says about a trainer's set-up (world size, device, batch, parameter counts)."""
     from bench import models
@@ -65,7 +75,7 @@ def run_facts(trainer) -> dict:
     dev = trainer.device
     return {"world_size": trainer.world,
             "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-            "precision": t.precision, "channels_last": trainer.channels_last,
+            "precision": t.precision, "channels_last": trainer.channels_last, **math_switches(trainer),
             "batch_size": t.batch_size, "accumulate": t.accumulate, "effective_batch": trainer.eff_batch,
             "shards": trainer.shards_spec, "n_classes": trainer.n_classes,
             # data.num_workers as resolved here (auto follows the cores): the readers per rank set the data order
@@ -86,6 +96,7 @@ def summary_of(trainer, status: str, checksums: list) -> dict:
         "effective_batch": trainer.eff_batch, "world_size": trainer.world,
         "final": {k: v for k, v in row.items() if k.startswith(("loss/", "D/"))},
         "best": trainer.best or {},
+        "quality": quality_of(trainer.last_eval, trainer.step, trainer.n_data_classes),
         "collapse_step": trainer.collapse.collapse_step, "collapse_reason": trainer.collapse.reason,
         "nonfinite_skipped": trainer.guard.total, "rollbacks": trainer.guard.rollbacks,
         "data_skipped": trainer.data_skipped, "param_checksums": checksums, "run_dir": str(trainer.run_dir),
@@ -93,6 +104,33 @@ def summary_of(trainer, status: str, checksums: list) -> dict:
     if trainer.error:  # a diverged or failed run's first error
         summary["error"] = trainer.error
     return summary
+
+
+def quality_of(last_eval: dict, step: int, n_classes: int) -> dict:
+    """summary.json's `quality`: the final step's evaluation (eval.final, or eval.every's at the last step), its
+    FID and class accuracy beside chance; {} when the run did not evaluate its final step."""
+    if not last_eval or last_eval.get("step") != step:
+        return {}
+    out = {"step": step, "num_samples": last_eval.get("num_samples"), "extractor": last_eval.get("extractor")}
+    for key, name in (("eval/FID", "FID"), ("eval/class_acc", "class_acc")):
+        if isinstance(last_eval.get(key), (int, float)):
+            out[name] = last_eval[key]
+    if "class_acc" in out and n_classes:
+        out["chance"] = 1.0 / n_classes
+    return out
+
+
+def quality_line(quality: dict) -> str:
+    """The summary's quality row: 'class accuracy 0.712 (chance 0.100), FID 14.2 (domain features, 5000 samples of
+    the EMA G at step 1500)'."""
+    parts = []
+    if "class_acc" in quality:
+        parts.append(f"class accuracy {quality['class_acc']:.3f}" +
+                     (f" (chance {quality['chance']:.3f})" if "chance" in quality else ""))
+    if "FID" in quality:
+        parts.append(f"FID {quality['FID']:.1f}")
+    return (", ".join(parts) + f" ({quality.get('extractor')} features, {quality.get('num_samples')} samples of the EMA "
+            f"G at step {quality.get('step')})")
 
 
 def save_samples(run_dir: Path, step: int, G_ema, fixed_z: torch.Tensor, class_names: list,
@@ -243,6 +281,8 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         ("effective batch", summary.get("effective_batch")),
     ]
     rows += [(k, f"{v:.4f}") for k, v in summary.get("final", {}).items()]
+    if summary.get("quality"):
+        rows.append(("quality", quality_line(summary["quality"])))
     if summary.get("data_skipped"):
         rows.append(("corrupt samples skipped", summary["data_skipped"]))
     w = max(len(k) for k, _ in rows)

@@ -146,7 +146,10 @@ class TrainingParts:
         for k, net in self.nets.items():
             net.load_state_dict(s[k])
         for k, opt in self.opts.items():
-            opt.load_state_dict(s[f"opt_{k}"])
+            kernels = [{key: g.get(key) for key in ("foreach", "fused")} for g in opt.param_groups]
+            opt.load_state_dict(s[f"opt_{k}"])  # this restores the saved run's kernel choice with its state:
+            for group, own in zip(opt.param_groups, kernels):  # keep this run's train.fused_optim instead
+                group.update(own)
         if self.scalers and s.get("scaler"):
             for k, sd in s["scaler"].items():
                 self.scalers[k].load_state_dict(sd)

@@ -18,6 +18,7 @@ from bench import device as bdevice
 from bench import rundir
 from bench.config import compose, validate
 from bench.overrides import is_sweep_value, sweep_values
+from bench.train.records import math_switches
 from bench.train.telemetry import TIMED_SECTIONS, Collector, Stopwatch
 from bench.train.trainer import Batches, Trainer
 
@@ -102,7 +103,8 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     tflops = flop_per_step * r["steps"] / r["seconds"] / 1e12  # per process
     out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,
            "batch_size": t.batch_size, "accumulate": t.accumulate, "d_steps": t.d_steps, "precision": t.precision,
-           "channels_last": trainer.channels_last, "device": str(trainer.device), "data": cfg.throughput.data,
+           "channels_last": trainer.channels_last, **math_switches(trainer), "device": str(trainer.device),
+           "data": cfg.throughput.data,
            **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
            "GFLOP_per_step": flop_per_step / 1e9, "tflops": tflops, "peak_tflops": peak, "peak_source": source,
            "mfu": tflops / peak if peak == peak else None}

@@ -56,7 +56,7 @@ class Trainer:
         check_backends(cfg.log.backends if cfg.get("log") else ())  # a missing package: one line, before any work
         self._setup_processes(accelerator)
         t = cfg.train
-        bdevice.configure_process(self.device, t.deterministic)
+        bdevice.configure_process(self.device, t.deterministic, t.tf32, t.cudnn_benchmark)
         bdevice.seed_all(t.seed)  # identical model init on every rank
         self._setup_data()
         self._setup_models()
@@ -79,6 +79,7 @@ class Trainer:
         self.hosts: list = []  # every rank's host, gathered when the records start
         self.trained = False  # whether this process trained a step
         self.last_row: dict = {}
+        self.last_eval: dict = {}  # the metrics of this process's latest evaluation (rank 0)
         self.config_changes: dict = {}  # {key: [old, new]} against the resumed checkpoint's config
 
     # ---- set-up -------------------------------------------------------------------------------------
@@ -162,8 +163,8 @@ class Trainer:
     def _setup_training(self) -> None:
         """Optimisers, the objective, the phases, latent RNG, and the stability machinery."""
         cfg, t, reg = self.cfg, self.cfg.train, self.cfg.reg
-        self.opt = {"G": make_optimizer(t, self.G.parameters(), t.g_lr),
-                    "D": make_optimizer(t, self.D.parameters(), t.d_lr)}
+        self.opt = {"G": make_optimizer(t, self.G.parameters(), t.g_lr, self.device),
+                    "D": make_optimizer(t, self.D.parameters(), t.d_lr, self.device)}
         self.scaler = {k: torch.amp.GradScaler("cuda") for k in self.nets} if t.precision == "fp16" else None
         # RNG for latents and labels (per rank), and a fixed latent set for sample grids.
         self.zgen = torch.Generator(device=self.device)
@@ -480,6 +481,7 @@ class Trainer:
 
         def evaluate(metrics: dict) -> dict:  # rank 0, with the metrics
             rec = append_eval(self.run_dir, self.step, metrics)
+            self.last_eval = {"step": self.step, **metrics}  # summary.json's quality: the final step's
             self.records.evaluation(self.step, metrics)
             self.best = self.checkpoints.keep_if_best(self.step, self.records.training_evals(), self.cfg.eval,
                                                       lambda best: {**self.state_dict(), "best": best}) or self.best
