@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 from bench import scaling  # noqa: E402
 
 BENCH = [sys.executable, "-m", "bench.cli"]
-TINY = ["model.ch=8", "model.d_ch=8", "model.z_dim=32", "model.shared_dim=16", "data.num_workers=0",
+TINY = ["model=biggan", "model.ch=8", "model.d_ch=8", "model.z_dim=32", "model.shared_dim=16", "data.num_workers=0",
         "data.shuffle_buffer=50", "train.sample_cols=2", "ema.start=0", "train.precision=fp32"]
 
 
