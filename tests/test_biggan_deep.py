@@ -314,9 +314,8 @@ def test_gradients_reach_every_parameter():
 
 def test_tiny_training_run_through_the_cli(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bench.cli", "train", "model=biggan_deep",
-           f"data.shards={tiny_shards}", f"run.dir={run_dir}", *TINY, "train.steps=2",
-           "train.batch_size=4"]
+    cmd = [sys.executable, "-m", "bench.cli", "train", *TINY, "model=biggan_deep",  # after TINY's model=biggan
+           f"data.shards={tiny_shards}", f"run.dir={run_dir}", "train.steps=2", "train.batch_size=4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())

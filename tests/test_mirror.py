@@ -98,9 +98,8 @@ def test_a_mirrored_training_run_flips_and_records_its_effective_size(noise_set,
     real_loader = T.ShardLoader
     monkeypatch.setattr(T, "ShardLoader", lambda *a, **k: settings.append(a[3]) or real_loader(*a, **k))
     run = tmp_path / "run"
-    assert main(["train", "data=folder", f"data.shards={shards}", f"data.resolution={RES}", "data.mirror=true",
-                 "model=dcgan", "train.steps=2", "train.batch_size=4", "train.precision=fp32", f"run.dir={run}",
-                 *TINY]) == 0
+    assert main(["train", *TINY, "data=folder", f"data.shards={shards}", f"data.resolution={RES}", "data.mirror=true",
+                 "model=dcgan", "train.steps=2", "train.batch_size=4", "train.precision=fp32", f"run.dir={run}"]) == 0
     assert settings and all(s.mirror for s in settings)
     facts = json.loads((run / "run.json").read_text())
     assert (facts["data_num_samples"], facts["data_mirror"], facts["data_effective_size"]) == (N, True, 2 * N)

@@ -118,7 +118,7 @@ def runs(unlabelled_shards, tmp_path_factory):
     out = {}
     for family in ("biggan", "dcgan"):
         run_dir = tmp_path_factory.mktemp(family) / "run"
-        proc = bench("train", f"model={family}", f"data.shards={unlabelled_shards}", f"run.dir={run_dir}", *TINY,
+        proc = bench("train", *TINY, f"model={family}", f"data.shards={unlabelled_shards}", f"run.dir={run_dir}",
                      *TRAIN)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[family] = run_dir
@@ -179,7 +179,7 @@ def test_the_domain_extractor_needs_labels(runs, unlabelled_shards, tmp_path):
     to use, before any image is read or step taken: in bench eval, in a training that evaluates, and in
     bench eval train-classifier."""
     for proc in (bench("eval", f"run={runs['biggan']}", "eval.num_samples=24"),
-                 bench("train", "model=dcgan", f"data.shards={unlabelled_shards}", f"run.dir={tmp_path / 'r'}", *TINY,
+                 bench("train", *TINY, "model=dcgan", f"data.shards={unlabelled_shards}", f"run.dir={tmp_path / 'r'}",
                        *TRAIN, "eval.every=10"),
                  bench("eval", "train-classifier", f"data.shards={unlabelled_shards}")):
         assert proc.returncode == 2, proc.stderr[-2000:]
