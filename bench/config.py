@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bench.metrics_registry import BEST_METRICS, EXTRACTORS, TRUNC_MODES
-from bench.schema import Config, EvalCfg, ModelCfg  # noqa: F401  (EvalCfg: the eval group's defaults, read by bench eval)
+from bench.schema import Config, EvalCfg, LossCfg, ModelCfg  # noqa: F401  (EvalCfg: the eval group's defaults, read by bench eval)
 
 
 def _own_configs() -> Path:
@@ -72,24 +72,25 @@ def check_schema(cfg: DictConfig) -> DictConfig:
     backends = plain.get("log", {}).get("backends", [])
     if backends is None or isinstance(backends, str):  # log.backends=tb, 'log.backends=tb,wandb' or null
         plain["log"]["backends"] = [b.strip() for b in (backends or "").split(",") if b.strip()]
-    own_keys = _own_model_keys(plain)
+    own_keys = {group: _own_keys(plain, group, schema) for group, schema in (("model", ModelCfg), ("loss", LossCfg))}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
-    with open_dict(merged.model):
-        merged.model.update(own_keys)
+    for group, keys in own_keys.items():
+        with open_dict(merged[group]):
+            merged[group].update(keys)
     return merged
 
 
-def _own_model_keys(plain: dict) -> dict:
-    """A model built by your own code (`model._target_`) may carry keys the schema does not know: they are
-    taken out of `plain` here and kept as given, for your builder (docs/architecture.md)."""
-    model = plain.get("model") or {}
-    if not model.get("_target_"):
+def _own_keys(plain: dict, group: str, schema) -> dict:
+    """A model or loss of your own code (`model._target_`, `loss._target_`) may carry keys the schema does not
+    know: they are taken out of `plain` here and kept as given, for your builder (docs/architecture.md)."""
+    section = plain.get(group) or {}
+    if not section.get("_target_"):
         return {}
-    known = {f.name for f in dataclasses.fields(ModelCfg)}
-    return {k: model.pop(k) for k in list(model) if k not in known}
+    known = {f.name for f in dataclasses.fields(schema)}
+    return {k: section.pop(k) for k in list(section) if k not in known}
 
 
 SEARCHPATH = "hydra.searchpath"
@@ -279,7 +280,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
         check_own_model(cfg.model)
     else:
         _choice("model", cfg.model.family, MODEL_FAMILIES)
-    _choice("loss", cfg.loss.name, LOSSES)
+    if cfg.loss.get("_target_"):
+        check_own_target("loss", cfg.loss._target_, "function (called with the loss config) -> "
+                         "bench.train.objectives.Loss", cfg.loss.name, LOSSES)
+    else:
+        _choice("loss", cfg.loss.name, LOSSES)
     _choice("data", cfg.data.name, DATASETS)
     check_data(cfg)
     check_train(cfg, world_size)
@@ -314,7 +319,22 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     if cfg.train.precision == "fp16" and not _cuda():
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16, fp32 or auto on CPU")
     check_architecture(cfg)
+    check_own_parts(cfg)
     return cfg
+
+
+def check_own_parts(cfg: DictConfig) -> None:
+    """Your own loss (`loss._target_`) and optimiser (`train.optimizer=package.module.Class`) are imported and
+    checked now, before anything runs: one line if they cannot be (bench/plugins.py)."""
+    from bench import plugins
+
+    try:
+        if cfg.loss.get("_target_"):
+            plugins.own_loss(OmegaConf.to_container(cfg.loss, resolve=True))
+        if "." in str(cfg.train.optimizer):
+            plugins.own_optimizer(str(cfg.train.optimizer))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def resolve_final(cfg: DictConfig) -> bool:
@@ -322,6 +342,18 @@ def resolve_final(cfg: DictConfig) -> bool:
     domain classifier is quick to train and whose numbers mean something; not on the user's own shards."""
     final = cfg.eval.final
     return (cfg.data.name == "shapes" and not cfg.data.shards) if final == "auto" else bool(final)
+
+
+DOTTED = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+"  # package.module.name: a target in the user's own importable package
+
+
+def check_own_target(group: str, target, what: str, name, builtin) -> None:
+    """`<group>._target_` is a dotted path, and `<group>.name` a name of your own, not one of gan-bench's."""
+    if not isinstance(target, str) or not re.fullmatch(DOTTED, target):
+        raise ConfigError(f"{group}._target_={target!r} is not valid; use the dotted path of your {what}")
+    if name in builtin or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", str(name)):
+        raise ConfigError(f"{group}.name={name!r} with {group}._target_={target}: set {group}.name to a name of "
+                          f"your own (letters, digits, _ . -), not one of gan-bench's: {', '.join(builtin)}")
 
 
 def check_own_model(model) -> None:
@@ -357,7 +389,12 @@ def check_data(cfg: DictConfig) -> None:
 def check_train(cfg: DictConfig, world_size: int) -> None:
     t = cfg.train
     _choice("train.precision", t.precision, TRAIN_PRECISIONS)
-    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    if "." in str(t.optimizer):  # your own torch.optim.Optimizer subclass, by its dotted path
+        if not re.fullmatch(DOTTED, str(t.optimizer)):
+            raise ConfigError(f"train.optimizer={t.optimizer!r} is not valid; use one of: {', '.join(OPTIMIZERS)}, or "
+                              f"the dotted path of your torch.optim.Optimizer class (package.module.Class)")
+    else:
+        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _choice("train.channels_last", str(t.channels_last).lower(), ("auto", "true", "false"))
     _choice("train.fused_optim", str(t.fused_optim).lower(), ("auto", "true", "false"))
     for key in ("tf32", "cudnn_benchmark"):

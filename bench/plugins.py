@@ -1,6 +1,6 @@
-"""Your own nets without a fork: a model config's `_target_` names a builder in your own importable
-package; models.build calls build_own for such a config. The protocol: docs/architecture.md, "Your own
-model without a fork"."""
+"""Your own nets, loss or optimiser without a fork: `model._target_` / `loss._target_` name a builder in your own
+importable package, `train.optimizer` the dotted path of your optimiser class; models.build, objectives.loss_of and
+objectives.make_optimizer call here. The protocol: docs/architecture.md, "Your own model without a fork"."""
 from __future__ import annotations
 
 import importlib
@@ -13,24 +13,52 @@ from bench.models.checks import ModelConfigError
 G_ATTRIBUTES = ("z_dim", "resolution", "n_classes")  # integers every part of gan-bench may read from G
 
 
+def load_target(key: str, target: str, error=ModelConfigError):
+    """The object `target` ("package.module.name") names, for config key `key`; a module that cannot be found or a
+    missing name is one `error` line naming the key (a missing import inside your module keeps its traceback)."""
+    module, _, name = str(target).rpartition(".")
+    if not module:
+        raise error(f"{key}={target!r} is not valid; use package.module.name")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if not (exc.name and (module == exc.name or module.startswith(exc.name + "."))):
+            raise  # your module imports something that is missing: its own traceback says what
+        raise error(f"{key}={target!r}: no module named {exc.name!r}; put your package on PYTHONPATH or pip install "
+                    f"it") from None
+    except AttributeError:
+        raise error(f"{key}={target!r}: module {module!r} has no {name!r}") from None
+
+
+def own_loss(cfg: Mapping):
+    """The bench.train.objectives.Loss that cfg["_target_"] returns when called with dict(cfg) (the loss config,
+    your own keys included); anything else is a ValueError naming loss._target_."""
+    from bench.train.objectives import Loss
+
+    target = str(cfg["_target_"])
+    loss = load_target("loss._target_", target, ValueError)(dict(cfg))
+    if not isinstance(loss, Loss):
+        raise ValueError(f"loss._target_={target!r} returned {type(loss).__name__}; it must return a "
+                         f"bench.train.objectives.Loss(d=..., g=...)")
+    return loss
+
+
+def own_optimizer(path: str) -> type:
+    """Your torch.optim.Optimizer subclass named by train.optimizer's dotted path (else a ValueError naming it)."""
+    import torch
+
+    cls = load_target("train.optimizer", path, ValueError)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"train.optimizer={path!r} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
 def build_own(cfg: Mapping, resolution: int, n_classes: int) -> tuple[nn.Module, nn.Module]:
     """(G, D) from cfg["_target_"] = "package.module.function", called as function(dict(cfg), resolution,
     n_classes). A builder that cannot be imported, or a result that is not two modules with G's integer
     attributes, is a ModelConfigError naming model._target_."""
     target = str(cfg["_target_"])
-    module, _, name = target.rpartition(".")
-    if not module:
-        raise ModelConfigError(f"model._target_={target!r} is not valid; use package.module.function")
-    try:
-        builder = getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if not (exc.name and (module == exc.name or module.startswith(exc.name + "."))):
-            raise  # your module imports something that is missing: its own traceback says what
-        raise ModelConfigError(f"model._target_={target!r}: no module named {exc.name!r}; put your package on "
-                               f"PYTHONPATH or pip install it") from None
-    except AttributeError:
-        raise ModelConfigError(f"model._target_={target!r}: module {module!r} has no {name!r}") from None
-    nets = builder(dict(cfg), resolution, n_classes)
+    nets = load_target("model._target_", target)(dict(cfg), resolution, n_classes)
     if not (isinstance(nets, tuple) and len(nets) == 2 and all(isinstance(n, nn.Module) for n in nets)):
         raise ModelConfigError(f"model._target_={target!r} returned {type(nets).__name__}; it must return (G, D), "
                                f"two torch.nn.Modules")

@@ -200,7 +200,7 @@ def replay(rd: Path) -> tuple:
     from omegaconf import OmegaConf
 
     from bench.schema import Config
-    from bench.train.objectives import LOSSES
+    from bench.train.objectives import loss_of
     from bench.train.collapse import RULE_KEY, CollapseDetector
 
     own = OmegaConf.load(rd / "config.yaml")
@@ -208,7 +208,7 @@ def replay(rd: Path) -> tuple:
         if was in own.get("telemetry", {}):
             own.telemetry[now] = own.telemetry.pop(was)
     cfg = OmegaConf.merge(OmegaConf.structured(Config), own)
-    loss = LOSSES[cfg.loss.name]
+    loss = loss_of(cfg.loss)
     det = CollapseDetector.from_cfg(cfg.telemetry, float("inf") if loss.gap_unbounded
                                     else cfg.telemetry.collapse_loss_gap, relativistic=loss.relativistic)
     n_classes = int(_read(rd / "run.json").get("n_classes") or 0)

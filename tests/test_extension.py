@@ -73,6 +73,32 @@ def build_column_logits(cfg, resolution, n_classes):
     return (Generator(cfg["z_dim"], cfg["width"], resolution, n_classes),
             Discriminator(cfg["width"], resolution, n_classes, flat=False))
 '''
+LOSSES = '''
+import torch
+
+from bench.train.objectives import Loss
+
+
+def least_squares(cfg):
+    """LSGAN (Mao et al. 2017) with the margin of the user's own key loss.margin."""
+    m = float(cfg["margin"])
+    return Loss(d=lambda real, fake: ((real - m) ** 2).mean() + ((fake + m) ** 2).mean(),
+                g=lambda fake: ((fake - m) ** 2).mean())
+
+
+def not_a_loss(cfg):
+    return "hinge"
+
+
+class SGDMomentum(torch.optim.SGD):
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr, momentum=0.9)
+
+
+class NotAnOptimizer:
+    pass
+'''
+LSGAN = f"_target_: {PKG}.losses.least_squares\nname: lsgan\nmargin: 1.0\n"
 MINE = f"# my own nets\n_target_: {PKG}.nets.build\nfamily: mine\nz_dim: 16\nwidth: 8\n"
 
 
@@ -86,6 +112,9 @@ def user(tmp_path, monkeypatch):
     conf = tmp_path / "conf"
     (conf / "model").mkdir(parents=True)
     (conf / "model" / "mine.yaml").write_text(MINE)
+    (pkg / "losses.py").write_text(LOSSES)
+    (conf / "loss").mkdir()
+    (conf / "loss" / "lsgan.yaml").write_text(LSGAN)
     for m in [m for m in sys.modules if m.split(".")[0] == PKG]:
         del sys.modules[m]
     monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
@@ -103,7 +132,8 @@ def test_own_model_trains_through_the_cli(user):
            "GAN_BENCH_CONFIG_PATH": str(user / "conf")}
     out = subprocess.run([sys.executable, "-m", "bench.cli", "train", "model=mine", "train.steps=10",
                           "data.resolution=16", "data.num_samples=200", "data.num_workers=0", "train.batch_size=8",
-                          "train.precision=fp32", "train.tick_every=1", "ema.start=0", f"run.dir={run}"],
+                          "train.precision=fp32", "train.tick_every=1", "ema.start=0", "eval.final=false",
+                          f"run.dir={run}"],
                          cwd=user, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "training mine at 16x16" in out.stdout
@@ -199,3 +229,45 @@ def test_a_wrong_resolution_is_caught_by_the_shape_probe(user):
     with pytest.raises(ModelConfigError, match=r"G\(z, y\) gave \(2, 3, 16, 16\) for 2 samples; it must give "
                                                r"\(2, 3, 32, 32\)"):
         validate(compose(["model=fixed", "data.resolution=32"]))
+
+
+def test_own_loss_and_optimiser_train_through_the_cli(user, tiny_shards):
+    """loss=lsgan (the user's config folder: loss._target_ and a key of their own, loss.margin) and
+    train.optimizer=<package.module.Class>: `bench train` runs them, and the trainer holds exactly those."""
+    from bench.cli import main
+    from bench.train.trainer import Trainer
+    from conftest import TINY
+
+    opt = f"train.optimizer={PKG}.losses.SGDMomentum"
+    run = user / "run"
+    assert main(["train", *TINY, f"data.shards={tiny_shards}", "loss=lsgan", "loss.margin=0.5", opt,
+                 "train.steps=3", "train.batch_size=4", "train.precision=fp32", f"run.dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    saved = (run / "config.yaml").read_text()
+    assert f"_target_: {PKG}.losses.least_squares" in saved and "margin: 0.5" in saved
+    state = torch.load(run / "checkpoints" / "ckpt-0000003.pt", weights_only=False)
+    assert all("momentum_buffer" in s for s in state["opt_D"]["state"].values())  # SGD's state, not Adam's
+
+    cfg = validate(compose([*TINY, f"data.shards={tiny_shards}", "loss=lsgan", opt]))
+    t = Trainer(cfg, user / "other", quiet=True)
+    assert type(t.opt["G"]).__name__ == "SGDMomentum" and t.opt["G"].defaults["momentum"] == 0.9
+    on_target = t.objective.loss.d(torch.tensor([1.0]), torch.tensor([-1.0]))
+    assert on_target.item() == 0.0 and t.objective.loss.g(torch.tensor([1.0])).item() == 0.0  # margin 1
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["loss=lsgan", f"loss._target_={PKG}.losses.not_a_loss"], "returned str; it must return a bench.train"),
+    (["loss=lsgan", "loss._target_=nowhere_pkg.losses.make"], "no module named 'nowhere_pkg'"),
+    (["loss=lsgan", "loss.name=hinge"], "loss.name='hinge' with loss._target_"),
+    ([f"train.optimizer={PKG}.losses.NotAnOptimizer"], "is not a torch.optim.Optimizer subclass"),
+    (["train.optimizer=sgd"], "train.optimizer='sgd' is not valid"),
+])
+def test_a_broken_own_loss_or_optimiser_is_one_line(user, tiny_shards, capsys, overrides, needle):
+    from bench.cli import main
+    from conftest import TINY
+
+    rc = main(["train", *TINY, f"data.shards={tiny_shards}", *overrides, f"run.dir={user / 'r'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (user / "r" / "metrics.jsonl").exists()

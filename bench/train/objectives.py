@@ -104,11 +104,28 @@ OPTIMIZERS: dict[str, Callable] = {
 
 
 def make_optimizer(train_cfg, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """train.optimizer at `lr`, its step's kernels chosen by train.fused_optim (bench.device.optimizer_impl)."""
-    cls = OPTIMIZERS[train_cfg.optimizer]
-    own = {"betas": tuple(train_cfg.betas)} if cls is torch.optim.Adam else {}
-    return cls(params, lr=lr, eps=train_cfg.eps, **own,
-               **bdevice.optimizer_impl(train_cfg.get("fused_optim", "auto"), cls, device))
+    """train.optimizer at `lr` (a name of OPTIMIZERS, or the dotted path of your own torch.optim.Optimizer class,
+    given lr and whichever of eps, betas and the kernel keywords its constructor takes), its step's kernels chosen
+    by train.fused_optim (bench.device.optimizer_impl)."""
+    import inspect
+
+    from bench.plugins import own_optimizer
+
+    name = str(train_cfg.optimizer)
+    cls = OPTIMIZERS[name] if name in OPTIMIZERS else own_optimizer(name)
+    offered = {"eps": train_cfg.eps, "betas": tuple(train_cfg.betas),
+               **bdevice.optimizer_impl(train_cfg.get("fused_optim", "auto"), cls, device)}
+    takes = inspect.signature(cls).parameters  # RMSprop takes no betas (its alpha keeps its own default)
+    return cls(params, lr=lr, **{k: v for k, v in offered.items() if k in takes})
+
+
+def loss_of(loss_cfg) -> Loss:
+    """The Loss of the loss config: a built-in one by loss.name, or your own from loss._target_ (bench.plugins)."""
+    if loss_cfg.get("_target_"):
+        from bench.plugins import own_loss
+
+        return own_loss(loss_cfg)
+    return LOSSES[loss_cfg.name]
 
 
 # ---- penalties -------------------------------------------------------------------------------------
@@ -221,7 +238,7 @@ class GANObjective:
 
     def __init__(self, cfg, G, D, autocast, gen: Optional[torch.Generator] = None):
         self.G, self.D = G, D
-        self.loss = LOSSES[cfg.loss.name]
+        self.loss = loss_of(cfg.loss)
         self.loss_cfg = cfg.loss
         self.gp_lambda = float(cfg.loss.gp_lambda)
         self.real_target = float(cfg.loss.real_target)
