@@ -94,3 +94,10 @@ def format_value(name: str, value) -> str:
         return (metric.fmt if metric else "{:.4f}").format(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+# perf/cpu_util (a CPU tick's, and `bench throughput`'s windows'): the training steps' process CPU time over their
+# wall time x torch threads. Below CONTENDED the figure was taken beside another CPU-bound process (or the run's own
+# data workers): its img/s are not clean. bench/train/telemetry.py records it; the report marks such runs.
+CPU_UTIL = "perf/cpu_util"
+CONTENDED = 0.7

@@ -7,7 +7,8 @@ import sys
 import time
 
 from bench.cli import main
-from bench.train.telemetry import CONTENDED, CPU_UTIL, TickClock
+from bench.metrics_registry import CONTENDED, CPU_UTIL
+from bench.train.telemetry import TickClock
 from conftest import TINY
 
 
@@ -54,3 +55,27 @@ def test_a_run_beside_cpu_bound_neighbours_is_marked(tmp_path, capfd):
     assert len(utils) == 6 and min(utils) < CONTENDED, utils
     out = capfd.readouterr().out
     assert out.count("another CPU-bound process, or its own data workers, probably shares the cores") == 1
+
+
+def test_bench_throughput_marks_windows_taken_beside_cpu_bound_neighbours(capsys):
+    """`bench throughput` records each timed window's CPU utilisation; beside two spinning processes per core a
+    window falls below CONTENDED, the JSON says "contended": true and one warning line says why."""
+    from conftest import TINY as tiny
+
+    args = ["throughput", *[a for a in tiny if not a.startswith("train.tick_every")], "model=dcgan",
+            "train.batch_size=8", "throughput.warmup=1", "throughput.steps=4", "throughput.repeats=2",
+            "train.precision=fp32"]
+    cores = len(os.sched_getaffinity(0))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * cores)]
+    try:
+        assert main(args) == 0
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)
+    assert len(out["cpu_util_windows"]) == 2 and all(0.0 < u <= 1.1 for u in out["cpu_util_windows"])
+    assert out["contended"] is True and min(out["cpu_util_windows"]) < CONTENDED, out["cpu_util_windows"]
+    assert cap.err.count("another CPU-bound process probably shares the cores") == 1
+    assert out["cpu_util"] in out["cpu_util_windows"] or round(out["cpu_util"], 3) in out["cpu_util_windows"]

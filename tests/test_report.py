@@ -545,3 +545,28 @@ def test_ada_p_plot_has_one_line_per_ada_run(tmp_path, monkeypatch):
     md = (out / "report.md").read_text()
     assert "ada_p.png" not in md and "ADA augmentation" not in md
     assert (out / "losses.png").is_file()  # the rest of the report is still there
+
+
+def test_runs_measured_under_contention_are_marked(tmp_path):
+    """A run whose ticks recorded perf/cpu_util under CONTENDED gets † beside its img/s and one line saying why;
+    runs.csv keeps cpu_util (the median over ticks, first dropped) and contended; a clean run is unmarked."""
+    from bench import metrics_registry as registry
+    from bench import rundir
+
+    root = tmp_path / "runs"
+    for name, utils in (("clean", [0.5, 0.97, 0.95, 0.96]), ("shared", [0.9, 0.41, 0.45, 0.5])):
+        d = ada_run(root, name, 0, [], None, None)
+        (d / rundir.METRICS).unlink()
+        for i, u in enumerate(utils):
+            rundir.append_jsonl(d / rundir.METRICS, {"step": 10 * (i + 1), "kimg": 0.16 * (i + 1), "loss/D": 1.0,
+                                                     "loss/G": 0.5, "throughput/img_per_s": 100.0 - i,
+                                                     registry.CPU_UTIL: u})
+    assert main(["report", str(root)]) == 0
+    rows = {r["run"]: r for r in read_csv(root / "report" / "runs.csv")}
+    assert float(rows["shared"]["cpu_util"]) == pytest.approx(0.45) and rows["shared"]["contended"] == "yes"
+    assert float(rows["clean"]["cpu_util"]) == pytest.approx(0.96) and rows["clean"]["contended"] in ("no", "")
+    md = (root / "report" / "report.md").read_text()
+    shared = next(line for line in md.splitlines() if line.startswith("| shared"))
+    clean = next(line for line in md.splitlines() if line.startswith("| clean"))
+    assert "98 †" in shared and "†" not in clean
+    assert "† 1 run(s) measured under contention" in md and "45% (lowest)" in md

@@ -172,13 +172,25 @@ def _md_head(d: ReportData) -> list[str]:
 
 
 def _md_runs(d: ReportData) -> list[str]:
-    table = md_table([h for h, _ in RUN_TABLE],
-                     [[status_cell(r[k]) if k == "status" else r[k] for _, k in RUN_TABLE] for r in d.rows])
+    def cell(r: dict, k: str):
+        if k == "status":
+            return status_cell(r[k])
+        if k == "img_per_s" and r.get("contended"):
+            return f"{fmt(r[k], 3)} †"  # taken beside another CPU-bound process: not a clean figure
+        return r[k]
+
+    table = md_table([h for h, _ in RUN_TABLE], [[cell(r, k) for _, k in RUN_TABLE] for r in d.rows])
+    contended = [r for r in d.rows if r.get("contended")]
     L = ["## Runs", "", table, "",
          "img/s and ms/step: median over ticks, first tick dropped (steady training throughput; "
          "`img_per_s_overall` in `runs.csv` is summary.json's images / wall seconds, evaluations and "
          "checkpoints included). best: the best evaluation by the run's `eval.best_metric` (summary.json, "
          "else evals.jsonl; the rule of checkpoints/best.pt). All columns: `runs.csv`.", ""]
+    if contended:
+        L += [f"† {len(contended)} run(s) measured under contention: their training steps got a median "
+              f"{min(r['cpu_util'] for r in contended):.0%} (lowest) of their threads' CPU time (`perf/cpu_util` < "
+              f"{registry.CONTENDED}): another CPU-bound process, or the run's own data workers, shared the cores, so "
+              f"their img/s are not clean figures. Rerun them alone to compare speeds.", ""]
     seeds = G.seed_table(d.groups or [], d.abl)
     if seeds:
         L += ["Seeds: runs whose config.yaml differs only in `train.seed` are one configuration; its numbers "

@@ -193,6 +193,7 @@ def run_row(r: Run) -> dict:
     c_step, c_reason, flagged = collapse_info(r)
     best = best_eval(r)
     mfu = steady_values(m, "perf/mfu")
+    util = steady_median(m, registry.CPU_UTIL)
     mem = [x["mem/peak_gb"] for x in m if finite(x.get("mem/peak_gb"))]
     row = {
         "run": r.label, "dir": str(r.path), "status": r.status, "finished": r.finished,
@@ -209,6 +210,8 @@ def run_row(r: Run) -> dict:
         "D_ms": steady_median(m, "time/D_ms"), "G_ms": steady_median(m, "time/G_ms"),
         "reg_ms": steady_median(m, "time/reg_ms"), "telemetry_ms": steady_median(m, "time/telemetry_ms"),
         "mfu": statistics.mean(mfu) if mfu else None, "peak_mem_gb": max(mem) if mem else None,
+        # the steps' CPU utilisation (CPU runs): below registry.CONTENDED the img/s were taken beside another process
+        "cpu_util": util, "contended": finite(util) and util < registry.CONTENDED,
         "loss_D": _last(m, "loss/D"), "loss_G": _last(m, "loss/G"),
         "best_metric": best.get("metric"), "best_value": best.get("value"), "best_step": best.get("step"),
         "best_extractor": best.get("extractor"), "evals": len(r.evals),

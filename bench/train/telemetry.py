@@ -133,8 +133,6 @@ class TickClock:
 
 
 TIMED_SECTIONS = ("data", "D", "G", "reg", "telemetry")  # the step-time split, in time/<name>_ms
-CPU_UTIL = "perf/cpu_util"  # TickClock.cpu_utilisation, averaged over ranks
-CONTENDED = 0.7             # a CPU tick below this utilisation was measured beside another CPU-bound process
 
 
 def grad_norm(params) -> torch.Tensor:

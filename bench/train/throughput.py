@@ -19,6 +19,7 @@ from bench import rundir
 from bench.config import compose, validate
 from bench.overrides import is_sweep_value, sweep_values
 from bench.train.records import math_switches
+from bench.metrics_registry import CONTENDED
 from bench.train.telemetry import TIMED_SECTIONS, Collector, Stopwatch
 from bench.train.trainer import Batches, Trainer
 
@@ -72,19 +73,21 @@ def benchmark(trainer: Trainer, warmup: int, steps: int, fake_data: bool = True)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             trainer.train_step(watch, batches)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         times = watch.take()
         collector.tick()
     trainer.close_data()
     return {"steps": steps, "seconds": elapsed, "img_per_s": steps * trainer.eff_batch / elapsed,
             "step_ms": 1000 * elapsed / steps,
             **{f"{k}_ms": 1000 * times.get(k, 0.0) / steps for k in TIMED_SECTIONS},
-            "peak_mem_gb": bdevice.peak_memory_gb(device)}
+            "peak_mem_gb": bdevice.peak_memory_gb(device),
+            # the steps' process CPU time over their wall time x torch threads (CPU only; TickClock's perf/cpu_util)
+            "cpu_util": cpu / (elapsed * torch.get_num_threads()) if device.type == "cpu" else None}
 
 
 def _throughput_one(overrides: list[str], scratch: str) -> dict:
@@ -97,6 +100,9 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
                for i in range(cfg.throughput.repeats)]
     r = sorted(windows, key=lambda w: w["img_per_s"])[len(windows) // 2]  # the median window
     r["img_per_s_windows"] = [round(w["img_per_s"], 3) for w in windows]
+    utils = [w["cpu_util"] for w in windows if w["cpu_util"] is not None]
+    r["cpu_util_windows"] = [round(u, 3) for u in utils]
+    r["contended"] = bool(utils) and min(utils) < CONTENDED  # a window beside another CPU-bound process
     if cfg.throughput.profile:
         r["profile"] = _profile_window(trainer, cfg, Path(cfg.throughput.profile), fake)
     peak, source = bdevice.peak_tflops(trainer.device, t.precision, remeasure=True)
@@ -113,6 +119,10 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
           f"{' channels_last' if trainer.channels_last else ''}: {out['img_per_s']:.1f} img/s | "
           f"{out['step_ms']:.0f} ms/step ({split}) | {tflops:.3f} TFLOP/s = {100 * (out['mfu'] or 0):.1f}% of "
           f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB", file=sys.stderr, flush=True)
+    if out["contended"]:
+        print(f"warning: a timed window's steps got {min(utils):.0%} of the CPU time of {torch.get_num_threads()} "
+              f"thread(s) (cpu_util_windows {r['cpu_util_windows']}): another CPU-bound process probably shares the "
+              f"cores, so these img/s are not clean figures (\"contended\": true)", file=sys.stderr, flush=True)
     return out
 
 

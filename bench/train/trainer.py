@@ -372,7 +372,7 @@ class Trainer:
         tick_s, steps, wall_s = clock.lap()
         util = clock.cpu_utilisation(torch.get_num_threads())
         if self.device.type == "cpu" and math.isfinite(util):
-            collector.add(telemetry.CPU_UTIL, util)
+            collector.add(registry.CPU_UTIL, util)
         stats = collector.tick()  # one all-reduce across ranks
         row = {"step": self.step, "kimg": self.images_seen / 1000.0, "time/wall_s": wall_s,
                "throughput/img_per_s": steps * self.eff_batch / tick_s, "time/step_ms": 1000.0 * tick_s / steps}
@@ -395,9 +395,9 @@ class Trainer:
         if self.ranks.any(self.collapse.collapse_step is not None and self.cfg.telemetry.stop_on_collapse):
             self.stop.collapse()
         self.last_row = row
-        util = row.get(telemetry.CPU_UTIL, 1.0)
+        util = row.get(registry.CPU_UTIL, 1.0)
         self.ticks_since_start += 1  # the first tick after a start or resume also waits for the first batches
-        if (util < telemetry.CONTENDED and self.ticks_since_start > 1 and self.is_main and not self.quiet
+        if (util < registry.CONTENDED and self.ticks_since_start > 1 and self.is_main and not self.quiet
                 and not self.warned_contention):
             self.warned_contention = True  # once per run: the records keep every tick's perf/cpu_util
             print(f"warning: at step {self.step} this run's training steps got {util:.0%} of the CPU time of its "
