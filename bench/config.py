@@ -326,13 +326,14 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
 def check_own_parts(cfg: DictConfig) -> None:
     """Your own loss (`loss._target_`) and optimiser (`train.optimizer=package.module.Class`) are imported and
     checked now, before anything runs: one line if they cannot be (bench/plugins.py)."""
-    from bench import plugins
+    from bench.plugins import own_optimizer
+    from bench.train.objectives import own_loss
 
     try:
         if cfg.loss.get("_target_"):
-            plugins.own_loss(OmegaConf.to_container(cfg.loss, resolve=True))
+            own_loss(OmegaConf.to_container(cfg.loss, resolve=True))
         if "." in str(cfg.train.optimizer):
-            plugins.own_optimizer(str(cfg.train.optimizer))
+            own_optimizer(str(cfg.train.optimizer))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

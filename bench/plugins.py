@@ -1,5 +1,5 @@
 """Your own nets, loss or optimiser without a fork: `model._target_` / `loss._target_` name a builder in your own
-importable package, `train.optimizer` the dotted path of your optimiser class; models.build, objectives.loss_of and
+importable package, `train.optimizer` the dotted path of your optimiser class; models.build, objectives.own_loss and
 objectives.make_optimizer call here. The protocol: docs/architecture.md, "Your own model without a fork"."""
 from __future__ import annotations
 
@@ -28,19 +28,6 @@ def load_target(key: str, target: str, error=ModelConfigError):
                     f"it") from None
     except AttributeError:
         raise error(f"{key}={target!r}: module {module!r} has no {name!r}") from None
-
-
-def own_loss(cfg: Mapping):
-    """The bench.train.objectives.Loss that cfg["_target_"] returns when called with dict(cfg) (the loss config,
-    your own keys included); anything else is a ValueError naming loss._target_."""
-    from bench.train.objectives import Loss
-
-    target = str(cfg["_target_"])
-    loss = load_target("loss._target_", target, ValueError)(dict(cfg))
-    if not isinstance(loss, Loss):
-        raise ValueError(f"loss._target_={target!r} returned {type(loss).__name__}; it must return a "
-                         f"bench.train.objectives.Loss(d=..., g=...)")
-    return loss
 
 
 def own_optimizer(path: str) -> type:

@@ -120,12 +120,21 @@ def make_optimizer(train_cfg, params, lr: float, device: torch.device) -> torch.
 
 
 def loss_of(loss_cfg) -> Loss:
-    """The Loss of the loss config: a built-in one by loss.name, or your own from loss._target_ (bench.plugins)."""
-    if loss_cfg.get("_target_"):
-        from bench.plugins import own_loss
+    """The Loss of the loss config: a built-in one by loss.name, or your own (own_loss)."""
+    return own_loss(loss_cfg) if loss_cfg.get("_target_") else LOSSES[loss_cfg.name]
 
-        return own_loss(loss_cfg)
-    return LOSSES[loss_cfg.name]
+
+def own_loss(loss_cfg) -> Loss:
+    """The Loss that loss._target_ (your package.module.function, bench.plugins.load_target) returns when called
+    with the loss config as a dict (your own keys included); anything else is a ValueError naming the key."""
+    from bench.plugins import load_target
+
+    target = str(loss_cfg["_target_"])
+    loss = load_target("loss._target_", target, ValueError)(dict(loss_cfg))
+    if not isinstance(loss, Loss):
+        raise ValueError(f"loss._target_={target!r} returned {type(loss).__name__}; it must return a "
+                         f"bench.train.objectives.Loss(d=..., g=...)")
+    return loss
 
 
 # ---- penalties -------------------------------------------------------------------------------------
