@@ -61,9 +61,9 @@ def run(args: list[str], out: Path, name: str, timeout: float = 3600) -> tuple[i
     return proc.returncode, proc.stdout
 
 
-def throughput(p: Plan, out: Path, name: str, batch: int, precision: str) -> dict | None:
+def throughput(p: Plan, out: Path, name: str, batch: int, precision: str, *extra: str) -> dict | None:
     rc, stdout = run(["throughput", *p.model, f"train.batch_size={batch}", f"train.precision={precision}",
-                      *p.throughput], out, name)
+                      *p.throughput, *extra], out, name)
     if rc != 0:
         return None
     result = json.loads(stdout)
@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     headline = throughput(p, out, f"throughput-{p.precision}-b{p.batch}", p.batch, p.precision)
     biggest = largest_batch(p, out, headline)
     fp16 = throughput(p, out, f"throughput-fp16-b{p.batch}", p.batch, "fp16") if p.fp16 else None
+    # the math switches (issue 25), each beside its baseline: Adam's loop instead of its fused kernel, and fp32
+    # with and without TF32 tensor cores
+    loop = throughput(p, out, f"throughput-{p.precision}-b{p.batch}-loop-adam", p.batch, p.precision,
+                      "train.fused_optim=false")
+    fp32 = throughput(p, out, f"throughput-fp32-b{p.batch}-tf32-off", p.batch, "fp32")
+    tf32 = throughput(p, out, f"throughput-fp32-b{p.batch}-tf32-on", p.batch, "fp32", "train.tf32=true")
     shards = out / "shards"
     if not (shards / "manifest.json").exists():
         run(["data", "make-shards", "source=shapes", f"out={shards}", *p.shard_args], out, "make-shards")
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|",
              row("headline", headline), row("largest batch that fits", biggest)]
     lines.append(row("fp16 (GradScaler per net)", fp16) if p.fp16 else "| fp16 | - | - | needs a GPU | | | | |")
+    lines += [row("Adam's loop (train.fused_optim=false)", loop), row("fp32", fp32),
+              row("fp32 + TF32 (train.tf32=true)", tf32)]
     lines += ["", f"- bench inspect: exit {rc}",
               f"- bench train, {p.train_steps} steps: exit {train_rc}, status {summary.get('status')}, "
               f"{summary.get('img_per_s') or 0:.1f} img/s over the run",
