@@ -57,10 +57,19 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else msg
 
 
+# telemetry keys renamed since runs were recorded: a run's config.yaml with the old name still loads (bench eval,
+# sample, truncation, eval watch, the collapse suite's replay)
+RENAMED_TELEMETRY = {"collapse_class_progress": "collapse_progress", "collapse_class_window": "collapse_progress_window"}
+
+
 def check_schema(cfg: DictConfig) -> DictConfig:
     """Merge a composed config onto the schema: unknown keys and wrong types become ConfigError."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
+    telemetry = plain.get("telemetry") or {}
+    for was, now in RENAMED_TELEMETRY.items():
+        if was in telemetry:
+            telemetry.setdefault(now, telemetry.pop(was))
     if "cluster" in plain and isinstance(plain["cluster"].get("time"), int):
         plain["cluster"]["time"] = str(plain["cluster"]["time"])
     for key in ("sigma_clamp", "sigma_target"):
@@ -339,10 +348,13 @@ def check_own_parts(cfg: DictConfig) -> None:
 
 
 def resolve_final(cfg: DictConfig) -> bool:
-    """eval.final=auto: evaluate at the end (the run's quality line) when training on the built-in shapes set, whose
-    domain classifier is quick to train and whose numbers mean something; not on the user's own shards."""
+    """eval.final=auto: evaluate at the end (the run's quality line) when training on the built-in shapes set with the
+    domain extractor, whose classifier is quick to train and whose numbers mean something; not on the user's own
+    shards, nor with another extractor (Inception needs its weights file)."""
     final = cfg.eval.final
-    return (cfg.data.name == "shapes" and not cfg.data.shards) if final == "auto" else bool(final)
+    if final != "auto":
+        return bool(final)
+    return cfg.data.name == "shapes" and not cfg.data.shards and cfg.eval.extractor == "domain"
 
 
 DOTTED = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+"  # package.module.name: a target in the user's own importable package

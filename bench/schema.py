@@ -175,7 +175,7 @@ class TelemetryCfg:
     collapse_dwins_level: float = 0.02   # D wins outright: fake sign mean <= this, real >= 0.9 (or <= this: D dead); 0 = off
     collapse_dwins_ticks: int = 5        # ticks in a row (after the warm-up) that D must win outright; 0 = off
     collapse_class_factor: float = 1.5   # class input ignored: class accuracy <= this x chance (probe or evaluation); 0 = off
-    collapse_class_sep: float = 0.25     # or the probe's class separation (G's over the data's) <= this; 0 = off
+    collapse_class_sep: float = 0.25     # the probe's class separation (G's over the data's) <= this, read only for a record without the probe's accuracy (the live probe records both); 0 = off
     collapse_class_after: int = 100      # steps before which the class rule waits (G learns classes late)
     collapse_progress: float = 0.1       # the class and d_wins rules wait while G's distance to the data falls by more than this fraction
     collapse_progress_window: int = 300  # ... over this many steps (the probe's distance; the evaluations' class rule: FID over collapse_patience evaluations)

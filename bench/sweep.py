@@ -34,6 +34,10 @@ def _value(override: str) -> str:
     return override.split("=", 1)[-1]
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def requested_launcher(args: list[str]) -> str | None:
     """The `hydra/launcher=` choice among the overrides, if any."""
     for a in args:
@@ -65,7 +69,9 @@ def multirun(args: list[str], train: Callable[..., int]) -> int:
     args = [a for a in args if not a.startswith("hydra.sweep.dir=")]
     launcher = requested_launcher(args)
     groups = cluster_groups(args, fixed, launcher)
-    prepare_shared_files(base)  # default shards and the domain classifier, once, before jobs start
+    swept = {_key(a) for a in args if is_sweep_value(_value(a))} | set(sweeper_params(fixed))
+    if not swept & {"data", "data.shards"}:  # a swept data set: each job finds or makes its own
+        prepare_shared_files(base)  # default shards and the domain classifier, once, before jobs start
     offset = 0
     for gi, group in enumerate(groups):
         extra = [f"hydra.sweep.dir={sweep_dir}"]

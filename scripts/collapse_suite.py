@@ -188,7 +188,6 @@ def one(rd: Path, cell: str, precision: str, python: str, threads: int, classifi
 
 
 EXTRA: list = []  # --set KEY=VALUE: more overrides for every run (e.g. train.seed=1 for a held-out repeat)
-RENAMED = {"collapse_class_progress": "collapse_progress", "collapse_class_window": "collapse_progress_window"}
 REPLAY = False  # --replay: judge the detector of this checkout on the recorded runs instead of what flagged live
 
 
@@ -204,7 +203,9 @@ def replay(rd: Path) -> tuple:
     from bench.train.collapse import RULE_KEY, CollapseDetector
 
     own = OmegaConf.load(rd / "config.yaml")
-    for was, now in RENAMED.items():  # a run recorded before a telemetry key was renamed
+    from bench.config import RENAMED_TELEMETRY
+
+    for was, now in RENAMED_TELEMETRY.items():  # a run recorded before a telemetry key was renamed
         if was in own.get("telemetry", {}):
             own.telemetry[now] = own.telemetry.pop(was)
     cfg = OmegaConf.merge(OmegaConf.structured(Config), own)

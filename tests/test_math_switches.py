@@ -79,3 +79,17 @@ def test_a_bad_switch_is_one_line(tmp_path, capsys, tiny_shards, override, needl
     rc = main(["train", f"data.shards={tiny_shards}", f"run.dir={tmp_path / 'r'}", *TINY, override])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_fused_only_where_torch_has_the_kernel():
+    """Adagrad's fused kernel exists on a CPU only; a class of the user's own gets foreach if it takes it, else its
+    own defaults, recorded as "its own"."""
+    class Mine(torch.optim.SGD):
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr)
+
+    assert bdevice.optimizer_impl("true", torch.optim.Adagrad, CPU) == {"fused": True}
+    assert bdevice.optimizer_impl("true", torch.optim.Adagrad, torch.device("cuda")) == {"foreach": True}
+    assert bdevice.optimizer_impl("true", Mine, CPU) == {} and bdevice.optimizer_impl("false", Mine, CPU) == {}
+    opt = Mine([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert bdevice.impl_name({k: v for k, v in opt.defaults.items() if k not in ("fused", "foreach")}) == "its own"

@@ -270,3 +270,36 @@ def test_console_script_runs(tmp_path, tiny_shards):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step      2/2" in proc.stdout and "run directory" in proc.stdout
+
+
+def test_the_default_config_is_the_main_jobs_recipe():
+    """No overrides: the DCGAN with SN in D and its recipe (configs/model/dcgan_sn.yaml); model=biggan keeps
+    train.*'s BigGAN defaults; eval.final=auto is on for the built-in set with the domain extractor only."""
+    from bench.config import compose, validate
+
+    main_job = validate(compose([]))
+    assert (main_job.model.family, main_job.model.ch, main_job.model.d_sn, main_job.model.g_sn) == ("dcgan", 32, True,
+                                                                                                     False)
+    assert (main_job.train.g_lr, main_job.train.d_lr, list(main_job.train.betas), main_job.train.steps) == \
+        (1e-3, 1e-3, [0.5, 0.999], 2000)
+    assert main_job.eval.final is True and main_job.loss.name == "hinge"
+    big = validate(compose(["model=biggan"]))
+    assert (big.model.family, big.train.g_lr, big.train.d_lr, list(big.train.betas), big.train.steps) == \
+        ("biggan", 2e-4, 4e-4, [0.0, 0.999], 300)
+    assert validate(compose(["eval.extractor=inception"])).eval.final is False  # Inception needs its weights file
+
+
+def test_a_run_recorded_before_a_key_was_renamed_still_loads(tmp_path):
+    """config.yaml of a run from before telemetry.collapse_class_progress / _window were renamed: check_schema maps
+    them (bench eval, sample, truncation and eval watch read old runs)."""
+    from omegaconf import OmegaConf
+
+    from bench.config import check_schema, compose
+
+    cfg = OmegaConf.to_container(compose([]))
+    cfg["telemetry"]["collapse_class_progress"] = cfg["telemetry"].pop("collapse_progress")
+    cfg["telemetry"]["collapse_class_window"] = 120
+    del cfg["telemetry"]["collapse_progress_window"]
+    merged = check_schema(OmegaConf.create(cfg))
+    assert merged.telemetry.collapse_progress == 0.1 and merged.telemetry.collapse_progress_window == 120
+    assert "collapse_class_window" not in merged.telemetry

@@ -129,8 +129,11 @@ def own_loss(loss_cfg) -> Loss:
     with the loss config as a dict (your own keys included); anything else is a ValueError naming the key."""
     from bench.plugins import load_target
 
-    target = str(loss_cfg["_target_"])
-    loss = load_target("loss._target_", target, ValueError)(dict(loss_cfg))
+    from omegaconf import DictConfig, OmegaConf
+
+    plain = OmegaConf.to_container(loss_cfg, resolve=True) if isinstance(loss_cfg, DictConfig) else dict(loss_cfg)
+    target = str(plain["_target_"])
+    loss = load_target("loss._target_", target, ValueError)(plain)  # plain values, at the check and in training
     if not isinstance(loss, Loss):
         raise ValueError(f"loss._target_={target!r} returned {type(loss).__name__}; it must return a "
                          f"bench.train.objectives.Loss(d=..., g=...)")

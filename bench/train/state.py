@@ -150,6 +150,11 @@ class TrainingParts:
             opt.load_state_dict(s[f"opt_{k}"])  # this restores the saved run's kernel choice with its state:
             for group, own in zip(opt.param_groups, kernels):  # keep this run's train.fused_optim instead
                 group.update(own)
+                if group.get("fused"):  # a fused step wants each `step` on its parameter's device as float32; a
+                    for p in group["params"]:  # checkpoint of the loop or foreach left them on the CPU
+                        st = opt.state.get(p, {})
+                        if torch.is_tensor(st.get("step")):
+                            st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
         if self.scalers and s.get("scaler"):
             for k, sd in s["scaler"].items():
                 self.scalers[k].load_state_dict(sd)
