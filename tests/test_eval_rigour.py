@@ -215,7 +215,9 @@ def test_bench_eval_gives_the_same_numbers_at_batch_16_and_250(trained_run, tmp_
     assert small["source"] == large["source"] == rundir.SOURCE_BENCH_EVAL
     assert small["num_samples"] == large["num_samples"] == 300
     assert math.isfinite(small["eval/FID"]) and small["eval/FID"] > 0
-    assert large["eval/FID"] == pytest.approx(small["eval/FID"], rel=1e-6)
+    # a batch size can flip a uint8 rounding by 1 (test_sampled_images_do_not_depend_on_the_batch_size), which moves
+    # the FID by ~1e-6 absolute: that matters for a near-zero FID (0.59 here at step 2), never for a reported one
+    assert large["eval/FID"] == pytest.approx(small["eval/FID"], rel=1e-6, abs=1e-5)
     for key in ("eval/KID", "eval/precision", "eval/recall", "eval/density", "eval/coverage", "eval/class_acc"):
         assert large[key] == pytest.approx(small[key], rel=1e-6, abs=1e-6), key
     for rec in (small, large):
