@@ -406,7 +406,9 @@ class SweepMonitor(threading.Thread):
             if reap and queue is not None and self.spec.slurm:
                 state = self._reap(job_id, num, entry, job_id in queue) or state
             if state != self.shown.get(job_id, "PENDING" if self.spec.slurm else None):
-                label = " ".join(o for o in self._overrides(job_id, entry) if o not in self.spec.fixed)
+                # Hydra hands a job `eval.final=False` for the command line's `eval.final=false`: compare caselessly
+                fixed = {o.lower() for o in self.spec.fixed}
+                label = " ".join(o for o in self._overrides(job_id, entry) if o.lower() not in fixed)
                 print(f"job {job_id}{f' ({label})' if label else ''}: {self.shown.get(job_id, 'PENDING')} -> "
                       f"{state}", flush=True)
             self.shown[job_id] = state

@@ -214,7 +214,8 @@ def test_best_checkpoint_follows_the_one_rule(tmp_path):
     ("train.batch_size=abc", "train.batch_size"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, override, needle):
-    rc = main(["train", override, "train.accumulate=3", f"run.dir={tmp_path / 'bad'}", "train.steps=1"])
+    # model=biggan first: attention at 48 px is BigGAN's to refuse (a DCGAN has none); a case's own model= wins
+    rc = main(["train", "model=biggan", override, "train.accumulate=3", f"run.dir={tmp_path / 'bad'}", "train.steps=1"])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
