@@ -360,25 +360,20 @@ def resolve_final(cfg: DictConfig) -> bool:
 DOTTED = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+"  # package.module.name: a target in the user's own importable package
 
 
-def check_own_target(group: str, target, what: str, name, builtin) -> None:
-    """`<group>._target_` is a dotted path, and `<group>.name` a name of your own, not one of gan-bench's."""
+def check_own_target(group: str, target, what: str, name, builtin, name_key: str = "name") -> None:
+    """`<group>._target_` is a dotted path, and `<group>.<name_key>` a name of your own, not one of gan-bench's."""
     if not isinstance(target, str) or not re.fullmatch(DOTTED, target):
         raise ConfigError(f"{group}._target_={target!r} is not valid; use the dotted path of your {what}")
     if name in builtin or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", str(name)):
-        raise ConfigError(f"{group}.name={name!r} with {group}._target_={target}: set {group}.name to a name of "
-                          f"your own (letters, digits, _ . -), not one of gan-bench's: {', '.join(builtin)}")
+        raise ConfigError(f"{group}.{name_key}={name!r} with {group}._target_={target}: set {group}.{name_key} to a "
+                          f"name of your own (letters, digits, _ . -), not one of gan-bench's: {', '.join(builtin)}")
 
 
 def check_own_model(model) -> None:
     """A model built by your own code: `_target_` is a dotted 'package.module.function' and model.family a
     name of your own (it names the run directory and the records), not a built-in family's."""
-    target = model._target_
-    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", target):
-        raise ConfigError(f"model._target_={target!r} is not valid; use the dotted path of your builder, "
-                          f"package.module.function (called with (model config, resolution, n_classes) -> (G, D))")
-    if model.family in MODEL_FAMILIES or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", str(model.family)):
-        raise ConfigError(f"model.family={model.family!r} with model._target_={target}: set model.family to a name "
-                          f"of your own (letters, digits, _ . -), not one of gan-bench's: {', '.join(MODEL_FAMILIES)}")
+    check_own_target("model", model._target_, "builder, package.module.function (called with (model config, "
+                     "resolution, n_classes) -> (G, D))", model.family, MODEL_FAMILIES, name_key="family")
 
 
 def check_data(cfg: DictConfig) -> None:

@@ -198,17 +198,12 @@ def replay(rd: Path) -> tuple:
     rollback): the detector only reads the records."""
     from omegaconf import OmegaConf
 
-    from bench.schema import Config
     from bench.train.objectives import loss_of
     from bench.train.collapse import RULE_KEY, CollapseDetector
 
-    own = OmegaConf.load(rd / "config.yaml")
-    from bench.config import RENAMED_TELEMETRY
+    from bench.config import check_schema
 
-    for was, now in RENAMED_TELEMETRY.items():  # a run recorded before a telemetry key was renamed
-        if was in own.get("telemetry", {}):
-            own.telemetry[now] = own.telemetry.pop(was)
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), own)
+    cfg = check_schema(OmegaConf.load(rd / "config.yaml"))  # the schema's defaults, renamed keys mapped
     loss = loss_of(cfg.loss)
     det = CollapseDetector.from_cfg(cfg.telemetry, float("inf") if loss.gap_unbounded
                                     else cfg.telemetry.collapse_loss_gap, relativistic=loss.relativistic)
