@@ -91,13 +91,13 @@ def cmd_train(args: list[str]) -> int:
 
 
 def run_training(cfg, run_dir: Path) -> int:
-    """One training (bench train, and each job of a sweep): the Trainer, its eval.async watcher
-    (bench/eval/watch.py), the summary, then eval.psi_sweep."""
+    """One training (bench train, and each job of a sweep): set-up, its eval.async watcher
+    (bench/eval/watch.py), the training loop, the summary, then eval.psi_sweep."""
     from omegaconf import OmegaConf
 
     from bench.train.records import print_summary
     from bench.train.state import StopRequest
-    from bench.train.trainer import Trainer
+    from bench.train.loop import setup, train
 
     if cfg.run.dry_run:
         print(OmegaConf.to_yaml(cfg))
@@ -107,23 +107,23 @@ def run_training(cfg, run_dir: Path) -> int:
     stop.install()  # before set-up and resume: a signal then stops the run before its first step
     watcher = None
     try:
-        trainer = Trainer(cfg, run_dir, stop=stop)
+        run, state = setup(cfg, run_dir, stop=stop)
         if cfg.eval.get("async"):  # evaluation in its own job (bench eval watch), submitted by rank 0
             from bench.eval import watch
 
             try:
-                watcher = watch.BesideTraining.submit(cfg, run_dir, watch_job, trainer.ranks, world=trainer.world)
+                watcher = watch.BesideTraining.submit(cfg, run_dir, watch_job, run.ranks, world=run.world)
             except watch.SubmitFailed as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 return 3
         try:
-            summary = trainer.run()
+            summary = train(run, state)
         finally:
             if watcher is not None:
                 watcher.cancel_unless_started(run_dir)
     finally:
         stop.restore()
-    if trainer.is_main:
+    if run.is_main:
         print_summary(summary, run_dir)
         if watcher is not None and watcher.wait():
             summary = rundir.read_json(run_dir / rundir.SUMMARY) or summary  # with the watcher's best

@@ -191,3 +191,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def one_phase(phase, ranks=None, world: int = 1):
+    """(run, state) for bench.train.loop.train_step with the single `phase` (one micro-batch of 2, no data, no
+    EMA schedule, no rollback): what train_step reads, for tests of the phase code on a bare net. The net
+    doubles as G (its `z_dim` sets the latents' width)."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from bench.train.gradsync import GradSync
+    from bench.train.state import NonfiniteGuard
+
+    net = phase.net
+    net.z_dim = 3
+    cfg = OmegaConf.create({"train": {"d_steps": 1, "accumulate": 1, "batch_size": 2},
+                            "ema": {"decay": 0.0, "start": 0}, "telemetry": {"sigma_every": 0}})
+    ranks = ranks or SimpleNamespace(any=lambda flag: flag)
+    run = SimpleNamespace(cfg=cfg, rank=getattr(ranks, "rank", 0), world=world, device=torch.device("cpu"),
+                          phases=[phase], syncs={phase.name: GradSync(net, world)}, n_data_classes=1, ranks=ranks,
+                          eff_batch=2 * world, say=lambda line, err=False: None)
+    state = SimpleNamespace(step=0, images_seen=0, G=net, G_ema=copy.deepcopy(net), zgen=torch.Generator(),
+                            guard=NonfiniteGuard(0, 0), nets={})
+    return run, state

@@ -235,7 +235,7 @@ def test_own_loss_and_optimiser_train_through_the_cli(user, tiny_shards):
     """loss=lsgan (the user's config folder: loss._target_ and a key of their own, loss.margin) and
     train.optimizer=<package.module.Class>: `bench train` runs them, and the trainer holds exactly those."""
     from bench.cli import main
-    from bench.train.trainer import Trainer
+    from bench.train.loop import setup
     from conftest import TINY
 
     opt = f"train.optimizer={PKG}.losses.SGDMomentum"
@@ -250,7 +250,7 @@ def test_own_loss_and_optimiser_train_through_the_cli(user, tiny_shards):
     assert all("momentum_buffer" in s for s in state["opt_D"]["state"].values())  # SGD's state, not Adam's
 
     cfg = validate(compose([*TINY, f"data.shards={tiny_shards}", "loss=lsgan", opt]))
-    t = Trainer(cfg, user / "other", quiet=True)
+    _, t = setup(cfg, user / "other", quiet=True)
     assert type(t.opt["G"]).__name__ == "SGDMomentum" and t.opt["G"].defaults["momentum"] == 0.9
     on_target = t.objective.loss.d(torch.tensor([1.0]), torch.tensor([-1.0]))
     assert on_target.item() == 0.0 and t.objective.loss.g(torch.tensor([1.0])).item() == 0.0  # margin 1

@@ -269,18 +269,18 @@ def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, tiny_shard
 
     from bench import rundir
     from bench.config import compose, validate
+    from bench.train.loop import setup, train
     from bench.train.state import StopRequest
-    from bench.train.trainer import Trainer
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=4", "train.batch_size=4",
                             "train.precision=fp32", "train.ckpt_every=2"]))
-    assert Trainer(cfg, tmp_path / "r", quiet=True).run()["steps"] == 4
+    assert train(*setup(cfg, tmp_path / "r", quiet=True))["steps"] == 4
     cfg.train.steps = 8
     stop = StopRequest()
     stop.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # delivered now, before the trainer exists
-        summary = Trainer(cfg, tmp_path / "r", quiet=True, stop=stop).run()
+        summary = train(*setup(cfg, tmp_path / "r", quiet=True, stop=stop))
     finally:
         stop.restore()
     assert summary["status"] == rundir.INTERRUPTED and summary["steps"] == 4
@@ -310,30 +310,27 @@ def terminal_sigint():
 
 
 def test_the_interrupted_step_writes_no_samples_and_runs_no_evaluation(tmp_path, tiny_shards, capsys,
-                                                                        terminal_sigint):
+                                                                        terminal_sigint, monkeypatch):
     import signal
 
     from bench import rundir
     from bench.config import compose, validate
-    from bench.train.trainer import Trainer
+    from bench.train import loop
 
     calls = []
+    step = loop.train_step
 
-    class Watch(Trainer):
-        def train_step(self, watch, batches):
-            super().train_step(watch, batches)
-            if self.step == 3:
-                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 3
+    def watched_step(run, state, data, watch):
+        step(run, state, data, watch)
+        if state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 3
 
-        def run_eval(self):
-            calls.append(("eval", self.step))
-
-        def save_samples(self):
-            calls.append(("samples", self.step))
-
+    monkeypatch.setattr(loop, "train_step", watched_step)
+    monkeypatch.setattr(loop, "evaluate", lambda run, state: calls.append(("eval", state.step)))
+    monkeypatch.setattr(loop, "save_samples", lambda run, state: calls.append(("samples", state.step)))
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=6", "train.batch_size=4",
                             "train.precision=fp32", "train.sample_every=1", "eval.every=1"]))
-    summary = Watch(cfg, tmp_path / "int", quiet=True).run()
+    summary = loop.train(*loop.setup(cfg, tmp_path / "int", quiet=True))
     assert summary["status"] == rundir.INTERRUPTED and summary["steps"] == 3
     assert calls == [("samples", 1), ("eval", 1), ("samples", 2), ("eval", 2)]
     assert rundir.ckpt_name(3) in [p.name for _, p in rundir.list_checkpoints(tmp_path / "int" / rundir.CHECKPOINTS)]
@@ -341,21 +338,21 @@ def test_the_interrupted_step_writes_no_samples_and_runs_no_evaluation(tmp_path,
     assert "stopped by SIGINT at step 3" in capsys.readouterr().err
 
 
-def test_a_signal_during_the_samples_of_a_step_stops_after_the_next_step(tmp_path, tiny_shards, capsys):
+def test_a_signal_during_the_samples_of_a_step_stops_after_the_next_step(tmp_path, tiny_shards, capsys, monkeypatch):
     import signal
 
     from bench import rundir
     from bench.config import compose, validate
-    from bench.train.trainer import Trainer
+    from bench.train import loop
 
-    class Watch(Trainer):
-        def save_samples(self):
-            if self.step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)  # after step 2's checkpoint decision
+    def samples(run, state):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # after step 2's checkpoint decision
 
+    monkeypatch.setattr(loop, "save_samples", samples)
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=6", "train.batch_size=4",
                             "train.precision=fp32", "train.sample_every=1", "train.ckpt_every=100"]))
-    summary = Watch(cfg, tmp_path / "between", quiet=True).run()
+    summary = loop.train(*loop.setup(cfg, tmp_path / "between", quiet=True))
     # every rank stops at the same step: the request is agreed after the next step, which is checkpointed
     assert summary["status"] == rundir.INTERRUPTED and summary["steps"] == 3
     ckpts = [p.name for _, p in rundir.list_checkpoints(tmp_path / "between" / rundir.CHECKPOINTS)]
@@ -443,27 +440,26 @@ def test_temp_files_of_a_killed_save_are_removed_at_resume(tmp_path, capsys):
 def test_an_fp16_skip_backs_the_scale_off_and_the_next_step_runs():
     """A non-finite step with a GradScaler (fp16): the update is skipped, the scale backs off, and the next
     phase's unscale_ works (without scaler.update() on the skip it raises)."""
-    from bench.train.phases import Phase, PhaseRunner
+    from bench.train.loop import train_step
+    from bench.train.phases import Phase
     from bench.train.telemetry import Stopwatch
+    from conftest import one_phase
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    skipped, poison = [], [True]
+    poison = [True]
 
     def step(mb, backward):
         loss = net(torch.ones(2, 3)).sum() * (float("inf") if poison[0] else 1.0)
         backward(loss)
         return loss.detach()
 
-    runner = PhaseRunner(accumulate=1, batch_size=2,
-                         latents=lambda n: (torch.zeros(n, 3), torch.zeros(n, dtype=torch.long)),
-                         device=torch.device("cpu"), on_nonfinite=skipped.append)
-    phase = Phase("D", net, opt, scaler, step, reads_data=False)
+    run, state = one_phase(Phase("D", net, opt, scaler, step, reads_data=False))
     before = net.weight.detach().clone()
-    runner.run(phase, Stopwatch(torch.device("cpu")), lambda: None, 0)
-    assert skipped == ["D"] and torch.equal(net.weight, before) and scaler.get_scale() == 512.0
+    train_step(run, state, None, Stopwatch(torch.device("cpu")))
+    assert state.guard.total == 1 and torch.equal(net.weight, before) and scaler.get_scale() == 512.0
     poison[0] = False
-    runner.run(phase, Stopwatch(torch.device("cpu")), lambda: None, 1)
-    assert skipped == ["D"] and not torch.equal(net.weight, before)
+    train_step(run, state, None, Stopwatch(torch.device("cpu")))
+    assert state.guard.total == 1 and not torch.equal(net.weight, before)

@@ -59,11 +59,11 @@ def test_run_json_records_the_kernels_and_a_resume_keeps_its_own(tmp_path, tiny_
     assert (facts["optimizer_impl"], facts["tf32"], facts["cudnn_benchmark"]) == ("fused", False, False)
 
     from bench.config import compose, validate
-    from bench.train.trainer import Trainer
+    from bench.train.loop import setup
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.batch_size=4", "train.steps=4",
                             "train.fused_optim=false", "train.precision=fp32"]))
-    t = Trainer(cfg, tmp_path / "other", quiet=True)
+    _, t = setup(cfg, tmp_path / "other", quiet=True)
     t.load_state_dict(torch.load(sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=False))
     for opt in t.opt.values():  # the checkpoint's fused=True does not come back with its state
         assert all(not g.get("fused") and g.get("foreach") is False for g in opt.param_groups)

@@ -12,7 +12,7 @@ from bench.config import ConfigError, compose, validate
 from bench.train import objectives as O
 from bench.train.augment import AdaptiveP, DiffAugment
 from bench.train.stabilisers import LeCam
-from bench.train.state import NonfiniteGuard, TrainingParts
+from bench.train.state import NonfiniteGuard, TrainState
 from bench.train.telemetry import Collector
 from bench.train.collapse import CollapseDetector, CollapseSettings
 
@@ -239,25 +239,22 @@ def test_rpgan_g_phase_pairs_with_the_d_phase_reals():
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------
-def parts(obj, G, D, explicit=True):
+def parts(obj, G, D):
     opts = {"G": torch.optim.Adam(G.parameters()), "D": torch.optim.Adam(D.parameters())}
-    return TrainingParts({"G": G, "D": D, "G_ema": TinyG()}, opts, None, torch.Generator(),
-                         CollapseDetector(CollapseSettings(2.0, 50, 50.0, 1.5, 20)), None, NonfiniteGuard(3, 3),
-                         obj if explicit else None)
+    return TrainState(G, D, TinyG(), opts, None, torch.Generator(), obj,
+                      CollapseDetector(CollapseSettings(2.0, 50, 50.0, 1.5, 20)), NonfiniteGuard(3, 3))
 
 
-@pytest.mark.parametrize("explicit", [True, False])
-def test_ada_p_and_lecam_anchors_survive_a_checkpoint(explicit):
-    """`explicit=False`: the trainer does not pass the objective; TrainingParts finds it by D."""
+def test_ada_p_and_lecam_anchors_survive_a_checkpoint():
     overrides = ("aug.policy=[color]", "aug.ada_target=0.6", "reg.lecam=0.3")
     obj, G, D = objective(*overrides)
     obj.ada.p = torch.tensor(0.37)
     obj.lecam.anchors, obj.lecam.started = torch.tensor([1.5, -0.5]), True
     buf = io.BytesIO()
-    torch.save(parts(obj, G, D, explicit).state_dict(), buf)
+    torch.save(parts(obj, G, D).state_dict(), buf)
     state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     obj2, G2, D2 = objective(*overrides, seed=1)
-    p2 = parts(obj2, G2, D2, explicit)
+    p2 = parts(obj2, G2, D2)
     assert p2.objective is obj2
     p2.load_state_dict(state)
     assert obj2.ada.p.item() == pytest.approx(0.37)

@@ -11,7 +11,7 @@ from bench.cli import main
 from bench.config import compose, validate
 from bench.train import objectives as O
 from bench.train.collapse import CollapseDetector, CollapseSettings
-from bench.train.trainer import Trainer
+from bench.train import loop
 from conftest import TINY
 
 
@@ -135,10 +135,10 @@ def _newest_checkpoint(run_dir):
 
 
 def _trainer_at_end(tmp_path, shards, extra):
-    """A trainer built as the run was (same config, so the same initial weights) and a copy of its
-    initial state dicts; then the run's final checkpoint loaded into it."""
+    """The TrainState of a set-up built as the run was (same config, so the same initial weights) and a copy of
+    its initial state dicts; then the run's final checkpoint loaded into it."""
     cfg = validate(compose([f"data.shards={shards}", *TINY, *SWITCH_COMMON, *extra]))
-    t = Trainer(cfg, tmp_path / "scratch", quiet=True)
+    _, t = loop.setup(cfg, tmp_path / "scratch", quiet=True)
     init = {"G": {k: v.clone() for k, v in t.G.state_dict().items()},
             "D": {k: v.clone() for k, v in t.D.state_dict().items()}}
     t.load_state_dict(_newest_checkpoint(tmp_path / "sw"))
@@ -200,7 +200,7 @@ def _check_vbn(rows, ctx):
     from bench.models.norms import VirtualBatchNorm2d
 
     t, _ = _trainer_at_end(ctx["tmp_path"], ctx["shards"], ctx["extra"])
-    assert any(isinstance(m, VirtualBatchNorm2d) for m in t.G.modules()) and t.G.vbn_z.shape[0] == t.cfg.model.vbn_ref
+    assert any(isinstance(m, VirtualBatchNorm2d) for m in t.G.modules()) and t.G.vbn_z.shape[0] == ctx["vbn_ref"]
     t.G.train()  # normalisation as in training; spectral norm's power iteration held still
     for _, m in spectral.spectral_modules(t.G):
         m.eval()
@@ -238,7 +238,16 @@ def test_each_switch_trains_and_shows_in_the_records(tmp_path, tiny_shards, extr
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss/D"]) and math.isfinite(r["loss/G"]) for r in rows)
-    check(rows, {"run_dir": run_dir, "tmp_path": tmp_path, "shards": tiny_shards, "extra": extra})
+    check(rows, {"run_dir": run_dir, "tmp_path": tmp_path, "shards": tiny_shards, "extra": extra,
+                 "vbn_ref": validate(compose(extra)).model.vbn_ref})
+
+
+def _reg_layers(net):
+    """The layers the weight regularisers and the sigma0 clamp act on (G's shared class embedding aside)."""
+    from bench.models import spectral
+
+    shared = getattr(net, "shared", None)
+    return [m for _, m in spectral.weight_modules(net, exclude=[shared] if shared is not None else [])]
 
 
 def _top_sv(m):
@@ -255,15 +264,15 @@ def test_sigma_clamp_bounds_every_clamped_layer(tmp_path, tiny_shards):
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=2", "train.batch_size=4",
                             "reg.sigma_clamp=2.0"]))
-    t = Trainer(cfg, tmp_path / "clamp", quiet=True)
-    layers = t.weight_regs.modules["G"] + t.weight_regs.modules["D"]
+    run, state = loop.setup(cfg, tmp_path / "clamp", quiet=True)
+    layers = _reg_layers(state.G) + _reg_layers(state.D)
     with torch.no_grad():
         for m in layers:
             w = weight_matrix(m).float()
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             m.weight.copy_(as_weight(m, w + 3 * s[0] * torch.outer(u[:, 0], vh[0])))
     assert min(_top_sv(m) for m in layers) > 3.5
-    assert t.run()["status"] == "completed"
+    assert loop.train(run, state)["status"] == "completed"
     tops = [_top_sv(m) for m in layers]
     assert max(tops) <= 2.0 * 1.002, tops
 
@@ -276,10 +285,10 @@ def test_orthogonal_regularisation_pulls_toward_orthogonal_filters(tmp_path, tin
     def g_penalty(name, *extra):
         cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=2", "train.batch_size=4",
                                 "model.init=N02", "train.precision=fp32", *extra]))
-        t = Trainer(cfg, tmp_path / name, quiet=True)
-        before = spectral.ortho_penalty(t.weight_regs.modules["G"], 1.0, full=True).item()
-        assert t.run()["status"] == "completed"
-        return before, spectral.ortho_penalty(t.weight_regs.modules["G"], 1.0, full=True).item()
+        run, state = loop.setup(cfg, tmp_path / name, quiet=True)
+        before = spectral.ortho_penalty(_reg_layers(state.G), 1.0, full=True).item()
+        assert loop.train(run, state)["status"] == "completed"
+        return before, spectral.ortho_penalty(_reg_layers(state.G), 1.0, full=True).item()
 
     before, plain = g_penalty("plain")
     before_o, ortho = g_penalty("ortho", "reg.ortho_beta=10", "reg.ortho_full=true")
@@ -287,19 +296,26 @@ def test_orthogonal_regularisation_pulls_toward_orthogonal_filters(tmp_path, tin
     assert before - ortho > 10 * abs(before - plain), (before, plain, ortho)
 
 
-def test_nonfinite_steps_are_skipped_then_rolled_back(tmp_path, tiny_shards, capsys):
+def _nan_batches(monkeypatch, when):
+    """The training batches turn NaN while `when()` holds."""
+    real_next = loop.DataStream.next
+
+    def nan_next(self):
+        x, y = real_next(self)
+        return (x * float("nan") if when() else x), y
+
+    monkeypatch.setattr(loop.DataStream, "next", nan_next)
+
+
+def test_nonfinite_steps_are_skipped_then_rolled_back(tmp_path, tiny_shards, capsys, monkeypatch):
     """Real batches turn NaN for a stretch: those D steps are skipped and counted, the run rolls back to
     the last good checkpoint, and every metrics line written before stays."""
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=8", "train.batch_size=4",
                             "train.ckpt_every=2", "train.nonfinite_rollback=2"]))
 
-    class NaNData(Trainer):
-        def next_batch(self):
-            x, y = super().next_batch()
-            return (x * float("nan") if 4 <= self.step < 6 else x), y
-
-    t = NaNData(cfg, tmp_path / "nan")
-    summary = t.run()
+    run, state = loop.setup(cfg, tmp_path / "nan")
+    _nan_batches(monkeypatch, lambda: 4 <= state.step < 6)
+    summary = loop.train(run, state)
     assert summary["status"] == "completed" and summary["steps"] == 8
     assert summary["nonfinite_skipped"] == 2 and summary["rollbacks"] == 1
     rows = _metrics(tmp_path / "nan")
@@ -310,7 +326,7 @@ def test_nonfinite_steps_are_skipped_then_rolled_back(tmp_path, tiny_shards, cap
     assert all(torch.isfinite(v).all() for v in state["D"].values() if v.is_floating_point())
 
 
-def test_a_diverged_run_is_a_collapse_at_its_first_nonfinite_step(tmp_path, tiny_shards):
+def test_a_diverged_run_is_a_collapse_at_its_first_nonfinite_step(tmp_path, tiny_shards, monkeypatch):
     """NaN for good from step 3: updates are skipped, the single rollback does not help, the run ends as
     'diverged' with the collapse step at the first skipped update, and `bench report` counts it as a
     finished run (a result of the ablation, not a run still to come)."""
@@ -320,12 +336,9 @@ def test_a_diverged_run_is_a_collapse_at_its_first_nonfinite_step(tmp_path, tiny
                             "train.ckpt_every=2", "train.nonfinite_rollback=2", "train.max_rollbacks=1",
                             "telemetry.collapse_warmup=100"]))  # the detector is still warming up
 
-    class NaNData(Trainer):
-        def next_batch(self):
-            x, y = super().next_batch()
-            return (x * float("nan") if self.step >= 2 else x), y
-
-    summary = NaNData(cfg, tmp_path / "div").run()
+    run, state = loop.setup(cfg, tmp_path / "div")
+    _nan_batches(monkeypatch, lambda: state.step >= 2)
+    summary = loop.train(run, state)
     assert summary["status"] == "diverged" and summary["steps"] < 12
     assert summary["collapse_step"] == 3  # step 3 is the first whose D update was skipped
     assert summary["collapse_reason"].replace("-", "").startswith("nonfinite")

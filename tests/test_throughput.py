@@ -88,7 +88,7 @@ def test_profile_writes_op_table_and_trace_per_sweep_point(capsys, tmp_path):
 # settings are made; the heap then has the layout training runs with.
 FAULTS = """
 import resource, torch
-import bench.train.trainer
+import bench.train.loop
 from bench.device import keep_freed_memory
 print(keep_freed_memory())
 def faults():

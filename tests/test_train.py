@@ -97,40 +97,42 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_shards, precision):
     assert run["resumes"][0]["step"] == 2
 
 
-def test_a_resumed_run_reads_as_running_until_it_ends(tmp_path, tiny_shards):
+def test_a_resumed_run_reads_as_running_until_it_ends(tmp_path, tiny_shards, monkeypatch):
     """Continuing a finished run (higher train.steps) removes its old summary.json while it trains, so
     `bench report` shows it running, not completed at the old step; the new summary has the new steps."""
     from bench.config import compose, validate
     from bench.report import render
-    from bench.train.trainer import Trainer
+    from bench.train import loop
 
     run_dir = tmp_path / "cont"
     rc, _ = train(tmp_path, tiny_shards, "train.steps=2", "train.batch_size=4", name="cont")
     assert rc == 0 and json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     seen = []
 
-    class Watch(Trainer):
-        def train_step(self, watch, batches):
-            if not seen:
-                (r,) = render.build_report(run_dir, tmp_path / "rep")["runs"]
-                seen.append(((run_dir / "summary.json").exists(), r.status))
-            super().train_step(watch, batches)
+    step = loop.train_step
 
+    def watched_step(*args):
+        if not seen:
+            (r,) = render.build_report(run_dir, tmp_path / "rep")["runs"]
+            seen.append(((run_dir / "summary.json").exists(), r.status))
+        step(*args)
+
+    monkeypatch.setattr(loop, "train_step", watched_step)
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=4", "train.batch_size=4"]))
-    summary = Watch(cfg, run_dir, quiet=True).run()
+    summary = loop.train(*loop.setup(cfg, run_dir, quiet=True))
     assert seen == [(False, "running")]
     assert summary["steps"] == 4 and json.loads((run_dir / "summary.json").read_text())["steps"] == 4
 
 
 def test_checkpoint_round_trip(tmp_path, tiny_shards):
     from bench.config import compose, validate
-    from bench.train.trainer import Trainer
+    from bench.train import loop
 
     cfg = validate(compose([f"data.shards={tiny_shards}", *TINY, "train.steps=1", "train.batch_size=4"]))
-    t1 = Trainer(cfg, tmp_path / "rt", quiet=True)
-    t1.run()
+    run, t1 = loop.setup(cfg, tmp_path / "rt", quiet=True)
+    loop.train(run, t1)
     ckpt = sorted((tmp_path / "rt" / "checkpoints").glob("*.pt"))[-1]
-    t2 = Trainer(cfg, tmp_path / "other", quiet=True)
+    _, t2 = loop.setup(cfg, tmp_path / "other", quiet=True)
     t2.load_state_dict(torch.load(ckpt, weights_only=False))
     for a, b in ((t1.G, t2.G), (t1.D, t2.D), (t1.G_ema, t2.G_ema)):
         for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):

@@ -100,12 +100,13 @@ class DiversityProbe:
         self.seconds: list[float] = []  # cost of each measurement (the first includes the set-up)
 
     @classmethod
-    def from_trainer(cls, t) -> "DiversityProbe":
-        cfg, tc = t.cfg, t.cfg.telemetry
-        probe = cls(tc.diversity_every, tc.diversity_samples, t.shards_spec, cfg.data.resolution, t.n_data_classes,
-                    t.device, classifier_path=cfg.eval.classifier_path,
-                    train_if_missing=True)  # as training does before step 1 (Trainer._prepare_classifier)
-        probe.quiet = t.quiet or not t.is_main
+    def from_run(cls, run) -> "DiversityProbe":
+        """The probe of a training run (loop.Run): telemetry.diversity_every / _samples on its data."""
+        cfg, tc = run.cfg, run.cfg.telemetry
+        probe = cls(tc.diversity_every, tc.diversity_samples, run.shards_spec, cfg.data.resolution, run.n_data_classes,
+                    run.device, classifier_path=cfg.eval.classifier_path,
+                    train_if_missing=True)  # as training does before step 1 (loop._prepare_classifier)
+        probe.quiet = run.quiet or not run.is_main
         return probe
 
     def due(self, step: int) -> bool:

@@ -5,7 +5,6 @@ its gradient penalty and its post-D-step hook), the optimiser table, R1 / R2 / g
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -229,14 +228,6 @@ class MicroBatch:
     reg_index: int  # the D step's number over the run (lazy regularisation: R1 every reg.r1_every)
 
 
-_OBJECTIVE_OF: "weakref.WeakKeyDictionary[torch.nn.Module, GANObjective]" = weakref.WeakKeyDictionary()
-
-
-def objective_of(D: torch.nn.Module) -> Optional["GANObjective"]:
-    """The GANObjective built for discriminator `D` (state.TrainingParts saves its state through it)."""
-    return _OBJECTIVE_OF.get(D)
-
-
 class GANObjective:
     """Computes and backpropagates one micro-batch of a phase.
 
@@ -266,7 +257,6 @@ class GANObjective:
         # iteration per D step, as BigGAN-PyTorch does) unless a D layer looks across the batch.
         self.joint_d = not _batch_dependent(D)
         self._stabilisers(cfg, next(D.parameters()).device)
-        _OBJECTIVE_OF[D] = self
 
     def _stabilisers(self, cfg, device: torch.device) -> None:
         """aug.* and reg.lecam / bcr / zcr, validated by bench.config (check_aug, check_reg)."""

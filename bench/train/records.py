@@ -56,53 +56,54 @@ def versions() -> dict:
             "webdataset": getattr(webdataset, "__version__", "?")}
 
 
-def math_switches(trainer) -> dict:
-    """The kernels and math modes of a run (train.fused_optim, train.tf32, train.cudnn_benchmark), as they took
-    effect: run.json and `bench throughput` record them."""
-    cuda = trainer.device.type == "cuda"
-    return {"optimizer_impl": bdevice.impl_name(trainer.opt["G"].defaults),
-            "tf32": bool(trainer.cfg.train.tf32) and cuda,
+def math_switches(cfg, device: torch.device, opt) -> dict:
+    """The kernels and math modes of a run (train.fused_optim, train.tf32, train.cudnn_benchmark) as they took
+    effect, from its config, device and G's optimiser `opt`: run.json and `bench throughput` record them."""
+    cuda = device.type == "cuda"
+    return {"optimizer_impl": bdevice.impl_name(opt.defaults),
+            "tf32": bool(cfg.train.tf32) and cuda,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) and cuda}
 
 
-def run_facts(trainer) -> dict:
-    """What run.json says about a trainer's set-up (world size, device, batch, parameter counts)."""
+def run_facts(run, state) -> dict:
+    """What run.json says about a run's set-up (world size, device, batch, parameter counts): `run` a
+    loop.Run, `state` its TrainState."""
     from bench import models
     from bench.data.shards import data_facts
     from bench.workers import resolve_workers
 
-    t = trainer.cfg.train
-    dev = trainer.device
-    return {"world_size": trainer.world,
+    t = run.cfg.train
+    dev = run.device
+    return {"world_size": run.world,
             "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-            "precision": t.precision, "channels_last": trainer.channels_last, **math_switches(trainer),
-            "batch_size": t.batch_size, "accumulate": t.accumulate, "effective_batch": trainer.eff_batch,
-            "shards": trainer.shards_spec, "n_classes": trainer.n_classes,
+            "precision": t.precision, "channels_last": run.channels_last,
+            **math_switches(run.cfg, dev, state.opt["G"]),
+            "batch_size": t.batch_size, "accumulate": t.accumulate, "effective_batch": run.eff_batch,
+            "shards": run.shards_spec, "n_classes": run.n_classes,
             # data.num_workers as resolved here (auto follows the cores): the readers per rank set the data order
-            "data_workers": resolve_workers(trainer.cfg.data.num_workers),
-            **data_facts(trainer.shards_spec, trainer.cfg.data.mirror),  # count, data.mirror's effective size, labels
-            "G_params": models.param_count(trainer.G), "D_params": models.param_count(trainer.D),
+            "data_workers": resolve_workers(run.cfg.data.num_workers),
+            **data_facts(run.shards_spec, run.cfg.data.mirror),  # count, data.mirror's effective size, labels
+            "G_params": models.param_count(state.G), "D_params": models.param_count(state.D),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
 
-def summary_of(trainer, status: str, checksums: list) -> dict:
-    """summary.json of a trainer's run as it ends (checksums: every rank's param_checksum)."""
-    row = trainer.last_row
+def summary_of(run, state, status: str, checksums: list) -> dict:
+    """summary.json of a run as it ends (checksums: every rank's param_checksum)."""
     summary = {
-        "status": status, "steps": trainer.step, "target_steps": trainer.cfg.train.steps,
-        "images_seen": trainer.images_seen, "kimg": trainer.images_seen / 1000.0,
-        "train_seconds": trainer.train_seconds,
-        "img_per_s": trainer.images_seen / trainer.train_seconds if trainer.train_seconds else None,
-        "effective_batch": trainer.eff_batch, "world_size": trainer.world,
-        "final": {k: v for k, v in row.items() if k.startswith(("loss/", "D/"))},
-        "best": trainer.best or {},
-        "quality": quality_of(trainer.last_eval, trainer.step, trainer.n_data_classes),
-        "collapse_step": trainer.collapse.collapse_step, "collapse_reason": trainer.collapse.reason,
-        "nonfinite_skipped": trainer.guard.total, "rollbacks": trainer.guard.rollbacks,
-        "data_skipped": trainer.data_skipped, "param_checksums": checksums, "run_dir": str(trainer.run_dir),
+        "status": status, "steps": state.step, "target_steps": run.cfg.train.steps,
+        "images_seen": state.images_seen, "kimg": state.images_seen / 1000.0,
+        "train_seconds": state.train_seconds,
+        "img_per_s": state.images_seen / state.train_seconds if state.train_seconds else None,
+        "effective_batch": run.eff_batch, "world_size": run.world,
+        "final": {k: v for k, v in run.last_row.items() if k.startswith(("loss/", "D/"))},
+        "best": state.best or {},
+        "quality": quality_of(run.last_eval, state.step, run.n_data_classes),
+        "collapse_step": state.collapse.collapse_step, "collapse_reason": state.collapse.reason,
+        "nonfinite_skipped": state.guard.total, "rollbacks": state.guard.rollbacks,
+        "data_skipped": state.data_skipped, "param_checksums": checksums, "run_dir": str(run.run_dir),
     }
-    if trainer.error:  # a diverged or failed run's first error
-        summary["error"] = trainer.error
+    if run.error:  # a diverged or failed run's first error
+        summary["error"] = run.error
     return summary
 
 

@@ -17,7 +17,6 @@ import torch
 from bench import rundir
 from bench.config import ConfigError
 from bench.faults import injected_fault
-from bench.train.objectives import objective_of
 
 
 # Keys whose change makes a checkpoint meaningless for the config: parameter shapes (every model.* key,
@@ -111,41 +110,46 @@ def all_finite(*nets: torch.nn.Module) -> bool:
 
 
 @dataclass
-class TrainingParts:
-    """What a checkpoint holds besides the trainer's progress counters. Each part saves and loads
-    itself; the keys are those of every checkpoint written so far."""
-    nets: dict  # "G", "D", "G_ema" -> module
-    opts: dict  # "G", "D" -> optimiser
-    scalers: Optional[dict]  # "G", "D" -> GradScaler (fp16 only)
-    zgen: torch.Generator  # latents and labels
+class TrainState:
+    """Everything a checkpoint restores, saved and loaded as one object: the nets and their EMA, the
+    optimisers (and fp16 scalers), the latent RNG, the objective's running state (ADA's p, LeCam's anchors),
+    the collapse detector, the non-finite guard, the historical averages, and the progress counters."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_ema: torch.nn.Module
+    opt: dict  # "G", "D" -> optimiser
+    scaler: Optional[dict]  # "G", "D" -> GradScaler (fp16 only)
+    zgen: torch.Generator  # latents and labels (this rank's)
+    objective: object  # objectives.GANObjective (its state_dict is {} with every stabiliser off)
     collapse: object  # collapse.CollapseDetector
-    hist_avg: Optional[dict]  # "G", "D" -> HistoricalAverage (reg.hist_avg only)
     guard: "NonfiniteGuard"
-    # The objective's running state (ADA's p, LeCam's anchors): anything with state_dict / load_state_dict,
-    # in practice objectives.GANObjective. None: the objective built for nets["D"] (objectives.objective_of).
-    objective: Optional[object] = None
+    hist_avg: Optional[dict] = None  # "G", "D" -> HistoricalAverage (reg.hist_avg only)
+    step: int = 0  # G steps done
+    images_seen: int = 0  # over all ranks
+    train_seconds: float = 0.0  # training wall time so far (checkpoints, grids and evaluations excluded)
+    data_skipped: int = 0  # unreadable samples the data stream skipped
+    best: Optional[dict] = None  # {"metric", "value", "step", "extractor"} of the best evaluation
 
-    def __post_init__(self) -> None:
-        if self.objective is None and "D" in self.nets:
-            self.objective = objective_of(self.nets["D"])
-
-    def _objective_state(self) -> dict:
-        """{"objective": ...} when the objective has running state (absent with every stabiliser off)."""
-        state = self.objective.state_dict() if self.objective is not None else {}
-        return {"objective": state} if state else {}
+    @property
+    def nets(self) -> dict:
+        return {"G": self.G, "D": self.D}
 
     def state_dict(self) -> dict:
-        return {**{k: net.state_dict() for k, net in self.nets.items()},
-                **{f"opt_{k}": opt.state_dict() for k, opt in self.opts.items()},
-                "scaler": {k: s.state_dict() for k, s in self.scalers.items()} if self.scalers else None,
+        """The checkpoint's keys (those of every checkpoint written so far; the run adds "config")."""
+        objective = self.objective.state_dict() if self.objective is not None else {}
+        return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
+                "data_skipped": self.data_skipped, "best": self.best,
+                "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
+                **{f"opt_{k}": opt.state_dict() for k, opt in self.opt.items()},
+                "scaler": {k: s.state_dict() for k, s in self.scaler.items()} if self.scaler else None,
                 "rng": rng_state(self.zgen), "collapse": self.collapse.state_dict(),
                 "hist_avg": {k: h.state_dict() for k, h in self.hist_avg.items()} if self.hist_avg else None,
-                **self.guard.state_dict(), **self._objective_state()}
+                **self.guard.state_dict(), **({"objective": objective} if objective else {})}
 
     def load_state_dict(self, s: dict) -> None:
-        for k, net in self.nets.items():
-            net.load_state_dict(s[k])
-        for k, opt in self.opts.items():
+        for k in ("G", "D", "G_ema"):
+            getattr(self, k).load_state_dict(s[k])
+        for k, opt in self.opt.items():
             kernels = [{key: g.get(key) for key in ("foreach", "fused")} for g in opt.param_groups]
             opt.load_state_dict(s[f"opt_{k}"])  # this restores the saved run's kernel choice with its state:
             for group, own in zip(opt.param_groups, kernels):  # keep this run's train.fused_optim instead
@@ -155,9 +159,9 @@ class TrainingParts:
                         st = opt.state.get(p, {})
                         if torch.is_tensor(st.get("step")):
                             st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
-        if self.scalers and s.get("scaler"):
+        if self.scaler and s.get("scaler"):
             for k, sd in s["scaler"].items():
-                self.scalers[k].load_state_dict(sd)
+                self.scaler[k].load_state_dict(sd)
         set_rng_state(s["rng"], self.zgen)
         if s.get("collapse"):
             self.collapse.load_state_dict(s["collapse"])
@@ -167,6 +171,23 @@ class TrainingParts:
         self.guard.load_state_dict(s)
         if self.objective is not None:  # a checkpoint without it (older, or stabilisers off): ADA p = 0, ...
             self.objective.load_state_dict(s.get("objective") or {})
+        self.step = int(s["step"])
+        self.images_seen = int(s["images_seen"])
+        self.train_seconds = float(s["train_seconds"])
+        self.data_skipped = int(s.get("data_skipped", 0))
+        self.best = s.get("best")
+
+    def roll_back(self, saved: dict, seed: int) -> None:
+        """Load the nets, EMA, optimisers and objective of checkpoint `saved` but keep counting forward: the
+        counters, the guard's totals, the best evaluation and a collapse already flagged stay (a rollback
+        recovers, it does not undo history); the latents then follow `seed`, a different random path."""
+        keep = (self.step, self.images_seen, self.train_seconds, self.data_skipped, self.guard.state_dict(),
+                self.best, self.collapse.collapse_step, self.collapse.reason, list(self.collapse.fired))
+        self.load_state_dict(saved)
+        (self.step, self.images_seen, self.train_seconds, self.data_skipped, guard,
+         self.best, self.collapse.collapse_step, self.collapse.reason, self.collapse.fired) = keep
+        self.guard.load_state_dict(guard)
+        self.zgen.manual_seed(seed)
 
 
 class Checkpoints:
@@ -409,26 +430,3 @@ def agreed_load(ranks, what: str, pick: Callable[[], tuple]) -> tuple[Optional[d
             error = exc
     ranks.all_ok(error, f"reading {path}")
     return state, Path(path)
-
-
-def roll_back(trainer) -> None:
-    """The trainer's rollback, when NonfiniteGuard asks for one: reload nets, EMA and optimisers from
-    the newest complete checkpoint, keep counting forward (no record is rewritten), and take a
-    different random path."""
-    from bench.train import telemetry
-
-    t = trainer.cfg.train
-    n = trainer.guard.start_rollback()
-    state, path = agreed_load(trainer.ranks, "reading the checkpoint to roll back to", trainer.checkpoints.for_rollback)
-    keep = (trainer.step, trainer.images_seen, trainer.train_seconds, trainer.data_skipped, trainer.guard.state_dict(),
-            trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason, list(trainer.collapse.fired))
-    trainer.load_state_dict(state)
-    # the counters and a collapse already flagged stay: the rollback recovers, it does not undo history
-    (trainer.step, trainer.images_seen, trainer.train_seconds, trainer.data_skipped, guard,
-     trainer.best, trainer.collapse.collapse_step, trainer.collapse.reason, trainer.collapse.fired) = keep
-    trainer.guard.load_state_dict(guard)
-    trainer.zgen.manual_seed(t.seed * 1000 + trainer.rank + 1 + 7919 * n)
-    telemetry.report("stability/rollbacks", float(n))
-    if trainer.is_main and not trainer.quiet:
-        print(f"warning: rolled back to {path} after {t.nonfinite_rollback} non-finite steps "
-              f"(rollback {n}/{t.max_rollbacks})", file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ from bench.overrides import is_sweep_value, sweep_values
 from bench.train.records import math_switches
 from bench.metrics_registry import CONTENDED
 from bench.train.telemetry import TIMED_SECTIONS, Collector, Stopwatch
-from bench.train.trainer import Batches, Trainer
+from bench.train.loop import DataStream, Run, TrainState, flop_per_step, setup, train_step
 
 
 def cmd_throughput(args: list[str]) -> int:
@@ -44,30 +44,37 @@ def cmd_throughput(args: list[str]) -> int:
     return 0
 
 
-def fake_batches(trainer: Trainer) -> Batches:
-    """A batch source of one fixed random batch already on the device (no data reading, no decode)."""
-    t, res, device = trainer.cfg.train, trainer.cfg.data.resolution, trainer.device
-    gen = torch.Generator(device=device).manual_seed(0)
-    real = torch.rand(t.batch_size, 3, res, res, device=device, generator=gen).mul_(2).sub_(1)
-    real = real.to(memory_format=trainer.fmt)
-    labels = torch.randint(0, trainer.n_data_classes, (t.batch_size,), device=device, generator=gen)
-    return lambda: (real, labels)
+class FakeBatches:
+    """One fixed random batch already on the device (no data reading, no decode)."""
+
+    def __init__(self, run: Run):
+        t, res, device = run.cfg.train, run.cfg.data.resolution, run.device
+        gen = torch.Generator(device=device).manual_seed(0)
+        real = torch.rand(t.batch_size, 3, res, res, device=device, generator=gen).mul_(2).sub_(1)
+        self.real = real.to(memory_format=run.fmt)
+        self.labels = torch.randint(0, run.n_data_classes, (t.batch_size,), device=device, generator=gen)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.real, self.labels
+
+    def close(self) -> None:
+        pass
 
 
-def benchmark(trainer: Trainer, warmup: int, steps: int, fake_data: bool = True) -> dict:
-    """Burn in, then time `steps` G steps of the trainer's real training step, fed by fake_batches or
+def benchmark(run: Run, state: TrainState, warmup: int, steps: int, fake_data: bool = True) -> dict:
+    """Burn in, then time `steps` G steps of the real training step (loop.train_step), fed by FakeBatches or
     the shard stream (no records, no checkpoints)."""
-    device = trainer.device
+    device = run.device
     watch = Stopwatch(device)
     if fake_data:
-        batches = fake_batches(trainer)
+        data = FakeBatches(run)
     else:
-        trainer.restart_data()
-        batches = trainer.next_batch
+        data = DataStream(run)
+        data.restart(state)
     collector = Collector(device)
     with collector:
         for _ in range(warmup):
-            trainer.train_step(watch, batches)
+            train_step(run, state, data, watch)
         collector.tick()
         watch.take()
         if device.type == "cuda":
@@ -75,14 +82,14 @@ def benchmark(trainer: Trainer, warmup: int, steps: int, fake_data: bool = True)
             torch.cuda.reset_peak_memory_stats(device)
         t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
-            trainer.train_step(watch, batches)
+            train_step(run, state, data, watch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         times = watch.take()
         collector.tick()
-    trainer.close_data()
-    return {"steps": steps, "seconds": elapsed, "img_per_s": steps * trainer.eff_batch / elapsed,
+    data.close()
+    return {"steps": steps, "seconds": elapsed, "img_per_s": steps * run.eff_batch / elapsed,
             "step_ms": 1000 * elapsed / steps,
             **{f"{k}_ms": 1000 * times.get(k, 0.0) / steps for k in TIMED_SECTIONS},
             "peak_mem_gb": bdevice.peak_memory_gb(device),
@@ -92,11 +99,11 @@ def benchmark(trainer: Trainer, warmup: int, steps: int, fake_data: bool = True)
 
 def _throughput_one(overrides: list[str], scratch: str) -> dict:
     cfg = validate(compose(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    trainer = Trainer(cfg, Path(scratch), quiet=True)
+    run, state = setup(cfg, Path(scratch), quiet=True)
     t = cfg.train
-    flop_per_step = trainer.flop_per_step()
+    flops = flop_per_step(run, state)
     fake = cfg.throughput.data == "fake"
-    windows = [benchmark(trainer, cfg.throughput.warmup if i == 0 else 0, cfg.throughput.steps, fake_data=fake)
+    windows = [benchmark(run, state, cfg.throughput.warmup if i == 0 else 0, cfg.throughput.steps, fake_data=fake)
                for i in range(cfg.throughput.repeats)]
     r = sorted(windows, key=lambda w: w["img_per_s"])[len(windows) // 2]  # the median window
     r["img_per_s_windows"] = [round(w["img_per_s"], 3) for w in windows]
@@ -104,19 +111,19 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     r["cpu_util_windows"] = [round(u, 3) for u in utils]
     r["contended"] = bool(utils) and min(utils) < CONTENDED  # a window beside another CPU-bound process
     if cfg.throughput.profile:
-        r["profile"] = _profile_window(trainer, cfg, Path(cfg.throughput.profile), fake)
-    peak, source = bdevice.peak_tflops(trainer.device, t.precision, remeasure=True)
-    tflops = flop_per_step * r["steps"] / r["seconds"] / 1e12  # per process
+        r["profile"] = _profile_window(run, state, cfg, Path(cfg.throughput.profile), fake)
+    peak, source = bdevice.peak_tflops(run.device, t.precision, remeasure=True)
+    tflops = flops * r["steps"] / r["seconds"] / 1e12  # per process
     out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,
            "batch_size": t.batch_size, "accumulate": t.accumulate, "d_steps": t.d_steps, "precision": t.precision,
-           "channels_last": trainer.channels_last, **math_switches(trainer), "device": str(trainer.device),
+           "channels_last": run.channels_last, **math_switches(cfg, run.device, state.opt["G"]), "device": str(run.device),
            "data": cfg.throughput.data,
            **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
-           "GFLOP_per_step": flop_per_step / 1e9, "tflops": tflops, "peak_tflops": peak, "peak_source": source,
+           "GFLOP_per_step": flops / 1e9, "tflops": tflops, "peak_tflops": peak, "peak_source": source,
            "mfu": tflops / peak if peak == peak else None}
     split = " ".join(f"{k[:-3]} {out[k]:.0f}" for k in (f"{s}_ms" for s in TIMED_SECTIONS))
     print(f"{cfg.model.family} {cfg.data.resolution}px batch {t.batch_size} {t.precision}"
-          f"{' channels_last' if trainer.channels_last else ''}: {out['img_per_s']:.1f} img/s | "
+          f"{' channels_last' if run.channels_last else ''}: {out['img_per_s']:.1f} img/s | "
           f"{out['step_ms']:.0f} ms/step ({split}) | {tflops:.3f} TFLOP/s = {100 * (out['mfu'] or 0):.1f}% of "
           f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB", file=sys.stderr, flush=True)
     if out["contended"]:
@@ -126,17 +133,17 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     return out
 
 
-def _profile_window(trainer: Trainer, cfg, out_dir: Path, fake: bool) -> dict:
+def _profile_window(run: Run, state: TrainState, cfg, out_dir: Path, fake: bool) -> dict:
     """One extra window of `throughput.steps` steps under torch.profiler, after the timed windows (the
     profiler's overhead never reaches the reported img/s). Writes ops.txt (self time by op, then by op and
     input shape) and trace.json (chrome://tracing, Perfetto) and prints the top ops."""
     from torch.profiler import ProfilerActivity, profile
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
-        benchmark(trainer, 0, cfg.throughput.steps, fake_data=fake)
-    sort = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+        benchmark(run, state, 0, cfg.throughput.steps, fake_data=fake)
+    sort = "self_device_time_total" if run.device.type == "cuda" else "self_cpu_time_total"
     by_op = prof.key_averages()
     by_shape = prof.key_averages(group_by_input_shape=True)
     rundir.atomic_write(out_dir / "ops.txt",
