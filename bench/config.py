@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bench.metrics_registry import BEST_METRICS, EXTRACTORS, TRUNC_MODES
+from bench.registry import AUG_OPS, LOSSES, MODELS, OPTIMIZERS
 from bench.schema import Config, EvalCfg, LossCfg, ModelCfg  # noqa: F401  (EvalCfg: the eval group's defaults, read by bench eval)
 
 
@@ -33,16 +34,12 @@ def _own_configs() -> Path:
 CONFIG_DIR = _own_configs()
 CONFIG_PATH_ENV = "GAN_BENCH_CONFIG_PATH"  # your own config folders, searched after CONFIG_DIR: DIR1:DIR2
 
-MODEL_FAMILIES = ("biggan", "biggan_deep", "sagan", "dcgan")
-LOSSES = ("hinge", "ns", "minimax", "wgan", "wgan_gp", "rpgan")
 DATASETS = ("shapes", "folder")
 PRECISIONS = ("bf16", "fp32", "fp16")
 TRAIN_PRECISIONS = ("auto",) + PRECISIONS  # auto: resolved by validate() (resolve_precision)
 EVAL_PRECISIONS = ("auto", "bf16", "fp32")
 MEM_RE = r"\s*([0-9.]+)\s*([MGT]?)B?\s*"                      # cluster.mem: 500M, 4G, 1T
 TIME_RE = r"(?:\d+|(?:(?:\d+-)?\d+:)?\d+:\d+)"             # cluster.time: minutes, MM:SS, HH:MM:SS, D-HH:MM:SS
-OPTIMIZERS = ("adam", "rmsprop")
-AUG_POLICIES = ("color", "translation", "cutout")  # bench/train/augment.py's POLICIES (a test keeps them equal)
 LOG_BACKENDS = ("tb", "mlflow", "wandb")  # bench/train/loggers.py's BACKENDS (a test keeps them equal)
 
 
@@ -288,12 +285,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     if cfg.model.get("_target_"):
         check_own_model(cfg.model)
     else:
-        _choice("model", cfg.model.family, MODEL_FAMILIES)
+        _choice("model", cfg.model.family, MODELS.names())
     if cfg.loss.get("_target_"):
         check_own_target("loss", cfg.loss._target_, "function (called with the loss config) -> "
-                         "bench.train.objectives.Loss", cfg.loss.name, LOSSES)
+                         "bench.train.objectives.Loss", cfg.loss.name, LOSSES.names())
     else:
-        _choice("loss", cfg.loss.name, LOSSES)
+        _choice("loss", cfg.loss.name, LOSSES.names())
     _choice("data", cfg.data.name, DATASETS)
     check_data(cfg)
     check_train(cfg, world_size)
@@ -373,7 +370,7 @@ def check_own_model(model) -> None:
     """A model built by your own code: `_target_` is a dotted 'package.module.function' and model.family a
     name of your own (it names the run directory and the records), not a built-in family's."""
     check_own_target("model", model._target_, "builder, package.module.function (called with (model config, "
-                     "resolution, n_classes) -> (G, D))", model.family, MODEL_FAMILIES, name_key="family")
+                     "resolution, n_classes) -> (G, D))", model.family, MODELS.names(), name_key="family")
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -399,10 +396,10 @@ def check_train(cfg: DictConfig, world_size: int) -> None:
     _choice("train.precision", t.precision, TRAIN_PRECISIONS)
     if "." in str(t.optimizer):  # your own torch.optim.Optimizer subclass, by its dotted path
         if not re.fullmatch(DOTTED, str(t.optimizer)):
-            raise ConfigError(f"train.optimizer={t.optimizer!r} is not valid; use one of: {', '.join(OPTIMIZERS)}, or "
+            raise ConfigError(f"train.optimizer={t.optimizer!r} is not valid; use one of: {', '.join(OPTIMIZERS.names())}, or "
                               f"the dotted path of your torch.optim.Optimizer class (package.module.Class)")
     else:
-        _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+        _choice("train.optimizer", t.optimizer, OPTIMIZERS.names())
     _choice("train.channels_last", str(t.channels_last).lower(), ("auto", "true", "false"))
     _choice("train.fused_optim", str(t.fused_optim).lower(), ("auto", "true", "false"))
     for key in ("tf32", "cudnn_benchmark"):
@@ -457,9 +454,9 @@ def _weights(key: str, value, n: int, allowed: str) -> None:
 def check_aug(cfg: DictConfig) -> None:
     a = cfg.aug
     for op in a.policy:
-        _choice("aug.policy", op, AUG_POLICIES)
+        _choice("aug.policy", op, AUG_OPS.names())
     if len(set(a.policy)) != len(a.policy):
-        raise ConfigError(f"aug.policy={list(a.policy)} names an op twice; use each of {', '.join(AUG_POLICIES)} once")
+        raise ConfigError(f"aug.policy={list(a.policy)} names an op twice; use each of {', '.join(AUG_OPS.names())} once")
     _all_positive(cfg, ("aug.ada_interval", "aug.ada_kimg"))
     if a.ada_target is not None:
         if not (isinstance(a.ada_target, (int, float)) and 0.0 < a.ada_target < 1.0):

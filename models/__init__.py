@@ -8,22 +8,18 @@ from typing import Optional
 
 from torch import nn
 
-from . import biggan, biggan_deep, dcgan, sagan
+from bench.registry import MODELS
+
+from . import biggan, biggan_deep, dcgan, sagan  # each registers its family in MODELS
 from .checks import ModelConfigError
 from .norms import convert_sync_bn
 from .spectral import reg_modules, sigma_stats, spectral_modules, weight_modules
 from .svd import weight_matrix
 
-__all__ = ["REGISTRY", "build", "ModelConfigError", "convert_sync_bn", "param_count",
+__all__ = ["MODELS", "build", "ModelConfigError", "convert_sync_bn", "param_count",
            "reference_params", "reg_modules", "sigma_stats", "spectral_modules", "weight_matrix",
            "weight_modules"]
 
-REGISTRY: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
-    "biggan": (biggan.Generator, biggan.Discriminator),
-    "biggan_deep": (biggan_deep.Generator, biggan_deep.Discriminator),
-    "dcgan": (dcgan.Generator, dcgan.Discriminator),
-    "sagan": (sagan.Generator, sagan.Discriminator),
-}
 
 
 def build(cfg: Mapping, resolution: int, n_classes: int) -> tuple[nn.Module, nn.Module]:
@@ -35,10 +31,10 @@ def build(cfg: Mapping, resolution: int, n_classes: int) -> tuple[nn.Module, nn.
         from bench.plugins import build_own
         return build_own(cfg, resolution, n_classes)
     family = cfg.get("family")
-    if family not in REGISTRY:
+    if family not in MODELS:
         raise ModelConfigError(f"model.family={family!r} is not a model family; "
-                               f"choose one of: {', '.join(sorted(REGISTRY))}")
-    G_cls, D_cls = REGISTRY[family]
+                               f"choose one of: {', '.join(sorted(MODELS))}")
+    G_cls, D_cls = MODELS[family]
     config = G_cls.Config.from_mapping(cfg)
     return G_cls(config, resolution, n_classes), D_cls(config, resolution, n_classes)
 
@@ -55,7 +51,7 @@ def reference_params(family: str, resolution: int) -> Optional[dict]:
     replaces the family's). Returns {"G": int, "D": int, "source": str, "settings": {model key:
     value, ..., "n_classes": int}[, "note": str]}: the counts hold for those settings only;
     compare them with param_count of G and D built with the same ones."""
-    G_cls = REGISTRY.get(family, (None, None))[0]
+    G_cls = MODELS.get(family, (None, None))[0]
     ref = getattr(G_cls, "reference", None)
     if not ref or resolution not in ref["params"]:
         return None

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.registry import MODELS
+
 from .biggan import G_ARCH, BigGANConfig, _check_resolution, g_resolutions
 from .checks import ModelConfigError, check_attn, check_positive, g_bn_kind, is_conditional
 from .layers import (ConditionalBatchNorm2d, MinibatchDiscrimination, MinibatchStdDev,
@@ -351,3 +353,6 @@ class Discriminator(nn.Module):
         if return_features:
             return logits, features.float()
         return logits
+
+
+MODELS.register("biggan_deep", (Generator, Discriminator))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.registry import MODELS
+
 from .checks import (ModelConfigError, check_arch_switches, check_positive, choices_str,
                      config_from_mapping, g_bn_kind, is_conditional)
 from .layers import (INITS, MinibatchDiscrimination, MinibatchStdDev, SNConv2d, SNConvTranspose2d,
@@ -202,3 +204,6 @@ class Discriminator(nn.Module):
         if return_features:
             return logits, features.float()
         return logits
+
+
+MODELS.register("dcgan", (Generator, Discriminator))

@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
+from bench.registry import MODELS
+
 from . import biggan
 from .checks import (ModelConfigError, check_arch_switches, check_positive, choices_str,
                      config_from_mapping)
@@ -81,3 +83,6 @@ class Discriminator(biggan.Discriminator):
     def __init__(self, cfg: SAGANConfig = SAGANConfig(), resolution: int = 128,
                  n_classes: int = 1000):
         super().__init__(cfg, resolution, n_classes)
+
+
+MODELS.register("sagan", (Generator, Discriminator))

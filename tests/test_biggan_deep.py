@@ -96,7 +96,7 @@ def test_paper_config_files_build_the_reference_counts():
 def test_shapes(res):
     G, D = build(tiny_cfg(), res, n_classes=5)
     assert type(G) is Generator and type(D) is Discriminator
-    assert models.REGISTRY["biggan_deep"] == (Generator, Discriminator)
+    assert models.MODELS["biggan_deep"] == (Generator, Discriminator)
     assert (G.z_dim, G.n_classes, G.resolution) == (16, 5, res)
     n_stages = len(G.attn)
     assert len(G.blocks) == 2 * n_stages and len(D.blocks) == 2 * len(D.attn)

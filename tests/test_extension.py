@@ -271,3 +271,36 @@ def test_a_broken_own_loss_or_optimiser_is_one_line(user, tiny_shards, capsys, o
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not (user / "r" / "metrics.jsonl").exists()
+
+
+def test_a_new_builtin_loss_is_one_registration_and_its_yaml(tmp_path, monkeypatch, tiny_shards):
+    """What adding a loss to gan-bench takes, counted: one `LOSSES.register(name, Loss(...))` (a line beside the
+    others in bench/train/objectives.py) and configs/loss/<name>.yaml (here in a config folder of its own). Nothing
+    else: the config's choices, the error lines and training all read the registry."""
+    from bench.cli import main
+    from bench.registry import LOSSES
+    from bench.train.objectives import Loss
+    from conftest import TINY
+
+    calls = {"d": 0, "g": 0}
+
+    def d_lsq(real, fake):
+        calls["d"] += 1
+        return 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake ** 2).mean()
+
+    def g_lsq(fake):
+        calls["g"] += 1
+        return 0.5 * ((fake - 1) ** 2).mean()
+
+    with pytest.raises(ConfigError, match="loss='lsq' is not valid; choose one of: hinge, ns"):
+        validate(compose(["loss=hinge", "loss.name=lsq"]))
+    monkeypatch.setitem(LOSSES._parts, "lsq", Loss(d_lsq, g_lsq))  # place 1 (undone after the test)
+    conf = tmp_path / "conf" / "loss"
+    conf.mkdir(parents=True)
+    (conf / "lsq.yaml").write_text("name: lsq\n")  # place 2
+    monkeypatch.setenv("GAN_BENCH_CONFIG_PATH", str(tmp_path / "conf"))
+    run = tmp_path / "run"
+    assert main(["train", *TINY, f"data.shards={tiny_shards}", "loss=lsq", "train.steps=2", "train.batch_size=4",
+                 "train.precision=fp32", f"run.dir={run}"]) == 0
+    assert "name: lsq" in (run / "config.yaml").read_text()
+    assert calls == {"d": 2, "g": 2}  # one D and one G phase per step: the registered loss is what trained

@@ -57,8 +57,8 @@ def test_shapes_every_family_and_resolution(family, res):
 
 
 def test_registry_and_build_types():
-    assert sorted(models.REGISTRY) == ["biggan", "biggan_deep", "dcgan", "sagan"]
-    for family, (G_cls, D_cls) in models.REGISTRY.items():
+    assert sorted(models.MODELS) == ["biggan", "biggan_deep", "dcgan", "sagan"]
+    for family, (G_cls, D_cls) in models.MODELS.items():
         G, D = build(small_cfg(family), 32, 3)
         assert type(G) is G_cls and type(D) is D_cls
 

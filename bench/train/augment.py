@@ -7,10 +7,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from bench.registry import AUG_OPS
 from bench.train.telemetry import report
 
 Tensor = torch.Tensor
-POLICIES = ("color", "translation", "cutout")
 TRANSLATION_RATIO = 0.125  # DiffAugment's: shifts of up to 1/8 of the image size
 CUTOUT_RATIO = 0.5  # DiffAugment's: a square of half the image size
 
@@ -81,31 +81,38 @@ class DiffAugment:
     def _ints(self, x: Tensor, low: int, high: int, shape) -> Tensor:
         return torch.randint(low, high + 1, shape, device=x.device, generator=self.gen)
 
-    def color(self, x: Tensor, p: Optional[Tensor] = None) -> Tensor:
-        n = x.shape[0]
-        x = brightness(x, (self._rand(n, x) - 0.5) * self._gate(x, p))
-        x = saturation(x, 1.0 + (self._rand(n, x) * 2.0 - 1.0) * self._gate(x, p))
-        return contrast(x, 1.0 + (self._rand(n, x) - 0.5) * self._gate(x, p))
-
-    def translation(self, x: Tensor, p: Optional[Tensor] = None) -> Tensor:
-        r = int(x.shape[2] * TRANSLATION_RATIO + 0.5), int(x.shape[3] * TRANSLATION_RATIO + 0.5)
-        shift = torch.stack([self._ints(x, -r[0], r[0], (x.shape[0],)), self._ints(x, -r[1], r[1], (x.shape[0],))], 1)
-        return translate(x, shift * self._gate(x, p).long().view(-1, 1))
-
-    def cutout(self, x: Tensor, p: Optional[Tensor] = None) -> Tensor:
-        n, H, W = x.shape[0], x.shape[2], x.shape[3]
-        side = int(min(H, W) * CUTOUT_RATIO + 0.5)
-        corner = torch.stack([self._ints(x, 0, H - side, (n,)), self._ints(x, 0, W - side, (n,))], 1)
-        return cutout(x, corner, side * self._gate(x, p).long())
-
     def __call__(self, x: Tensor, p: Optional[Tensor] = None) -> Tensor:
         for name in self.policy:
-            x = getattr(self, name)(x, p)
+            x = AUG_OPS[name](self, x, p)
         return x
 
     def consistency(self, x: Tensor) -> Tensor:
         """bCR's T (Zhao et al. 2021): a random horizontal flip and a translation (as in the paper)."""
-        return self.translation(hflip(x, self._rand(x.shape[0], x) < 0.5))
+        return translation(self, hflip(x, self._rand(x.shape[0], x) < 0.5))
+
+
+# ---- the policy's ops (aug.policy), in the order DiffAugment's paper gives them -----------------------------
+@AUG_OPS.register("color")
+def color(aug: DiffAugment, x: Tensor, p: Optional[Tensor] = None) -> Tensor:
+    n = x.shape[0]
+    x = brightness(x, (aug._rand(n, x) - 0.5) * aug._gate(x, p))
+    x = saturation(x, 1.0 + (aug._rand(n, x) * 2.0 - 1.0) * aug._gate(x, p))
+    return contrast(x, 1.0 + (aug._rand(n, x) - 0.5) * aug._gate(x, p))
+
+
+@AUG_OPS.register("translation")
+def translation(aug: DiffAugment, x: Tensor, p: Optional[Tensor] = None) -> Tensor:
+    r = int(x.shape[2] * TRANSLATION_RATIO + 0.5), int(x.shape[3] * TRANSLATION_RATIO + 0.5)
+    shift = torch.stack([aug._ints(x, -r[0], r[0], (x.shape[0],)), aug._ints(x, -r[1], r[1], (x.shape[0],))], 1)
+    return translate(x, shift * aug._gate(x, p).long().view(-1, 1))
+
+
+@AUG_OPS.register("cutout")
+def cutout_op(aug: DiffAugment, x: Tensor, p: Optional[Tensor] = None) -> Tensor:
+    n, H, W = x.shape[0], x.shape[2], x.shape[3]
+    side = int(min(H, W) * CUTOUT_RATIO + 0.5)
+    corner = torch.stack([aug._ints(x, 0, H - side, (n,)), aug._ints(x, 0, W - side, (n,))], 1)
+    return cutout(x, corner, side * aug._gate(x, p).long())
 
 
 def dist_sum(t: Tensor) -> Tensor:

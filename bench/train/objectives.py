@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import device as bdevice
+from bench.registry import LOSSES, OPTIMIZERS
 from bench.train.augment import AdaptiveP, DiffAugment
 from bench.train.stabilisers import LeCam, consistency_sq, g_zcr, latent_perturbation
 from bench.train.telemetry import report
@@ -85,21 +86,18 @@ class Loss:
     relativistic: bool = False  # G's loss pairs each fake logit with a real one (the G phase needs reals)
 
 
-LOSSES: dict[str, Loss] = {
-    "hinge": Loss(d_hinge, g_hinge),
-    "ns": Loss(d_logistic, g_nonsaturating),
-    "minimax": Loss(d_logistic, g_minimax),
-    "wgan": Loss(d_wasserstein, g_hinge, gap_unbounded=True, after_d_step=_wgan_clip),
-    "wgan_gp": Loss(d_wasserstein, g_hinge, gap_unbounded=True, gradient_penalty=True),
-    "rpgan": Loss(d_relativistic, g_relativistic, relativistic=True),  # configs/loss/rpgan.yaml adds R1 + R2
-}
+# loss.name -> Loss; each also has its configs/loss/<name>.yaml (a new loss: one line here plus that file)
+LOSSES.register("hinge", Loss(d_hinge, g_hinge))
+LOSSES.register("ns", Loss(d_logistic, g_nonsaturating))
+LOSSES.register("minimax", Loss(d_logistic, g_minimax))
+LOSSES.register("wgan", Loss(d_wasserstein, g_hinge, gap_unbounded=True, after_d_step=_wgan_clip))
+LOSSES.register("wgan_gp", Loss(d_wasserstein, g_hinge, gap_unbounded=True, gradient_penalty=True))
+LOSSES.register("rpgan", Loss(d_relativistic, g_relativistic, relativistic=True))  # its YAML adds R1 + R2
 
 
 # ---- optimisers: train.optimizer, which a loss's config group sets (configs/loss/wgan.yaml: rmsprop) ----
-OPTIMIZERS: dict[str, Callable] = {
-    "adam": torch.optim.Adam,
-    "rmsprop": torch.optim.RMSprop,
-}
+OPTIMIZERS.register("adam", torch.optim.Adam)
+OPTIMIZERS.register("rmsprop", torch.optim.RMSprop)
 
 
 def make_optimizer(train_cfg, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
