@@ -168,7 +168,8 @@ def _check_eval_overrides(run_dir: Path, overrides: list[str], command: str) -> 
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from bench.config import ConfigError, EvalCfg, check_schema, validate_eval
+    from bench.config import ConfigError, check_schema, validate_eval
+    from bench.schema import EvalCfg
 
     names = [k.rstrip("_") for k in EvalCfg.__dataclass_fields__]  # async_ is the user's eval.async
     for o in overrides:

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bench.metrics_registry import BEST_METRICS, EXTRACTORS, TRUNC_MODES
 from bench.registry import AUG_OPS, LOSSES, MODELS, OPTIMIZERS
-from bench.schema import Config, EvalCfg, LossCfg, ModelCfg  # noqa: F401  (EvalCfg: the eval group's defaults, read by bench eval)
+from bench.schema import Config, LossCfg, ModelCfg
 
 
 def _own_configs() -> Path:

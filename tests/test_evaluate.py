@@ -21,6 +21,8 @@ from bench.data.shapes import SHAPES_CLASSES
 from bench.data.shards import ShardSetSpec, make_shards, manifest_hash
 from bench.eval import classifier as C
 from bench.eval import metrics as M
+from bench.eval import realcache as RC
+from bench.eval import records as ER
 from bench.eval import runs as R
 from bench.eval import sampling as S
 from bench.eval.classifier import ClassifierSettings
@@ -197,8 +199,8 @@ def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, mon
     m3 = evaluate(replace(settings, num_real=100))  # another N: another key
     assert reads == [120, 100] and m3["num_real"] == 100
     assert len(list(cache.glob("real-*.json"))) == 2
-    assert M.real_cache_key(shards, 100, 32, "x") != M.real_cache_key(shards, 120, 32, "x")
-    assert M.real_cache_key(shards, 100, 32, "x") != M.real_cache_key(shards, 100, 32, "y")
+    assert RC.real_cache_key(shards, 100, 32, "x") != RC.real_cache_key(shards, 120, 32, "x")
+    assert RC.real_cache_key(shards, 100, 32, "x") != RC.real_cache_key(shards, 100, 32, "y")
 
     m4 = evaluate(replace(settings, truncation=0.5, standing_stats=2))
     assert m4["truncation"] == 0.5 and m4["standing_stats"] == 2 and reads == [120, 100]
@@ -218,16 +220,16 @@ def test_evaluate_generator_end_to_end_and_real_cache(clf, shards, tmp_path, mon
     assert "sampling + features: 120/120 images" in err and "real features" in err
 
     run = tmp_path / "run"
-    rec = M.append_eval(run, 40, m1, source="test")
+    rec = ER.append_eval(run, 40, m1, source="test")
     line = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
     assert line == rec and line["step"] == 40 and line["extractor"] == "domain" and line["num_samples"] == 120
     assert "seconds" in line and line["source"] == "test"
-    assert M.append_eval(run, 41, {}) == {}  # ranks other than 0 get {} and write nothing
+    assert ER.append_eval(run, 41, {}) == {}  # ranks other than 0 get {} and write nothing
     assert len((run / "evals.jsonl").read_text().splitlines()) == 1
 
 
 def test_eval_settings_from_cfg():
-    from bench.config import EvalCfg
+    from bench.schema import EvalCfg
 
     schema = OmegaConf.create({"eval": OmegaConf.structured(EvalCfg)})
     assert EvalSettings.from_cfg(schema) == EvalSettings()  # the config's defaults are these
@@ -241,7 +243,7 @@ def test_eval_settings_from_cfg():
 
 
 def test_format_table_uses_the_registry_formats():
-    table = M.format_table({"eval/FID": 1.23456, "eval/KID": 0.00123456, "eval/IS": 2.0, "step": 5,
+    table = ER.format_table({"eval/FID": 1.23456, "eval/KID": 0.00123456, "eval/IS": 2.0, "step": 5,
                             "source": "x", "eval/coverage": 0.5, "eval/density": 1.25, "cost/metrics_s": 0.5,
                             "fid_imag_residue": 0.0}, title="t")
     lines = table.splitlines()
@@ -348,7 +350,7 @@ def test_best_checkpoint_choice(clf, shards, tmp_path):
     (run / rundir.CHECKPOINTS / rundir.BEST_CKPT).unlink()
     assert R.load_run(run, which="best")["chosen"] == f"best (summary.json, step {recorded['step']})"
     # a better `bench eval` record does not count; without summary.json, evals.jsonl gives the same step
-    M.append_eval(run, 6, {"eval/FID": 0.0, "extractor": "domain"}, source=rundir.SOURCE_BENCH_EVAL)
+    ER.append_eval(run, 6, {"eval/FID": 0.0, "extractor": "domain"}, source=rundir.SOURCE_BENCH_EVAL)
     (run / rundir.SUMMARY).unlink()
     assert R.load_run(run, which="best")["chosen"] == f"best by eval/FID in evals.jsonl (step {recorded['step']})"
 
@@ -532,7 +534,7 @@ def test_real_statistics_cache_is_checked_before_torch_fidelity_reads_it(tmp_pat
     torch.save({"x": _Hostile(marker)}, cache / f"real-{key}-prc.pt")
     torch.save(torch.zeros(1), cache / "real-otherkey-x.pt")
     (cache / "real-otherkey-bad.pt").write_bytes(b"garbage")  # another key: not this evaluation's business
-    M.check_real_cache(cache, key)
+    RC.check_real_cache(cache, key)
     err = capsys.readouterr().err
     assert sorted(p.name for p in cache.iterdir()) == [f"real-{key}-features.pt", f"real-{key}-stat.pt",
                                                        "real-otherkey-bad.pt", "real-otherkey-x.pt"]

@@ -146,7 +146,7 @@ def test_modern_ablation_sweeps_every_stabiliser_and_seed(tmp_path, tiny_shards)
 def test_narrowed_modern_grid_trains_and_reports_ada_p(tmp_path, shards):
     """Two real cells of the experiment (ADA, RpGAN) as a Hydra multirun, then `bench report` on the sweep:
     the ADA run records p every tick, the RpGAN run does not, and the report draws p for the one ADA run."""
-    from bench.report import collect, plots_extra
+    from bench.report import collect, plots
 
     sweep = tmp_path / "sweep"
     rc = main(["train", "-m", MODERN, f"data.shards={shards}", *TINY, "stabiliser=ada,rpgan", "train.steps=2",
@@ -165,7 +165,7 @@ def test_narrowed_modern_grid_trains_and_reports_ada_p(tmp_path, shards):
     out = tmp_path / "report"
     assert main(["report", str(sweep), f"out={out}"]) == 0
     assert (out / "ada_p.png").stat().st_size > 10_000 and "![ada_p.png](ada_p.png)" in (out / "report.md").read_text()
-    (series,) = plots_extra.ada_series(collect.discover(sweep))  # one line: the ADA run's two ticks
+    (series,) = plots.ada_series(collect.discover(sweep))  # one line: the ADA run's two ticks
     assert len(series.ps) == 2 and series.x_key == "kimg" and series.target == 0.6
 
 

@@ -15,7 +15,7 @@ from scipy import stats as sps
 from bench import rundir
 from bench.cli import main
 from bench.eval import stats as S
-from bench.report import groups as G
+from bench.report import groups as seedgroups
 
 # ---- coverage -----------------------------------------------------------------------------------------
 
@@ -218,19 +218,19 @@ def test_report_marks_by_welch_or_paired_t_with_holm(synth_report):
     small, large = sorted([p_far, p_near])
     holm = {p_far: min(1, 2 * p_far) if p_far == small else max(2 * small, p_far),
             p_near: min(1, 2 * p_near) if p_near == small else max(2 * small, p_near)}
-    assert abl["base"]["vs_best"] == G.BEST_MARK
-    assert (abl["far"]["vs_best"], abl["far"]["test"]) == (G.DIFFERENT, G.PAIRED)
-    assert (abl["near"]["vs_best"], abl["near"]["test"]) == (G.NOT_SEPARABLE, G.WELCH)
-    assert abl["lone"]["vs_best"] == G.UNTESTED and abl["lone"]["p"] == ""
+    assert abl["base"]["vs_best"] == seedgroups.BEST_MARK
+    assert (abl["far"]["vs_best"], abl["far"]["test"]) == (seedgroups.DIFFERENT, seedgroups.PAIRED)
+    assert (abl["near"]["vs_best"], abl["near"]["test"]) == (seedgroups.NOT_SEPARABLE, seedgroups.WELCH)
+    assert abl["lone"]["vs_best"] == seedgroups.UNTESTED and abl["lone"]["p"] == ""
     for cell, p in (("far", p_far), ("near", p_near)):
         assert float(abl[cell]["p"]) == pytest.approx(p, rel=1e-9)
         assert float(abl[cell]["p_holm"]) == pytest.approx(holm[p], rel=1e-9)
     # the Markdown table prints the test, the raw p and Holm's p, and the marks
     matrix = md.split("## Ablation matrix", 1)[1].split("\n\n", 2)[1]
     rows = {line.split("|")[2].strip(): line for line in matrix.splitlines() if line.startswith("| variant=")}
-    assert f"| {G.DIFFERENT} | paired | {_p_text(p_far)} | {_p_text(holm[p_far])} | 5 |" in rows["far"]
-    assert f"| {G.NOT_SEPARABLE} | Welch | {_p_text(p_near)} | {_p_text(holm[p_near])} | 5 |" in rows["near"]
-    assert f"| {G.UNTESTED} | — | — | — | 1 |" in rows["lone"] and "| best | — | — | — | 5 |" in rows["base"]
+    assert f"| {seedgroups.DIFFERENT} | paired | {_p_text(p_far)} | {_p_text(holm[p_far])} | 5 |" in rows["far"]
+    assert f"| {seedgroups.NOT_SEPARABLE} | Welch | {_p_text(p_near)} | {_p_text(holm[p_near])} | 5 |" in rows["near"]
+    assert f"| {seedgroups.UNTESTED} | — | — | — | 1 |" in rows["lone"] and "| best | — | — | — | 5 |" in rows["base"]
     assert "Holm" in md and "Welch" in md and "not separable from best" in md
     # intervals: Student-t over the 5 seeds
     lo, hi = sps.t.interval(0.95, 4, loc=near.mean(), scale=sps.sem(near))
@@ -288,15 +288,15 @@ def test_marks_where_the_old_overlap_rule_claimed_a_difference():
     (p = 0.051, one test so Holm changes nothing): "≈" now."""
     a, b = [50.0, 52.0, 54.0], [54.5, 56.5, 58.5]
     assert S.bootstrap_ci(a)[1] < S.bootstrap_ci(b)[0]
-    rows = [{"run": name, "estimate": G.estimate(vals), "_values": vals,
+    rows = [{"run": name, "estimate": seedgroups.estimate(vals), "_values": vals,
              "_seed_values": {str(seed + off): v for seed, v in enumerate(vals)}}
             for name, vals, off in (("a", a, 0), ("b", b, 10))]
-    G.mark_separability(rows, "eval/FID")
+    seedgroups.mark_separability(rows, "eval/FID")
     p = float(sps.ttest_ind(b, a, equal_var=False).pvalue)
     assert p == pytest.approx(0.05107578485404692, rel=1e-9)
-    assert (rows[0]["vs_best"], rows[1]["vs_best"], rows[1]["test"]) == (G.BEST_MARK, G.NOT_SEPARABLE, G.WELCH)
+    assert (rows[0]["vs_best"], rows[1]["vs_best"], rows[1]["test"]) == (seedgroups.BEST_MARK, seedgroups.NOT_SEPARABLE, seedgroups.WELCH)
     assert rows[1]["p"] == pytest.approx(p, rel=1e-9) and rows[1]["p_holm"] == pytest.approx(p, rel=1e-9)
     assert rows[1]["paired_n"] is None  # no seed in common
     # higher is better (IS): the same values, b is now the best and a is tested against it
-    G.mark_separability(rows, "eval/IS")
-    assert (rows[0]["vs_best"], rows[1]["vs_best"]) == (G.NOT_SEPARABLE, G.BEST_MARK)
+    seedgroups.mark_separability(rows, "eval/IS")
+    assert (rows[0]["vs_best"], rows[1]["vs_best"]) == (seedgroups.NOT_SEPARABLE, seedgroups.BEST_MARK)

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from bench import metrics_registry as registry
 from bench import rundir
-from bench.config import ConfigError, EvalCfg, validate_eval
+from bench.config import ConfigError, validate_eval
+from bench.schema import EvalCfg
 from bench.data.shapes import SHAPES_CLASSES
 from bench.eval import classifier as C
 from bench.eval import intra as I

@@ -95,7 +95,7 @@ def sweep(tmp_path_factory):
 
 def test_import_pulls_in_neither_torch_nor_matplotlib():
     code = ("import sys, bench.report, bench.report.collect, bench.report.tables, bench.report.plots, "
-            "bench.report.render, bench.report.groups, bench.report.plots_extra; "
+            "bench.report.render, bench.report.groups; "
             "print(sorted(m for m in ('torch', 'matplotlib', 'hydra', 'omegaconf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -501,7 +501,7 @@ ADA_P = {0: [0.0, 0.004, 0.012], 1: [0.0, 0.002, 0.001]}  # seed -> p per tick
 
 
 def test_ada_p_plot_has_one_line_per_ada_run(tmp_path, monkeypatch):
-    from bench.report import plots_extra
+    from bench.report import plots
 
     root = tmp_path / "runs"
     ops = ["color", "translation", "cutout"]
@@ -532,7 +532,7 @@ def test_ada_p_plot_has_one_line_per_ada_run(tmp_path, monkeypatch):
     assert by_seed[0].get_color() == by_seed[1].get_color()
     assert by_seed[0].get_linestyle() != by_seed[1].get_linestyle()
     assert ax.get_xlabel().startswith("kimg")
-    series = plots_extra.ada_series(collect.discover(root))
+    series = plots.ada_series(collect.discover(root))
     assert sorted(s.xs[-1] for s in series) == pytest.approx([0.48, 0.48]) and len(series) == 2
 
     # the same folder without the ADA runs: no figure, no section, nothing listed as not written; the stale

@@ -22,7 +22,7 @@ from bench.config import ConfigError, validate_eval
 from scipy import stats as sps
 
 from bench.eval.stats import bootstrap_ci, t_interval
-from bench.report import groups as G
+from bench.report import groups as seedgroups
 
 # ---- the bootstrap ------------------------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ def test_bootstrap_width_shrinks_like_one_over_sqrt_k_and_covers():
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "3", True])
 def test_eval_repeats_is_validated(bad):
-    from bench.config import EvalCfg
+    from bench.schema import EvalCfg
 
     cfg = OmegaConf.create({"eval": OmegaConf.to_container(OmegaConf.structured(EvalCfg))})
     validate_eval(cfg)  # the default (1) passes
@@ -256,17 +256,17 @@ def test_report_groups_seeds_with_mean_interval_and_n(seeded, tmp_path, capsys):
     holm = {"ratio:3": 2 * p["ratio:3"], "ratio:1.5": max(2 * p["ratio:3"], p["ratio:1.5"])}
     assert holm["ratio:3"] <= 0.05 < holm["ratio:1.5"]
     assert (by_clamp["null"]["vs_best"], by_clamp["ratio:1.5"]["vs_best"], by_clamp["ratio:3"]["vs_best"]) == \
-        (G.BEST_MARK, G.NOT_SEPARABLE, G.DIFFERENT)
+        (seedgroups.BEST_MARK, seedgroups.NOT_SEPARABLE, seedgroups.DIFFERENT)
     for c in p:
-        assert by_clamp[c]["test"] == G.PAIRED
+        assert by_clamp[c]["test"] == seedgroups.PAIRED
         assert (float(by_clamp[c]["p"]), float(by_clamp[c]["p_holm"])) == pytest.approx((p[c], holm[c]), rel=1e-9)
         d = np.subtract(FIDS[c], FIDS["null"])
         assert float(by_clamp[c]["paired_diff"]) == pytest.approx(d.mean())
         assert (float(by_clamp[c]["paired_lo"]), float(by_clamp[c]["paired_hi"])) == pytest.approx(
             sps.t.interval(0.95, 2, loc=d.mean(), scale=sps.sem(d)))
     rows = _ablation_md_rows(md)
-    assert f"| {G.NOT_SEPARABLE} | paired | {p['ratio:1.5']:.3g} | {holm['ratio:1.5']:.3g} |" in rows["sigma_clamp=ratio:1.5"]
-    assert f"| {G.DIFFERENT} | paired | {p['ratio:3']:.3g} | {holm['ratio:3']:.3g} |" in rows["sigma_clamp=ratio:3"]
+    assert f"| {seedgroups.NOT_SEPARABLE} | paired | {p['ratio:1.5']:.3g} | {holm['ratio:1.5']:.3g} |" in rows["sigma_clamp=ratio:1.5"]
+    assert f"| {seedgroups.DIFFERENT} | paired | {p['ratio:3']:.3g} | {holm['ratio:3']:.3g} |" in rows["sigma_clamp=ratio:3"]
     assert "n=3" in rows["sigma_clamp=ratio:3"]
     assert "not separable from best" in md and "Holm" in md  # the legend line
     # the other tables: the seeds table and the best-evaluation table show mean ± interval and n
@@ -318,7 +318,7 @@ def test_runs_differing_in_more_than_the_seed_stay_apart(tmp_path):
     runs = collect.discover(root)
     keys, _ = tables.swept_keys(runs)
     tables.assign_labels(runs, keys)
-    groups = G.group_runs(runs, keys)
+    groups = seedgroups.group_runs(runs, keys)
     assert sorted(len(g.runs) for g in groups) == [1, 2]
     pair = next(g for g in groups if len(g.runs) == 2)
     assert sorted(r.name for r in pair.runs) == ["a", "b"] and pair.label == "batch_size=16"
@@ -339,7 +339,7 @@ def test_one_run_with_repeats_shows_its_own_interval_and_separability(tmp_path, 
     assert abl["null"]["value_text"] == f"50 ± {4.302652729911275 / math.sqrt(3):.2g} (n=1, 3 repeats)" == \
         "50 ± 2.5 (n=1, 3 repeats)"
     assert (abl["null"]["vs_best"], abl["ratio:1.5"]["vs_best"], abl["ratio:3"]["vs_best"]) == \
-        (G.BEST_MARK, G.UNTESTED, G.UNTESTED)
+        (seedgroups.BEST_MARK, seedgroups.UNTESTED, seedgroups.UNTESTED)
     assert abl["ratio:3"]["p"] == abl["ratio:3"]["p_holm"] == "" and abl["ratio:3"]["test"] == ""
     with open(out / "evals.csv", newline="") as f:
         recs = [r for r in csv.DictReader(f) if r["step"] == "10"]
@@ -352,7 +352,7 @@ def test_one_run_with_repeats_shows_its_own_interval_and_separability(tmp_path, 
     assert main(["report", str(plain), f"out={tmp_path / 'out2'}"]) == 0
     with open(tmp_path / "out2" / "ablation.csv", newline="") as f:
         abl = {a["reg.sigma_clamp"]: a for a in csv.DictReader(f)}
-    assert abl["ratio:3"]["value_text"] == "60" and abl["ratio:3"]["vs_best"] == G.UNTESTED
+    assert abl["ratio:3"]["value_text"] == "60" and abl["ratio:3"]["vs_best"] == seedgroups.UNTESTED
     assert "±" not in (tmp_path / "out2" / "report.md").read_text().split("## Ablation matrix")[1].split("`≈`")[0]
 
 

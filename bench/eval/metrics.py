@@ -31,10 +31,8 @@ from bench.eval.features import (ImageDataset, ProgressLine, Sampler, check_extr
 from bench.eval.features import ShardImages, feature_extractor, features_of, real_images, resizer
 from bench.eval.intra import IntraFID, summarise_intra
 from bench.eval.protocols import DEFAULT_PROTOCOL, fill_defaults
-from bench.eval.realcache import check_real_cache, real_cache_key  # noqa: F401 - part of this module's API
-from bench.eval.realcache import write_sidecar as _write_sidecar
+from bench.eval.realcache import check_real_cache, real_cache_key, write_sidecar as _write_sidecar
 from bench.eval.refstats import RefStats, reference_side
-from bench.eval.records import RECORD_KEYS, append_eval, format_table  # noqa: F401 - part of this module's API
 from bench.eval.intra_check import DEFAULT_MIN_PER_CLASS, UNLABELLED_SKIP, class_based
 from bench.eval.sampling import check_psi, check_trunc_mode, eval_latents, standing_stats
 from bench.eval.stats import DC_NEIGHBOURS, density_coverage, frechet_distance, t_interval

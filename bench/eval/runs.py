@@ -25,7 +25,8 @@ from bench.data.shards import DEFAULT_NUM_SAMPLES, dataset_info, default_shards
 from bench.device import channels_last, eval_precision
 from bench.eval.errors import EvalError
 from bench.eval.safeload import first_line, load_weights
-from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator, format_table
+from bench.eval.metrics import EvalSettings, evaluate_generator
+from bench.eval.records import append_eval, format_table
 from bench.eval.protocols import protocol_values
 from bench.eval.sampling import check_psi, save_grid, to_uint8, truncated_normal, write_sheets
 

@@ -224,7 +224,8 @@ class Watcher:
     # -- one evaluation
     def evaluate(self, step: int, path: Path, left: int) -> None:
         from bench.eval.errors import EvalError
-        from bench.eval.metrics import EvalSettings, append_eval, evaluate_generator
+        from bench.eval.metrics import EvalSettings, evaluate_generator
+        from bench.eval.records import append_eval
         from bench.eval.runs import load_run
 
         say(f"step {step}: evaluating {path.relative_to(self.run_dir) if path.is_relative_to(self.run_dir) else path}"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from bench import metrics_registry as registry
 from bench.eval import stats
-from bench.eval.stats import ALPHA, POWER, t_interval
+from bench.eval.stats import ALPHA, t_interval
 from bench.report.collect import Run, finite
 from bench.report.tables import fmt, short, short_keys
 
@@ -366,51 +366,6 @@ def step_series(group: SeedGroup, records: list[dict], key: str, ext: str) -> li
         ci = [recs[0].get(f"{key}_ci_lo"), recs[0].get(f"{key}_ci_hi")] if len(recs) == 1 else None
         out.append((step, estimate([e[key] for e in recs], ci, recs[0].get("repeats"))))
     return out
-
-
-# ---- figures ------------------------------------------------------------------------------------------
-
-def draw_series(ax, series: list[tuple], color, group: SeedGroup) -> None:
-    """On matplotlib axes: a group of several runs as its mean line with a 95% band; one run's repeat
-    intervals as error bars (nothing else: its line is drawn with the other runs)."""
-    pts = [(x, e) for x, e in series if e is not None and e.lo is not None]
-    if len(group.runs) > 1 and series:
-        xs = [x for x, _ in series]
-        ax.plot(xs, [e.mean for _, e in series], "s-", color=color, ms=4, lw=2.0,
-                label=f"{group.label} (mean, 95% band, n={len(group.runs)})")
-        if pts:
-            ax.fill_between([x for x, _ in pts], [e.lo for _, e in pts], [e.hi for _, e in pts], color=color,
-                            alpha=0.2, lw=0)
-    elif pts:
-        ax.errorbar([x for x, _ in pts], [e.mean for _, e in pts],
-                    yerr=[[e.mean - e.lo for _, e in pts], [e.hi - e.mean for _, e in pts]], fmt="none",
-                    ecolor=color, capsize=3, lw=1.0)
-
-
-def draw_truncation(ax, points: list[dict], xk: str, yk: str, colors: dict) -> None:
-    """On matplotlib axes: error bars in x and y at each group_truncation point that has an interval; a
-    configuration of several seeds also gets its mean curve (diamonds, dashed)."""
-    by_group: dict = {}
-    for t in points:
-        if t.get(xk) is not None and t.get(yk) is not None:
-            by_group.setdefault(t["run"], []).append(t)
-    for label, pts in by_group.items():
-        pts.sort(key=lambda t: math.inf if t["psi"] is None else t["psi"])
-        color = colors.get(label, "black")
-        if max(t["n"] for t in pts) > 1:
-            ax.plot([t[xk].mean for t in pts], [t[yk].mean for t in pts], "D--", color=color, ms=5, lw=1.2,
-                    label=f"{label} (mean ± 95% CI, n={max(t['n'] for t in pts)})")
-            for t in pts:
-                ax.annotate("off" if t["psi"] is None else f"{t['psi']:g}", (t[xk].mean, t[yk].mean),
-                            textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
-        bars = [t for t in pts if t[xk].lo is not None or t[yk].lo is not None]
-        if bars:
-            ax.errorbar([t[xk].mean for t in bars], [t[yk].mean for t in bars],
-                        xerr=[[t[xk].mean - t[xk].interval[0] for t in bars], [t[xk].interval[1] - t[xk].mean
-                                                                              for t in bars]],
-                        yerr=[[t[yk].mean - t[yk].interval[0] for t in bars], [t[yk].interval[1] - t[yk].mean
-                                                                              for t in bars]],
-                        fmt="none", ecolor=color, capsize=3, lw=1.0)
 
 
 def shared_colors(labels: list, points: list[dict], palette) -> tuple[dict, set]:

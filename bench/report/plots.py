@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from bench import metrics_registry as registry
 from bench import rundir
-from bench.report import groups as G
+from bench.report import groups as seedgroups
 from bench.report.collect import Run, finite, natural_key
 from bench.report.tables import (REPORT_METRICS, Writer, collapse_info, fmt, natural, psi_order, short,
                                  short_keys)
@@ -280,7 +280,7 @@ def plot_evals(runs: list[Run], records: list[dict], w: Writer, groups=None) -> 
     if not metrics:
         return None, "evals.jsonl records hold none of " + ", ".join(REPORT_METRICS)
     labels = [r.label for r in runs if r.evals]
-    sgroups = [g for g in (groups or [G.SeedGroup(r.label, [r]) for r in runs]) if any(r.evals for r in g.runs)]
+    sgroups = [g for g in (groups or [seedgroups.SeedGroup(r.label, [r]) for r in runs]) if any(r.evals for r in g.runs)]
     colors = {r.label: c for g, c in zip(sgroups, _colors(len(sgroups))) for r in g.runs}
     seeded = {r.label for g in sgroups if len(g.runs) > 1 for r in g.runs}
     ncol = min(3, len(metrics))
@@ -306,7 +306,7 @@ def plot_evals(runs: list[Run], records: list[dict], w: Writer, groups=None) -> 
                     ax.plot(xs, ys, "o-" if psi is None else "x:", color=colors[label], ms=2 if thin else 4,
                             lw=0.7 if thin else 1.2, alpha=0.35 if thin else 1.0, label=None if thin else name)
             for sg in sgroups:
-                G.draw_series(ax, G.step_series(sg, records, key, ext), colors[sg.runs[0].label], sg)
+                draw_series(ax, seedgroups.step_series(sg, records, key, ext), colors[sg.runs[0].label], sg)
             if not allv:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
             elif registry.lower_is_better(key):
@@ -336,7 +336,7 @@ def plot_truncation(records: list[dict], w: Writer, gtrunc=None) -> tuple[str | 
         return None, "no truncation/truncation.csv in any run (`bench truncation run=DIR` writes one)"
     extractors = sorted({t["extractor"] for t in records})
     labels = list(dict.fromkeys(t["run"] for t in records))
-    colors, seeded = G.shared_colors(labels, gtrunc or [], _colors)  # a configuration's seeds: one colour
+    colors, seeded = seedgroups.shared_colors(labels, gtrunc or [], _colors)  # a configuration's seeds: one colour
     pairs = (("FID", "IS"), ("recall", "precision"), ("coverage", "density"))
     fig = _figure(18, 4.6 * len(extractors) + 0.4)
     axes = fig.subplots(len(extractors), len(pairs), squeeze=False)
@@ -353,7 +353,7 @@ def plot_truncation(records: list[dict], w: Writer, gtrunc=None) -> tuple[str | 
                 for t in pts if not thin else ():
                     ax.annotate("off" if t["psi"] is None else f"{t['psi']:g}", (t[xk], t[yk]),
                                 textcoords="offset points", xytext=(5, 4), fontsize=7, color=colors[label])
-            G.draw_truncation(ax, [t for t in gtrunc or [] if t["extractor"] == ext], xk, yk, colors)
+            draw_truncation(ax, [t for t in gtrunc or [] if t["extractor"] == ext], xk, yk, colors)
             ax.margins(0.1)
             _no_offset(ax)
             ax.set_xlabel(xk + (" (lower is better)" if registry.lower_is_better(f"eval/{xk}") else ""))
@@ -431,7 +431,7 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
     mid = (shown.min() + shown.max()) / 2 if shown.size else 0
     for (rl, cl), (a, *_) in m.cells.items():
         i, j = rlabels.index(rl), clabels.index(cl)
-        lines = [f"{metric.split('/')[-1]} {G.cell_text(a)}",
+        lines = [f"{metric.split('/')[-1]} {seedgroups.cell_text(a)}",
                  f"collapse {fmt(a['collapse_step'])}" + (f" ({a['collapsed']})" if a.get("collapsed") else ""),
                  f"{fmt(a['img_per_s'], 3)} img/s"]
         if a["status"] != rundir.COMPLETED:
@@ -455,8 +455,8 @@ def plot_ablation(abl: list[dict], keys: list[str], metric: str, w: Writer) -> t
     title = abl[0]["metric"]
     marks = any(a.get("vs_best") for a in abl)
     ax.set_title(f"Ablation: {title}, collapse step, throughput" + (
-        f"\n± : Student-t 95% interval (n seeds); {G.NOT_SEPARABLE} / {G.DIFFERENT}: not separable from / different "
-        f"from the best cell (t-test, Holm, α = {G.ALPHA:g})" if marks else ""),
+        f"\n± : Student-t 95% interval (n seeds); {seedgroups.NOT_SEPARABLE} / {seedgroups.DIFFERENT}: not separable from / different "
+        f"from the best cell (t-test, Holm, α = {seedgroups.ALPHA:g})" if marks else ""),
         fontsize=10)
     w.figure("ablation.png", fig)
     return "ablation.png", None
@@ -481,3 +481,162 @@ def _matrix_axes(abl: list[dict], keys: list[str]) -> tuple[list[str], list[str]
             if best is None or score < best[0]:
                 best = (score, [k for k in keys if k not in cols], list(cols))
     return (best[1], best[2]) if best else (keys[:-1], keys[-1:])
+
+
+def draw_series(ax, series: list[tuple], color, group: seedgroups.SeedGroup) -> None:
+    """On matplotlib axes: a group of several runs as its mean line with a 95% band; one run's repeat
+    intervals as error bars (nothing else: its line is drawn with the other runs)."""
+    pts = [(x, e) for x, e in series if e is not None and e.lo is not None]
+    if len(group.runs) > 1 and series:
+        xs = [x for x, _ in series]
+        ax.plot(xs, [e.mean for _, e in series], "s-", color=color, ms=4, lw=2.0,
+                label=f"{group.label} (mean, 95% band, n={len(group.runs)})")
+        if pts:
+            ax.fill_between([x for x, _ in pts], [e.lo for _, e in pts], [e.hi for _, e in pts], color=color,
+                            alpha=0.2, lw=0)
+    elif pts:
+        ax.errorbar([x for x, _ in pts], [e.mean for _, e in pts],
+                    yerr=[[e.mean - e.lo for _, e in pts], [e.hi - e.mean for _, e in pts]], fmt="none",
+                    ecolor=color, capsize=3, lw=1.0)
+
+
+def draw_truncation(ax, points: list[dict], xk: str, yk: str, colors: dict) -> None:
+    """On matplotlib axes: error bars in x and y at each group_truncation point that has an interval; a
+    configuration of several seeds also gets its mean curve (diamonds, dashed)."""
+    by_group: dict = {}
+    for t in points:
+        if t.get(xk) is not None and t.get(yk) is not None:
+            by_group.setdefault(t["run"], []).append(t)
+    for label, pts in by_group.items():
+        pts.sort(key=lambda t: math.inf if t["psi"] is None else t["psi"])
+        color = colors.get(label, "black")
+        if max(t["n"] for t in pts) > 1:
+            ax.plot([t[xk].mean for t in pts], [t[yk].mean for t in pts], "D--", color=color, ms=5, lw=1.2,
+                    label=f"{label} (mean ± 95% CI, n={max(t['n'] for t in pts)})")
+            for t in pts:
+                ax.annotate("off" if t["psi"] is None else f"{t['psi']:g}", (t[xk].mean, t[yk].mean),
+                            textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
+        bars = [t for t in pts if t[xk].lo is not None or t[yk].lo is not None]
+        if bars:
+            ax.errorbar([t[xk].mean for t in bars], [t[yk].mean for t in bars],
+                        xerr=[[t[xk].mean - t[xk].interval[0] for t in bars], [t[xk].interval[1] - t[xk].mean
+                                                                              for t in bars]],
+                        yerr=[[t[yk].mean - t[yk].interval[0] for t in bars], [t[yk].interval[1] - t[yk].mean
+                                                                              for t in bars]],
+                        fmt="none", ecolor=color, capsize=3, lw=1.0)
+
+
+# ---- the modern stabilisers' figures: ada_p.png and diversity.png ---------------------------------------
+ADA_P = "aug/p"
+ADA_FILE = "ada_p.png"
+DIVERSITY = "stability/diversity"
+DIVERSITY_FILE = "diversity.png"
+SEED_STYLES = ("-", "--", ":", "-.")
+
+
+@dataclass
+class PSeries:
+    """One run's p over training."""
+    label: str          # the run's label in the report
+    x_key: str          # "kimg", or "step" when a tick has no kimg
+    xs: list
+    ps: list
+    target: float | None = None  # aug.ada_target from config.yaml
+
+
+def ada_series(runs: list[Run]) -> list[PSeries]:
+    """Every run whose metrics.jsonl has `aug/p`, in the runs' order: its ticks' p against kimg (against
+    step when any of those ticks lacks kimg)."""
+    out = []
+    for r in runs:
+        ticks = [m for m in r.metrics if finite(m.get(ADA_P))]
+        if not ticks:
+            continue
+        x_key = "kimg" if all(finite(m.get("kimg")) for m in ticks) else "step"
+        target = r.config.get("aug.ada_target")
+        out.append(PSeries(r.label, x_key, [m[x_key] for m in ticks], [m[ADA_P] for m in ticks],
+                           target if finite(target) else None))
+    return out
+
+
+def plot_ada_p(runs: list[Run], w: Writer, groups=None) -> tuple[str | None, str | None]:
+    """ada_p.png: p against kimg, one line per ADA run; a configuration's seeds share its colour."""
+    series = ada_series(runs)
+    if not series:
+        return None, f"no {ADA_P} in any metrics.jsonl (no run with aug.ada_target set)"
+    labels = [s.label for s in series]
+    owner = {r.label: g.label for g in (groups or []) for r in g.runs}  # run -> its configuration (groups.py)
+    configs = list(dict.fromkeys(owner.get(label, label) for label in labels))
+    color = dict(zip(configs, _colors(len(configs))))
+    seen: dict = {}
+    fig = _figure(8, 4.5)
+    ax = fig.subplots()
+    for s in series:
+        config = owner.get(s.label, s.label)
+        style = SEED_STYLES[_next(seen, config) % len(SEED_STYLES)]
+        ax.plot(s.xs, s.ps, style, color=color[config], lw=1.4, marker="." if len(s.xs) < 30 else None,
+                label=s.label + (f" (target r_t {s.target:g})" if s.target is not None else ""))
+    x_keys = {s.x_key for s in series}
+    ax.set_xlabel("kimg (thousands of real images seen)" if x_keys == {"kimg"} else " / ".join(sorted(x_keys)))
+    ax.set_ylabel("p (probability of each augmentation op)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("ADA: augmentation probability p per tick (raised while r_t = E[sign D(real)] is above target)",
+                 fontsize=9)
+    _no_offset(ax)
+    ax.grid(True, alpha=0.3)
+    ax.legend(**_legend_kw(len(series) > MAX_LEGEND))
+    w.figure(ADA_FILE, fig)
+    return ADA_FILE, None
+
+
+def _next(seen: dict, config: str) -> int:
+    """The index of this run among the runs of its configuration drawn so far (its line style)."""
+    seen[config] = seen.get(config, -1) + 1
+    return seen[config]
+
+
+def diversity_runs(runs: list[Run]) -> list[Run]:
+    """The runs whose metrics.jsonl has `stability/diversity`."""
+    return [r for r in runs if any(finite(m.get(DIVERSITY)) for m in r.metrics)]
+
+
+def _d_sigma0(r: Run) -> tuple[list, list]:
+    """D's largest sigma0 over its layers, per tick that measured it."""
+    pts = [(m["step"], max(v for k, v in m.items() if k.startswith("sigma/D/") and k.endswith("/s0") and finite(v)))
+           for m in r.metrics if finite(m.get("step")) and any(k.startswith("sigma/D/") and k.endswith("/s0")
+                                                              and finite(v) for k, v in m.items())]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_diversity(runs: list[Run], w: Writer) -> tuple[str | None, str | None]:
+    """diversity.png: stability/diversity against step (left) and D's largest sigma0 (right), one colour per run;
+    dashed lines: collapse steps."""
+    have = diversity_runs(runs)
+    if not have:
+        return None, f"no {DIVERSITY} in any metrics.jsonl (telemetry.diversity_every = 0, or no domain classifier)"
+    fig = _figure(13, 4.5)
+    ax_div, ax_sig = fig.subplots(1, 2)
+    for i, (r, c) in enumerate(zip(have, _colors(len(have)))):
+        pts = [(m["step"], m[DIVERSITY]) for m in r.metrics if finite(m.get(DIVERSITY)) and finite(m.get("step"))]
+        ax_div.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.4, marker="." if len(pts) < 30 else None,
+                    label=r.label)
+        xs, ys = _d_sigma0(r)
+        if xs:
+            ax_sig.plot(xs, ys, color=c, lw=1.2, label=r.label)
+        for ax in (ax_div, ax_sig):
+            _collapse_marks(ax, r, c, offset=i)
+    ax_div.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax_div.set_ylim(bottom=0)
+    ax_div.set_ylabel("diversity (G's per-class spread / the data's)")
+    ax_div.set_title("stability/diversity: 1 = as diverse as the data", fontsize=9)
+    ax_sig.set_ylabel("D's largest sigma0 over layers")
+    ax_sig.set_title("D sigma0 (telemetry.sigma_every)", fontsize=9)
+    for ax in (ax_div, ax_sig):
+        ax.set_xlabel("step")
+        _int_steps(ax)
+        _no_offset(ax)
+        ax.grid(True, alpha=0.3)
+    ax_div.legend(**_legend_kw(len(have) > MAX_LEGEND))
+    fig.suptitle("Diversity and D's sigma0; dashed lines: collapse steps; triangles: flagged ticks", fontsize=10)
+    w.figure(DIVERSITY_FILE, fig)
+    return DIVERSITY_FILE, None

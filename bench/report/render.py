@@ -11,8 +11,8 @@ from pathlib import Path
 from bench import metrics_registry as registry
 from bench import rundir
 from bench.eval import stats
-from bench.report import groups as G
-from bench.report import per_class, plots, plots_extra
+from bench.report import groups as seedgroups
+from bench.report import per_class, plots
 from bench.report.collect import MAX_DEPTH, REPORT_DIR, STALLED_AFTER_S, TRUNC_COLUMNS, Run, discover, finite
 from bench.report.tables import (LEDGER, REPORT_METRICS, ForeignFile, Ledger, Writer, ablation_rows, assign_labels, best_eval_rows,
                                  eval_records, fmt, md_table, natural, psi_order, run_row, scaling_table,
@@ -106,21 +106,21 @@ def build_report(root: Path, out: Path) -> dict:
     intra_rows = per_class.records(runs)
     if intra_rows:
         w.csv(per_class.INTRA_CSV, intra_rows)
-    groups = G.group_runs(runs, keys)
-    if plots_extra.ada_series(runs):  # only reports with an ADA run have (or miss) this figure
-        plot(plots_extra.ADA_FILE, plots_extra.plot_ada_p, runs, w, groups)
-    if plots_extra.diversity_runs(runs):  # only reports with a diversity-measuring run have (or miss) this figure
-        plot(plots_extra.DIVERSITY_FILE, plots_extra.plot_diversity, runs, w)
+    groups = seedgroups.group_runs(runs, keys)
+    if plots.ada_series(runs):  # only reports with an ADA run have (or miss) this figure
+        plot(plots.ADA_FILE, plots.plot_ada_p, runs, w, groups)
+    if plots.diversity_runs(runs):  # only reports with a diversity-measuring run have (or miss) this figure
+        plot(plots.DIVERSITY_FILE, plots.plot_diversity, runs, w)
     plot("evals.png", plots.plot_evals, runs, records, w, groups)
     trunc = truncation_records(runs)
     if trunc:
         w.csv("truncation.csv", trunc)
-    gtrunc = G.group_truncation(groups, trunc, TRUNC_COLUMNS)
+    gtrunc = seedgroups.group_truncation(groups, trunc, TRUNC_COLUMNS)
     plot("truncation.png", plots.plot_truncation, trunc, w, gtrunc)
     abl, metric = ablation_rows(runs, rows, keys)
-    abl, abl_keys = G.grouped_ablation(groups, abl, keys, metric)
+    abl, abl_keys = seedgroups.grouped_ablation(groups, abl, keys, metric)
     if len(abl) >= 2:
-        w.csv("ablation.csv", G.csv_rows(abl))
+        w.csv("ablation.csv", seedgroups.csv_rows(abl))
     plot("ablation.png", plots.plot_ablation, abl, abl_keys, metric, w)
     written_names = {p.name for p in w.written} | {"report.md"}
     w.text("report.md", render_markdown(ReportData(root, runs, rows, keys, key_source, scaling, records, trunc,
@@ -191,7 +191,7 @@ def _md_runs(d: ReportData) -> list[str]:
               f"{min(r['cpu_util'] for r in contended):.0%} (lowest) of their threads' CPU time (`perf/cpu_util` < "
               f"{registry.CONTENDED}): another CPU-bound process, or the run's own data workers, shared the cores, so "
               f"their img/s are not clean figures. Rerun them alone to compare speeds.", ""]
-    seeds = G.seed_table(d.groups or [], d.abl)
+    seeds = seedgroups.seed_table(d.groups or [], d.abl)
     if seeds:
         L += ["Seeds: runs whose config.yaml differs only in `train.seed` are one configuration; its numbers "
               "below are mean ± the half-width of the Student-t 95% interval over the seeds, with n = the "
@@ -241,21 +241,21 @@ def _md_losses_sigma(d: ReportData) -> list[str]:
 
 
 def _md_ada(d: ReportData) -> list[str]:
-    name = plots_extra.ADA_FILE
+    name = plots.ADA_FILE
     if name not in d.written and name not in d.skipped:
         return []  # no run used ADA
     return ["## ADA augmentation probability", "",
-            f"p (`{plots_extra.ADA_P}` in metrics.jsonl) per tick of every run with `aug.ada_target` set: ADA raises "
+            f"p (`{plots.ADA_P}` in metrics.jsonl) per tick of every run with `aug.ada_target` set: ADA raises "
             "p while r_t = E[sign D(real)] is above the target, i.e. while D is overconfident on the reals.", ""
             ] + _img(d, name)
 
 
 def _md_diversity(d: ReportData) -> list[str]:
-    name = plots_extra.DIVERSITY_FILE
+    name = plots.DIVERSITY_FILE
     if name not in d.written and name not in d.skipped:
         return []
     return ["## Diversity", "",
-            f"`{plots_extra.DIVERSITY}` (telemetry.diversity_every): for fixed latents per class, the mean pairwise "
+            f"`{plots.DIVERSITY}` (telemetry.diversity_every): for fixed latents per class, the mean pairwise "
             "distance of G_ema's samples in the domain classifier's features over the same for real images of the "
             "class, averaged over classes (1 = as diverse as the data), beside D's largest sigma0. A sustained drop "
             "is a partial mode collapse (telemetry.collapse_diversity_factor).", ""] + _img(d, name)
@@ -264,7 +264,7 @@ def _md_diversity(d: ReportData) -> list[str]:
 def _md_evals(d: ReportData) -> list[str]:
     L = ["## Evaluations", ""]
     best_rows = best_eval_rows(d.runs, d.records) if d.records else []
-    best_rows = G.group_best_rows(d.groups or [], best_rows, d.records, REPORT_METRICS)
+    best_rows = seedgroups.group_best_rows(d.groups or [], best_rows, d.records, REPORT_METRICS)
     if best_rows:
         L += ["Best evaluation per configuration and feature extractor, by the run's `eval.best_metric` (column "
               "`by`; the rule of checkpoints/best.pt; numbers from different extractors are not comparable). "
@@ -300,7 +300,7 @@ def _md_ablation(d: ReportData) -> list[str]:
                        [[a["run"], *[a[k] for k in keys], status_cell(a["status"]), a.get("value_text", a["value"]),
                          a.get("vs_best"), a.get("test"), _p(a.get("p")), _p(a.get("p_holm")), a.get("n"),
                          a["collapse_step"], a["img_per_s"]] for a in abl]), "",
-              G.SEPARABILITY_NOTE + " `ablation.csv`.", ""]
+              seedgroups.SEPARABILITY_NOTE + " `ablation.csv`.", ""]
         if len(keys) == 2 and len({(a[keys[0]], a[keys[1]]) for a in abl}) == len(abl):  # one row per cell
             L += _pivot(abl, keys)
         L += _md_paired(abl) + _md_variance(abl) + _md_power(abl, d.abl_metric)
@@ -315,10 +315,10 @@ def _p(p) -> str | None:
 
 
 def _md_paired(abl: list[dict]) -> list[str]:
-    rows = G.paired_rows(abl)
+    rows = seedgroups.paired_rows(abl)
     if not rows:
         return []
-    best = next(a for a in abl if a["vs_best"] == G.BEST_MARK)
+    best = next(a for a in abl if a["vs_best"] == seedgroups.BEST_MARK)
     return [f"Paired differences to the best cell ({best['run']}), over the train.seed values both hold (same "
             "initialisation, data order and latents, so the seed's share of the noise cancels): mean of (cell − best) "
             "per seed ± the half-width of its Student-t 95% interval, and the interval:", "",
@@ -329,7 +329,7 @@ def _md_paired(abl: list[dict]) -> list[str]:
 
 
 def _md_variance(abl: list[dict]) -> list[str]:
-    rows = G.variance_rows(abl)
+    rows = seedgroups.variance_rows(abl)
     if not rows:
         return []
     return ["Where the variance comes from (cells whose runs were all evaluated with eval.repeats >= 2; one-way "
@@ -344,12 +344,12 @@ def _md_variance(abl: list[dict]) -> list[str]:
 def _md_power(abl: list[dict], metric: str | None) -> list[str]:
     if metric not in registry.BY_NAME:
         return []
-    sd, df, rows = G.power_rows(abl, metric)
+    sd, df, rows = seedgroups.power_rows(abl, metric)
     if not rows:
         return []
     short = registry.BY_NAME[metric].short
-    return [f"Seeds needed: seeds per cell at which a two-sided two-sample t-test (α = {G.ALPHA:g}) detects a "
-            f"difference of Δ {short} with {G.POWER:.0%} power (exact noncentral t), from this study's pooled "
+    return [f"Seeds needed: seeds per cell at which a two-sided two-sample t-test (α = {seedgroups.ALPHA:g}) detects a "
+            f"difference of Δ {short} with {stats.POWER:.0%} power (exact noncentral t), from this study's pooled "
             f"seed-to-seed SD of {short}, {fmt(sd)} ({df} degrees of freedom):", "",
             md_table([f"Δ {short}", "seeds per cell"],
                      [[fmt(delta), n if n is not None else f"> {stats.MAX_SEEDS}"] for delta, n in rows]), ""]
@@ -372,7 +372,7 @@ def _pivot(abl: list[dict], keys: list[str]) -> list[str]:
         line = [f"{rk}={rv}"]
         for cv in cvals:
             a = cell.get((rv, cv))
-            line.append("" if a is None else f"{G.cell_text(a)} / {fmt(a['collapse_step'])} / {fmt(a['img_per_s'], 3)}")
+            line.append("" if a is None else f"{seedgroups.cell_text(a)} / {fmt(a['collapse_step'])} / {fmt(a['img_per_s'], 3)}")
         body.append(line)
     return [f"{abl[0]['metric']} / collapse step / img/s:", "",
             md_table([f"{rk} \\ {ck}"] + [f"{ck}={c}" for c in cvals], body), ""]

@@ -540,7 +540,8 @@ def evaluate(run: Run, state: TrainState) -> Optional[dict]:
     """Rank 0 evaluates the EMA G, appends to evals.jsonl, keeps checkpoints/best.pt for eval.best_metric
     (rundir.best_eval decides), and feeds the collapse detector; with several ranks each samples and
     extracts features for its share first (bench.eval.spread)."""
-    from bench.eval.metrics import EvalSettings, append_eval
+    from bench.eval.metrics import EvalSettings
+    from bench.eval.records import append_eval
     from bench.eval.spread import EvalJob, evaluate_on_ranks
 
     t0, step = time.perf_counter(), state.step
