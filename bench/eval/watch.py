@@ -323,9 +323,22 @@ class Watcher:
             if s.timeout_s and time.monotonic() - idle_since > s.timeout_s:
                 say(f"nothing to evaluate for {s.timeout_s:g} s (timeout) while training runs; stopping", err=True)
                 break
-            time.sleep(s.poll_s)
+            self.nap(s.poll_s)
         self.finish(ended, stopped)
         return 3 if self.failed else 0
+
+    def nap(self, seconds: float) -> None:
+        """Wait up to `seconds` between looks, waking within a second when training ends or a new checkpoint
+        appears: a run's last evaluation then follows its end at once, not a poll later."""
+        def newest():
+            ckpts = rundir.list_checkpoints(self.ckpt_dir)
+            return ckpts[-1][0] if ckpts else None
+
+        before, end = newest(), time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(1.0, left))
+            if not training_running(self.run_dir) or newest() != before:
+                return
 
     def finish(self, ended: bool, stopped: Optional[str] = None) -> None:
         if self.pins.is_dir() and not any(self.pins.iterdir()):
