@@ -43,6 +43,9 @@ TIME_RE = r"(?:\d+|(?:(?:\d+-)?\d+:)?\d+:\d+)"             # cluster.time: minut
 LOG_BACKENDS = ("tb", "mlflow", "wandb")  # bench/train/loggers.py's BACKENDS (a test keeps them equal)
 
 
+COMPILE_MODES = ("false", "default", "max-autotune")  # train.compile
+
+
 class ConfigError(ValueError):
     """A bad config value. The message is one line that names the key and the valid choices."""
 
@@ -402,6 +405,15 @@ def check_train(cfg: DictConfig, world_size: int) -> None:
         _choice("train.optimizer", t.optimizer, OPTIMIZERS.names())
     _choice("train.channels_last", str(t.channels_last).lower(), ("auto", "true", "false"))
     _choice("train.fused_optim", str(t.fused_optim).lower(), ("auto", "true", "false"))
+    _choice("train.compile", str(t.compile).lower(), COMPILE_MODES)
+    _choice("train.compile_backend", t.compile_backend, ("inductor", "aot_eager", "eager"))
+    if str(t.compile).lower() != "false":
+        penalties = [f"{k}={v}" for k, v in (("reg.r1_gamma", cfg.reg.r1_gamma), ("reg.r2_gamma", cfg.reg.r2_gamma))
+                     if v] + (["loss=wgan_gp"] if cfg.loss.name == "wgan_gp" and not cfg.loss.get("_target_") else [])
+        if penalties:
+            raise ConfigError(f"train.compile={t.compile} cannot train with {', '.join(penalties)}: a gradient penalty "
+                              "needs a double backward, which torch.compile's graphs do not support; set "
+                              "train.compile=false")
     for key in ("tf32", "cudnn_benchmark"):
         if not isinstance(t.get(key, False), bool):
             raise ConfigError(f"train.{key}={t[key]!r}: use true or false")

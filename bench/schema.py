@@ -68,6 +68,8 @@ class TrainCfg:
     fused_optim: str = "auto"  # auto | true | false (bench.device.optimizer_impl)
     tf32: bool = False
     cudnn_benchmark: bool = False
+    compile: str = "false"  # false | default | max-autotune (torch.compile of G and D)
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not code-generated)
     optimizer: str = "adam"
     g_lr: float = 2e-4
     d_lr: float = 4e-4

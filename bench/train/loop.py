@@ -77,6 +77,8 @@ class Run:
     config_changes: dict = field(default_factory=dict)  # {key: [old, new]} against the resumed checkpoint
     ticks_since_start: int = 0
     warned_contention: bool = False
+    flops: Optional[float] = None  # FLOP per optimiser step, when counted before train.compile
+    compile_record: dict = field(default_factory=dict)  # train.compile's first step (compile_facts)
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +146,7 @@ def setup(cfg: DictConfig, run_dir: Path, *, stop: Optional[StopRequest] = None,
     channels_last = bdevice.channels_last(t.channels_last, t.precision, device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # never compiled: it samples, at other batch sizes
     autocast = bdevice.autocast(t.precision, device)
     _check_evaluation(cfg, shards_spec, class_names or [str(i) for i in range(n_classes)], n_data_classes, G.z_dim)
     _prepare_classifier(cfg, shards_spec, ranks, quiet)
@@ -178,6 +180,11 @@ def setup(cfg: DictConfig, run_dir: Path, *, stop: Optional[StopRequest] = None,
               syncs={k: GradSync(net, world, cfg.dist.grad_sync, cfg.dist.bucket_mb) for k, net in (("D", D), ("G", G))},
               fixed_z=torch.randn(t.sample_cols, G.z_dim, generator=torch.Generator().manual_seed(12345)),
               records=None, checkpoints=Checkpoints(run_dir, t.ckpt_keep, ranks.is_main), mfu=None, diversity=None)
+    if compiled(cfg):  # in place: the same parameters, state dicts and checkpoints; compiles at the first step
+        run.flops = flop_per_step(run, state) if tc.mfu else None  # counted on the eager nets
+        mode = {"mode": str(t.compile)} if t.compile_backend == "inductor" and str(t.compile) != "default" else {}
+        for net in (G, D):
+            net.compile(backend=t.compile_backend, **mode)
     run.records = Records(run_dir, ranks.is_main, run_facts(run, state), LogSettings.from_cfg(cfg, run_dir))
     run.mfu = Mfu(device, t.precision, (lambda: flop_per_step(run, state)) if tc.mfu else None)
     run.diversity = DiversityProbe.from_run(run)  # stability/diversity (bench/train/diversity.py)
@@ -213,8 +220,23 @@ def _prepare_classifier(cfg, shards_spec: str, ranks: Ranks, quiet: bool) -> Non
         shards_spec, cfg.data.resolution, cfg.eval.classifier_path, train_if_missing=True, progress=not quiet))
 
 
+def compiled(cfg) -> bool:
+    return str(cfg.train.compile).lower() != "false"
+
+
+def compile_facts(first_step_s: float) -> dict:
+    """run.json's record of train.compile: the first step's seconds (compiling included) and dynamo's graphs and
+    graph breaks so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return {"compile_s": round(first_step_s, 2), "compile_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "compile_graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
 def flop_per_step(run: Run, state: TrainState) -> float:
     """FLOP of one optimiser step of this process ((D x d_steps + G) x batch x accumulate)."""
+    if run.flops is not None:
+        return run.flops
     t = run.cfg.train
     f = telemetry.step_flops(copy.deepcopy(state.G), copy.deepcopy(state.D), batch=2, n_classes=run.n_data_classes,
                              device=run.device)
@@ -392,6 +414,11 @@ def train(run: Run, state: TrainState) -> dict:
                     train_step(run, state, data, watch)
                     state.data_skipped = data.skipped
                     clock.count_step(time.process_time() - cpu0, time.perf_counter() - wall0)
+                    if compiled(cfg) and not run.compile_record:  # this process's first step compiled the nets
+                        run.compile_record = compile_facts(time.perf_counter() - wall0)
+                        r = run.compile_record
+                        run.say(f"train.compile={t.compile}: the first step took {r['compile_s']:.1f} s "
+                                f"({r['compile_graphs']} graphs, {r['compile_graph_breaks']} graph breaks)")
                     run.trained = True
                     clock.steps += 1
                     if run.diversity.due(state.step):  # before the tick that reports it; not training: kept aside
@@ -619,6 +646,6 @@ def finish(run: Run, state: TrainState, status: str) -> dict:
         torch.distributed.all_gather_object(checksums, checksum)
     summary = summary_of(run, state, status, checksums)
     run.records.write_json(rundir.SUMMARY, summary)
-    run.records.write_run(status, hosts, {"end_time": now()})
+    run.records.write_run(status, hosts, {"end_time": now(), **run.compile_record})
     run.records.close(status)
     return summary

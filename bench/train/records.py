@@ -78,6 +78,7 @@ def run_facts(run, state) -> dict:
             "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
             "precision": t.precision, "channels_last": run.channels_last,
             **math_switches(run.cfg, dev, state.opt["G"]),
+            "compile": str(t.compile).lower(), "compile_backend": t.compile_backend,
             "batch_size": t.batch_size, "accumulate": t.accumulate, "effective_batch": run.eff_batch,
             "shards": run.shards_spec, "n_classes": run.n_classes,
             # data.num_workers as resolved here (auto follows the cores): the readers per rank set the data order

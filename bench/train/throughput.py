@@ -21,7 +21,7 @@ from bench.overrides import is_sweep_value, sweep_values
 from bench.train.records import math_switches
 from bench.metrics_registry import CONTENDED
 from bench.train.telemetry import TIMED_SECTIONS, Collector, Stopwatch
-from bench.train.loop import DataStream, Run, TrainState, flop_per_step, setup, train_step
+from bench.train.loop import DataStream, Run, TrainState, compile_facts, compiled, flop_per_step, setup, train_step
 
 
 def cmd_throughput(args: list[str]) -> int:
@@ -72,9 +72,15 @@ def benchmark(run: Run, state: TrainState, warmup: int, steps: int, fake_data: b
         data = DataStream(run)
         data.restart(state)
     collector = Collector(device)
+    first_step_s = None
     with collector:
-        for _ in range(warmup):
+        for i in range(warmup):
+            t0 = time.perf_counter()
             train_step(run, state, data, watch)
+            if i == 0:  # with train.compile: the compile, apart from the timed windows
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first_step_s = time.perf_counter() - t0
         collector.tick()
         watch.take()
         if device.type == "cuda":
@@ -90,6 +96,7 @@ def benchmark(run: Run, state: TrainState, warmup: int, steps: int, fake_data: b
         collector.tick()
     data.close()
     return {"steps": steps, "seconds": elapsed, "img_per_s": steps * run.eff_batch / elapsed,
+            "first_step_s": first_step_s,
             "step_ms": 1000 * elapsed / steps,
             **{f"{k}_ms": 1000 * times.get(k, 0.0) / steps for k in TIMED_SECTIONS},
             "peak_mem_gb": bdevice.peak_memory_gb(device),
@@ -105,6 +112,9 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     fake = cfg.throughput.data == "fake"
     windows = [benchmark(run, state, cfg.throughput.warmup if i == 0 else 0, cfg.throughput.steps, fake_data=fake)
                for i in range(cfg.throughput.repeats)]
+    first_step_s = windows[0]["first_step_s"] or 0.0  # the first burn-in step: with train.compile, the compile
+    for w in windows:
+        w.pop("first_step_s")
     r = sorted(windows, key=lambda w: w["img_per_s"])[len(windows) // 2]  # the median window
     r["img_per_s_windows"] = [round(w["img_per_s"], 3) for w in windows]
     utils = [w["cpu_util"] for w in windows if w["cpu_util"] is not None]
@@ -117,6 +127,8 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     out = {"overrides": overrides, "model": cfg.model.family, "resolution": cfg.data.resolution,
            "batch_size": t.batch_size, "accumulate": t.accumulate, "d_steps": t.d_steps, "precision": t.precision,
            "channels_last": run.channels_last, **math_switches(cfg, run.device, state.opt["G"]), "device": str(run.device),
+           "compile": str(t.compile).lower(), "compile_backend": t.compile_backend,
+           **(compile_facts(first_step_s) if compiled(cfg) else {}),
            "data": cfg.throughput.data,
            **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
            "GFLOP_per_step": flops / 1e9, "tflops": tflops, "peak_tflops": peak, "peak_source": source,
@@ -125,7 +137,10 @@ def _throughput_one(overrides: list[str], scratch: str) -> dict:
     print(f"{cfg.model.family} {cfg.data.resolution}px batch {t.batch_size} {t.precision}"
           f"{' channels_last' if run.channels_last else ''}: {out['img_per_s']:.1f} img/s | "
           f"{out['step_ms']:.0f} ms/step ({split}) | {tflops:.3f} TFLOP/s = {100 * (out['mfu'] or 0):.1f}% of "
-          f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB", file=sys.stderr, flush=True)
+          f"{peak:.2f} ({source}) | peak mem {out['peak_mem_gb']:.2f} GB"
+          + (f" | compile={out['compile']} ({t.compile_backend}): first step {out['compile_s']:.1f} s, "
+             f"{out['compile_graphs']} graphs, {out['compile_graph_breaks']} breaks" if compiled(cfg) else ""),
+          file=sys.stderr, flush=True)
     if out["contended"]:
         print(f"warning: a timed window's steps got {min(utils):.0%} of the CPU time of {torch.get_num_threads()} "
               f"thread(s) (cpu_util_windows {r['cpu_util_windows']}): another CPU-bound process probably shares the "
