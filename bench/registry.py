@@ -34,9 +34,13 @@ class Registry:
 
     def _load(self) -> dict[str, Any]:
         if not self._loaded:
-            self._loaded = True
-            for module in self.homes:
-                importlib.import_module(module)
+            self._loaded = True  # before the imports: a home module looks itself up while it registers
+            try:
+                for module in self.homes:
+                    importlib.import_module(module)
+            except BaseException:
+                self._loaded = False  # a failed import is not a complete registry: the next lookup tries again
+                raise
         return self._parts
 
     def names(self) -> tuple[str, ...]:

@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                       "train.fused_optim=false")
     fp32 = throughput(p, out, f"throughput-fp32-b{p.batch}-tf32-off", p.batch, "fp32")
     tf32 = throughput(p, out, f"throughput-fp32-b{p.batch}-tf32-on", p.batch, "fp32", "train.tf32=true")
+    # torch.compile of G and D: inductor on a GPU; without one, aot_eager traces the nets (inductor's CPU code
+    # generation takes minutes, measured in the README instead)
+    backend = "inductor" if cuda else "aot_eager"
+    compiled = throughput(p, out, f"throughput-{p.precision}-b{p.batch}-compile", p.batch, p.precision,
+                          "train.compile=default", f"train.compile_backend={backend}")
     shards = out / "shards"
     if not (shards / "manifest.json").exists():
         run(["data", "make-shards", "source=shapes", f"out={shards}", *p.shard_args], out, "make-shards")
@@ -138,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
              row("headline", headline), row("largest batch that fits", biggest)]
     lines.append(row("fp16 (GradScaler per net)", fp16) if p.fp16 else "| fp16 | - | - | needs a GPU | | | | |")
     lines += [row("Adam's loop (train.fused_optim=false)", loop), row("fp32", fp32),
-              row("fp32 + TF32 (train.tf32=true)", tf32)]
+              row("fp32 + TF32 (train.tf32=true)", tf32),
+              row(f"train.compile=default ({backend}" + (f"; first step {compiled['compile_s']:.0f} s, "
+                                                         f"{compiled['compile_graph_breaks']} graph breaks)"
+                                                         if compiled else ")"), compiled)]
     lines += ["", f"- bench inspect: exit {rc}",
               f"- bench train, {p.train_steps} steps: exit {train_rc}, status {summary.get('status')}, "
               f"{summary.get('img_per_s') or 0:.1f} img/s over the run",

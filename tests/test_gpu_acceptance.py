@@ -28,8 +28,10 @@ def test_the_acceptance_script_runs_end_to_end_at_a_tiny_width(tmp_path):
     # largest batch: the ladder's top (8) ran at a tiny width
     assert rows[1].split("|")[2].strip() == "8"
     # the math switches' rows (issue 25), each measured and recorded as it took effect
-    switches = [line for line in table.splitlines() if line.startswith(("| Adam's loop", "| fp32"))]
-    assert len(switches) == 3 and all("failed" not in r for r in switches), table
+    switches = [line for line in table.splitlines() if line.startswith(("| Adam's loop", "| fp32", "| train.compile"))]
+    assert len(switches) == 4 and all("failed" not in r for r in switches), table
+    compiled = json.loads(next(out.glob("throughput-*-b4-compile.json")).read_text())
+    assert compiled["compile"] == "default" and compiled["compile_s"] > 0 and compiled["compile_graph_breaks"] == 0
     loop = json.loads(next(out.glob("throughput-*-b4-loop-adam.json")).read_text())
     assert loop["optimizer_impl"] == "loop" and headline["optimizer_impl"] == "fused"
     tf32 = json.loads((out / "throughput-fp32-b4-tf32-on.json").read_text())

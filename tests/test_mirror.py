@@ -90,7 +90,7 @@ def test_the_config_key():
 def test_a_mirrored_training_run_flips_and_records_its_effective_size(noise_set, tmp_path, monkeypatch, capfd):
     """data.mirror=true reaches training's loader, run.json says the effective size, the start line too."""
     from bench.cli import main
-    from bench.train import trainer as T
+    from bench.train import loop as T
     from conftest import TINY
 
     shards, _ = noise_set

@@ -77,7 +77,6 @@ class Run:
     config_changes: dict = field(default_factory=dict)  # {key: [old, new]} against the resumed checkpoint
     ticks_since_start: int = 0
     warned_contention: bool = False
-    flops: Optional[float] = None  # FLOP per optimiser step, when counted before train.compile
     compile_record: dict = field(default_factory=dict)  # train.compile's first step (compile_facts)
 
     @property
@@ -181,10 +180,10 @@ def setup(cfg: DictConfig, run_dir: Path, *, stop: Optional[StopRequest] = None,
               fixed_z=torch.randn(t.sample_cols, G.z_dim, generator=torch.Generator().manual_seed(12345)),
               records=None, checkpoints=Checkpoints(run_dir, t.ckpt_keep, ranks.is_main), mfu=None, diversity=None)
     if compiled(cfg):  # in place: the same parameters, state dicts and checkpoints; compiles at the first step
-        run.flops = flop_per_step(run, state) if tc.mfu else None  # counted on the eager nets
-        mode = {"mode": str(t.compile)} if t.compile_backend == "inductor" and str(t.compile) != "default" else {}
+        mode = str(t.compile).lower()
         for net in (G, D):
-            net.compile(backend=t.compile_backend, **mode)
+            net.compile(backend=t.compile_backend, **({"mode": mode} if t.compile_backend == "inductor"
+                                                      and mode != "default" else {}))
     run.records = Records(run_dir, ranks.is_main, run_facts(run, state), LogSettings.from_cfg(cfg, run_dir))
     run.mfu = Mfu(device, t.precision, (lambda: flop_per_step(run, state)) if tc.mfu else None)
     run.diversity = DiversityProbe.from_run(run)  # stability/diversity (bench/train/diversity.py)
@@ -235,8 +234,6 @@ def compile_facts(first_step_s: float) -> dict:
 
 def flop_per_step(run: Run, state: TrainState) -> float:
     """FLOP of one optimiser step of this process ((D x d_steps + G) x batch x accumulate)."""
-    if run.flops is not None:
-        return run.flops
     t = run.cfg.train
     f = telemetry.step_flops(copy.deepcopy(state.G), copy.deepcopy(state.D), batch=2, n_classes=run.n_data_classes,
                              device=run.device)
@@ -415,6 +412,8 @@ def train(run: Run, state: TrainState) -> dict:
                     state.data_skipped = data.skipped
                     clock.count_step(time.process_time() - cpu0, time.perf_counter() - wall0)
                     if compiled(cfg) and not run.compile_record:  # this process's first step compiled the nets
+                        if run.device.type == "cuda":
+                            torch.cuda.synchronize()
                         run.compile_record = compile_facts(time.perf_counter() - wall0)
                         r = run.compile_record
                         run.say(f"train.compile={t.compile}: the first step took {r['compile_s']:.1f} s "

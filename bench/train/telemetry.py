@@ -170,6 +170,8 @@ def step_flops(G, D, batch: int, n_classes: int, device: torch.device) -> dict[s
     G step: G forward, D forward, backward through D into G. Regularisers are not included."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    # a net compiled in place (train.compile) is counted through its eager forward: the counter sees the same ops
+    g, d = (net.forward if getattr(net, "_compiled_call_impl", None) is not None else net for net in (G, D))
     res = G.resolution
     z = torch.randn(batch, G.z_dim, device=device)
     y = torch.randint(0, n_classes, (batch,), device=device)
@@ -179,11 +181,11 @@ def step_flops(G, D, batch: int, n_classes: int, device: torch.device) -> dict[s
     D.train()
     with FlopCounterMode(display=False) as fc_d:
         with torch.no_grad():
-            fake = G(z, y)
-        (D(real, y).sum() + D(fake, y).sum()).backward()
+            fake = g(z, y)
+        (d(real, y).sum() + d(fake, y).sum()).backward()
     with FlopCounterMode(display=False) as fc_g:
         D.requires_grad_(False)
-        D(G(z, y), y).sum().backward()
+        d(g(z, y), y).sum().backward()
         D.requires_grad_(True)
     for net in (G, D):
         net.zero_grad(set_to_none=True)
