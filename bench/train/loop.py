@@ -180,6 +180,9 @@ def setup(cfg: DictConfig, run_dir: Path, *, stop: Optional[StopRequest] = None,
               fixed_z=torch.randn(t.sample_cols, G.z_dim, generator=torch.Generator().manual_seed(12345)),
               records=None, checkpoints=Checkpoints(run_dir, t.ckpt_keep, ranks.is_main), mfu=None, diversity=None)
     if compiled(cfg):  # in place: the same parameters, state dicts and checkpoints; compiles at the first step
+        from torch._dynamo.utils import counters
+
+        counters.clear()  # run.json's graphs and graph breaks are this run's (bench throughput -m: one process)
         mode = str(t.compile).lower()
         for net in (G, D):
             net.compile(backend=t.compile_backend, **({"mode": mode} if t.compile_backend == "inductor"
@@ -225,7 +228,7 @@ def compiled(cfg) -> bool:
 
 def compile_facts(first_step_s: float) -> dict:
     """run.json's record of train.compile: the first step's seconds (compiling included) and dynamo's graphs and
-    graph breaks so far in this process."""
+    graph breaks since set-up."""
     from torch._dynamo.utils import counters
 
     return {"compile_s": round(first_step_s, 2), "compile_graphs": int(counters["stats"].get("unique_graphs", 0)),
