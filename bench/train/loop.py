@@ -408,13 +408,14 @@ def train(run: Run, state: TrainState) -> dict:
             # every rank stops at the same step; a signal during set-up or resume stops it before the first step.
             run.stop.agree(run.ranks.any)
             last = run.stop.requested
+            compiling = compiled(cfg)  # train.compile: this process's first step compiles the nets
             with collector:
                 while not last:
                     cpu0, wall0 = time.process_time(), time.perf_counter()
                     train_step(run, state, data, watch)
                     state.data_skipped = data.skipped
                     clock.count_step(time.process_time() - cpu0, time.perf_counter() - wall0)
-                    if compiled(cfg) and not run.compile_record:  # this process's first step compiled the nets
+                    if compiling and not run.compile_record:
                         if run.device.type == "cuda":
                             torch.cuda.synchronize()
                         run.compile_record = compile_facts(time.perf_counter() - wall0)
