@@ -4,15 +4,18 @@ the work. Bad input ends with one line on stderr naming the key and the valid ch
 """
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from bench import rundir
 from bench.args import ANY, FLAG, PSI_LIST, TEXT, WHICH, choice, integer, parse_kv
 from bench.config import compose
 from bench.data.format import MAX_RESOLUTION, MIN_RESOLUTION
-from bench.errors import UsageError, is_user_error, process_failed
+from bench.errors import UsageError, failed_in_process, is_user_error, process_failed
 
 USAGE = """usage: bench <command> [key=value ...]
 
@@ -356,5 +359,32 @@ def _is_rank_failure(exc: BaseException) -> bool:
     return ranks is not None and (isinstance(exc, ranks.RankFailed) or ranks.is_comm_error(exc))
 
 
+def entry() -> None:
+    """The `bench` command and `python -m bench.cli`: main(), then the exit. A process that joined a process group and
+    failed skips the interpreter's teardown: its groups are left alone then (a hung peer's pending collective would
+    be waited for, bench/train/ranks.py, Ranks.leave), and gloo's threads, torn down with the interpreter, can abort
+    the process (SIGABRT, "terminate called without an active exception") after its one error line, which turned a
+    refused run's exit code 2 into -6. The exit hooks still run (the loaders' workers), and the streams are flushed."""
+    try:
+        rc = main()
+    except SystemExit as exc:
+        rc = exc.code
+    except BaseException:  # a bug: its traceback, as the interpreter would print it
+        process_failed()
+        traceback.print_exc()
+        rc = 1
+    if isinstance(rc, str):  # sys.exit("message")
+        print(rc, file=sys.stderr)
+        rc = 1
+    rc = 0 if rc is None else int(rc)
+    dist = sys.modules.get("torch.distributed")
+    if failed_in_process() and dist is not None and dist.is_available() and dist.is_initialized():
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

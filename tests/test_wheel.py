@@ -60,7 +60,7 @@ def test_the_wheel_declares_the_command_and_the_extras(wheel):
     z = zipfile.ZipFile(wheel)
     meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     entry = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))).decode()
-    assert "bench = bench.cli:main" in entry
+    assert "bench = bench.cli:entry" in entry
     extras = {line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
     assert {"test", "hdf5", "lmdb", "mlflow", "wandb"} <= extras
     core = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
