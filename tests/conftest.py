@@ -212,8 +212,9 @@ def one_phase(phase, ranks=None, world: int = 1):
                             "ema": {"decay": 0.0, "start": 0}, "telemetry": {"sigma_every": 0}})
     ranks = ranks or SimpleNamespace(any=lambda flag: flag)
     run = SimpleNamespace(cfg=cfg, rank=getattr(ranks, "rank", 0), world=world, device=torch.device("cpu"),
-                          phases=[phase], syncs={phase.name: GradSync(net, world)}, n_data_classes=1, ranks=ranks,
-                          eff_batch=2 * world, say=lambda line, err=False: None)
+                          phases=[phase], syncs={phase.name: GradSync(net, world, rank=getattr(ranks, "rank", 0))}, n_data_classes=1,
+                          ranks=ranks, eff_batch=2 * world, say=lambda line, err=False: None,
+                          stop=SimpleNamespace(asked=False))
     state = SimpleNamespace(step=0, images_seen=0, G=net, G_ema=copy.deepcopy(net), zgen=torch.Generator(),
                             guard=NonfiniteGuard(0, 0), nets={})
     return run, state

@@ -149,8 +149,8 @@ def _nonfinite_worker(rank: int, init_file: str, out_dir: str) -> None:
     def step(mb, backward):
         loss = net(torch.ones(2, 3)).sum()
         if rank == 0:
-            loss = loss + float("inf")  # only rank 0's loss is non-finite; the summed gradients are finite
-        backward(net(torch.ones(2, 3)).sum())
+            loss = loss + float("inf")  # only rank 0's loss is non-finite; its gradient, and so the mean, are finite
+        backward(loss)
         return loss.detach()
 
     run, state = one_phase(Phase("D", net, opt, None, step, reads_data=False), ranks=ranks, world=2)
@@ -161,7 +161,8 @@ def _nonfinite_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_the_nonfinite_skip_is_agreed_by_every_rank(tmp_path):
-    """One rank's non-finite loss skips the update on both, so their weights stay equal."""
+    """One rank's non-finite loss skips the update on both, so their weights stay equal (the loss's count travels
+    in the gradient all-reduce: bench/train/gradsync.py, Agreed)."""
     import torch.multiprocessing as mp
 
     mp.start_processes(_nonfinite_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,

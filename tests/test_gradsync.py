@@ -30,6 +30,7 @@ def _phase(G, D, sync, rank, accumulate, extra_backward):
     """A G phase: D frozen, `accumulate` micro-batches, the sync armed for the last one; then a weight-only
     penalty whose backward runs after the sync (it must stay local, like the sigma0 penalty)."""
     D.requires_grad_(False)
+    sync.begin()
     for i in range(accumulate):
         if i == accumulate - 1:
             sync.arm()
@@ -86,14 +87,14 @@ def test_two_ranks_average_like_one_process(tmp_path, mode):
             torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-6, msg=f"{mode} rank {rank} {name}")
         assert all(g is None for g in got["d_grads"]), "the frozen D must get no gradient and no reduction"
         stats = got["stats"]
-        n_bytes = sum(g.numel() * 4 for g in want.values())
+        n_bytes = sum(g.numel() * 4 for g in want.values()) + (2 + 2) * 4  # and the extras: 2 flags, 2 ranks' times
         assert stats.bytes == n_bytes and stats.phases == 1
         assert stats.comm_s > 0 and 0 <= stats.exposed_s
         if mode == "overlap":
             # buckets complete during the last backward: all of them are in flight before finish() is called
             assert got["buckets"] >= 3 and got["launched"] == got["buckets"]
         else:
-            assert got["buckets"] == 0 and stats.exposed_s == stats.comm_s
+            assert got["buckets"] == 1 and stats.exposed_s == stats.comm_s
 
 
 def _unused_worker(rank, init_file, out_dir):
@@ -106,6 +107,7 @@ def _unused_worker(rank, init_file, out_dir):
     sync = GradSync(net, 2, "overlap", bucket_mb=0.001)
     for step in range(2):  # warned once, not every step
         net.zero_grad(set_to_none=True)
+        sync.begin()
         sync.arm()
         net(_data(rank, step)).square().mean().backward()
         launched = sum(b.launched for b in sync.buckets)
@@ -159,8 +161,71 @@ def test_single_process_and_records():
     assert _union_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
     rec = step_record(type(sync.stats)(bytes=400, comm_s=0.010, exposed_s=0.0025, phases=2))
     assert rec == pytest.approx({"time/allreduce_ms": 10.0, "time/allreduce_exposed_ms": 2.5,
-                                 "comm/hidden_frac": 0.75, "comm/bytes_per_step": 400.0})
+                                 "comm/hidden_frac": 0.75, "comm/bytes_per_step": 400.0, "time/peer_wait_ms": 0.0})
     nan = step_record(type(sync.stats)(bytes=400, comm_s=float("nan"), exposed_s=0.002, phases=2))  # CUDA: no span
     assert nan["time/allreduce_exposed_ms"] == pytest.approx(2.0) and nan["comm/hidden_frac"] != nan["comm/hidden_frac"]
     with pytest.raises(ValueError, match="dist.grad_sync='ddp'"):
         GradSync(net, 2, "ddp")
+
+
+def _agree_worker(rank, init_file, out_dir, mode):
+    """Three phases on two ranks: rank 1's loss goes non-finite in the second, rank 0 asks to stop in the third,
+    rank 1 computes 0.3 s longer in the first. Between phases the optimiser drops the gradients (set_to_none)."""
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = _Net().to(memory_format=torch.channels_last)
+    sync = GradSync(net, 2, mode, bucket_mb=0.001, rank=rank)
+    flats = [b.flat.data_ptr() for b in sync.buckets]
+    out = {"agreed": [], "peer_wait": [], "views": []}
+    for phase in range(3):
+        net.zero_grad(set_to_none=True)
+        sync.begin()
+        for i in range(2):
+            loss = net(_data(rank, i)).square().mean()
+            if phase == 1 and rank == 1 and i == 0:
+                loss = loss * float("nan")
+            if phase == 0 and rank == 1:
+                time.sleep(0.15)
+            if i == 1:
+                sync.arm(stop=phase == 2 and rank == 0)
+            sync.note_loss(loss)
+            loss.backward()
+        agreed = sync.finish()
+        out["agreed"].append((agreed.nonfinite, agreed.stop))
+        out["peer_wait"].append(sync.take_stats().peer_wait_s)
+        # every gradient is a view into its bucket's persistent buffer, with its parameter's strides
+        out["views"].append(all(any(p.grad.data_ptr() == v.data_ptr() and p.grad.stride() == p.stride()
+                                    for b in sync.buckets for v in b.views) for p in net.parameters()))
+    out["same_buffers"] = flats == [b.flat.data_ptr() for b in sync.buckets]
+    out["grads"] = {n: p.grad.clone() for n, p in net.named_parameters()}
+    torch.save(out, f"{out_dir}/agree-{mode}-{rank}.pt")
+    dist.barrier()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("mode", ["overlap", "flat"])
+def test_the_skip_and_the_stop_travel_with_the_gradients(tmp_path, mode):
+    """Agreed: a non-finite loss on one rank, or a stop request on one, reaches every rank through the gradient
+    all-reduce itself (no collective of its own), and each rank learns how long it waited for the slower."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_agree_worker, args=(str(tmp_path / "init"), str(tmp_path), mode), nprocs=2,
+                       start_method="spawn")
+    got = [torch.load(tmp_path / f"agree-{mode}-{r}.pt", weights_only=False) for r in (0, 1)]
+    for r in (0, 1):
+        assert got[r]["agreed"] == [(False, False), (True, False), (False, True)], (r, got[r]["agreed"])
+        assert all(got[r]["views"]) and got[r]["same_buffers"]
+    assert got[0]["peer_wait"][0] >= 0.2  # rank 0 waited for rank 1's two sleeps
+    assert got[1]["peer_wait"][0] < got[0]["peer_wait"][0] - 0.2
+    torch.manual_seed(0)
+    ref = _Net()
+    for r in (0, 1):  # the last phase: the mean over both ranks' two micro-batches
+        for i in range(2):
+            (ref(_data(r, i)).square().mean() / 2).backward()
+    for name, p in ref.named_parameters():
+        for r in (0, 1):
+            torch.testing.assert_close(got[r]["grads"][name], p.grad, rtol=1e-5, atol=1e-6)

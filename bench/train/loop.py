@@ -176,7 +176,8 @@ def setup(cfg: DictConfig, run_dir: Path, *, stop: Optional[StopRequest] = None,
     run = Run(cfg, run_dir, quiet, stop or StopRequest(), acc, ranks, effective_batch(t, world), shards_spec, shards,
               class_names or [str(i) for i in range(n_classes)], n_classes, n_data_classes, channels_last, autocast,
               phases=plan(d_phase, g_phase, t.d_steps),
-              syncs={k: GradSync(net, world, cfg.dist.grad_sync, cfg.dist.bucket_mb) for k, net in (("D", D), ("G", G))},
+              syncs={k: GradSync(net, world, cfg.dist.grad_sync, cfg.dist.bucket_mb, rank)
+                     for k, net in (("D", D), ("G", G))},
               fixed_z=torch.randn(t.sample_cols, G.z_dim, generator=torch.Generator().manual_seed(12345)),
               records=None, checkpoints=Checkpoints(run_dir, t.ckpt_keep, ranks.is_main), mfu=None, diversity=None)
     if compiled(cfg):  # in place: the same parameters, state dicts and checkpoints; compiles at the first step
@@ -279,18 +280,23 @@ class DataStream:
 
 
 # ---- one G step -------------------------------------------------------------------------------------------
-def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> None:
+def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> Optional[bool]:
     """One G step: train.d_steps D phases and the G phase, each over train.accumulate micro-batches; then the
-    EMA. `data.next()` -> (real, labels) on the device (a DataStream, or throughput's fixed fake batch)."""
+    EMA. `data.next()` -> (real, labels) on the device (a DataStream, or throughput's fixed fake batch).
+    Returns the stop request every rank agreed on through the gradient all-reduce (None: not agreed here, in
+    one process or without gradient buckets; the caller asks run.ranks.any)."""
     cfg, t = run.cfg, run.cfg.train
     injected_fault(run.rank, state.step + 1)  # the fault tests' hook (bench.faults); nothing unless asked
     comm = CommStats()
+    stop: Optional[bool] = False
     for phase in run.phases:
         sync = run.syncs[phase.name]
+        sync.begin()  # gradients zero, as views into the all-reduce buckets
         reg_index = state.step * t.d_steps + phase.index  # lazy regularisers count D steps over the run
 
         def backward(loss: torch.Tensor, scaler=phase.scaler) -> None:
             loss = loss / t.accumulate  # the mean over micro-batches
+            sync.note_loss(loss)  # a non-finite loss travels with the gradients to every rank
             (scaler.scale(loss) if scaler is not None else loss).backward()
 
         for net in phase.frozen:  # D takes no weight gradients in the G phase
@@ -305,11 +311,11 @@ def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> None:
             z = torch.randn(t.batch_size, state.G.z_dim, device=run.device, generator=state.zgen)
             y_fake = torch.randint(0, run.n_data_classes, (t.batch_size,), device=run.device, generator=state.zgen)
             if i == t.accumulate - 1:
-                sync.arm()  # the last micro-batch's backward all-reduces each bucket as it completes
+                sync.arm(stop=run.stop.asked)  # the last micro-batch's backward all-reduces each bucket as it completes
             loss_sum += phase.step(MicroBatch(real, y_real, z, y_fake, reg_index), backward)
         for net in phase.frozen:
             net.requires_grad_(True)
-        sync.finish()  # (fp16: the scaled gradients; every rank then unscales the same mean)
+        agreed = sync.finish()  # (fp16: the scaled gradients; every rank then unscales the same mean)
         if phase.scaler is not None:
             phase.scaler.unscale_(phase.opt)
         watch.start("reg")
@@ -317,9 +323,16 @@ def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> None:
             regulariser()
         gnorm = telemetry.grad_norm(phase.net.parameters())
         telemetry.report(f"grad/{phase.name}_norm", gnorm)
-        # Host sync (one per phase): a non-finite loss or gradient skips the update. The loss is this rank's
-        # own, so every rank must agree on the skip (one all-reduce), or their weights would part.
-        if run.ranks.any(not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device)))):
+        # Host sync (one per phase): a non-finite loss or gradient skips the update, on every rank or none, or
+        # their weights would part. The averaged gradients, hence their norm, are the same on every rank, and the
+        # losses' count came with them (Agreed); without it, one all-reduce agrees on this rank's own loss.
+        if agreed is not None:
+            nonfinite = agreed.nonfinite or not bool(torch.isfinite(gnorm))
+            stop = stop if stop is None else stop or agreed.stop
+        else:
+            nonfinite = run.ranks.any(not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device))))
+            stop = None
+        if nonfinite:
             phase.opt.zero_grad(set_to_none=True)
             if phase.scaler is not None:
                 phase.scaler.update()  # backs the scale off; without it the next unscale_ raises
@@ -352,6 +365,7 @@ def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> None:
         for name, net in state.nets.items():
             telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
     watch.stop()
+    return stop
 
 
 def roll_back(run: Run, state: TrainState) -> None:
@@ -412,7 +426,7 @@ def train(run: Run, state: TrainState) -> dict:
             with collector:
                 while not last:
                     cpu0, wall0 = time.process_time(), time.perf_counter()
-                    train_step(run, state, data, watch)
+                    agreed_stop = train_step(run, state, data, watch)
                     state.data_skipped = data.skipped
                     clock.count_step(time.process_time() - cpu0, time.perf_counter() - wall0)
                     if compiling and not run.compile_record:
@@ -426,7 +440,10 @@ def train(run: Run, state: TrainState) -> dict:
                     clock.steps += 1
                     if run.diversity.due(state.step):  # before the tick that reports it; not training: kept aside
                         clock.set_aside(run.diversity.report(run.ranks, state.G_ema))
-                    run.stop.agree(run.ranks.any)
+                    if agreed_stop is None:  # one process, or no gradient buckets: a collective of its own
+                        run.stop.agree(run.ranks.any)
+                    else:
+                        run.stop.agree(lambda _: agreed_stop)
                     interrupted = run.stop.requested
                     last = state.step >= t.steps or interrupted
                     # A tick line at tick boundaries and at the final step, not when a signal cuts a tick short: a

@@ -308,7 +308,8 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
-        self.requested = False
+        self.asked = False  # a signal reached this process
+        self.requested = False  # every rank agreed to stop (agree)
         self.signal: Optional[int] = None
         self.on_collapse = False
         self._old_handlers: dict = {}
@@ -316,7 +317,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.asked = True
         self.signal = signum
 
     def status(self) -> str:
@@ -363,8 +364,9 @@ class StopRequest:
 
     def agree(self, any_rank: Callable[[bool], bool]) -> None:
         """Every rank must stop at the same step: agree on the flag with ranks.Ranks.any (a collective;
-        call it on every rank)."""
-        self.requested = any_rank(self.requested)
+        call it on every rank; train_step's gradient all-reduce carries the flag too). Once agreed, it stays."""
+        agreed = any_rank(self.asked)  # on every rank, every time: it is a collective
+        self.requested = self.requested or agreed
 
 
 class NonfiniteGuard:
