@@ -87,15 +87,15 @@ def cmd_train(args: list[str]) -> int:
     flags, overrides = parse_kv(args, {}, "train", passthrough=ANY, flags=MULTIRUN)
     if flags or sweep.requested_launcher(overrides):
         return sweep.multirun(overrides, train=run_training)
-    from bench.config import run_dir_for, validate
+    from bench.config import prepare, run_dir_for
 
-    cfg = validate(compose(overrides), world_size=_world_size())
+    cfg = prepare(compose(overrides), world_size=_world_size())
     return run_training(cfg, run_dir_for(cfg, overrides))
 
 
 def run_training(cfg, run_dir: Path) -> int:
-    """One training (bench train, and each job of a sweep): set-up, its eval.async watcher
-    (bench/eval/watch.py), the training loop, the summary, then eval.psi_sweep."""
+    """One training (bench train, and each job of a sweep): set-up, its eval.async watcher job
+    (bench/jobs.py), the training loop, the summary, then eval.psi_sweep."""
     from omegaconf import OmegaConf
 
     from bench.train.records import print_summary
@@ -112,11 +112,11 @@ def run_training(cfg, run_dir: Path) -> int:
     try:
         run, state = setup(cfg, run_dir, stop=stop)
         if cfg.eval.get("async"):  # evaluation in its own job (bench eval watch), submitted by rank 0
-            from bench.eval import watch
+            from bench import jobs
 
             try:
-                watcher = watch.BesideTraining.submit(cfg, run_dir, watch_job, run.ranks, world=run.world)
-            except watch.SubmitFailed as exc:
+                watcher = jobs.BesideTraining.submit(cfg, run_dir, watch_job, run.ranks, world=run.world)
+            except jobs.SubmitFailed as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 return 3
         try:

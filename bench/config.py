@@ -1,5 +1,6 @@
-"""Structured config: the schema every composed config is checked against, and validation whose
-errors name the key to change. The YAML under configs/ holds the values; this file holds the types.
+"""Composing a config (the schema's defaults, then the YAML presets under configs/, then the command line), checking
+it against bench/schema.py (types, ranges, rules across keys: one ConfigError line naming the key), and resolving
+what `auto` means here (docs/architecture.md, "Configuration").
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bench.metrics_registry import BEST_METRICS, EXTRACTORS, TRUNC_MODES
 from bench.registry import AUG_OPS, LOSSES, MODELS, OPTIMIZERS
-from bench.schema import Config, LossCfg, ModelCfg
+from bench.schema import NON_NEGATIVE, Config, LossCfg, ModelCfg
 
 
 def _own_configs() -> Path:
@@ -180,9 +181,23 @@ def check_group_choices(overrides: list[str]) -> None:
                               f"{key}/{value}.yaml, which Hydra would use instead; rename yours")
 
 
+DEFAULTS_NODE = "gan_bench_defaults"  # configs/config.yaml lists it first
+
+
+def register_defaults() -> None:
+    """Every key's default (bench/schema.py) as Hydra's config DEFAULTS_NODE, under the presets: plain values, not a
+    structured config, so that a preset or the command line may still give a string for a list
+    (aug.policy='color,translation') or a model's own keys; check_schema types the composed result."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=DEFAULTS_NODE, node=OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
 def with_search_path(overrides: list[str]) -> list[str]:
     """The overrides with one `hydra.searchpath=[...]` that holds user_search_path (none when empty):
-    what compose and a sweep hand to Hydra, so your folders are searched after gan-bench's configs."""
+    what compose and a sweep hand to Hydra, so your folders are searched after gan-bench's configs. Registers
+    the schema's defaults (register_defaults), which every composition starts from."""
+    register_defaults()
     path = user_search_path(overrides)
     rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != SEARCHPATH]
     quoted = ["'" + p.replace("'", "\\'") + "'" for p in path]  # Hydra's quoting: a path may hold , [ ] or spaces
@@ -221,9 +236,18 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def _all_positive(cfg, strict: tuple = (), zero_ok: tuple = ()) -> None:
-    for key in strict + zero_ok:
-        _positive(key, OmegaConf.select(cfg, key), allow_zero=key in zero_ok)
+def check_ranges(cfg, *groups: str) -> None:
+    """Every key of these groups whose schema field declares a range (bench.schema.ranged) is in it; an Optional
+    key may be null."""
+    for group in groups:
+        for f in dataclasses.fields(_GROUP_SCHEMAS[group]):
+            rule = f.metadata.get("range")
+            value = OmegaConf.select(cfg, f"{group}.{f.name}")
+            if rule is not None and value is not None:
+                _positive(f"{group}.{f.name}", value, allow_zero=rule == NON_NEGATIVE)
+
+
+_GROUP_SCHEMAS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
 @dataclass(frozen=True)
@@ -261,6 +285,13 @@ def reg_specs(reg_cfg) -> RegSpecs:
                     sigma_target=parse_sigma_spec("reg.sigma_target", reg_cfg.sigma_target))
 
 
+def per_process_batch(train_cfg, world_size: int) -> int:
+    """train.batch_size as resolve will set it (from train.global_batch when given)."""
+    if train_cfg.global_batch is not None:
+        return train_cfg.global_batch // (world_size * train_cfg.accumulate)
+    return train_cfg.batch_size
+
+
 def effective_batch(train_cfg, world_size: int) -> int:
     """Images per optimiser step over all processes: batch_size x world_size x accumulate."""
     return int(train_cfg.batch_size) * int(world_size) * int(train_cfg.accumulate)
@@ -281,10 +312,28 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def prepare(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """validate, then resolve: the config a run starts from (config.yaml records it)."""
+    return resolve(validate(cfg, world_size), world_size)
+
+
+def resolve(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Derive, in place, what `auto` and friends mean on this machine and world: train.precision=auto, eval.final=auto,
+    train.global_batch (into train.batch_size) and train.kimg (into train.steps). Idempotent; run after validate."""
+    t = cfg.train
+    if t.global_batch is not None:
+        t.batch_size = t.global_batch // (world_size * t.accumulate)
+    if t.kimg is not None:
+        t.steps = max(1, math.ceil(t.kimg * 1000 / effective_batch(t, world_size)))
+    cfg.eval.final = resolve_final(cfg)
+    t.precision = resolve_precision(t.precision)  # the first torch import: checks come first
+    return cfg
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """Check values a schema cannot express, every group, before anything is written (a bad value is
-    one ConfigError line naming the key). Resolves train.precision=auto and train.global_batch (into
-    train.batch_size) and train.kimg (into train.steps), so config.yaml records what ran."""
+    one ConfigError line naming the key). Changes nothing (resolve derives); returns `cfg`."""
+    check_ranges(cfg, "model", "dist", "throughput", "suite")
     if cfg.model.get("_target_"):
         check_own_model(cfg.model)
     else:
@@ -304,27 +353,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     check_telemetry(cfg)
     check_log(cfg)
     check_cluster(cfg.cluster)
-    _positive("dist.timeout_s", cfg.dist.timeout_s)
-    _positive("dist.rank0_timeout_s", cfg.dist.rank0_timeout_s)
     _choice("dist.grad_sync", cfg.dist.grad_sync, ("overlap", "flat"))
     _choice("suite.intent", cfg.suite.intent, ("", "collapse", "healthy"))
-    _all_positive(cfg, ("suite.truth_chance_factor", "suite.truth_diversity_floor", "suite.truth_fid_ceil",
-                        "suite.truth_samples"))
     every, ckpt = cfg.eval.every, cfg.train.ckpt_every
     if cfg.eval.get("async") and every and (not ckpt or every % ckpt):
         raise ConfigError(f"eval.async=true evaluates checkpoints: eval.every={every} must be a multiple of "
                           f"train.ckpt_every={ckpt} (> 0)")
-    if cfg.dist.bucket_mb is not None:
-        _positive("dist.bucket_mb", cfg.dist.bucket_mb)
     _choice("throughput.data", cfg.throughput.data, ("fake", "shards"))
-    _all_positive(cfg, ("throughput.steps", "throughput.repeats"), ("throughput.warmup", "model.mbdisc", "model.mbstd"))
-    if cfg.model.mbstd and cfg.train.batch_size % min(cfg.model.mbstd, cfg.train.batch_size):
-        raise ConfigError(f"model.mbstd={cfg.model.mbstd} (group size) must divide train.batch_size="
-                          f"{cfg.train.batch_size}")
-    if cfg.model.n_classes is not None:
-        _positive("model.n_classes", cfg.model.n_classes)
-    cfg.eval.final = resolve_final(cfg)
-    cfg.train.precision = resolve_precision(cfg.train.precision)  # the first torch import: checks come first
+    batch = per_process_batch(cfg.train, world_size)
+    if cfg.model.mbstd and batch % min(cfg.model.mbstd, batch):
+        raise ConfigError(f"model.mbstd={cfg.model.mbstd} (group size) must divide train.batch_size={batch}")
     if cfg.train.precision == "fp16" and not _cuda():
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16, fp32 or auto on CPU")
     check_architecture(cfg)
@@ -377,6 +415,7 @@ def check_own_model(model) -> None:
 
 
 def check_data(cfg: DictConfig) -> None:
+    check_ranges(cfg, "data")
     if cfg.data.resolution is None:
         from bench.data.shards import resolution_from_manifest
         cfg.data.resolution = resolution_from_manifest(cfg.data.shards)
@@ -385,7 +424,6 @@ def check_data(cfg: DictConfig) -> None:
     if not isinstance(cfg.data.resolution, int) or not MIN_RESOLUTION <= cfg.data.resolution <= MAX_RESOLUTION:
         raise ConfigError(f"data.resolution={cfg.data.resolution!r} is out of range; use "
                           f"{MIN_RESOLUTION}..{MAX_RESOLUTION}")
-    _all_positive(cfg, ("data.samples_per_shard",), ("data.shuffle_buffer",))
     nw = cfg.data.num_workers
     if nw != "auto" and (not isinstance(nw, int) or isinstance(nw, bool) or nw < 0):
         raise ConfigError(f"data.num_workers={nw!r}: use auto or an integer >= 0")
@@ -395,6 +433,7 @@ def check_data(cfg: DictConfig) -> None:
 
 
 def check_train(cfg: DictConfig, world_size: int) -> None:
+    check_ranges(cfg, "train", "ema")
     t = cfg.train
     _choice("train.precision", t.precision, TRAIN_PRECISIONS)
     if "." in str(t.optimizer):  # your own torch.optim.Optimizer subclass, by its dotted path
@@ -417,38 +456,26 @@ def check_train(cfg: DictConfig, world_size: int) -> None:
     for key in ("tf32", "cudnn_benchmark"):
         if not isinstance(t.get(key, False), bool):
             raise ConfigError(f"train.{key}={t[key]!r}: use true or false")
-    _all_positive(cfg, ("train.steps", "train.batch_size", "train.accumulate", "train.d_steps",
-                        "train.tick_every", "train.sample_cols", "train.ckpt_keep", "train.g_lr", "train.d_lr",
-                        "train.eps"),
-                  ("train.ckpt_every", "train.sample_every", "train.nonfinite_rollback", "train.max_rollbacks",
-                   "ema.start"))
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay={cfg.ema.decay} must be in [0, 1)")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas={list(t.betas)} must be two numbers in [0, 1)")
     if t.global_batch is not None:
-        _positive("train.global_batch", t.global_batch)
         per_step = world_size * t.accumulate
         if t.global_batch % per_step:
             raise ConfigError(
                 f"train.global_batch={t.global_batch} does not divide into {world_size} processes x "
                 f"train.accumulate={t.accumulate}; use a positive multiple of {per_step}")
-        t.batch_size = t.global_batch // per_step
-    if t.kimg is not None:
-        _positive("train.kimg", t.kimg)
-        t.steps = max(1, math.ceil(t.kimg * 1000 / effective_batch(t, world_size)))
 
 
 def check_reg(cfg: DictConfig) -> None:
-    _all_positive(cfg, ("reg.r1_every",), ("reg.r1_gamma", "reg.r2_gamma", "reg.ortho_beta", "reg.sigma_penalty",
-                                            "reg.hist_avg"))
+    check_ranges(cfg, "reg")
     specs = reg_specs(cfg.reg)
     if cfg.reg.sigma_penalty > 0 and specs.sigma_target is None:
         raise ConfigError("reg.sigma_penalty > 0 needs reg.sigma_target: a number or ratio:R")
     for key in ("reg.ortho_nets", "reg.sigma_clamp_nets", "reg.sigma_penalty_nets"):
         for net in OmegaConf.select(cfg, key):
             _choice(key, net, ("G", "D"))
-    _positive("reg.lecam", cfg.reg.lecam, allow_zero=True)
     if not 0.0 <= cfg.reg.lecam_decay < 1.0:
         raise ConfigError(f"reg.lecam_decay={cfg.reg.lecam_decay} must be in [0, 1) (the anchors' EMA decay per D step)")
     _weights("reg.bcr", cfg.reg.bcr, 2, "[lambda_real, lambda_fake], each >= 0 (0 = off)")
@@ -464,12 +491,12 @@ def _weights(key: str, value, n: int, allowed: str) -> None:
 
 
 def check_aug(cfg: DictConfig) -> None:
+    check_ranges(cfg, "aug")
     a = cfg.aug
     for op in a.policy:
         _choice("aug.policy", op, AUG_OPS.names())
     if len(set(a.policy)) != len(a.policy):
         raise ConfigError(f"aug.policy={list(a.policy)} names an op twice; use each of {', '.join(AUG_OPS.names())} once")
-    _all_positive(cfg, ("aug.ada_interval", "aug.ada_kimg"))
     if a.ada_target is not None:
         if not (isinstance(a.ada_target, (int, float)) and 0.0 < a.ada_target < 1.0):
             raise ConfigError(f"aug.ada_target={a.ada_target!r} must be in (0, 1) (the paper's 0.6), or null = off")
@@ -479,8 +506,8 @@ def check_aug(cfg: DictConfig) -> None:
 
 
 def check_loss(cfg: DictConfig) -> None:
+    check_ranges(cfg, "loss")
     loss = cfg.loss
-    _all_positive(cfg, ("loss.clip",), ("loss.gp_lambda", "loss.feature_matching"))
     if not (isinstance(loss.real_target, (int, float)) and 0.0 < loss.real_target <= 1.0):
         raise ConfigError(f"loss.real_target={loss.real_target!r} must be in (0, 1]; 0.9 = one-sided smoothing")
     if not (isinstance(loss.label_noise, (int, float)) and 0.0 <= loss.label_noise < 0.5):
@@ -495,6 +522,7 @@ MIN_EVAL_SAMPLES = 6  # density / coverage take the 5th of the other real sample
 
 def validate_eval(cfg: DictConfig) -> None:
     """Every eval.* key (also what `bench eval` / `bench truncation` check before loading anything)."""
+    check_ranges(cfg, "eval")
     e = cfg.eval
     _choice("eval.extractor", e.extractor, EXTRACTORS)
     _choice("eval.trunc_mode", e.trunc_mode, TRUNC_MODES)
@@ -504,7 +532,6 @@ def validate_eval(cfg: DictConfig) -> None:
 
     _choice("eval.protocol", OmegaConf.select(cfg, "eval.protocol", default="domain"), tuple(PROTOCOLS))
     _choice("eval.resize", OmegaConf.select(cfg, "eval.resize", default="fidelity"), RESIZES)
-    _all_positive(cfg, ("eval.batch_size",), ("eval.every", "eval.standing_stats"))
     final = OmegaConf.select(cfg, "eval.final", default=False)
     if not (isinstance(final, bool) or final == "auto"):
         raise ConfigError(f"eval.final={final!r} is not valid; choose one of: auto, true, false")
@@ -512,8 +539,6 @@ def validate_eval(cfg: DictConfig) -> None:
         if not isinstance(value, int) or value < MIN_EVAL_SAMPLES:
             raise ConfigError(f"{key}={value!r} is too small; use at least {MIN_EVAL_SAMPLES} (density and "
                               f"coverage take the 5th nearest of the other real samples, k = 5)")
-    if e.truncation is not None:
-        _positive("eval.truncation", e.truncation)
     repeats = OmegaConf.select(cfg, "eval.repeats", default=1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ConfigError(f"eval.repeats={repeats!r}: use an integer >= 1 (independent sample sets per evaluation, "
@@ -529,13 +554,11 @@ def validate_eval(cfg: DictConfig) -> None:
 
 
 def check_telemetry(cfg: DictConfig) -> None:
-    _all_positive(cfg, ("telemetry.sigma_k", "telemetry.collapse_window", "telemetry.collapse_loss_gap"),
-                  ("telemetry.sigma_every", "telemetry.collapse_warmup"))
+    check_ranges(cfg, "telemetry")
     for key in ("telemetry.collapse_sigma_factor", "telemetry.collapse_fid_factor"):
         value = OmegaConf.select(cfg, key)
         if not (isinstance(value, (int, float)) and value > 1.0):
             raise ConfigError(f"{key}={value!r} must be > 1 (a factor over the minimum / best so far)")
-    _all_positive(cfg, ("telemetry.diversity_samples", "telemetry.collapse_patience"), ("telemetry.diversity_every",))
     if OmegaConf.select(cfg, "telemetry.diversity_samples") < 2:
         raise ConfigError(f"telemetry.diversity_samples={OmegaConf.select(cfg, 'telemetry.diversity_samples')!r} must "
                           f"be >= 2 (pairwise distances need two samples per class)")
@@ -544,8 +567,6 @@ def check_telemetry(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
             raise ConfigError(f"{key}={value!r} must be in [0, 1) (a fraction of the best so far; 0 = off)")
-    _all_positive(cfg, (), ("telemetry.collapse_dwins_ticks", "telemetry.collapse_class_after",
-                            "telemetry.collapse_progress_window", "telemetry.collapse_recover_ticks"))
     value = OmegaConf.select(cfg, "telemetry.collapse_dwins_level")
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 0.5):
         raise ConfigError(f"telemetry.collapse_dwins_level={value!r} must be in [0, 0.5) (a share of fakes D calls "
@@ -573,9 +594,6 @@ def check_log(cfg: DictConfig) -> None:
 def check_cluster(cluster) -> None:
     """The cluster profile's sizes and formats (bench.launch translates them; docs/architecture.md)."""
     c = OmegaConf.create({"cluster": OmegaConf.to_container(cluster, resolve=True)})
-    _all_positive(c, ("cluster.nodes", "cluster.tasks_per_node", "cluster.cpus_per_task",
-                      "cluster.array_parallelism", "cluster.link_gbps"),
-                  ("cluster.gpus_per_node", "cluster.max_requeue", "cluster.signal_delay_s"))
     m = re.fullmatch(MEM_RE, str(cluster.mem), re.I)
     if not m or m.group(1).count(".") > 1 or not float(m.group(1).strip(".") or 0) > 0:
         raise ConfigError(f"cluster.mem={cluster.mem!r} is not a memory size; use e.g. 500M, 4G, 1T")
@@ -583,6 +601,7 @@ def check_cluster(cluster) -> None:
     if not re.fullmatch(TIME_RE, t) or not any(ch not in "0:-" for ch in t):
         raise ConfigError(f"cluster.time={cluster.time!r} is not a time limit; use minutes (60 > 0) or HH:MM:SS "
                           f"or D-HH:MM:SS")
+    check_ranges(c, "cluster")
 
 
 def check_architecture(cfg: DictConfig) -> None:

@@ -15,10 +15,10 @@ def inspect_command(args: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from bench import models
-    from bench.config import validate
+    from bench.config import prepare
     from bench.train.telemetry import step_flops
 
-    cfg = validate(compose(args))
+    cfg = prepare(compose(args))
     n_classes = cfg.model.n_classes or _dataset_classes(cfg)
     # On the meta device: shapes only, so a full-width 512 model costs no memory and no arithmetic; the FLOP
     # counter reads shapes, and counts what the same nets on the CPU count.

@@ -1,6 +1,7 @@
 """Local / submitit / Slurm launching: a cluster profile as hydra-submitit-launcher settings (ONE function,
-`launcher_overrides`), a rank's distributed environment and threads (`setup_distributed`), requeue. Nothing here
-changes the environment of the submitting process (docs/architecture.md, "Sweeps and clusters")."""
+`launcher_overrides`), and what runs inside a job: a rank's distributed environment and threads
+(`setup_distributed`), requeue. Nothing here changes the environment of the submitting process; submitting jobs
+and following them from the submitter is bench/jobs.py (docs/architecture.md, "Sweeps and clusters")."""
 from __future__ import annotations
 
 import os

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from bench.schema import EvalCfg
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -24,7 +26,7 @@ class Metric:
         return self.name.split("/", 1)[1]
 
 
-DEFAULT_BEST_METRIC = "eval/FID"  # eval.best_metric's default (configs/eval/default.yaml, bench/schema.py)
+DEFAULT_BEST_METRIC = EvalCfg.best_metric  # the schema's default
 FID = "eval/FID"                  # fed to the collapse detector as well
 
 METRICS: tuple[Metric, ...] = (

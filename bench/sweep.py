@@ -1,33 +1,25 @@
-"""`bench train -m`: the multirun driver (Hydra + submitit: one job array per cluster shape), the sweep index
-(<sweep dir>/index/<job>.json, merged into sweep.json) and the submitter's job monitor (docs/architecture.md,
-"Sweeps and clusters")."""
+"""`bench train -m`: the multirun driver (Hydra + submitit: one job array per cluster shape), each job's run and
+its outcome, and the sweep index (the jobs' index/<job>.json merged into sweep.json). The submitter follows its
+jobs with bench/jobs.py (docs/architecture.md, "Sweeps and clusters")."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import logging
-import subprocess
-import threading
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench import rundir
+from bench import jobs, rundir
 from bench.config import (CONFIG_DIR, SEARCHPATH, ConfigError, check_group_choices, compose, resolve_final,
                           with_search_path)
 from bench.errors import process_failed
 from bench.overrides import check_grid, grid, is_sweep_value, sweep_values
 
-INDEX = "index"
 SWEEP_JSON = "sweep.json"
 HYDRA_TASK_NAME = "cli"  # Hydra's job name (its per-job .log file), as when hydra.main ran in bench/cli.py
 OK_STATES = (rundir.COMPLETED, rundir.COLLAPSED)
-CANCELLED = "cancelled"   # a job stopped by scancel (or another signal) that Slurm will not run again
-REQUEUED = "requeued"     # a job put back in the queue; its next run records itself again
-LIVE_STATES = (rundir.RUNNING, REQUEUED)
 
 
 def _value(override: str) -> str:
@@ -82,30 +74,14 @@ def multirun(args: list[str], train: Callable[..., int]) -> int:
         if launcher:
             extra += launch.launcher_overrides(cluster, launcher, sweep_dir)
         job = functools.partial(run_job, ctx=JobContext(sweep_dir, offset, train))
-        spec = MonitorSpec(Path(sweep_dir), offset, tuple(fixed + group), slurm=launcher == "submitit_slurm",
-                           tasks=int(cluster.nodes) * int(cluster.tasks_per_node) if cluster else 1)
-        _watched(spec, lambda: _hydra_multirun(job, args + group + extra))
+        spec = jobs.MonitorSpec(Path(sweep_dir), offset, tuple(fixed + group), slurm=launcher == "submitit_slurm",
+                                tasks=int(cluster.nodes) * int(cluster.tasks_per_node) if cluster else 1)
+        jobs.monitored(spec, lambda: _hydra_multirun(job, args + group + extra))
         # Later groups number their jobs after the earlier ones.
         offset = 1 + max(_job_numbers(Path(sweep_dir)), default=offset - 1)
     rows = collect_index(Path(sweep_dir))
     print_sweep(rows, Path(sweep_dir))
     return 0 if rows and all(r.get("state") in OK_STATES for r in rows) else 1
-
-
-def _watched(spec: "MonitorSpec", run: Callable[[], None]) -> None:
-    """run() with the submitter's monitor printing job state changes, and submitit's repeated sacct
-    warning said once."""
-    sacct = SacctOnce()
-    submitit_log = logging.getLogger("submitit")
-    submitit_log.addFilter(sacct)
-    monitor = SweepMonitor(spec)
-    monitor.start()
-    try:
-        with _quiet_sacct() if spec.slurm else contextlib.nullcontext():
-            run()
-    finally:
-        monitor.stop()
-        submitit_log.removeFilter(sacct)
 
 
 def _hydra_multirun(task_function, overrides: list[str]) -> None:
@@ -127,12 +103,12 @@ def _hydra_multirun(task_function, overrides: list[str]) -> None:
 
 
 def run_job(cfg, ctx: JobContext) -> str:
-    """One job of the sweep (Hydra's task function): validate, record in the index, train, record the
+    """One job of the sweep (Hydra's task function): validate and resolve, record in the index, train, record the
     outcome. Errors are recorded, not raised: the other jobs of the sweep still finish."""
     from hydra.core.hydra_config import HydraConfig
 
     from bench import launch
-    from bench.config import check_schema, run_dir_for, validate
+    from bench.config import check_schema, prepare, run_dir_for
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
@@ -141,13 +117,13 @@ def run_job(cfg, ctx: JobContext) -> str:
     entry = {"overrides": overrides, "slurm_job_id": launch.slurm_job_id(), "state": rundir.RUNNING,
              "run_dir": None, "world_size": world, "requeues": launch.restart_count()}
     try:
-        cfg = validate(check_schema(cfg), world_size=world)
+        cfg = prepare(check_schema(cfg), world_size=world)
         if not cfg.run.dir:
             cfg.run.root = ctx.sweep_dir
         run_dir = run_dir_for(cfg, overrides).resolve()
         entry["run_dir"] = str(run_dir)
         if rank == 0:
-            write_index_entry(Path(ctx.sweep_dir), job_num, entry)
+            jobs.write_index_entry(Path(ctx.sweep_dir), job_num, entry)
         rc = ctx.train(cfg, run_dir)
         summary = rundir.read_json(run_dir / rundir.SUMMARY) or {}
         entry["state"] = summary.get("status", rundir.COMPLETED if rc == 0 else rundir.FAILED)
@@ -161,8 +137,8 @@ def run_job(cfg, ctx: JobContext) -> str:
     if entry["state"] == rundir.INTERRUPTED and launch.slurm_job_id():
         _interrupted_outcome(entry)
     if rank == 0:
-        write_index_entry(Path(ctx.sweep_dir), job_num, entry)
-    if entry["state"] == REQUEUED:
+        jobs.write_index_entry(Path(ctx.sweep_dir), job_num, entry)
+    if entry["state"] == jobs.REQUEUED:
         # Slurm runs this job again (scontrol requeue, preemption, requeue_self after SIGUSR2): leave
         # without a result, so submitit keeps waiting for the requeued run, which resumes and reports.
         raise SystemExit(0)
@@ -176,12 +152,12 @@ def _interrupted_outcome(entry: dict) -> None:
     from bench import launch
 
     if launch.requeue_pending():
-        entry["state"] = REQUEUED
+        entry["state"] = jobs.REQUEUED
         entry["requeues"] = launch.restart_count() + 1
     elif launch.requeue_problem():
         entry["error"] = launch.requeue_problem()
     else:
-        entry["state"] = CANCELLED
+        entry["state"] = jobs.CANCELLED
 
 
 # ---- what the jobs share ------------------------------------------------------------------------------
@@ -246,18 +222,13 @@ def prepare_shared_files(cfg) -> None:
 
 
 # ---- the sweep index ----------------------------------------------------------------------------------
-def write_index_entry(sweep_dir: Path, job_num: int, entry: dict) -> None:
-    entry = dict(entry, job_num=job_num, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    rundir.write_json(Path(sweep_dir) / INDEX / f"{job_num}.json", entry)
-
-
 def _job_numbers(sweep_dir: Path) -> list[int]:
-    return sorted(int(p.stem) for p in (Path(sweep_dir) / INDEX).glob("*.json") if p.stem.isdigit())
+    return sorted(int(p.stem) for p in (Path(sweep_dir) / jobs.INDEX).glob("*.json") if p.stem.isdigit())
 
 
 def collect_index(sweep_dir: Path) -> list[dict]:
     """Merge index/<n>.json into sweep.json (one row per job) and return the rows."""
-    paths = [Path(sweep_dir) / INDEX / f"{n}.json" for n in _job_numbers(sweep_dir)]
+    paths = [Path(sweep_dir) / jobs.INDEX / f"{n}.json" for n in _job_numbers(sweep_dir)]
     rows = [row for row in map(rundir.read_json, paths) if row is not None]
     rundir.write_json(Path(sweep_dir) / SWEEP_JSON, {"sweep_dir": str(sweep_dir), "jobs": rows})
     return rows
@@ -272,219 +243,3 @@ def print_sweep(rows: list[dict], sweep_dir: Path) -> None:
         if r.get("error"):
             print(f"      error: {r['error']}")
     print(f"index: {Path(sweep_dir) / SWEEP_JSON}")
-
-
-# ---- the submitter's view of its jobs -----------------------------------------------------------------
-SACCT_MARK = "Bypassing sacct error"
-GONE_GRACE_S = 20.0  # a Slurm job gone from squeue this long without a result was killed before it could report
-
-
-class SacctOnce(logging.Filter):
-    """submitit polls sacct for job states; on a cluster without job accounting every poll fails, and
-    submitit warns again (through each of its handlers and Hydra's) while sacct prints its own error.
-    This filter on submitit's logger drops those warnings and says once, in one line, what they mean."""
-
-    def __init__(self):
-        super().__init__()
-        self.said = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if SACCT_MARK not in str(record.msg):
-            return True
-        if not self.said:
-            self.said = True
-            print(f"gan-bench sweep: submitit cannot read job states from sacct ({_sacct_problem()}). "
-                  "Jobs are followed through their own records (index/) and squeue instead; a job that "
-                  "ends without reporting is found when it leaves the queue. (Said once.)", flush=True)
-        return False
-
-
-def _sacct_problem() -> str:
-    try:
-        out = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"{exc.__class__.__name__}: {exc}"
-    return (out.stderr.strip() or out.stdout.strip() or f"exit {out.returncode}").splitlines()[0]
-
-
-@contextlib.contextmanager
-def _quiet_sacct():
-    """While the submitter waits: sacct's own error output (one line per poll, straight to the
-    terminal) is dropped; the failure itself still reaches SacctOnce through submitit's warning."""
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    make = SlurmInfoWatcher._make_command
-
-    def quiet(self):
-        command = make(self)
-        return None if command is None else ["sh", "-c", 'exec "$@" 2>/dev/null', "sacct", *command]
-    SlurmInfoWatcher._make_command = quiet
-    try:
-        yield
-    finally:
-        SlurmInfoWatcher._make_command = make
-
-
-def _squeue_states(job_ids: list[str]) -> dict[str, str] | None:
-    """{job id: Slurm state} of the jobs still known to slurmctld (array tasks as '<array>_<task>');
-    None when squeue does not answer."""
-    bases = sorted({j.split("_")[0] for j in job_ids})
-    if not bases:
-        return {}
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i %T"],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0 and "Invalid job id" not in out.stderr:
-        return None
-    return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
-
-
-@dataclass(frozen=True)
-class MonitorSpec:
-    """What the submitter's monitor of one group of jobs (one Hydra multirun) needs."""
-    sweep_dir: Path
-    offset: int                 # job number of the group's first job
-    fixed: tuple[str, ...]      # overrides every job shares (left out of the job labels)
-    slurm: bool                 # jobs are Slurm jobs: follow squeue and reap jobs killed before reporting
-    tasks: int = 1              # Slurm tasks (ranks) per job
-
-
-class SweepMonitor(threading.Thread):
-    """Prints one line per job state change ("job 12_3 (train.batch_size=16): RUNNING -> COMPLETED")
-    while the submitter waits. A Slurm job that left the queue without reporting (killed: scancel
-    while pending, or SIGKILL before it wrote its result) is recorded as such in the index, and its
-    result is written for submitit, so the submitter always returns."""
-
-    def __init__(self, spec: MonitorSpec, poll_s: float = 2.0):
-        super().__init__(name="gan-bench-sweep-monitor", daemon=True)
-        self.spec, self.poll_s = spec, poll_s
-        self.shown: dict[str, str] = {}
-        self.gone_since: dict[str, float] = {}
-        self.labels: dict[str, list[str]] = {}
-        self._halt = threading.Event()
-        self.earlier: set[str] = set()  # _submitted() reads it
-        if spec.slurm:  # a later group of one sweep: the earlier groups' jobs are already in .submitit/
-            self.earlier = set(self._submitted())
-
-    def run(self) -> None:
-        while not self._halt.wait(self.poll_s):
-            try:
-                self.poll()
-            except Exception as exc:  # noqa: BLE001 - the monitor never takes the submitter down
-                print(f"gan-bench sweep: monitor: {exc.__class__.__name__}: {exc}", flush=True)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
-        self.poll(reap=False)
-
-    def _submitted(self) -> dict[str, int]:
-        """{Slurm job id: job number} of the jobs submitted since this monitor started (submitit's job
-        folders; earlier groups' jobs are not this group's)."""
-        out = {}
-        for p in (self.spec.sweep_dir / ".submitit").glob("*/*_submitted.pkl"):
-            job_id = p.name[: -len("_submitted.pkl")]
-            task = job_id.split("_")[1] if "_" in job_id else "0"
-            if task.isdigit() and job_id not in self.earlier:
-                out[job_id] = self.spec.offset + int(task)
-        return out
-
-    def poll(self, reap: bool = True) -> None:
-        entries = {e.get("job_num"): e for e in map(rundir.read_json, (self.spec.sweep_dir / INDEX).glob("*.json"))
-                   if e}
-        jobs = self._submitted() if self.spec.slurm else {}
-        for e in entries.values():
-            if isinstance(e.get("job_num"), int) and e["job_num"] >= self.spec.offset:
-                jobs.setdefault(e.get("slurm_job_id") or str(e["job_num"]), e["job_num"])
-        queue = _squeue_states(list(jobs)) if self.spec.slurm else {}
-        for job_id, num in sorted(jobs.items(), key=lambda kv: kv[1]):
-            entry = entries.get(num) if (entries.get(num) or {}).get("slurm_job_id") in (None, job_id) else None
-            state = self._state(entry, (queue or {}).get(job_id))
-            if reap and queue is not None and self.spec.slurm:
-                state = self._reap(job_id, num, entry, job_id in queue) or state
-            if state != self.shown.get(job_id, "PENDING" if self.spec.slurm else None):
-                # Hydra hands a job `eval.final=False` for the command line's `eval.final=false`: compare caselessly
-                fixed = {o.lower() for o in self.spec.fixed}
-                label = " ".join(o for o in self._overrides(job_id, entry) if o.lower() not in fixed)
-                print(f"job {job_id}{f' ({label})' if label else ''}: {self.shown.get(job_id, 'PENDING')} -> "
-                      f"{state}", flush=True)
-            self.shown[job_id] = state
-
-    def _overrides(self, job_id: str, entry: dict | None) -> list[str]:
-        """The job's overrides: from its index entry, else from the job submitit pickled (before it starts)."""
-        if entry and entry.get("overrides"):
-            return list(entry["overrides"])
-        if job_id not in self.labels and self.spec.slurm:
-            from submitit.core.utils import JobPaths, pickle_load
-
-            path = JobPaths(self.spec.sweep_dir / ".submitit" / "%j", job_id=job_id).submitted_pickle
-            try:
-                self.labels[job_id] = [str(o) for o in pickle_load(path).args[0]]
-            except Exception:  # noqa: BLE001 - a label is a nicety; the job id is enough
-                self.labels[job_id] = []
-        return self.labels.get(job_id, [])
-
-    @staticmethod
-    def _state(entry: dict | None, queued: str | None) -> str:
-        recorded = (entry or {}).get("state")
-        if recorded and recorded not in LIVE_STATES:
-            return recorded.upper()  # final: the job's own word
-        if recorded == REQUEUED and queued in (None, "PENDING", "COMPLETING", "REQUEUED"):
-            return f"REQUEUED ({entry.get('requeues', '?')})"
-        if queued == "COMPLETING" and recorded == rundir.RUNNING:
-            return "RUNNING"  # ending: the job's own record says how, in a moment
-        return queued or (recorded or "pending").upper()
-
-    def _reap(self, job_id: str, num: int, entry: dict | None, queued: bool) -> str | None:
-        """Record a job that left the queue without a result and hand submitit a result for it."""
-        from submitit.core.utils import JobPaths
-
-        folder = self.spec.sweep_dir / ".submitit" / "%j"
-        results = [JobPaths(folder, job_id=job_id, task_id=t).result_pickle for t in range(self.spec.tasks)]
-        if queued or all(r.exists() for r in results):
-            self.gone_since.pop(job_id, None)
-            return None
-        first = self.gone_since.setdefault(job_id, time.monotonic())
-        if time.monotonic() - first < GONE_GRACE_S:
-            return None
-        state = (entry or {}).get("state")
-        if state in LIVE_STATES or state is None:  # it never reported how it ended: ask Slurm, then its log
-            state, why = _ended_how(job_id, JobPaths(folder, job_id=job_id, task_id=0).stderr)
-            entry = dict(entry or {"overrides": self._overrides(job_id, None), "slurm_job_id": job_id,
-                                   "run_dir": None})
-            entry.update(state=state, error=f"the job ended without reporting: {why}")
-            write_index_entry(self.spec.sweep_dir, num, entry)
-        _write_results(results, state)
-        return state.upper()
-
-
-def _ended_how(job_id: str, log: Path) -> tuple[str, str]:
-    """(state, why) of a Slurm job that ended without a result: slurmctld's record while it keeps it
-    (MinJobAge), else slurmstepd's line in the job's log."""
-    from bench import launch
-
-    fields = launch.slurm_job_fields(job_id)
-    slurm_state = fields.get("JobState", "")
-    if slurm_state:
-        why = f"Slurm says {slurm_state} (reason {fields.get('Reason', '?')}, exit code {fields.get('ExitCode', '?')})"
-        return (CANCELLED if slurm_state == "CANCELLED" else rundir.FAILED), f"{why}; log: {log}"
-    if not log.exists():  # it never started: only a cancel takes a pending job out of the queue
-        return CANCELLED, "it left the queue before it started (cancelled while pending)"
-    text = log.read_text(errors="replace")
-    line = next((ln.strip() for ln in text.splitlines() if "***" in ln and "CANCELLED AT" in ln), "")
-    state = CANCELLED if line and "DUE TO" not in line else rundir.FAILED
-    return state, f"{line or 'killed, with no message'}; log: {log}"
-
-
-def _write_results(paths: list[Path], state: str) -> None:
-    """The result submitit waits for, as the job would have written it (hydra-submitit-launcher's
-    JobReturn carrying run_job's return value)."""
-    from hydra.core.utils import JobReturn, JobStatus
-    from submitit.core.utils import cloudpickle_dump
-
-    for p in paths:
-        if not p.exists():
-            cloudpickle_dump(("success", JobReturn(status=JobStatus.COMPLETED, _return_value=state)), p)

@@ -43,7 +43,7 @@ def test_cli_usage_errors(capsys, args, needle):
 
 
 def test_precision_auto_is_resolved_and_explicit_kept(monkeypatch):
-    """train.precision defaults to auto; validate writes what will run (config.yaml records it)."""
+    """train.precision defaults to auto; resolve (bench.config.prepare) writes what will run (config.yaml records it)."""
     import torch
 
     from bench import config as C
@@ -53,12 +53,13 @@ def test_precision_auto_is_resolved_and_explicit_kept(monkeypatch):
 
     assert TrainCfg().precision == "auto" and C.compose([]).train.precision == "auto"
     want = "bf16" if torch.cuda.is_available() or device.cpu_has_fast_bf16() else "fp32"
-    assert C.validate(C.compose([])).train.precision == want
+    assert C.validate(C.compose([])).train.precision == "auto"  # validate only checks
+    assert C.prepare(C.compose([])).train.precision == want
     for fast, expected in ((True, "bf16"), (False, "bf16" if torch.cuda.is_available() else "fp32")):
         monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert C.resolve_precision("auto") == expected
     for explicit in ("bf16", "fp32"):
-        assert C.validate(C.compose([f"train.precision={explicit}"])).train.precision == explicit
+        assert C.prepare(C.compose([f"train.precision={explicit}"])).train.precision == explicit
     with pytest.raises(C.ConfigError, match="train.precision='fp8'"):
         C.validate(C.compose(["train.precision=fp8"]))
 

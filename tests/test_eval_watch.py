@@ -1,5 +1,5 @@
-"""`bench eval watch` and `eval.async=true` (bench/eval/watch.py): evaluation beside training. Real processes
-(the CLI, submitit's local executor), a tiny run; about two minutes on 2 CPUs."""
+"""`bench eval watch` and `eval.async=true` (bench/eval/watch.py; its job, bench/jobs.py): evaluation beside
+training. Real processes (the CLI, submitit's local executor), a tiny run; about two minutes on 2 CPUs."""
 import os
 import shutil
 import signal
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from bench import rundir
-from bench.eval.watch import JOBS, PINS, SOURCE_WATCH, WATCH_LOCK
+from bench.eval.watch import PINS, SOURCE_WATCH, WATCH_LOCK
 from bench.faults import FAULT_ENV
+from bench.jobs import JOBS
 from conftest import ROOT, TINY, classified_shards, wait_until_gone
 
 EVAL = ["eval.num_samples=40", "eval.batch_size=20"]

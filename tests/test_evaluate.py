@@ -22,7 +22,7 @@ from bench.data.shards import ShardSetSpec, make_shards, manifest_hash
 from bench.eval import classifier as C
 from bench.eval import metrics as M
 from bench.eval import realcache as RC
-from bench.eval import records as ER
+from bench.eval import evalrecords as ER
 from bench.eval import runs as R
 from bench.eval import sampling as S
 from bench.eval.classifier import ClassifierSettings

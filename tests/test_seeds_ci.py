@@ -132,12 +132,6 @@ def test_evaluate_generator_refuses_bad_repeats_before_any_work():
     assert M._checked(replace(M.EvalSettings(), repeats=4)).repeats == 4
 
 
-def test_default_yaml_documents_repeats():
-    text = Path(__file__).resolve().parent.parent.joinpath("configs/eval/default.yaml").read_text()
-    assert yaml.safe_load(text)["repeats"] == 1
-    assert any(line.startswith("repeats:") and "#" in line for line in text.splitlines())
-
-
 def test_bench_eval_with_three_repeats(tmp_path, capsys):
     """A tiny run evaluated through the real CLI with eval.repeats=3: three sample sets (seeds 0, 1, 2) whose
     mean is the headline value, bracketed by its interval, and which differ from each other."""

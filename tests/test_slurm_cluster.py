@@ -218,8 +218,10 @@ def test_sacct_warning_is_said_once_with_what_it_means(capsys):
     logger turns that into one line that says what it means, and lets everything else through."""
     import logging
 
+    from bench.jobs import SacctOnce
+
     log = logging.getLogger("gan-bench-test-submitit")
-    sacct = sweep.SacctOnce()
+    sacct = SacctOnce()
     log.addFilter(sacct)
     try:
         seen = []

@@ -278,18 +278,18 @@ def test_console_script_runs(tmp_path, tiny_shards):
 def test_the_default_config_is_the_main_jobs_recipe():
     """No overrides: the DCGAN with SN in D and its recipe (configs/model/dcgan_sn.yaml); model=biggan keeps
     train.*'s BigGAN defaults; eval.final=auto is on for the built-in set with the domain extractor only."""
-    from bench.config import compose, validate
+    from bench.config import compose, prepare
 
-    main_job = validate(compose([]))
+    main_job = prepare(compose([]))
     assert (main_job.model.family, main_job.model.ch, main_job.model.d_sn, main_job.model.g_sn) == ("dcgan", 32, True,
                                                                                                      False)
     assert (main_job.train.g_lr, main_job.train.d_lr, list(main_job.train.betas), main_job.train.steps) == \
         (1e-3, 1e-3, [0.5, 0.999], 2000)
     assert main_job.eval.final is True and main_job.loss.name == "hinge"
-    big = validate(compose(["model=biggan"]))
+    big = prepare(compose(["model=biggan"]))
     assert (big.model.family, big.train.g_lr, big.train.d_lr, list(big.train.betas), big.train.steps) == \
         ("biggan", 2e-4, 4e-4, [0.0, 0.999], 300)
-    assert validate(compose(["eval.extractor=inception"])).eval.final is False  # Inception needs its weights file
+    assert prepare(compose(["eval.extractor=inception"])).eval.final is False  # Inception needs its weights file
 
 
 def test_a_run_recorded_before_a_key_was_renamed_still_loads(tmp_path):

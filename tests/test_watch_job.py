@@ -1,4 +1,4 @@
-"""eval.async=true's job beside training (bench/eval/watch.py, BesideTraining), without submitit: a refused
+"""eval.async=true's job beside training (bench/jobs.py, BesideTraining), without submitit: a refused
 submission is one line, a watcher whose training never started is cancelled, a local training waits for its job and
 a Slurm one does not. The real job runs in tests/test_eval_watch.py."""
 import json
@@ -7,8 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from bench import rundir
-from bench.eval import watch
+from bench import jobs, rundir
 
 
 class OneRank:
@@ -38,9 +37,9 @@ def test_a_refused_submission_is_one_line_and_nothing_trains(monkeypatch, tmp_pa
     def refuse(*a, **k):
         raise RuntimeError("sbatch: error: Batch job submission failed\nInvalid partition name specified")
 
-    monkeypatch.setattr(watch, "submit", refuse)
-    with pytest.raises(watch.SubmitFailed) as e:
-        watch.BesideTraining.submit(None, tmp_path, job=lambda args: 0, ranks=OneRank())
+    monkeypatch.setattr(jobs, "submit_eval_job", refuse)
+    with pytest.raises(jobs.SubmitFailed) as e:
+        jobs.BesideTraining.submit(None, tmp_path, job=lambda args: 0, ranks=OneRank())
     text = str(e.value)
     assert len(text.splitlines()) == 1 and "RuntimeError: Invalid partition name specified" in text
     assert text.startswith("eval.async=true: the evaluation job could not be submitted") and "nothing was trained" in text
@@ -48,14 +47,14 @@ def test_a_refused_submission_is_one_line_and_nothing_trains(monkeypatch, tmp_pa
 
 def test_submit_hands_rank0s_job_to_every_rank(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(watch, "submit", lambda cfg, run_dir, job, world: seen.append((run_dir, world)) or "h")
-    assert watch.BesideTraining.submit("cfg", tmp_path, job=lambda args: 0, ranks=OneRank(), world=4).handle == "h"
+    monkeypatch.setattr(jobs, "submit_eval_job", lambda cfg, run_dir, job, world: seen.append((run_dir, world)) or "h")
+    assert jobs.BesideTraining.submit("cfg", tmp_path, job=lambda args: 0, ranks=OneRank(), world=4).handle == "h"
     assert seen == [(tmp_path, 4)]
 
 
 def test_a_watcher_whose_training_never_started_is_cancelled(tmp_path):
     job = Job()
-    beside = watch.BesideTraining(handle(job))
+    beside = jobs.BesideTraining(handle(job))
     beside.cancel_unless_started(tmp_path)  # no config.yaml: the training failed in set-up
     assert job.cancelled and beside.handle is None and beside.wait() is False
 
@@ -64,18 +63,18 @@ def test_a_started_training_keeps_its_watcher(tmp_path):
     job, since = Job(), time.time() - 5
     (tmp_path / rundir.CONFIG).write_text("{}")
     (tmp_path / rundir.RUN_JSON).write_text(json.dumps({"updated_time": datetime.now().astimezone().isoformat()}))
-    beside = watch.BesideTraining(handle(job, since=since))
+    beside = jobs.BesideTraining(handle(job, since=since))
     beside.cancel_unless_started(tmp_path)
     assert not job.cancelled and beside.handle is not None
 
 
 def test_a_local_training_waits_for_its_job_and_a_slurm_one_does_not(capsys):
-    assert watch.BesideTraining(handle(Job(0))).wait() is True
+    assert jobs.BesideTraining(handle(Job(0))).wait() is True
     assert "waiting for job 42" in capsys.readouterr().out
-    assert watch.BesideTraining(handle(Job(1))).wait() is True
+    assert jobs.BesideTraining(handle(Job(1))).wait() is True
     assert "job 42 ended with 1; see e.log" in capsys.readouterr().err
-    assert watch.BesideTraining(handle(Job(RuntimeError("boom")))).wait() is True
+    assert jobs.BesideTraining(handle(Job(RuntimeError("boom")))).wait() is True
     assert "ended with failed (boom)" in capsys.readouterr().err
     slurm = Job()
-    assert watch.BesideTraining(handle(slurm, executor="slurm")).wait() is False and not slurm.cancelled
-    assert watch.BesideTraining(None).wait() is False
+    assert jobs.BesideTraining(handle(slurm, executor="slurm")).wait() is False and not slurm.cancelled
+    assert jobs.BesideTraining(None).wait() is False

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-DEFAULT_MIN_PER_CLASS = 50  # eval.intra_min_per_class's default (bench/schema.py, configs/eval/default.yaml)
+from bench.schema import EvalCfg
+
+DEFAULT_MIN_PER_CLASS = EvalCfg.intra_min_per_class  # the schema's default
 MIN_PER_CLASS = 2           # the smallest value eval.intra_min_per_class may take (a covariance needs 2 samples)
 INTRA_METRIC = "eval/intra_FID"
 # THE line an evaluation of one-class (unlabelled) data prints once (bench.eval.metrics.eval_setup).

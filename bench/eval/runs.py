@@ -26,7 +26,7 @@ from bench.device import channels_last, eval_precision
 from bench.eval.errors import EvalError
 from bench.eval.safeload import first_line, load_weights
 from bench.eval.metrics import EvalSettings, evaluate_generator
-from bench.eval.records import append_eval, format_table
+from bench.eval.evalrecords import append_eval, format_table
 from bench.eval.protocols import protocol_values
 from bench.eval.sampling import check_psi, save_grid, to_uint8, truncated_normal, write_sheets
 

@@ -1,6 +1,7 @@
 """`bench eval watch run=DIR`: evaluation beside training (`eval.async`). The loop that evaluates a run's
 checkpoints as they become due (the due rule, pins, evals.jsonl as the record of what was done, the end of
-training from the run lock), its lock, and the job `bench train` submits (docs/architecture.md, "Evaluation")."""
+training from the run lock) and its lock. The job `bench train` submits to run it: bench/jobs.py
+(docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import fcntl
@@ -22,7 +23,6 @@ SOURCE_WATCH = "bench eval watch"     # evals.jsonl records written by the watch
 WATCH_LOCK = ".eval-watch.lock"        # <run>/.eval-watch.lock: one watcher per run
 PINS = ".eval-watch"                  # <run>/checkpoints/.eval-watch/: hard links to due checkpoints
 SAME_ERROR_STOP = 3  # this many checkpoints in a row failing with one error (a broken device, a missing file): stop
-JOBS = "eval-watch.json"               # <run>/eval-watch.json: the watcher jobs `bench train` submitted
 FINAL_STATUSES = (rundir.COMPLETED, rundir.COLLAPSED)  # the statuses after which training evaluates its last step
 
 
@@ -225,7 +225,7 @@ class Watcher:
     def evaluate(self, step: int, path: Path, left: int) -> None:
         from bench.eval.errors import EvalError
         from bench.eval.metrics import EvalSettings, evaluate_generator
-        from bench.eval.records import append_eval
+        from bench.eval.evalrecords import append_eval
         from bench.eval.runs import load_run
 
         say(f"step {step}: evaluating {path.relative_to(self.run_dir) if path.is_relative_to(self.run_dir) else path}"
@@ -395,115 +395,3 @@ def watch(run_dir, overrides, settings: WatchSettings, keeper: BestKeeper, devic
         return Watcher(run_dir, overrides, settings, keeper, device).run()
     finally:
         lock.release()
-
-
-# ---- the job beside training (eval.async=true) ---------------------------------------------------------
-LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # a local watcher follows its training however long it runs
-GPUS_ENV = "GAN_BENCH_WATCH_GPUS"  # local jobs: the GPU indices the watcher may use ("" = CPU only)
-
-
-def _local_gpus(world: int) -> tuple[int, ...]:
-    """The local watcher's GPU: GAN_BENCH_WATCH_GPUS when set; else, on a GPU machine, the first one training
-    does not use (ranks take 0 .. world-1), or GPU 0 shared with rank 0 when there is none."""
-    if os.environ.get(GPUS_ENV) is not None:
-        return tuple(int(g) for g in os.environ[GPUS_ENV].replace(" ", "").split(",") if g.isdigit())
-    import torch
-
-    if not torch.cuda.is_available():
-        return ()
-    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip().isdigit()]
-    ids = [int(v) for v in visible] or list(range(torch.cuda.device_count()))
-    free = ids[world:] if len(ids) > world else ids[:1]
-    if len(ids) <= world:
-        say(f"note: the evaluation job shares GPU {free[0]} with training (no free GPU; set {GPUS_ENV})", err=True)
-    return tuple(free[:1])
-
-
-def submit(cfg, run_dir: Path, job: Callable[[list], int], world: int = 1) -> dict:
-    """Submit `job(["run=DIR", "wait=true", "since=T"])` (the CLI's `bench eval watch`) as its own submitit job:
-    Slurm's executor when training runs in a Slurm job (one rank's share of the cluster profile: 1 task,
-    cluster.cpus_per_task, cluster.mem / tasks_per_node, one GPU when the profile has GPUs, cluster.time,
-    partition / account / qos / setup), else submitit's local executor. The job is recorded in
-    <run>/eval-watch.json (job id, executor, log files). Returns {"job", "since", "record"}."""
-    import submitit
-
-    from bench import launch
-
-    run_dir = Path(run_dir).resolve()
-    since = time.time()
-    args = [f"run={run_dir}", "wait=true", f"since={since:.6f}"]
-    folder = run_dir / "eval-watch"  # <job id>_* files; a %j pattern would leave a literal "%j" folder (submitit)
-    if os.environ.get("SLURM_JOB_ID"):
-        c = cfg.cluster
-        ex = submitit.SlurmExecutor(folder)
-        params = dict(job_name="gan-bench-eval", partition=c.partition, time=launch.parse_time_min(c.time), nodes=1,
-                      ntasks_per_node=1, cpus_per_task=int(c.cpus_per_task), signal_delay_s=int(c.signal_delay_s),
-                      mem=max(1, launch.parse_mem_gb(c.mem) // max(1, int(c.tasks_per_node))))
-        params.update({k: v for k, v in (("gpus_per_node", 1 if c.gpus_per_node else None), ("account", c.account),
-                                         ("qos", c.qos), ("setup", list(c.setup or []) or None)) if v})
-        executor = "slurm"
-    else:
-        ex = submitit.LocalExecutor(folder)
-        gpus = _local_gpus(world)
-        params = dict(timeout_min=LOCAL_TIMEOUT_MIN, tasks_per_node=1, nodes=1, gpus_per_node=len(gpus),
-                      visible_gpus=gpus)
-        executor = "local"
-    ex.update_parameters(**params)
-    handle = ex.submit(job, args)
-    record = {"job_id": str(handle.job_id), "executor": executor, "submitted": datetime.now().astimezone().isoformat(),
-              "command": "bench eval watch " + " ".join(args), "stdout": str(handle.paths.stdout),
-              "stderr": str(handle.paths.stderr)}
-    jobs = (rundir.read_json(run_dir / JOBS) or {}).get("jobs", [])
-    rundir.write_json(run_dir / JOBS, {"jobs": [*jobs, record]})
-    say(f"evaluation runs beside training in {executor} job {handle.job_id} (log {handle.paths.stdout}; "
-        f"recorded in {run_dir / JOBS})")
-    return {"job": handle, "since": since, "record": record}
-
-
-class SubmitFailed(Exception):
-    """eval.async=true: the evaluation job could not be submitted (one line; bench train exits 3, nothing trained)."""
-
-
-class BesideTraining:
-    """The eval.async=true watcher of one training (bench train): submitted by rank 0 before any step (every rank
-    learns whether it worked), cancelled when the training never started (it would wait for it forever), and
-    waited for by a local training once it has ended."""
-
-    def __init__(self, handle: Optional[dict]):
-        self.handle = handle  # submit()'s {"job", "since", "record"}; None on ranks other than 0
-
-    @classmethod
-    def submit(cls, cfg, run_dir: Path, job: Callable[[list], int], ranks, world: int = 1) -> "BesideTraining":
-        """ranks: the training's bench.train.ranks.Ranks (rank0(what, fn) runs fn on rank 0 and shares its failure)."""
-        try:
-            return cls(ranks.rank0("submitting the evaluation job", lambda: submit(cfg, run_dir, job, world=world)))
-        except Exception as exc:  # noqa: BLE001 - sbatch refused it, submitit missing, ...: before any step
-            text = str(exc).strip().splitlines()
-            raise SubmitFailed(f"eval.async=true: the evaluation job could not be submitted ({type(exc).__name__}: "
-                               f"{text[-1][:200] if text else ''}); nothing was trained") from None
-
-    def cancel_unless_started(self, run_dir: Path) -> None:
-        """After training returned: a watcher whose training never started (bench train failed in set-up) is
-        cancelled, since it would wait for that start forever."""
-        if self.handle is not None and not started_since(run_dir, self.handle["since"]):
-            self.handle["job"].cancel()
-            self.handle = None
-
-    def wait(self) -> bool:
-        """A local training waits for its evaluation job to finish the checkpoints left (Ctrl-C leaves it running).
-        True when there was a local job to wait for (Slurm jobs go on by themselves)."""
-        if self.handle is None or self.handle["record"]["executor"] != "local":
-            return False
-        job, rec = self.handle["job"], self.handle["record"]
-        say(f"waiting for job {rec['job_id']} to evaluate the remaining checkpoints (log {rec['stdout']}; Ctrl-C "
-            f"leaves it running)")
-        try:
-            rc = job.result()
-        except KeyboardInterrupt:
-            say(f"job {rec['job_id']} left running; its log: {rec['stdout']}", err=True)
-            return True
-        except Exception as exc:  # noqa: BLE001 - the job's own log says why
-            rc = f"failed ({str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__})"
-        if rc != 0:
-            say(f"warning: job {rec['job_id']} ended with {rc}; see {rec['stderr']}", err=True)
-        return True

@@ -23,7 +23,7 @@ from bench import models
 from bench import device as bdevice
 from bench import metrics_registry as registry
 from bench import rundir
-from bench.config import ConfigError, effective_batch, reg_specs
+from bench.config import ConfigError, effective_batch, reg_specs, resolve
 from bench.data.loader import LoaderSettings, ShardLoader
 from bench.data.shards import configured_shards, resolve_shards
 from bench.faults import injected_fault
@@ -122,6 +122,7 @@ def setup(cfg: DictConfig, run_dir: Path, *, stop: Optional[StopRequest] = None,
         raise RuntimeError(f"accelerate sees {acc.num_processes} processes but WORLD_SIZE={env_world}; "
                            "build the Accelerator after exporting the distributed environment")
     device, world, rank = acc.device, acc.num_processes, acc.process_index
+    resolve(cfg, world)  # precision=auto, global_batch, kimg, eval.final: derived here (a no-op when done before)
     ranks = Ranks(world, rank, device, run_dir, cfg.dist.rank0_timeout_s)
     bdevice.configure_process(device, t.deterministic, t.tf32, t.cudnn_benchmark)
     bdevice.seed_all(t.seed)  # identical model init on every rank
@@ -588,7 +589,7 @@ def evaluate(run: Run, state: TrainState) -> Optional[dict]:
     (rundir.best_eval decides), and feeds the collapse detector; with several ranks each samples and
     extracts features for its share first (bench.eval.spread)."""
     from bench.eval.metrics import EvalSettings
-    from bench.eval.records import append_eval
+    from bench.eval.evalrecords import append_eval
     from bench.eval.spread import EvalJob, evaluate_on_ranks
 
     t0, step = time.perf_counter(), state.step

@@ -217,7 +217,7 @@ class Records:
         self.log.scalars(row["step"], logged_scalars(row))
 
     def evaluation(self, step: int, metrics: dict) -> None:
-        """An evaluation's eval/* numbers to the loggers (evals.jsonl is written by bench.eval.records)."""
+        """An evaluation's eval/* numbers to the loggers (evals.jsonl is written by bench.eval.evalrecords)."""
         if self.enabled:
             self.log.scalars(step, {k: v for k, v in metrics.items() if k.startswith("eval/")})
 

@@ -16,7 +16,7 @@ import torch
 
 from bench import device as bdevice
 from bench import rundir
-from bench.config import compose, validate
+from bench.config import compose, prepare, validate
 from bench.overrides import is_sweep_value, sweep_values
 from bench.train.records import math_switches
 from bench.metrics_registry import CONTENDED
@@ -105,7 +105,7 @@ def benchmark(run: Run, state: TrainState, warmup: int, steps: int, fake_data: b
 
 
 def _throughput_one(overrides: list[str], scratch: str) -> dict:
-    cfg = validate(compose(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = prepare(compose(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     run, state = setup(cfg, Path(scratch), quiet=True)
     t = cfg.train
     flops = flop_per_step(run, state)

@@ -1,5 +1,5 @@
-"""Evaluation records: evals.jsonl's lines (append_eval) and `bench eval`'s table of one (format_table). Also
-importable from bench.eval.metrics (docs/architecture.md, "Evaluation")."""
+"""Evaluation records: evals.jsonl's lines (append_eval) and `bench eval`'s table of one (format_table)
+(docs/architecture.md, "Evaluation")."""
 from __future__ import annotations
 
 import datetime as _dt
