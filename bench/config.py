@@ -37,7 +37,7 @@ CONFIG_PATH_ENV = "GAN_BENCH_CONFIG_PATH"  # your own config folders, searched a
 
 DATASETS = ("shapes", "folder")
 PRECISIONS = ("bf16", "fp32", "fp16")
-TRAIN_PRECISIONS = ("auto",) + PRECISIONS  # auto: resolved by validate() (resolve_precision)
+TRAIN_PRECISIONS = ("auto",) + PRECISIONS  # auto: resolved by resolve() (resolve_precision)
 EVAL_PRECISIONS = ("auto", "bf16", "fp32")
 MEM_RE = r"\s*([0-9.]+)\s*([MGT]?)B?\s*"                      # cluster.mem: 500M, 4G, 1T
 TIME_RE = r"(?:\d+|(?:(?:\d+-)?\d+:)?\d+:\d+)"             # cluster.time: minutes, MM:SS, HH:MM:SS, D-HH:MM:SS

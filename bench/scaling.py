@@ -59,17 +59,17 @@ def auto_bucket_mb(net_bytes: float) -> float:
 def sync_inputs(grad_sync: str, bucket_mb, d_bytes: float, g_bytes: float, d_steps: int) -> tuple[float, int]:
     """(overlap, all-reduce calls per step) of `dist.grad_sync` with buckets of `bucket_mb` MiB (None:
     `auto_bucket_mb` per net), for phases of `d_bytes` (each of the d_steps D phases) and `g_bytes` (the G
-    phase) of gradients."""
+    phase) of gradients. The phase's non-finite and stop agreements ride in its last bucket: no calls of their own."""
     phases = [d_bytes] * d_steps + [g_bytes]
     if grad_sync == "flat":
-        return 0.0, 2 * len(phases)
+        return 0.0, len(phases)
 
     def cap(b: float) -> float:
         return (bucket_mb if bucket_mb is not None else auto_bucket_mb(b)) * 2**20
     buckets = [max(1, math.ceil(b / cap(b))) for b in phases]
     total = sum(phases)
     overlap = sum(b * (1 - 1 / n) for b, n in zip(phases, buckets)) / total if total else 0.0
-    return overlap, sum(buckets) + len(phases)
+    return overlap, sum(buckets)
 
 
 def ring_bytes(nbytes: float, ranks: int) -> float:

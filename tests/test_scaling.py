@@ -117,7 +117,7 @@ def test_inspect_prints_the_projection(capsys):
     from conftest import TINY
 
     args = [*TINY, "train.batch_size=4", "train.accumulate=2", "train.d_steps=2", "cluster.nodes=2",
-            "cluster.gpus_per_node=4", "cluster.link_gbps=200", "dist.grad_sync=flat"]  # flat: overlap 0, 6 calls
+            "cluster.gpus_per_node=4", "cluster.link_gbps=200", "dist.grad_sync=flat"]  # flat: overlap 0, 3 calls
     assert main(["inspect", *args]) == 0
     import json
 
@@ -126,7 +126,7 @@ def test_inspect_prints_the_projection(capsys):
     flop = (per_img["D_step"] * 2 + per_img["G_step"]) * 1e9 * 4 * 2
     nbytes = 4 * (2 * out["D_params"] + out["G_params"])
     assert s["flop_per_step_per_device"] == pytest.approx(flop, rel=1e-9)
-    assert s["mfu_assumed"] == 0.4 and s["overlap"] == 0 and s["allreduce_calls_per_step"] == 6
+    assert s["mfu_assumed"] == 0.4 and s["overlap"] == 0 and s["allreduce_calls_per_step"] == 3
     import torch
 
     if not torch.cuda.is_available():
@@ -134,7 +134,7 @@ def test_inspect_prints_the_projection(capsys):
     t_compute = flop / (s["peak_tflops"] * 1e12 * 0.4)
     p = s["profile"]
     assert (p["gpus"], p["nodes"], p["gpus_per_node"], p["link_gbps"]) == (8, 2, 4, 200.0)
-    comm = (2 * 3 / 4 * nbytes / 300e9 + 6 * 2 * 3 * 5e-6) + (nbytes / 25e9 + 6 * 2 * 1 * 5e-6)
+    comm = (2 * 3 / 4 * nbytes / 300e9 + 3 * 2 * 3 * 5e-6) + (nbytes / 25e9 + 3 * 2 * 1 * 5e-6)
     assert p["bytes_per_step"] == nbytes and p["t_comm_ms"] == pytest.approx(1e3 * comm, rel=1e-3)
     assert p["t_compute_ms"] == pytest.approx(1e3 * t_compute, rel=1e-3)
     assert p["efficiency"] == pytest.approx(t_compute / (t_compute + comm), abs=1e-4)
@@ -151,15 +151,15 @@ def test_link_bandwidth_must_be_positive():
 
 def test_sync_inputs_follow_the_buckets():
     mib = 2**20
-    # flat: nothing hidden; one gradient all-reduce and one agreement per phase (2 D phases + G)
-    assert scaling.sync_inputs("flat", 4.0, 10 * mib, 6 * mib, 2) == (0.0, 6)
+    # flat: nothing hidden; one gradient all-reduce per phase (2 D phases + G), the agreements inside it
+    assert scaling.sync_inputs("flat", 4.0, 10 * mib, 6 * mib, 2) == (0.0, 3)
     # overlap, 4 MiB buckets: D (10 MiB) in 3 buckets, G (6 MiB) in 2; by bytes: (2 x 10 x 2/3 + 6 x 1/2) / 26
     overlap, calls = scaling.sync_inputs("overlap", 4.0, 10 * mib, 6 * mib, 2)
-    assert overlap == pytest.approx((2 * 10 * (2 / 3) + 6 * 0.5) / 26) and calls == 3 + 3 + 2 + 3
+    assert overlap == pytest.approx((2 * 10 * (2 / 3) + 6 * 0.5) / 26) and calls == 3 + 3 + 2
     # one bucket per phase hides nothing: communication starts only once the whole backward is done
     assert scaling.sync_inputs("overlap", 64.0, 10 * mib, 6 * mib, 1)[0] == 0.0
     # dist.bucket_mb=null: an eighth of each net's bytes within [0.25, 25] MiB: 8 buckets per phase here
     assert scaling.auto_bucket_mb(10 * mib) == 10 / 8 and scaling.auto_bucket_mb(1e12) == 25.0
     assert scaling.auto_bucket_mb(1000) == 0.25
     overlap, calls = scaling.sync_inputs("overlap", None, 10 * mib, 6 * mib, 2)
-    assert overlap == pytest.approx(7 / 8) and calls == 3 * 8 + 3
+    assert overlap == pytest.approx(7 / 8) and calls == 3 * 8

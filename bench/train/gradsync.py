@@ -16,7 +16,8 @@ import torch.distributed as dist
 from bench.scaling import auto_bucket_mb
 
 MODES = ("overlap", "flat")
-NONFINITE, STOP, TIMES = 0, 1, 2  # the slots after the gradients in a net's last bucket (GradSync.extras)
+NONFINITE, STOP, TIMES = 0, 1, 2  # the slots after the gradients in a net's last bucket (GradSync.extras); after
+# the world's TIMES slots, one per parameter: whether the phase's backward reached it on this rank
 
 
 @dataclass
@@ -73,10 +74,21 @@ def make_buckets(params: list, bucket_bytes: int) -> list[list]:
     return buckets
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """`t` fills exactly t.numel() elements of memory, in some order of its dimensions (contiguous, channels_last,
+    a transposed weight)."""
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
 def _grad_view(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
     """A view of flat[offset:offset + p.numel()] shaped like `p`, with p's strides when p is dense in another
-    memory order (channels_last): a fused optimiser walks a parameter and its gradient as flat memory."""
-    if not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+    memory order (channels_last, a transpose): a fused optimiser walks a parameter and its gradient as flat memory."""
+    if not p.is_contiguous() and _dense(p):
         return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset)
     return flat[offset:offset + p.numel()].view(p.shape)
 
@@ -97,10 +109,10 @@ class GradSync:
     Per phase: `begin()` (gradients zeroed, as views of the buckets), `note_loss()` for each micro-batch's loss,
     `arm(stop)` before the last micro-batch's backward, `finish()` after it, which returns the phase's `Agreed`.
     The net's last bucket (the first layers, whose gradients come last) carries `extras` after its gradients: a
-    non-finite-loss count, the stop requests, and each rank's compute time in the phase. Summed with the
-    gradients, they tell every rank whether to skip the update and whether to stop, and how long it waited for
-    the slowest rank, without the small all-reduces that agreed on them before (docs/architecture.md, "Gradient
-    sync")."""
+    non-finite-loss count, the stop requests, each rank's compute time in the phase and which parameters the
+    phase reached. Summed with the gradients, they tell every rank whether to skip the update and whether to stop,
+    how long it waited for the slowest rank, and which parameters keep a gradient, without collectives of their
+    own (docs/architecture.md, "Gradient sync")."""
 
     def __init__(self, net: torch.nn.Module, world: int, mode: str = "overlap", bucket_mb: Optional[float] = None,
                  rank: int = 0):
@@ -127,9 +139,10 @@ class GradSync:
         else:  # flat: one buffer per dtype and device, all-reduced after backward
             groups = make_buckets(params, 2**62)
         carry = groups[-1][0].dtype in (torch.float32, torch.float64)
+        self.params = [p for group in groups for p in group]  # the extras' order of the touched flags
         for i, group in enumerate(groups):
             numel = sum(p.numel() for p in group)
-            extra = 2 + world if carry and i == len(groups) - 1 else 0
+            extra = TIMES + world + len(self.params) if carry and i == len(groups) - 1 else 0
             flat = torch.zeros(numel + extra, dtype=group[0].dtype, device=group[0].device)
             views, offset = [], 0
             for p in group:
@@ -197,6 +210,8 @@ class GradSync:
                 p.grad = view
         if bucket is self.buckets[-1] and self.extras is not None:  # backward has ended on this rank
             self.extras[TIMES + self.rank] = 1000.0 * (time.perf_counter() - self._t_phase)
+            touched = [1.0 if id(p) in self.touched else 0.0 for p in self.params]
+            self.extras[TIMES + self.world:].copy_(torch.tensor(touched, dtype=self.extras.dtype))
         bucket.launched = True
         bucket.t_launch = time.perf_counter()
         bucket.work = dist.all_reduce(bucket.flat, async_op=True)
@@ -247,9 +262,6 @@ class GradSync:
             b.flat[:b.numel] /= self.world
             nbytes += b.flat.numel() * b.flat.element_size()
             b.work = None
-            for p in b.params:
-                if id(p) not in self.touched:
-                    p.grad = None
         if cuda:
             done = torch.cuda.Event(enable_timing=True)
             done.record()
@@ -260,8 +272,17 @@ class GradSync:
             span = _union_seconds(intervals) if self.mode == "overlap" else waited
             self.stats.add(CommStats(nbytes, span, waited, 0.0, 1))
         if self.extras is None:
+            reached = self.touched  # this rank's own: no extras to agree through (a last bucket not fp32/fp64)
+        else:
+            flags = self.extras[TIMES + self.world:].tolist()
+            reached = {id(p) for p, f in zip(self.params, flags) if f > 0}  # by any rank: the same set on every rank
+        for b in self.buckets:
+            for p in b.params:
+                if id(p) not in reached:  # no micro-batch of the phase reached it on any rank: no gradient, as after
+                    p.grad = None         # zero_grad, so the optimiser skips it
+        if self.extras is None:
             return None
-        values = self.extras.tolist()
+        values = self.extras[:TIMES + self.world].tolist()
         if not cuda:  # host clocks mean compute time only on the CPU
             times = values[TIMES:]
             self.stats.peer_wait_s += max(0.0, (max(times) - times[self.rank]) / 1000.0)
@@ -283,9 +304,10 @@ class GradSync:
               f"not use, or use dist.grad_sync=flat", file=sys.stderr, flush=True)
 
     def take_stats(self) -> CommStats:
-        """The sums since the last call. On CUDA the events recorded since then are read now (the tick's one
-        wait for them): the exposed time is the GPU's from backward's end to the last all-reduce's end (flat:
-        that is the whole communication; overlap: its span is not measured on CUDA, NaN)."""
+        """The sums since the last call (train_step takes them once per step). On CUDA the events recorded since
+        then are read now (finish() has already waited for the extras, so this adds no stall): the exposed time is
+        the GPU's from backward's end to the last all-reduce's end (flat: that is the whole communication;
+        overlap: its span is not measured on CUDA, NaN)."""
         out, self.stats = self.stats, CommStats()
         if self._cuda_pending:
             exposed = 0.0

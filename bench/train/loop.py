@@ -441,7 +441,10 @@ def train(run: Run, state: TrainState) -> dict:
                     clock.steps += 1
                     if run.diversity.due(state.step):  # before the tick that reports it; not training: kept aside
                         clock.set_aside(run.diversity.report(run.ranks, state.G_ema))
-                    if agreed_stop is None:  # one process, or no gradient buckets: a collective of its own
+                    # The stop request travelled with the gradients (asked before the last phase's backward). A
+                    # collective of its own in one process or without buckets, and after the last step, so that a
+                    # signal in that step's tail stops it as it would any other (no samples or evaluation).
+                    if agreed_stop is None or state.step >= t.steps:
                         run.stop.agree(run.ranks.any)
                     else:
                         run.stop.agree(lambda _: agreed_stop)

@@ -329,7 +329,7 @@ class StopRequest:
     def message(self, step: int, trained: bool = True) -> Optional[str]:
         """The one line saying that a signal stopped the run (None when none did). `trained`: whether
         this process trained a step (a signal during set-up or resume stops before the first)."""
-        if self.signal is None:
+        if self.signal is None or not self.requested:  # a signal not yet agreed stopped nothing
             return None
         name = signal.Signals(self.signal).name
         if not trained:
