@@ -190,7 +190,9 @@ def register_defaults() -> None:
     (aug.policy='color,translation') or a model's own keys; check_schema types the composed result."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=DEFAULTS_NODE, node=OmegaConf.to_container(OmegaConf.structured(Config)))
+    store = ConfigStore.instance()
+    if DEFAULTS_NODE + ".yaml" not in store.list("/"):  # once per process (28 ms each time: every compose calls it)
+        store.store(name=DEFAULTS_NODE, node=OmegaConf.to_container(OmegaConf.structured(Config)))
 
 
 def with_search_path(overrides: list[str]) -> list[str]:
@@ -321,8 +323,7 @@ def resolve(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """Derive, in place, what `auto` and friends mean on this machine and world: train.precision=auto, eval.final=auto,
     train.global_batch (into train.batch_size) and train.kimg (into train.steps). Idempotent; run after validate."""
     t = cfg.train
-    if t.global_batch is not None:
-        t.batch_size = t.global_batch // (world_size * t.accumulate)
+    t.batch_size = per_process_batch(t, world_size)
     if t.kimg is not None:
         t.steps = max(1, math.ceil(t.kimg * 1000 / effective_batch(t, world_size)))
     cfg.eval.final = resolve_final(cfg)
@@ -332,7 +333,9 @@ def resolve(cfg: DictConfig, world_size: int = 1) -> DictConfig:
 
 def validate(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """Check values a schema cannot express, every group, before anything is written (a bad value is
-    one ConfigError line naming the key). Changes nothing (resolve derives); returns `cfg`."""
+    one ConfigError line naming the key). Returns `cfg`, unchanged but for one value: an unset data.resolution
+    (data=folder) is read from the shards' manifest here, since the architecture check builds the nets at it;
+    everything else derived is resolve()'s."""
     check_ranges(cfg, "model", "dist", "throughput", "suite")
     if cfg.model.get("_target_"):
         check_own_model(cfg.model)

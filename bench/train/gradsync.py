@@ -204,7 +204,7 @@ class GradSync:
         return hook
 
     def _launch(self, bucket: _Bucket) -> None:
-        for i, (p, view) in enumerate(zip(bucket.params, bucket.views)):
+        for p, view in zip(bucket.params, bucket.views):
             if p.grad is not None and p.grad is not view:  # a backward that built a new gradient (create_graph)
                 view.copy_(p.grad)
                 p.grad = view

@@ -289,7 +289,7 @@ def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> Optional[
     cfg, t = run.cfg, run.cfg.train
     injected_fault(run.rank, state.step + 1)  # the fault tests' hook (bench.faults); nothing unless asked
     comm = CommStats()
-    stop: Optional[bool] = False
+    agreements = []  # each phase's Agreed (None: nothing to carry it, in one process or without buckets)
     for phase in run.phases:
         sync = run.syncs[phase.name]
         sync.begin()  # gradients zero, as views into the all-reduce buckets
@@ -317,6 +317,7 @@ def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> Optional[
         for net in phase.frozen:
             net.requires_grad_(True)
         agreed = sync.finish()  # (fp16: the scaled gradients; every rank then unscales the same mean)
+        agreements.append(agreed)
         if phase.scaler is not None:
             phase.scaler.unscale_(phase.opt)
         watch.start("reg")
@@ -329,10 +330,8 @@ def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> Optional[
         # losses' count came with them (Agreed); without it, one all-reduce agrees on this rank's own loss.
         if agreed is not None:
             nonfinite = agreed.nonfinite or not bool(torch.isfinite(gnorm))
-            stop = stop if stop is None else stop or agreed.stop
         else:
             nonfinite = run.ranks.any(not bool(torch.isfinite(loss_sum + gnorm.to(loss_sum.device))))
-            stop = None
         if nonfinite:
             phase.opt.zero_grad(set_to_none=True)
             if phase.scaler is not None:
@@ -366,7 +365,9 @@ def train_step(run: Run, state: TrainState, data, watch: Stopwatch) -> Optional[
         for name, net in state.nets.items():
             telemetry.report_sigmas(name, net, k=cfg.telemetry.sigma_k)
     watch.stop()
-    return stop
+    if any(a is None for a in agreements):
+        return None
+    return any(a.stop for a in agreements)
 
 
 def roll_back(run: Run, state: TrainState) -> None:
