@@ -548,25 +548,36 @@ def test_ada_p_plot_has_one_line_per_ada_run(tmp_path, monkeypatch):
 
 
 def test_runs_measured_under_contention_are_marked(tmp_path):
-    """A run whose ticks recorded perf/cpu_util under CONTENDED gets † beside its img/s and one line saying why;
-    runs.csv keeps cpu_util (the median over ticks, first dropped) and contended; a clean run is unmarked."""
+    """A run with ticks under CONTENDED (perf/cpu_util) gets † beside its img/s and a line saying which share of
+    its ticks, how low, and the median img/s of its clean ticks; a neighbour for part of a run marks it too.
+    runs.csv keeps cpu_util (median over ticks, first dropped), contended, contended_share, img_per_s_clean."""
     from bench import metrics_registry as registry
     from bench import rundir
 
     root = tmp_path / "runs"
-    for name, utils in (("clean", [0.5, 0.97, 0.95, 0.96]), ("shared", [0.9, 0.41, 0.45, 0.5])):
+    runs = {"clean": [0.5, 0.97, 0.95, 0.96, 0.94], "shared": [0.9, 0.41, 0.45, 0.5, 0.44],
+            "partly": [0.9, 0.95, 0.93, 0.48, 0.51]}  # a neighbour started in its last two ticks
+    for name, utils in runs.items():
         d = ada_run(root, name, 0, [], None, None)
         (d / rundir.METRICS).unlink()
         for i, u in enumerate(utils):
+            ips = 100.0 - i if u >= registry.CONTENDED else 20.0 + i
             rundir.append_jsonl(d / rundir.METRICS, {"step": 10 * (i + 1), "kimg": 0.16 * (i + 1), "loss/D": 1.0,
-                                                     "loss/G": 0.5, "throughput/img_per_s": 100.0 - i,
+                                                     "loss/G": 0.5, "throughput/img_per_s": ips,
                                                      registry.CPU_UTIL: u})
     assert main(["report", str(root)]) == 0
     rows = {r["run"]: r for r in read_csv(root / "report" / "runs.csv")}
-    assert float(rows["shared"]["cpu_util"]) == pytest.approx(0.45) and rows["shared"]["contended"] == "yes"
-    assert float(rows["clean"]["cpu_util"]) == pytest.approx(0.96) and rows["clean"]["contended"] in ("no", "")
+    assert float(rows["shared"]["cpu_util"]) == pytest.approx(0.445) and rows["shared"]["contended"] == "yes"
+    assert float(rows["shared"]["contended_share"]) == 1.0 and rows["shared"]["img_per_s_clean"] in ("", "—")
+    assert float(rows["clean"]["cpu_util"]) == pytest.approx(0.955) and rows["clean"]["contended"] in ("no", "")
+    # partly: steady ticks 2-5 (first dropped); 2 of 4 contended; clean ticks' img/s 99, 98 -> 98.5
+    assert rows["partly"]["contended"] == "yes" and float(rows["partly"]["contended_share"]) == 0.5
+    assert int(rows["partly"]["contended_ticks"]) == 2
+    assert float(rows["partly"]["img_per_s_clean"]) == pytest.approx(98.5)
+    assert float(rows["partly"]["cpu_util_lowest"]) == pytest.approx(0.48)
     md = (root / "report" / "report.md").read_text()
-    shared = next(line for line in md.splitlines() if line.startswith("| shared"))
-    clean = next(line for line in md.splitlines() if line.startswith("| clean"))
-    assert "98 †" in shared and "†" not in clean
-    assert "† 1 run(s) measured under contention" in md and "45% (lowest)" in md
+    line = {n: next(x for x in md.splitlines() if x.startswith(f"| {n} ")) for n in runs}
+    assert "†" in line["shared"] and "†" in line["partly"] and "†" not in line["clean"]
+    assert "† 2 run(s) with ticks measured under contention" in md
+    assert "- partly: 2 of 4 ticks (50%), the lowest at 48%" in md and "clean ticks' median is 98.5 img/s" in md
+    assert "- shared: 4 of 4 ticks (100%), the lowest at 41%" in md and "no tick was clean" in md

@@ -187,10 +187,17 @@ def _md_runs(d: ReportData) -> list[str]:
          "checkpoints included). best: the best evaluation by the run's `eval.best_metric` (summary.json, "
          "else evals.jsonl; the rule of checkpoints/best.pt). All columns: `runs.csv`.", ""]
     if contended:
-        L += [f"† {len(contended)} run(s) measured under contention: their training steps got a median "
-              f"{min(r['cpu_util'] for r in contended):.0%} (lowest) of their threads' CPU time (`perf/cpu_util` < "
-              f"{registry.CONTENDED}): another CPU-bound process, or the run's own data workers, shared the cores, so "
-              f"their img/s are not clean figures. Rerun them alone to compare speeds.", ""]
+        L += [f"† {len(contended)} run(s) with ticks measured under contention: their training steps got under "
+              f"{registry.CONTENDED:.0%} of their threads' CPU time (`perf/cpu_util`): another CPU-bound process, or "
+              f"the run's own data workers, shared the cores, so those ticks' img/s are not clean figures (the img/s "
+              f"column is the median over all ticks; `runs.csv` has `contended_share` and `img_per_s_clean`):", ""]
+        for r in contended:
+            n = round(r["contended_ticks"] / r["contended_share"])
+            clean = (f"its {n - r['contended_ticks']} clean ticks' median is {fmt(r['img_per_s_clean'], 3)} img/s"
+                     if r.get("img_per_s_clean") is not None else "no tick was clean: rerun it alone to compare speeds")
+            L.append(f"- {r['run']}: {r['contended_ticks']} of {n} ticks ({r['contended_share']:.0%}), the lowest at "
+                     f"{r['cpu_util_lowest']:.0%} (median over all ticks {r['cpu_util']:.0%}); {clean}")
+        L.append("")
     seeds = seedgroups.seed_table(d.groups or [], d.abl)
     if seeds:
         L += ["Seeds: runs whose config.yaml differs only in `train.seed` are one configuration; its numbers "

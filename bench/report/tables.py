@@ -117,6 +117,21 @@ def steady_median(rows: list[dict], key: str):
     return statistics.median(vals) if vals else None
 
 
+def contention(rows: list[dict]) -> dict:
+    """Which steady ticks (first dropped) were taken under contention (perf/cpu_util < registry.CONTENDED):
+    `contended` (any), their count and share of the ticks that recorded a utilisation, the lowest utilisation,
+    and `img_per_s_clean`, the median img/s of the other ticks (None when none is clean or none recorded it)."""
+    ticks = [r for r in rows if finite(r.get(registry.CPU_UTIL))]
+    ticks = ticks[1:] if len(ticks) >= 3 else ticks
+    hit = [r for r in ticks if r[registry.CPU_UTIL] < registry.CONTENDED]
+    clean = [r["throughput/img_per_s"] for r in ticks
+             if r[registry.CPU_UTIL] >= registry.CONTENDED and finite(r.get("throughput/img_per_s"))]
+    return {"contended": bool(hit), "contended_ticks": len(hit),
+            "contended_share": len(hit) / len(ticks) if ticks else None,
+            "cpu_util_lowest": min(r[registry.CPU_UTIL] for r in ticks) if ticks else None,
+            "img_per_s_clean": statistics.median(clean) if clean else None}
+
+
 def _last(rows: list[dict], key: str):
     for r in reversed(rows):
         if key in r:
@@ -194,6 +209,7 @@ def run_row(r: Run) -> dict:
     best = best_eval(r)
     mfu = steady_values(m, "perf/mfu")
     util = steady_median(m, registry.CPU_UTIL)
+    shared = contention(m)
     mem = [x["mem/peak_gb"] for x in m if finite(x.get("mem/peak_gb"))]
     row = {
         "run": r.label, "dir": str(r.path), "status": r.status, "finished": r.finished,
@@ -211,7 +227,7 @@ def run_row(r: Run) -> dict:
         "reg_ms": steady_median(m, "time/reg_ms"), "telemetry_ms": steady_median(m, "time/telemetry_ms"),
         "mfu": statistics.mean(mfu) if mfu else None, "peak_mem_gb": max(mem) if mem else None,
         # the steps' CPU utilisation (CPU runs): below registry.CONTENDED the img/s were taken beside another process
-        "cpu_util": util, "contended": finite(util) and util < registry.CONTENDED,
+        "cpu_util": util, **shared,
         "loss_D": _last(m, "loss/D"), "loss_G": _last(m, "loss/G"),
         "best_metric": best.get("metric"), "best_value": best.get("value"), "best_step": best.get("step"),
         "best_extractor": best.get("extractor"), "evals": len(r.evals),
