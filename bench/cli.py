@@ -108,14 +108,17 @@ def run_training(cfg, run_dir: Path) -> int:
         return 0
     stop = StopRequest()
     stop.install()  # before set-up and resume: a signal then stops the run before its first step
-    watcher = None
+    watcher = threads = None
     try:
-        run, state = setup(cfg, run_dir, stop=stop)
-        if cfg.eval.get("async"):  # evaluation in its own job (bench eval watch), submitted by rank 0
+        if cfg.eval.get("async"):  # on a CPU, training's share of the cores is set before set-up measures anything
             from bench import jobs
 
+            threads = jobs.share_cores()
+        run, state = setup(cfg, run_dir, stop=stop)
+        if cfg.eval.get("async"):  # evaluation in its own job (bench eval watch), submitted by rank 0
             try:
-                watcher = jobs.BesideTraining.submit(cfg, run_dir, watch_job, run.ranks, world=run.world)
+                watcher = jobs.BesideTraining.submit(cfg, run_dir, watch_job, run.ranks, world=run.world,
+                                                     threads=threads)
             except jobs.SubmitFailed as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
                 return 3

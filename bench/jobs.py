@@ -5,6 +5,7 @@ training (docs/architecture.md, "Sweeps and clusters" and "Evaluation")."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -285,12 +286,42 @@ def _local_gpus(world: int) -> tuple[int, ...]:
     return tuple(free[:1])
 
 
-def submit_eval_job(cfg, run_dir: Path, job: Callable[[list], int], world: int = 1) -> dict:
+def share_cores() -> Optional[tuple[int, int]]:
+    """eval.async beside a CPU training on this machine (no Slurm job, no GPU): the evaluation job gets a quarter
+    of the cores (at least one) and each local training rank keeps at most an equal share of the rest, so the two
+    never oversubscribe the cores (busy-waiting OpenMP threads slow both several times over). Lowers this
+    process's torch threads when needed; returns (training threads, evaluation threads), or None off a CPU."""
+    import torch
+
+    if os.environ.get("SLURM_JOB_ID") or torch.cuda.is_available():
+        return None  # Slurm gives the job its own CPUs; on a GPU the evaluation runs on a GPU
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    evaluation = max(1, cores // 4)
+    training = min(torch.get_num_threads(), max(1, (cores - evaluation) // local_ranks))
+    if training < torch.get_num_threads():
+        torch.set_num_threads(training)
+    return training, evaluation
+
+
+def _in_threads(threads: int, job: Callable[[list], int], args: list) -> int:
+    """The local evaluation job, held to its share of the cores (share_cores)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything it starts
+    torch.set_num_threads(threads)
+    say(f"evaluation job: {threads} torch thread(s) (eval.async shares this machine's cores with training)")
+    return job(args)
+
+
+def submit_eval_job(cfg, run_dir: Path, job: Callable[[list], int], world: int = 1,
+                    threads: Optional[tuple[int, int]] = None) -> dict:
     """Submit `job(["run=DIR", "wait=true", "since=T"])` (the CLI's `bench eval watch`) as its own submitit job:
     Slurm's executor when training runs in a Slurm job (one rank's share of the cluster profile: 1 task,
     cluster.cpus_per_task, cluster.mem / tasks_per_node, one GPU when the profile has GPUs, cluster.time,
-    partition / account / qos / setup), else submitit's local executor. The job is recorded in
-    <run>/eval-watch.json (job id, executor, log files). Returns {"job", "since", "record"}."""
+    partition / account / qos / setup), else submitit's local executor, held to `threads` (share_cores's
+    (training, evaluation) threads) on a CPU. The job is recorded in <run>/eval-watch.json (job id, executor,
+    log files, threads). Returns {"job", "since", "record"}."""
     import submitit
 
     from bench import launch
@@ -314,15 +345,22 @@ def submit_eval_job(cfg, run_dir: Path, job: Callable[[list], int], world: int =
         params = dict(timeout_min=LOCAL_TIMEOUT_MIN, tasks_per_node=1, nodes=1, gpus_per_node=len(gpus),
                       visible_gpus=gpus)
         executor = "local"
+        if threads is not None and not gpus:
+            job = functools.partial(_in_threads, threads[1], job)
     ex.update_parameters(**params)
     handle = ex.submit(job, args)
     record = {"job_id": str(handle.job_id), "executor": executor, "submitted": datetime.now().astimezone().isoformat(),
               "command": "bench eval watch " + " ".join(args), "stdout": str(handle.paths.stdout),
               "stderr": str(handle.paths.stderr)}
+    shared = executor == "local" and threads is not None and not params.get("gpus_per_node")
+    if shared:
+        record["threads"] = {"training": threads[0], "evaluation": threads[1]}
     jobs = (rundir.read_json(run_dir / JOBS) or {}).get("jobs", [])
     rundir.write_json(run_dir / JOBS, {"jobs": [*jobs, record]})
+    split = (f"; {threads[1]} thread(s) for it, {threads[0]} per training rank, sharing this machine's cores"
+             if shared else "")
     say(f"evaluation runs beside training in {executor} job {handle.job_id} (log {handle.paths.stdout}; "
-        f"recorded in {run_dir / JOBS})")
+        f"recorded in {run_dir / JOBS}{split})")
     return {"job": handle, "since": since, "record": record}
 
 
@@ -339,11 +377,13 @@ class BesideTraining:
         self.handle = handle  # submit_eval_job()'s {"job", "since", "record"}; None on ranks other than 0
 
     @classmethod
-    def submit(cls, cfg, run_dir: Path, job: Callable[[list], int], ranks, world: int = 1) -> "BesideTraining":
-        """ranks: the training's bench.train.ranks.Ranks (rank0(what, fn) runs fn on rank 0 and shares its failure)."""
+    def submit(cls, cfg, run_dir: Path, job: Callable[[list], int], ranks, world: int = 1,
+               threads: Optional[tuple[int, int]] = None) -> "BesideTraining":
+        """ranks: the training's bench.train.ranks.Ranks (rank0(what, fn) runs fn on rank 0 and shares its failure);
+        threads: share_cores()'s split, made before set-up."""
         try:
             return cls(ranks.rank0("submitting the evaluation job",
-                                   lambda: submit_eval_job(cfg, run_dir, job, world=world)))
+                                   lambda: submit_eval_job(cfg, run_dir, job, world=world, threads=threads)))
         except Exception as exc:  # noqa: BLE001 - sbatch refused it, submitit missing, ...: before any step
             text = str(exc).strip().splitlines()
             raise SubmitFailed(f"eval.async=true: the evaluation job could not be submitted ({type(exc).__name__}: "

@@ -24,8 +24,9 @@ TRAIN = [*TINY, "train.steps=6", "train.batch_size=4", "train.ckpt_every=2", "tr
 ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def bench(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", *map(str, args)], cwd=ROOT, env={**os.environ, **ENV},
+def bench(*args, timeout=600, check=True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", *map(str, args)], cwd=ROOT,
+                          env={**os.environ, **ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -166,7 +167,9 @@ def test_bench_train_with_eval_async_evaluates_in_its_own_job(trained, tmp_path)
     checkpoint of an eval.every step, keeps best.pt, and is recorded in eval-watch.json."""
     _, shards = trained
     run = tmp_path / "async"
-    proc = bench("train", f"data.shards={shards}", f"run.dir={run}", *TRAIN, "eval.every=2", "eval.async=true")
+    # two training threads asked for: on a 2-core machine training keeps one and the evaluation job gets the other
+    proc = bench("train", f"data.shards={shards}", f"run.dir={run}", *TRAIN, "eval.every=2", "eval.async=true",
+                 env={"OMP_NUM_THREADS": "2"})
     assert "evaluation runs beside training in local job" in proc.stdout
     assert rundir.read_json(run / rundir.SUMMARY)["status"] == rundir.COMPLETED
     assert_evaluated_once_with_best(run)
@@ -175,6 +178,15 @@ def test_bench_train_with_eval_async_evaluates_in_its_own_job(trained, tmp_path)
     log = Path(job["stdout"]).read_text()
     assert "eval watch: training ended (completed at step 6); evaluated 3 checkpoint(s) [2, 4, 6]" in log
     assert not any("%" in p.name for p in (run / "eval-watch").rglob("*"))  # no literal %j folder
+    # the two share the cores by their threads: a quarter (at least one) for the evaluation, training at most
+    # the rest; the job says so in its log, training in run.json
+    cores = len(os.sched_getaffinity(0))
+    evaluation = max(1, cores // 4)
+    training = min(2, max(1, cores - evaluation))
+    assert job["threads"] == {"training": training, "evaluation": evaluation}, job
+    assert f"evaluation job: {evaluation} torch thread(s)" in log
+    assert rundir.read_json(run / rundir.RUN_JSON)["torch_threads"] == training
+    assert f"{evaluation} thread(s) for it, {training} per training rank" in proc.stdout
 
 
 @pytest.mark.slurm

@@ -77,6 +77,7 @@ def run_facts(run, state) -> dict:
     return {"world_size": run.world,
             "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
             "precision": t.precision, "channels_last": run.channels_last,
+            "torch_threads": torch.get_num_threads(),  # per rank (eval.async on a CPU leaves training a share)
             **math_switches(run.cfg, dev, state.opt["G"]),
             "compile": str(t.compile).lower(), "compile_backend": t.compile_backend,
             "batch_size": t.batch_size, "accumulate": t.accumulate, "effective_batch": run.eff_batch,
