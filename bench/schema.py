@@ -4,7 +4,7 @@ bench.config.validate checks the ranges, bench.config.resolve derives what `auto
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 POSITIVE, NON_NEGATIVE = "> 0", ">= 0"  # a field's range, checked by bench.config.check_ranges
@@ -13,6 +13,18 @@ POSITIVE, NON_NEGATIVE = "> 0", ">= 0"  # a field's range, checked by bench.conf
 def ranged(default, rule: str):
     """A field whose value must be `rule` (POSITIVE or NON_NEGATIVE); null passes where the type is Optional."""
     return field(default=default, metadata={"range": rule})
+
+
+def typed(node, group: type):
+    """The config group `node` (a DictConfig or a dict) as an instance of its dataclass here (`typed(cfg.reg,
+    RegCfg)`): each value of the type this schema declares; keys it does not declare (a `_target_` loss's own) are
+    left out. The one conversion for the parts that take typed settings (GANObjective, WeightRegs)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    known = {f.name for f in fields(group)}
+    node = OmegaConf.merge(OmegaConf.structured(group), {k: v for k, v in plain.items() if k in known})
+    return OmegaConf.to_object(node)
 
 
 @dataclass
@@ -227,7 +239,7 @@ class EvalCfg:
 
 def _rename_field(cls, old: str, new: str) -> None:
     """Give dataclass field `old` the config key `new`, which Python cannot spell as an attribute (eval.async).
-    OmegaConf reads the name from the dataclass's fields; the schema is only merged, never instantiated."""
+    OmegaConf reads the name from the dataclass's fields; EvalCfg is only merged, never instantiated (not typed())."""
     f = cls.__dataclass_fields__.pop(old)
     f.name = new
     cls.__dataclass_fields__[new] = f

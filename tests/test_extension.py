@@ -78,12 +78,15 @@ import torch
 
 from bench.train.objectives import Loss
 
+SEEN = []  # the margin each after_d_step call read from the loss config it was given
+
 
 def least_squares(cfg):
     """LSGAN (Mao et al. 2017) with the margin of the user's own key loss.margin."""
     m = float(cfg["margin"])
     return Loss(d=lambda real, fake: ((real - m) ** 2).mean() + ((fake + m) ** 2).mean(),
-                g=lambda fake: ((fake - m) ** 2).mean())
+                g=lambda fake: ((fake - m) ** 2).mean(),
+                after_d_step=lambda D, loss_cfg: SEEN.append(loss_cfg["margin"]))
 
 
 def not_a_loss(cfg):
@@ -254,6 +257,8 @@ def test_own_loss_and_optimiser_train_through_the_cli(user, tiny_shards):
     assert type(t.opt["G"]).__name__ == "SGDMomentum" and t.opt["G"].defaults["momentum"] == 0.9
     on_target = t.objective.loss.d(torch.tensor([1.0]), torch.tensor([-1.0]))
     assert on_target.item() == 0.0 and t.objective.loss.g(torch.tensor([1.0])).item() == 0.0  # margin 1
+    t.objective.after_d_step()[0]()  # the loss's own hook is given the loss config with the user's own keys
+    assert sys.modules[f"{PKG}.losses"].SEEN[-1] == 1.0
 
 
 @pytest.mark.parametrize("overrides,needle", [

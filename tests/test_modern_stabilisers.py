@@ -48,7 +48,7 @@ def objective(*overrides, seed=0):
     cfg = compose(list(overrides))
     validate(cfg)
     gen = torch.Generator().manual_seed(123)
-    return O.GANObjective(cfg, G, D, autocast=contextlib.nullcontext, gen=gen), G, D
+    return O.GANObjective(O.ObjectiveSettings.from_cfg(cfg), G, D, autocast=contextlib.nullcontext, gen=gen), G, D
 
 
 def batch(n=4, seed=1):
@@ -217,7 +217,7 @@ def test_rpgan_loss_values_and_pairing():
 
 def test_rpgan_g_phase_pairs_with_the_d_phase_reals():
     obj, G, D = objective("loss=rpgan")
-    assert obj.r1_gamma == 0.05 and obj.r2_gamma == 0.05
+    assert obj.settings.reg.r1_gamma == 0.05 and obj.settings.reg.r2_gamma == 0.05
     grads = []
     for seed in (1, 2):  # same latents, other reals: G's gradient changes with the real logits
         mb = batch(seed=seed)

@@ -53,6 +53,17 @@ def test_a_range_is_declared_beside_its_field_and_checked():
             C.validate(C.compose([f"{group}.{name}={bad}"]))
 
 
+def test_typed_gives_a_group_as_its_dataclass():
+    """schema.typed: a group as an instance of its schema dataclass, each value of the declared type; keys the schema
+    does not declare (a `_target_` loss's own) are left out (the objective keeps the loss node for the loss)."""
+    reg = schema.typed(C.compose(["reg.bcr=[10,10]", "reg.r1_every=2"]).reg, schema.RegCfg)
+    assert isinstance(reg, schema.RegCfg) and reg.bcr == [10.0, 10.0] and reg.r1_every == 2
+    assert all(type(v) is float for v in reg.bcr) and type(reg.r1_gamma) is float
+    loss = schema.typed({"_target_": "pkg.losses.make", "name": "mine", "margin": 1.0, "gp_lambda": 5}, schema.LossCfg)
+    assert loss.name == "mine" and loss.gp_lambda == 5.0 and type(loss.gp_lambda) is float
+    assert not hasattr(loss, "margin") and not hasattr(loss, "_target_")
+
+
 def test_validate_only_checks_and_resolve_derives(monkeypatch):
     monkeypatch.setattr(C, "resolve_precision", lambda p: "fp32" if p == "auto" else p)
     cfg = C.compose(["train.global_batch=64", "train.accumulate=2", "train.kimg=1", "train.precision=auto"])
@@ -64,3 +75,33 @@ def test_validate_only_checks_and_resolve_derives(monkeypatch):
     assert cfg.eval.final is True  # auto: the built-in set with the domain extractor
     again = OmegaConf.to_container(cfg)
     assert OmegaConf.to_container(C.resolve(cfg, world_size=4)) == again  # idempotent
+
+
+def test_group_presets_restate_no_default():
+    """A model / loss / data / cluster preset holds only what differs from the schema's defaults (and the key that
+    names it): a default lives in bench/schema.py alone."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema.Config))
+    naming = {"model.family", "loss.name", "data.name"}
+    restated = []
+    for group in ("model", "loss", "data", "cluster"):
+        for path in sorted((C.CONFIG_DIR / group).glob("*.yaml")):
+            text = path.read_text()
+            tree = yaml.safe_load(text) or {}
+            tree = tree if "@package _global_" in text else {group: tree}
+            stack = [((), tree)]
+            while stack:
+                prefix, node = stack.pop()
+                for k, v in node.items():
+                    if isinstance(v, dict):
+                        stack.append((prefix + (k,), v))
+                        continue
+                    d = defaults
+                    for part in prefix + (k,):
+                        d = d.get(part, KeyError) if isinstance(d, dict) else KeyError
+                    key = ".".join(prefix + (k,))
+                    if key not in naming and d is not KeyError and isinstance(d, bool) == isinstance(v, bool) and d == v:
+                        restated.append(f"{path.relative_to(C.CONFIG_DIR)}: {key}={v}")
+    assert not restated, restated

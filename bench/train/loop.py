@@ -33,7 +33,7 @@ from bench.train.collapse import CollapseDetector
 from bench.train.diversity import DiversityProbe
 from bench.train.gradsync import CommStats, GradSync, step_record
 from bench.train.loggers import LogSettings, check_backends
-from bench.train.objectives import GANObjective, HistoricalAverage, MicroBatch, make_optimizer
+from bench.train.objectives import GANObjective, HistoricalAverage, MicroBatch, ObjectiveSettings, make_optimizer
 from bench.train.phases import Phase, WeightRegs, plan
 from bench.train.ranks import RankFailed, Ranks, is_comm_error, is_user_error, process_group_kwargs
 from bench.train.records import Records, gather_hosts, now, run_facts, save_samples as write_grid, summary_of
@@ -156,13 +156,15 @@ def setup(cfg: DictConfig, run_dir: Path, *, stop: Optional[StopRequest] = None,
     scaler = {k: torch.amp.GradScaler("cuda") for k in ("G", "D")} if t.precision == "fp16" else None
     zgen = torch.Generator(device=device)
     zgen.manual_seed(t.seed * 1000 + rank + 1)
-    objective = GANObjective(cfg, G, D, autocast=autocast, gen=zgen)
+    settings = ObjectiveSettings.from_cfg(cfg)  # loss.*, reg.*, aug.* typed once; reg.* also for the weight regs
+    objective = GANObjective(settings, G, D, autocast=autocast, gen=zgen)
     shared = getattr(G, "shared", None)  # the shared class embedding takes no weight regulariser or clamp
     mods = {"G": [m for _, m in spectral.weight_modules(G, exclude=[shared] if shared is not None else [])],
             "D": [m for _, m in spectral.weight_modules(D)]}
-    hist_avg = ({k: HistoricalAverage(n.parameters(), cfg.reg.hist_avg) for k, n in (("G", G), ("D", D))}
-                if cfg.reg.hist_avg > 0 else None)
-    regs = WeightRegs(cfg.reg, reg_specs(cfg.reg), mods, hist_avg)
+    reg = settings.reg
+    hist_avg = ({k: HistoricalAverage(n.parameters(), reg.hist_avg) for k, n in (("G", G), ("D", D))}
+                if reg.hist_avg > 0 else None)
+    regs = WeightRegs(reg, reg_specs(reg), mods, hist_avg)
     s = scaler or {}
     d_phase = Phase("D", D, opt["D"], s.get("D"), objective.d_phase, reads_data=True, regularisers=regs.regularisers("D"),
                     post_step=tuple(objective.after_d_step()) + regs.post_step("D"))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from bench import device as bdevice
 from bench.registry import LOSSES, OPTIMIZERS
+from bench.schema import AugCfg, LossCfg, RegCfg, typed
 from bench.train.augment import AdaptiveP, DiffAugment
 from bench.train.stabilisers import LeCam, consistency_sq, g_zcr, latent_perturbation
 from bench.train.telemetry import report
@@ -226,6 +227,21 @@ class MicroBatch:
     reg_index: int  # the D step's number over the run (lazy regularisation: R1 every reg.r1_every)
 
 
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """GANObjective's settings, made once from the config (`from_cfg`). `loss_cfg` is the loss group as configured:
+    it selects the Loss (`loss_of`) and is what the Loss's after_d_step hook receives, so a `_target_` loss keeps
+    its own keys; the objective's own knobs are the typed groups (bench/schema.py says what each key means)."""
+    loss_cfg: object  # the config's loss node, your own keys included
+    loss: LossCfg  # gp_lambda, real_target, label_noise, feature_matching
+    reg: RegCfg  # r1_gamma, r2_gamma, r1_every; lecam, lecam_decay, bcr, zcr
+    aug: AugCfg  # policy; ada_target, ada_interval, ada_kimg
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "ObjectiveSettings":
+        return cls(cfg.loss, typed(cfg.loss, LossCfg), typed(cfg.reg, RegCfg), typed(cfg.aug, AugCfg))
+
+
 class GANObjective:
     """Computes and backpropagates one micro-batch of a phase.
 
@@ -237,35 +253,26 @@ class GANObjective:
     state (ADA's p, LeCam's anchors) goes into checkpoints through `state_dict` / `load_state_dict`.
     """
 
-    def __init__(self, cfg, G, D, autocast, gen: Optional[torch.Generator] = None):
+    def __init__(self, settings: ObjectiveSettings, G, D, autocast, gen: Optional[torch.Generator] = None):
         self.G, self.D = G, D
-        self.loss = loss_of(cfg.loss)
-        self.loss_cfg = cfg.loss
-        self.gp_lambda = float(cfg.loss.gp_lambda)
-        self.real_target = float(cfg.loss.real_target)
-        self.label_noise = float(cfg.loss.label_noise)
-        self.fm_weight = float(cfg.loss.feature_matching)
-        self.r1_gamma = float(cfg.reg.r1_gamma)
-        self.r2_gamma = float(cfg.reg.r2_gamma)
-        self.r_every = int(cfg.reg.r1_every)
+        self.settings = settings
+        self.loss = loss_of(settings.loss_cfg)
         self.autocast = autocast
         self.gen = gen
         self.last_real = None  # (real, y) of the latest D phase, for feature matching and relativistic G
         # Real and fake go through D as one batch (bigger, faster kernels; one spectral-norm power
         # iteration per D step, as BigGAN-PyTorch does) unless a D layer looks across the batch.
         self.joint_d = not _batch_dependent(D)
-        self._stabilisers(cfg, next(D.parameters()).device)
+        self._stabilisers(next(D.parameters()).device)
 
-    def _stabilisers(self, cfg, device: torch.device) -> None:
+    def _stabilisers(self, device: torch.device) -> None:
         """aug.* and reg.lecam / bcr / zcr, validated by bench.config (check_aug, check_reg)."""
-        aug, reg = cfg.aug, cfg.reg
+        aug, reg = self.settings.aug, self.settings.reg
         self.ops = DiffAugment(list(aug.policy), self.gen)
         self.augment_on = bool(aug.policy)
         self.ada = (AdaptiveP(aug.ada_target, aug.ada_interval, aug.ada_kimg, device)
                     if aug.ada_target is not None else None)
         self.lecam = LeCam(reg.lecam, reg.lecam_decay, device) if reg.lecam > 0 else None
-        self.bcr = tuple(float(v) for v in reg.bcr)  # (lambda_real, lambda_fake)
-        self.zcr = tuple(float(v) for v in reg.zcr)  # (lambda_dis, lambda_gen, sigma)
 
     def _augment(self, x: Tensor) -> Tensor:
         if not self.augment_on:
@@ -291,7 +298,7 @@ class GANObjective:
         """The weight operations and running-state updates after each D optimiser step: the loss's (WGAN:
         clipping), ADA's p update, LeCam's anchors."""
         hook = self.loss.after_d_step
-        hooks = [functools.partial(hook, self.D, self.loss_cfg)] if hook is not None else []
+        hooks = [functools.partial(hook, self.D, self.settings.loss_cfg)] if hook is not None else []
         return hooks + [part.after_d_step for part in self._stateful().values()]
 
     def _d_logits(self, real: Tensor, y_real: Tensor, fake: Tensor, y_fake: Tensor) -> tuple[Tensor, Tensor]:
@@ -301,20 +308,22 @@ class GANObjective:
         return self.D(real, y_real).float(), self.D(fake, y_fake).float()
 
     def _d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-        if self.real_target < 1.0 or self.label_noise > 0.0:
+        cfg = self.settings.loss
+        if cfg.real_target < 1.0 or cfg.label_noise > 0.0:
             flip = None
-            if self.label_noise > 0.0:
+            if cfg.label_noise > 0.0:
                 dev = real_logits.device
-                flip = (torch.rand(real_logits.shape, device=dev, generator=self.gen) < self.label_noise,
-                        torch.rand(fake_logits.shape, device=dev, generator=self.gen) < self.label_noise)
+                flip = (torch.rand(real_logits.shape, device=dev, generator=self.gen) < cfg.label_noise,
+                        torch.rand(fake_logits.shape, device=dev, generator=self.gen) < cfg.label_noise)
                 report("D/flipped_frac", torch.cat(flip).float().mean())
-            return d_logistic_targets(real_logits, fake_logits, self.real_target, flip)
+            return d_logistic_targets(real_logits, fake_logits, cfg.real_target, flip)
         return self.loss.d(real_logits, fake_logits)
 
     def _d_stabilisers(self, mb: MicroBatch, seen: tuple[Tensor, Tensor], fake: Tensor,
                        logits: tuple[Tensor, Tensor]) -> Optional[Tensor]:
         """LeCam, bCR and zCR's D term on one micro-batch (`seen`: the images D's loss saw, `logits` its
         outputs on them; `fake` = G(z) before augmentation). None when all are off."""
+        bcr, zcr = self.settings.reg.bcr, self.settings.reg.zcr  # (lambda_real, lambda_fake), (lambda_dis, _, sigma)
         terms = []
         if self.ada is not None:
             self.ada.observe(logits[0])
@@ -322,15 +331,15 @@ class GANObjective:
             if self.lecam is not None:
                 terms.append(self.lecam.penalty(*logits))
             for i, (name, y) in enumerate((("real", mb.y_real), ("fake", mb.y_fake))):
-                if self.bcr[i] > 0:  # ||D(x) - D(T(x))||^2, T = flip + translation, on what D saw
-                    term = self.bcr[i] * consistency_sq(logits[i], self.D(self.ops.consistency(seen[i]), y).float())
+                if bcr[i] > 0:  # ||D(x) - D(T(x))||^2, T = flip + translation, on what D saw
+                    term = bcr[i] * consistency_sq(logits[i], self.D(self.ops.consistency(seen[i]), y).float())
                     report(f"loss/bCR_{name}", term.detach())
                     terms.append(term)
-            if self.zcr[0] > 0:  # ||D(G(z)) - D(G(z'))||^2, on un-augmented fakes
+            if zcr[0] > 0:  # ||D(G(z)) - D(G(z'))||^2, on un-augmented fakes
                 with torch.no_grad():
-                    fake_p = self.G(latent_perturbation(mb.z, self.zcr[2], self.gen), mb.y_fake)
+                    fake_p = self.G(latent_perturbation(mb.z, zcr[2], self.gen), mb.y_fake)
                 base = logits[1] if not self.augment_on else self.D(fake, mb.y_fake).float()
-                term = self.zcr[0] * consistency_sq(base, self.D(fake_p, mb.y_fake).float())
+                term = zcr[0] * consistency_sq(base, self.D(fake_p, mb.y_fake).float())
                 report("loss/zCR_D", term.detach())
                 terms.append(term)
         return sum(terms[1:], terms[0]) if terms else None
@@ -350,27 +359,28 @@ class GANObjective:
         report("D/fake_sign_mean", (fake_logits.detach() > 0).float().mean())
         total = loss
         D = self._d_of_input if self.augment_on else self.D
+        reg = self.settings.reg
         if self.loss.gradient_penalty:
             with self.autocast():
-                gp = gradient_penalty(D, real, fake, y_real, self.gp_lambda, generator=self.gen)
+                gp = gradient_penalty(D, real, fake, y_real, self.settings.loss.gp_lambda, generator=self.gen)
             report("loss/GP", gp.detach())
             total = total + gp
-        if mb.reg_index % self.r_every == 0:
+        if mb.reg_index % reg.r1_every == 0:
             # Lazy regularisation: apply every r1_every D steps, scaled by the interval.
-            if self.r1_gamma > 0:
+            if reg.r1_gamma > 0:
                 with self.autocast():
-                    r1 = r1_penalty(D, real, y_real, self.r1_gamma)
+                    r1 = r1_penalty(D, real, y_real, reg.r1_gamma)
                 report("loss/R1", r1.detach())
-                total = total + r1 * self.r_every
-            if self.r2_gamma > 0:
+                total = total + r1 * reg.r1_every
+            if reg.r2_gamma > 0:
                 with self.autocast():
-                    r2 = r1_penalty(D, fake, y_fake, self.r2_gamma)  # same form, on fakes
+                    r2 = r1_penalty(D, fake, y_fake, reg.r2_gamma)  # same form, on fakes
                 report("loss/R2", r2.detach())
-                total = total + r2 * self.r_every
+                total = total + r2 * reg.r1_every
         extra = self._d_stabilisers(mb, seen, fake, (real_logits, fake_logits))
         if extra is not None:
             total = total + extra
-        if self.fm_weight > 0 or self.loss.relativistic:
+        if self.settings.loss.feature_matching > 0 or self.loss.relativistic:
             self.last_real = (real, y_real)
         backward(total)
         return total.detach()
@@ -380,16 +390,18 @@ class GANObjective:
         micro-batch's (D is frozen in the G phase: no gradient reaches D through them)."""
         real, y = (mb.real, mb.y_real) if mb.real is not None else (self.last_real or (None, None))
         if real is None:
-            raise RuntimeError(f"loss={self.loss_cfg.name} pairs fakes with reals: run a D phase before the G phase")
+            raise RuntimeError(f"loss={self.settings.loss.name} pairs fakes with reals: run a D phase before the G "
+                               f"phase")
         with torch.no_grad():
             return self._d_of_input(real, y).float()
 
     def g_phase(self, mb: MicroBatch, backward: Callable[[Tensor], None]) -> Tensor:
         z, y_fake = mb.z, mb.y_fake
+        fm_weight, zcr = self.settings.loss.feature_matching, self.settings.reg.zcr
         with self.autocast():
             fake = self.G(z, y_fake)
             seen = self._augment(fake)
-            if self.fm_weight > 0 and self.last_real is not None:
+            if fm_weight > 0 and self.last_real is not None:
                 fake_logits, fake_feat = self.D(seen, y_fake, return_features=True)
                 with torch.no_grad():
                     real, y = self.last_real
@@ -405,11 +417,11 @@ class GANObjective:
         total = loss
         if fm is not None:
             report("loss/FM", fm.detach())
-            total = total + self.fm_weight * fm
-        if self.zcr[1] > 0:  # -lambda_gen E(G(z) - G(z'))^2: G must vary with its latent
+            total = total + fm_weight * fm
+        if zcr[1] > 0:  # -lambda_gen E(G(z) - G(z'))^2: G must vary with its latent
             with self.autocast():
-                zcr = g_zcr(fake, self.G(latent_perturbation(z, self.zcr[2], self.gen), y_fake), self.zcr[1])
-            report("loss/zCR_G", zcr.detach())
-            total = total + zcr
+                zcr_g = g_zcr(fake, self.G(latent_perturbation(z, zcr[2], self.gen), y_fake), zcr[1])
+            report("loss/zCR_G", zcr_g.detach())
+            total = total + zcr_g
         backward(total)
         return total.detach()

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from bench.config import RegSpecs
+from bench.schema import RegCfg
 from bench.train import telemetry
 from bench.train.objectives import HistoricalAverage, MicroBatch
 from bench.models import spectral
@@ -39,8 +40,8 @@ def plan(d_phase: Phase, g_phase: Phase, d_steps: int) -> list[Phase]:
 
 @dataclass
 class WeightRegs:
-    """What the weight-only regularisers and the sigma0 clamp need (reg.*, parsed once)."""
-    reg: object  # the `reg` config
+    """What the weight-only regularisers and the sigma0 clamp need (reg.*, typed and parsed once)."""
+    reg: RegCfg  # reg.* typed (schema.typed): ortho_beta / _nets / _full, sigma_penalty / _nets, sigma_clamp_nets
     specs: RegSpecs  # reg.sigma_clamp / reg.sigma_target, parsed
     modules: dict[str, list]  # net name -> its regularised weight layers
     hist_avg: Optional[dict[str, HistoricalAverage]] = None  # net name -> historical average (reg.hist_avg)
