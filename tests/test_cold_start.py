@@ -4,6 +4,8 @@ no domain classifier, completes, resumes once and prints no traceback (docs/arch
 The switches are combined by a pairwise covering array (every pair of two switches' values appears in some case),
 built here by a seeded greedy search and checked for coverage, instead of the full product.
 """
+import dataclasses
+import functools
 import itertools
 import json
 import random
@@ -44,7 +46,12 @@ NEEDS_EVAL = ("intra_fid", "repeats", "async")  # meaningless without evaluation
 
 COMMON = ["data.num_samples=200", "data.samples_per_shard=50", "model.ch=8", "model.d_ch=8", "model.z_dim=32",
           "model.shared_dim=16", "train.batch_size=4", "train.tick_every=1", "train.sample_cols=2", "ema.start=0",
-          "train.ckpt_every=2", "eval.num_samples=60", "eval.batch_size=30", "telemetry.sigma_every=2"]
+          "train.ckpt_every=2", "eval.num_samples=30", "eval.batch_size=20", "telemetry.sigma_every=2"]
+# The cases' evaluation sizes: the random Inception's features cost most of a case, so few samples keep it short.
+# eval.seed=43's labels (and eval.seed + 1's, for eval.repeats=2) give each of the 10 classes the 2 generated samples
+# intra-class FID needs out of only 30 (eval.seed=0 needs 46), and the first 46 real images do the same for the real
+# side (its features are computed once per cache, the generated ones per evaluation and repeat)
+CASE_EVAL = ["eval.seed=43", "eval.num_real=46"]
 
 
 def _valid_pair(f1, v1, f2, v2) -> bool:
@@ -117,20 +124,31 @@ def random_inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def quick_classifier(monkeypatch):
+    """The domain classifier trained on first use (bench.eval.metrics.ensure_classifier) runs the real trainer
+    with its default settings except their length: one epoch instead of DEFAULT_SETTINGS' 600-step floor (about
+    13 s of a case on 2 cores; its accuracy is not what these cases test, only that it is made on a cold start)."""
+    from bench.eval import classifier, metrics
+
+    quick = dataclasses.replace(classifier.DEFAULT_SETTINGS, epochs=1, min_steps=0)
+    monkeypatch.setattr(metrics, "train_classifier", functools.partial(classifier.train_classifier, settings=quick))
+
+
 def _case_id(row: dict) -> str:
     return "-".join(f"{k}={row[k]}" for k in SWITCHES if row[k] != next(iter(SWITCHES[k])) or k in ("family", "precision"))
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[_case_id(r) for r in ROWS])
 def test_every_switch_completes_and_resumes_from_a_cold_start(row, tmp_path, monkeypatch, capfd,
-                                                              random_inception_weights):
+                                                              random_inception_weights, quick_classifier):
     cache = tmp_path / "cache"
     monkeypatch.setenv("GAN_BENCH_CACHE", str(cache))  # empty: built-in shards, classifier, peak all made now
     overrides = [o for name, level in row.items() for o in SWITCHES[name][level]]
     if row["eval"] == "inception":
         overrides.append(f"eval.weights_path={random_inception_weights}")
     run = tmp_path / "run"
-    base = ["train", f"run.dir={run}", *COMMON, *overrides]
+    base = ["train", f"run.dir={run}", *COMMON, *CASE_EVAL, *overrides]
 
     assert main([*base, "train.steps=2"]) == 0
     first = capfd.readouterr()

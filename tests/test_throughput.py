@@ -36,6 +36,20 @@ def test_throughput_reports_rates_split_flops_and_mfu(capsys):
     assert "img/s" in err and "TFLOP/s" in err  # the terminal line
 
 
+def test_throughput_on_a_cold_cache_trains_no_classifier(capsys, tmp_path, monkeypatch):
+    """Throughput times training steps only: on the built-in set's first use (whose eval.final=auto evaluates), and
+    with the diversity probe asked for, it writes the shards but trains no domain classifier that nothing reads."""
+    monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path / "cache"))
+    builtin = [a for a in TINY_T if not a.startswith(("data.", "eval.final"))]
+    assert main(["throughput", *builtin, "data.num_samples=200", "data.samples_per_shard=50", "train.batch_size=4",
+                 "throughput.warmup=1", "throughput.steps=1", "throughput.repeats=1", "throughput.data=shards",
+                 "telemetry.diversity_every=2", "eval.every=2"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["steps"] == 1
+    assert list((tmp_path / "cache").rglob("manifest.json"))  # the built-in shards were written and read
+    assert not list((tmp_path / "cache").rglob("classifier-*.pt")) and "classifier" not in cap.err
+
+
 def test_flop_count_matches_inspect(capsys):
     """GFLOP per step = (D step x d_steps + G step) x batch x accumulate, with the per-image counts
     that `bench inspect` prints for the same config."""

@@ -106,6 +106,9 @@ def benchmark(run: Run, state: TrainState, warmup: int, steps: int, fake_data: b
 
 def _throughput_one(overrides: list[str], scratch: str) -> dict:
     cfg = prepare(compose(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # it times training steps only: no evaluation and no diversity probe, so set-up trains no domain classifier
+    # (on the built-in set's first use that would take minutes before the first timed step)
+    cfg.eval.final, cfg.eval.every, cfg.telemetry.diversity_every = False, 0, 0
     run, state = setup(cfg, Path(scratch), quiet=True)
     t = cfg.train
     flops = flop_per_step(run, state)
