@@ -96,6 +96,7 @@ def cmd_train(args: list[str]) -> int:
 def run_training(cfg, run_dir: Path) -> int:
     """One training (bench train, and each job of a sweep): set-up, its eval.async watcher job
     (bench/jobs.py), the training loop, the summary, then eval.psi_sweep."""
+    import torch
     from omegaconf import OmegaConf
 
     from bench.train.records import print_summary
@@ -109,6 +110,7 @@ def run_training(cfg, run_dir: Path) -> int:
     stop = StopRequest()
     stop.install()  # before set-up and resume: a signal then stops the run before its first step
     watcher = threads = None
+    own_threads, own_omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     try:
         if cfg.eval.get("async"):  # on a CPU, training's share of the cores is set before set-up measures anything
             from bench import jobs
@@ -129,6 +131,12 @@ def run_training(cfg, run_dir: Path) -> int:
                 watcher.cancel_unless_started(run_dir)
     finally:
         stop.restore()
+        if threads is not None:  # share_cores lowered them for this training only (a sweep's next job is whole)
+            torch.set_num_threads(own_threads)
+            if own_omp is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = own_omp
     if run.is_main:
         print_summary(summary, run_dir)
         if watcher is not None and watcher.wait():

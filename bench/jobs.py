@@ -288,19 +288,22 @@ def _local_gpus(world: int) -> tuple[int, ...]:
 
 def share_cores() -> Optional[tuple[int, int]]:
     """eval.async beside a CPU training on this machine (no Slurm job, no GPU): the evaluation job gets a quarter
-    of the cores (at least one) and each local training rank keeps at most an equal share of the rest, so the two
-    never oversubscribe the cores (busy-waiting OpenMP threads slow both several times over). Lowers this
-    process's torch threads when needed; returns (training threads, evaluation threads), or None off a CPU."""
+    of the cores (at least one) and each local training rank keeps at most an equal share of the rest, so one
+    training and its evaluation do not oversubscribe the cores (busy-waiting OpenMP threads slow both several
+    times over). Lowers this process's torch threads when needed (the caller restores them); returns (training
+    threads, evaluation threads), or None off a CPU."""
     import torch
 
     if os.environ.get("SLURM_JOB_ID") or torch.cuda.is_available():
         return None  # Slurm gives the job its own CPUs; on a GPU the evaluation runs on a GPU
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # the ranks on this machine (torchrun and bench's launcher set LOCAL_WORLD_SIZE; else assume all are here)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or "1"))
     evaluation = max(1, cores // 4)
     training = min(torch.get_num_threads(), max(1, (cores - evaluation) // local_ranks))
     if training < torch.get_num_threads():
         torch.set_num_threads(training)
+        os.environ["OMP_NUM_THREADS"] = str(training)  # accelerate's CPU set-up would otherwise reset it
     return training, evaluation
 
 

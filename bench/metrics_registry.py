@@ -102,4 +102,7 @@ def format_value(name: str, value) -> str:
 # wall time x torch threads. Below CONTENDED the figure was taken beside another CPU-bound process (or the run's own
 # data workers): its img/s are not clean. bench/train/telemetry.py records it; the report marks such runs.
 CPU_UTIL = "perf/cpu_util"
+# 1 on the first tick after a start or resume (absent otherwise): that tick also waits for the first batches, so
+# its perf/cpu_util says nothing about a neighbour (neither the run's warning nor bench report counts it)
+START_TICK = "perf/start_tick"
 CONTENDED = 0.7

@@ -129,6 +129,7 @@ def main() -> int:
     overrides = ["model=biggan", f"train.batch_size={a.batch}", f"train.precision={a.precision}",
                  "throughput.data=fake", *a.overrides]
     cfg = prepare(compose(overrides))
+    cfg.eval.final, cfg.eval.every, cfg.telemetry.diversity_every = False, 0, 0  # as bench throughput: no classifier
     run, state = setup(cfg, Path(tempfile.mkdtemp(prefix="gan-bench-vs-bgp-")), quiet=True)
     m, t = cfg.model, cfg.train
     with contextlib.redirect_stdout(sys.stderr):  # its constructors print their parameter counts

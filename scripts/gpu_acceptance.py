@@ -20,6 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # quick_classifier imports bench here, also from a checkout not installed
+    sys.path.insert(0, str(ROOT))
+
 BENCH = [sys.executable, "-m", "bench.cli"]
 
 

@@ -150,7 +150,11 @@ def test_every_switch_completes_and_resumes_from_a_cold_start(row, tmp_path, mon
     run = tmp_path / "run"
     base = ["train", f"run.dir={run}", *COMMON, *CASE_EVAL, *overrides]
 
+    import torch
+
+    threads = torch.get_num_threads()
     assert main([*base, "train.steps=2"]) == 0
+    assert torch.get_num_threads() == threads  # eval.async's share of the cores held for that training only
     first = capfd.readouterr()
     assert main([*base, "train.steps=4"]) == 0  # resumes from the step-2 checkpoint
     second = capfd.readouterr()
@@ -162,8 +166,9 @@ def test_every_switch_completes_and_resumes_from_a_cold_start(row, tmp_path, mon
     assert summary["status"] == "completed" and summary["steps"] == 4
     run_facts = json.loads((run / "run.json").read_text())
     assert run_facts.get("resumes"), run_facts
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    ticks = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in ticks] == [1, 2, 3, 4]
+    assert [t["step"] for t in ticks if "perf/start_tick" in t] == [1, 3]  # the first tick of the start and resume
     if row["eval"] != "off" and row["async"] == "off":
         evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
         assert [e["step"] for e in evals] == [2, 4]

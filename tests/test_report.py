@@ -549,22 +549,26 @@ def test_ada_p_plot_has_one_line_per_ada_run(tmp_path, monkeypatch):
 
 def test_runs_measured_under_contention_are_marked(tmp_path):
     """A run with ticks under CONTENDED (perf/cpu_util) gets † beside its img/s and a line saying which share of
-    its ticks, how low, and the median img/s of its clean ticks; a neighbour for part of a run marks it too.
-    runs.csv keeps cpu_util (median over ticks, first dropped), contended, contended_share, img_per_s_clean."""
+    its ticks, how low, and the median img/s of its clean ticks; a neighbour for part of a run marks it too. The
+    first tick after a start or resume (perf/start_tick: it waits for its first batches) is not counted. runs.csv
+    keeps cpu_util (median over ticks, first dropped), contended, contended_share, img_per_s_clean."""
     from bench import metrics_registry as registry
     from bench import rundir
 
     root = tmp_path / "runs"
     runs = {"clean": [0.5, 0.97, 0.95, 0.96, 0.94], "shared": [0.9, 0.41, 0.45, 0.5, 0.44],
-            "partly": [0.9, 0.95, 0.93, 0.48, 0.51]}  # a neighbour started in its last two ticks
+            "partly": [0.9, 0.95, 0.93, 0.48, 0.51],  # a neighbour started in its last two ticks
+            "resumed": [0.5, 0.97, 0.95, 0.45, 0.96]}  # a resume before tick 4: its first tick waited for data
     for name, utils in runs.items():
         d = ada_run(root, name, 0, [], None, None)
         (d / rundir.METRICS).unlink()
         for i, u in enumerate(utils):
             ips = 100.0 - i if u >= registry.CONTENDED else 20.0 + i
-            rundir.append_jsonl(d / rundir.METRICS, {"step": 10 * (i + 1), "kimg": 0.16 * (i + 1), "loss/D": 1.0,
-                                                     "loss/G": 0.5, "throughput/img_per_s": ips,
-                                                     registry.CPU_UTIL: u})
+            row = {"step": 10 * (i + 1), "kimg": 0.16 * (i + 1), "loss/D": 1.0, "loss/G": 0.5,
+                   "throughput/img_per_s": ips, registry.CPU_UTIL: u}
+            if name == "resumed" and i in (0, 3):
+                row[registry.START_TICK] = 1.0
+            rundir.append_jsonl(d / rundir.METRICS, row)
     assert main(["report", str(root)]) == 0
     rows = {r["run"]: r for r in read_csv(root / "report" / "runs.csv")}
     assert float(rows["shared"]["cpu_util"]) == pytest.approx(0.445) and rows["shared"]["contended"] == "yes"
@@ -572,12 +576,15 @@ def test_runs_measured_under_contention_are_marked(tmp_path):
     assert float(rows["clean"]["cpu_util"]) == pytest.approx(0.955) and rows["clean"]["contended"] in ("no", "")
     # partly: steady ticks 2-5 (first dropped); 2 of 4 contended; clean ticks' img/s 99, 98 -> 98.5
     assert rows["partly"]["contended"] == "yes" and float(rows["partly"]["contended_share"]) == 0.5
-    assert int(rows["partly"]["contended_ticks"]) == 2
+    assert int(rows["partly"]["contended_ticks"]) == 2 and int(rows["partly"]["util_ticks"]) == 4
     assert float(rows["partly"]["img_per_s_clean"]) == pytest.approx(98.5)
     assert float(rows["partly"]["cpu_util_lowest"]) == pytest.approx(0.48)
+    # resumed: ticks 1 and 4 are start ticks; ticks 2, 3, 5 counted, none contended
+    assert rows["resumed"]["contended"] in ("no", "") and int(rows["resumed"]["util_ticks"]) == 3
     md = (root / "report" / "report.md").read_text()
     line = {n: next(x for x in md.splitlines() if x.startswith(f"| {n} ")) for n in runs}
-    assert "†" in line["shared"] and "†" in line["partly"] and "†" not in line["clean"]
+    assert "†" in line["shared"] and "†" in line["partly"]
+    assert "†" not in line["clean"] and "†" not in line["resumed"]
     assert "† 2 run(s) with ticks measured under contention" in md
-    assert "- partly: 2 of 4 ticks (50%), the lowest at 48%" in md and "clean ticks' median is 98.5 img/s" in md
+    assert "- partly: 2 of 4 ticks (50%), the lowest at 48%" in md and "the median img/s of its other 2 is 98.5" in md
     assert "- shared: 4 of 4 ticks (100%), the lowest at 41%" in md and "no tick was clean" in md

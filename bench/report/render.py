@@ -190,13 +190,17 @@ def _md_runs(d: ReportData) -> list[str]:
         L += [f"† {len(contended)} run(s) with ticks measured under contention: their training steps got under "
               f"{registry.CONTENDED:.0%} of their threads' CPU time (`perf/cpu_util`): another CPU-bound process, or "
               f"the run's own data workers, shared the cores, so those ticks' img/s are not clean figures (the img/s "
-              f"column is the median over all ticks; `runs.csv` has `contended_share` and `img_per_s_clean`):", ""]
+              f"column is the median over the run's ticks; `runs.csv` has `contended_share` and `img_per_s_clean`; "
+              f"the first tick after each start or resume, which waits for its first batches, is not counted):", ""]
         for r in contended:
-            n = round(r["contended_ticks"] / r["contended_share"])
-            clean = (f"its {n - r['contended_ticks']} clean ticks' median is {fmt(r['img_per_s_clean'], 3)} img/s"
-                     if r.get("img_per_s_clean") is not None else "no tick was clean: rerun it alone to compare speeds")
-            L.append(f"- {r['run']}: {r['contended_ticks']} of {n} ticks ({r['contended_share']:.0%}), the lowest at "
-                     f"{r['cpu_util_lowest']:.0%} (median over all ticks {r['cpu_util']:.0%}); {clean}")
+            n, k = r["util_ticks"], r["contended_ticks"]
+            if r.get("img_per_s_clean") is not None:
+                clean = f"the median img/s of its other {n - k} is {fmt(r['img_per_s_clean'], 3)}"
+            else:
+                clean = "no tick was clean: rerun it alone to compare speeds" if k == n else \
+                    f"its other {n - k} recorded no img/s"
+            L.append(f"- {r['run']}: {k} of {n} ticks ({r['contended_share']:.0%}), the lowest at "
+                     f"{r['cpu_util_lowest']:.0%} (median over its ticks {r['cpu_util']:.0%}); {clean}")
         L.append("")
     seeds = seedgroups.seed_table(d.groups or [], d.abl)
     if seeds:

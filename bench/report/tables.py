@@ -118,15 +118,18 @@ def steady_median(rows: list[dict], key: str):
 
 
 def contention(rows: list[dict]) -> dict:
-    """Which steady ticks (first dropped) were taken under contention (perf/cpu_util < registry.CONTENDED):
-    `contended` (any), their count and share of the ticks that recorded a utilisation, the lowest utilisation,
-    and `img_per_s_clean`, the median img/s of the other ticks (None when none is clean or none recorded it)."""
+    """Which ticks were taken under contention (perf/cpu_util < registry.CONTENDED), leaving out the first tick
+    after each start or resume (registry.START_TICK; in older records the first tick, as steady_values does):
+    `contended` (any), `util_ticks` (the ticks counted), `contended_ticks` and their share, the lowest utilisation,
+    and `img_per_s_clean`, the median img/s of the uncontended ticks (None when none is clean or none recorded it)."""
     ticks = [r for r in rows if finite(r.get(registry.CPU_UTIL))]
-    ticks = ticks[1:] if len(ticks) >= 3 else ticks
+    if not any(registry.START_TICK in r for r in ticks):
+        ticks = ticks[1:] if len(ticks) >= 3 else ticks
+    ticks = [r for r in ticks if registry.START_TICK not in r]
     hit = [r for r in ticks if r[registry.CPU_UTIL] < registry.CONTENDED]
     clean = [r["throughput/img_per_s"] for r in ticks
              if r[registry.CPU_UTIL] >= registry.CONTENDED and finite(r.get("throughput/img_per_s"))]
-    return {"contended": bool(hit), "contended_ticks": len(hit),
+    return {"contended": bool(hit), "util_ticks": len(ticks), "contended_ticks": len(hit),
             "contended_share": len(hit) / len(ticks) if ticks else None,
             "cpu_util_lowest": min(r[registry.CPU_UTIL] for r in ticks) if ticks else None,
             "img_per_s_clean": statistics.median(clean) if clean else None}

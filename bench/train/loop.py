@@ -530,6 +530,9 @@ def tick(run: Run, state: TrainState, collector: Collector, times: dict, clock: 
     row.update({"batch/effective": run.eff_batch, "batch/per_device": t.batch_size, "dist/world_size": run.world,
                 "data/skipped_total": state.data_skipped})
     row.update(stats)
+    run.ticks_since_start += 1
+    if run.ticks_since_start == 1:  # the first tick after a start or resume also waits for the first batches
+        row[registry.START_TICK] = 1.0
     row["stability/nonfinite_total"] = state.guard.total
     reason = state.collapse.update(row)
     row["stability/collapse"] = 1.0 if reason else 0.0
@@ -541,7 +544,6 @@ def tick(run: Run, state: TrainState, collector: Collector, times: dict, clock: 
         run.stop.collapse()
     run.last_row = row
     util = row.get(registry.CPU_UTIL, 1.0)
-    run.ticks_since_start += 1  # the first tick after a start or resume also waits for the first batches
     if util < registry.CONTENDED and run.ticks_since_start > 1 and not run.warned_contention:
         run.warned_contention = True  # once per run: the records keep every tick's perf/cpu_util
         run.say(f"warning: at step {state.step} this run's training steps got {util:.0%} of the CPU time of its "
