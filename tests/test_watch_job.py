@@ -47,9 +47,11 @@ def test_a_refused_submission_is_one_line_and_nothing_trains(monkeypatch, tmp_pa
 
 def test_submit_hands_rank0s_job_to_every_rank(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(jobs, "submit_eval_job", lambda cfg, run_dir, job, world: seen.append((run_dir, world)) or "h")
-    assert jobs.BesideTraining.submit("cfg", tmp_path, job=lambda args: 0, ranks=OneRank(), world=4).handle == "h"
-    assert seen == [(tmp_path, 4)]
+    monkeypatch.setattr(jobs, "submit_eval_job",
+                        lambda cfg, run_dir, job, world, threads: seen.append((run_dir, world, threads)) or "h")
+    assert jobs.BesideTraining.submit("cfg", tmp_path, job=lambda args: 0, ranks=OneRank(), world=4,
+                                      threads=(3, 1)).handle == "h"
+    assert seen == [(tmp_path, 4, (3, 1))]  # with the cores' split made before set-up
 
 
 def test_a_watcher_whose_training_never_started_is_cancelled(tmp_path):
