@@ -124,12 +124,11 @@ def main() -> int:
     from bench import device as bdevice
     from bench.config import compose, prepare
     from bench.train.loop import flop_per_step, setup
-    from bench.train.throughput import benchmark
+    from bench.train.throughput import benchmark, steps_only
 
     overrides = ["model=biggan", f"train.batch_size={a.batch}", f"train.precision={a.precision}",
                  "throughput.data=fake", *a.overrides]
-    cfg = prepare(compose(overrides))
-    cfg.eval.final, cfg.eval.every, cfg.telemetry.diversity_every = False, 0, 0  # as bench throughput: no classifier
+    cfg = steps_only(prepare(compose(overrides)))
     run, state = setup(cfg, Path(tempfile.mkdtemp(prefix="gan-bench-vs-bgp-")), quiet=True)
     m, t = cfg.model, cfg.train
     with contextlib.redirect_stdout(sys.stderr):  # its constructors print their parameter counts

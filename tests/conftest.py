@@ -218,3 +218,17 @@ def one_phase(phase, ranks=None, world: int = 1):
     state = SimpleNamespace(step=0, images_seen=0, G=net, G_ema=copy.deepcopy(net), zgen=torch.Generator(),
                             guard=NonfiniteGuard(0, 0), nets={})
     return run, state
+
+
+@pytest.fixture
+def quick_classifier(monkeypatch):
+    """The domain classifier trained on first use (bench.eval.metrics.ensure_classifier) runs the real trainer with
+    its default settings except their length: one epoch instead of DEFAULT_SETTINGS' 600-step floor (about 13 s on
+    2 cores). For tests that assert it is made and used on a cold start, not its accuracy."""
+    import dataclasses
+    import functools
+
+    from bench.eval import classifier, metrics
+
+    quick = dataclasses.replace(classifier.DEFAULT_SETTINGS, epochs=1, min_steps=0)
+    monkeypatch.setattr(metrics, "train_classifier", functools.partial(classifier.train_classifier, settings=quick))

@@ -4,8 +4,6 @@ no domain classifier, completes, resumes once and prints no traceback (docs/arch
 The switches are combined by a pairwise covering array (every pair of two switches' values appears in some case),
 built here by a seeded greedy search and checked for coverage, instead of the full product.
 """
-import dataclasses
-import functools
 import itertools
 import json
 import random
@@ -122,17 +120,6 @@ def random_inception_weights(tmp_path_factory):
         inc.FeatureExtractorInceptionV3.load_state_dict = keep
     torch.save(net.state_dict(), path)
     return path
-
-
-@pytest.fixture
-def quick_classifier(monkeypatch):
-    """The domain classifier trained on first use (bench.eval.metrics.ensure_classifier) runs the real trainer
-    with its default settings except their length: one epoch instead of DEFAULT_SETTINGS' 600-step floor (about
-    13 s of a case on 2 cores; its accuracy is not what these cases test, only that it is made on a cold start)."""
-    from bench.eval import classifier, metrics
-
-    quick = dataclasses.replace(classifier.DEFAULT_SETTINGS, epochs=1, min_steps=0)
-    monkeypatch.setattr(metrics, "train_classifier", functools.partial(classifier.train_classifier, settings=quick))
 
 
 def _case_id(row: dict) -> str:

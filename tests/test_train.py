@@ -234,20 +234,11 @@ def test_default_shards_are_created_on_first_use(tmp_path, capfd, _isolated_cach
     assert list(_isolated_cache.glob("shapes-*/manifest.json"))
 
 
-def test_the_main_job_ends_with_its_quality_line(tmp_path, capfd, monkeypatch):
+def test_the_main_job_ends_with_its_quality_line(tmp_path, capfd, monkeypatch, quick_classifier):
     """eval.final=auto: on the built-in set a run evaluates its final EMA G (training the domain classifier on first
     use) and its summary ends with class accuracy beside chance and FID, as summary.json's `quality` keeps them; on
     the user's own shards it does not (their classifier would be trained first)."""
     monkeypatch.setenv("GAN_BENCH_CACHE", str(tmp_path / "cache"))  # a cold start: shards and classifier made now
-    import dataclasses
-    import functools
-
-    from bench.eval import classifier, metrics
-
-    # the classifier made on first use by the real trainer, one epoch long instead of DEFAULT_SETTINGS' 600-step floor
-    # (its accuracy is not what this test reads: only that the quality line reports it)
-    quick = dataclasses.replace(classifier.DEFAULT_SETTINGS, epochs=1, min_steps=0)
-    monkeypatch.setattr(metrics, "train_classifier", functools.partial(classifier.train_classifier, settings=quick))
     tiny = [o for o in TINY if not o.startswith("eval.final=")]
     run = tmp_path / "main"
     assert main(["train", f"run.dir={run}", *tiny, "data.num_samples=200", "data.samples_per_shard=50",

@@ -104,11 +104,16 @@ def benchmark(run: Run, state: TrainState, warmup: int, steps: int, fake_data: b
             "cpu_util": cpu / (elapsed * torch.get_num_threads()) if device.type == "cpu" else None}
 
 
-def _throughput_one(overrides: list[str], scratch: str) -> dict:
-    cfg = prepare(compose(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    # it times training steps only: no evaluation and no diversity probe, so set-up trains no domain classifier
-    # (on the built-in set's first use that would take minutes before the first timed step)
+def steps_only(cfg):
+    """The config for timing training steps only (this command, scripts/compare_biggan_pytorch.py): no evaluation
+    and no diversity probe, so set-up trains no domain classifier (on the built-in set's first use that would take
+    minutes before the first timed step)."""
     cfg.eval.final, cfg.eval.every, cfg.telemetry.diversity_every = False, 0, 0
+    return cfg
+
+
+def _throughput_one(overrides: list[str], scratch: str) -> dict:
+    cfg = steps_only(prepare(compose(overrides), world_size=int(os.environ.get("WORLD_SIZE", "1"))))
     run, state = setup(cfg, Path(scratch), quiet=True)
     t = cfg.train
     flops = flop_per_step(run, state)
